@@ -1,0 +1,3 @@
+"""vr: the software stack of a virtual router appliance."""
+
+__version__ = "0.1.0"

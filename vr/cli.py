@@ -1,0 +1,195 @@
+"""The `vr` command. Heavy modules are imported inside each command, so that a quick
+command does not pay for pydantic, jinja2 and pyroute2 it does not use."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _settings(args):
+    from vr.settings import Settings
+
+    return Settings.from_env(root=args.root, netns=args.netns)
+
+
+def _read_payload(source: str) -> object:
+    from vr.errors import InvalidPayload, Problem
+
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text()
+    except OSError as error:
+        raise InvalidPayload([Problem("", f"cannot read {source}: {error.strerror}")]) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise InvalidPayload([Problem("", f"not valid JSON: {error}")]) from None
+
+
+def cmd_apply(args) -> int:
+    from vr.pipeline import Pipeline
+
+    result = Pipeline(_settings(args)).apply(_read_payload(args.file))
+    changed = ", ".join(result.changed) or "nothing"
+    print(f"applied generation {result.generation} in {result.duration_ms:.0f} ms; changed: {changed}")
+    return 0
+
+
+def cmd_render(args) -> int:
+    from vr.pipeline import Pipeline
+
+    written = Pipeline(_settings(args)).render(_read_payload(args.file), Path(args.out))
+    for service, files in written.items():
+        for name in files:
+            print(Path(args.out) / service / name)
+    return 0
+
+
+def cmd_diff(args) -> int:
+    import difflib
+
+    from vr.pipeline import Pipeline
+
+    pipeline = Pipeline(_settings(args))
+    stored = pipeline.stored_document()
+    doc = pipeline.validate(_read_payload(args.file), stored)
+    changes = pipeline.plan(doc, stored)
+    for change in changes:
+        for relpath in change.paths:
+            before = (change.previous.get(relpath) or b"").decode().splitlines(keepends=True)
+            after = change.written.get(relpath, b"").decode().splitlines(keepends=True)
+            name = f"{change.service}/{relpath}"
+            sys.stdout.writelines(difflib.unified_diff(before, after, f"live/{name}", f"new/{name}"))
+    if not any(c.paths for c in changes):
+        print("no change")
+    return 0
+
+
+def cmd_schema(args) -> int:
+    from vr.document import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def cmd_status(args) -> int:
+    from vr.status import collect, render_text
+
+    report = collect(_settings(args))
+    print(json.dumps(report, indent=2) if args.json else render_text(report))
+    return 0 if report["healthy"] else 1
+
+
+def cmd_events(args) -> int:
+    from vr.events import EventLog
+
+    for item in EventLog(_settings(args).events_path).read(args.resource):
+        print(json.dumps(item, sort_keys=True))
+    return 0
+
+
+def cmd_watch(args) -> int:
+    from vr.pipeline import Pipeline
+    from vr.spool import Spool
+
+    spool = Spool(Pipeline(_settings(args)))
+    if args.once:
+        print(f"processed {spool.drain()} file(s)")
+    else:
+        spool.watch(stop_after=args.seconds)
+    return 0
+
+
+def cmd_start(args) -> int:
+    from vr.pipeline import Pipeline
+
+    result = Pipeline(_settings(args)).start()
+    print("nothing applied yet" if result is None else f"started generation {result.generation}")
+    return 0
+
+
+def cmd_stop(args) -> int:
+    from vr.runtime import Runtime
+
+    Runtime(_settings(args)).supervisor.shutdown()
+    print("stopped")
+    return 0
+
+
+def cmd_recover(args) -> int:
+    from vr.pipeline import Pipeline
+
+    print("recovered an interrupted apply" if Pipeline(_settings(args)).recover() else "nothing to recover")
+    return 0
+
+
+def cmd_lab(args) -> int:
+    from vr import lab
+
+    return lab.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vr", description="virtual router control")
+    parser.add_argument("--root", help="put config/state/run/log dirs under DIR (default: appliance paths)")
+    parser.add_argument("--netns", help="network namespace the router lives in")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("apply", help="validate and apply a payload (FILE or - for stdin)")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_apply)
+    p = sub.add_parser("render", help="render every config for a payload without applying it")
+    p.add_argument("file")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_render)
+    p = sub.add_parser("diff", help="show what a payload would change in the live files")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_diff)
+    sub.add_parser("schema", help="print the JSON Schema of a payload").set_defaults(func=cmd_schema)
+    p = sub.add_parser("status", help="generation, last apply, each service's health")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("events", help="print events (JSON lines)")
+    p.add_argument("--resource", help="KIND or KIND:ID, e.g. vm:02:00:00:00:01:10 or service:dnsmasq")
+    p.set_defaults(func=cmd_events)
+    p = sub.add_parser("watch", help="apply payloads dropped into the spool directory")
+    p.add_argument("--once", action="store_true", help="process what is there and exit")
+    p.add_argument("--seconds", type=float, help="stop watching after this long")
+    p.set_defaults(func=cmd_watch)
+    sub.add_parser("start", help="bring services up from last-known-good (boot)").set_defaults(func=cmd_start)
+    sub.add_parser("stop", help="stop supervisord and every daemon of this router").set_defaults(func=cmd_stop)
+    sub.add_parser("recover", help="finish or roll back an interrupted apply").set_defaults(func=cmd_recover)
+    p = sub.add_parser("lab", help="a lab router with guests in network namespaces")
+    p.add_argument("action", choices=["up", "down", "status", "demo"])
+    p.add_argument("--dir", default="/tmp/vr-lab", help="where the lab keeps its state")
+    p.add_argument("--prefix", help="namespace name prefix (default: derived from --dir)")
+    p.set_defaults(func=cmd_lab)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.netns and args.command != "lab":
+        from vr import netns
+
+        netns.enter(args.netns)
+    from vr.errors import InvalidPayload, VrError
+
+    try:
+        return args.func(args)
+    except InvalidPayload as error:
+        print(f"vr: payload refused, nothing was changed ({len(error.problems)} problem(s)):", file=sys.stderr)
+        for problem in error.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return error.exit_code
+    except VrError as error:
+        print(f"vr: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""The router document: its schema, the partial-update merge, and error paths.
+
+Every string that can reach a daemon config is constrained here to a charset that
+cannot open a new directive, field or quote in any of the daemons' syntaxes.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from ipaddress import (
+    IPv4Address,
+    IPv4Interface,
+    IPv4Network,
+    IPv6Address,
+    IPv6Interface,
+    IPv6Network,
+)
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+
+from vr.errors import InvalidPayload, Problem, StalePayload
+
+# Sections a later vr release fills in. Present in a payload today, they are refused
+# with a message that says so rather than silently dropped.
+FUTURE_SECTIONS = ("firewall", "nat", "load_balancer", "vpn", "ipv6", "monitor", "metadata")
+
+
+def _pattern(regex: str, what: str):
+    compiled = re.compile(regex)
+
+    def check(value: str) -> str:
+        # fullmatch, never '$': '$' also matches before a trailing newline.
+        if not compiled.fullmatch(value):
+            raise ValueError(f"not a valid {what}: {value!r}")
+        return value
+
+    return AfterValidator(check)
+
+
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+
+Hostname = Annotated[str, _pattern(_LABEL, "hostname (RFC 1123 label: letters, digits, inner hyphens, 1-63)")]
+DomainName = Annotated[
+    str,
+    Field(max_length=253),
+    _pattern(rf"{_LABEL}(?:\.{_LABEL})*", "domain name (dot-separated RFC 1123 labels)"),
+]
+Identifier = Annotated[str, _pattern(r"[a-z0-9][a-z0-9_-]{0,31}", "identifier (a-z, 0-9, '_', '-', 1-32)")]
+InterfaceName = Annotated[str, _pattern(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,14}", "interface name (1-15 chars)")]
+MacAddress = Annotated[
+    str,
+    BeforeValidator(lambda v: v.lower() if isinstance(v, str) else v),
+    _pattern(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}", "MAC address (six colon-separated hex octets)"),
+]
+DhcpOptionName = Annotated[str, _pattern(r"[a-z][a-z0-9-]{0,39}", "DHCP option name")]
+# No comma, quote, space, '#' or control character: each is a separator or comment in dnsmasq.
+DhcpOptionValue = Annotated[str, _pattern(r"[A-Za-z0-9._:/@+=-]{1,255}", "DHCP option value")]
+IPAddress = IPv4Address | IPv6Address
+IPInterface = IPv4Interface | IPv6Interface
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RouterIdentity(Strict):
+    name: Hostname
+    type: Literal["isolated", "vpc"]
+
+
+class Interface(Strict):
+    id: Identifier
+    role: Literal["control", "public", "guest"]
+    name: InterfaceName | None = None
+    mac: MacAddress | None = None
+    addresses: list[IPInterface] = Field(default_factory=list, max_length=64)
+    mtu: int = Field(1500, ge=576, le=9216)
+
+    @model_validator(mode="after")
+    def _named(self) -> Interface:
+        if self.name is None and self.mac is None:
+            raise ValueError("an interface needs a name or a mac to be found on the router")
+        return self
+
+    def ipv4(self) -> IPv4Interface | None:
+        return next((a for a in self.addresses if isinstance(a, IPv4Interface)), None)
+
+
+class Route(Strict):
+    destination: IPv4Network | IPv6Network
+    gateway: IPAddress
+    metric: int = Field(0, ge=0, le=65535)
+
+
+class DnsSettings(Strict):
+    domain: DomainName
+    upstream: list[IPAddress] = Field(default_factory=list, max_length=8)
+    cache_size: int = Field(1000, ge=0, le=100000)
+
+
+class DhcpOption(Strict):
+    """A DHCP option by name (dnsmasq's option names) or number, with its values."""
+
+    name: DhcpOptionName | None = None
+    code: int | None = Field(None, ge=1, le=254)
+    values: list[DhcpOptionValue] = Field(default_factory=list, max_length=32)
+
+    @model_validator(mode="after")
+    def _one_key(self) -> DhcpOption:
+        if (self.name is None) == (self.code is None):
+            raise ValueError("give exactly one of 'name' or 'code'")
+        return self
+
+
+class DhcpRange(Strict):
+    start: IPv4Address
+    end: IPv4Address
+
+
+class DhcpTier(Strict):
+    tier: Identifier
+    range: DhcpRange | None = None
+    lease_time: int = Field(86400, ge=120, le=31536000)
+    dns_servers: list[IPv4Address] = Field(default_factory=list, max_length=8)
+    options: list[DhcpOption] = Field(default_factory=list, max_length=64)
+
+
+class DhcpEntry(Strict):
+    tier: Identifier
+    mac: MacAddress
+    ip: IPv4Address
+    hostname: Hostname
+    default_gateway: bool = True
+    options: list[DhcpOption] = Field(default_factory=list, max_length=32)
+
+
+class Dhcp(Strict):
+    tiers: list[DhcpTier] = Field(default_factory=list)
+    entries: list[DhcpEntry] = Field(default_factory=list, max_length=65536)
+
+
+class RouterDocument(Strict):
+    generation: int = Field(ge=1)
+    router: RouterIdentity
+    interfaces: list[Interface] = Field(min_length=1, max_length=64)
+    routes: list[Route] = Field(default_factory=list, max_length=4096)
+    dns: DnsSettings
+    dhcp: Dhcp = Field(default_factory=Dhcp)
+
+    def interface(self, interface_id: str) -> Interface | None:
+        return next((i for i in self.interfaces if i.id == interface_id), None)
+
+    def guest_interfaces(self) -> list[Interface]:
+        return [i for i in self.interfaces if i.role == "guest"]
+
+
+class DhcpEntryChanges(Strict):
+    """Per-VM changes, so the manager can add one VM without resending four thousand."""
+
+    upsert: list[DhcpEntry] = Field(default_factory=list, max_length=65536)
+    delete: list[MacAddress] = Field(default_factory=list, max_length=65536)
+
+
+class Payload(Strict):
+    """What the manager pushes: any subset of sections, each replacing the stored one."""
+
+    generation: int = Field(ge=1)
+    router: RouterIdentity | None = None
+    interfaces: list[Interface] | None = Field(None, min_length=1, max_length=64)
+    routes: list[Route] | None = None
+    dns: DnsSettings | None = None
+    dhcp: Dhcp | None = None
+    dhcp_entries: DhcpEntryChanges | None = None
+
+
+SECTIONS = ("router", "interfaces", "routes", "dns", "dhcp")
+
+
+def json_path(loc: tuple[Any, ...]) -> str:
+    """('dhcp', 'entries', 12, 'mac') -> 'dhcp.entries[12].mac'."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _problems_from(error: ValidationError) -> list[Problem]:
+    problems = []
+    for item in error.errors(include_url=False):
+        # Drop pydantic's internal union/validator labels from the path.
+        loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
+        path = json_path(loc)
+        if item["type"] == "extra_forbidden":
+            top = loc[0] if loc else ""
+            reason = (
+                "section not supported by this version of vr"
+                if len(loc) == 1 and top in FUTURE_SECTIONS
+                else "unknown field"
+            )
+        else:
+            reason = item["msg"].removeprefix("Value error, ")
+        problems.append(Problem(path, reason))
+    # A union reports one error per branch; keep the first per path.
+    seen: dict[str, Problem] = {}
+    for p in problems:
+        seen.setdefault(p.path, p)
+    return list(seen.values())
+
+
+def parse_payload(raw: object) -> Payload:
+    if not isinstance(raw, dict):
+        raise InvalidPayload([Problem("", "a payload is a JSON object")])
+    try:
+        return Payload.model_validate(raw)
+    except ValidationError as error:
+        raise InvalidPayload(_problems_from(error)) from None
+
+
+def merge(stored: dict | None, payload: Payload) -> dict:
+    """Sections replace stored sections; dhcp_entries upserts/deletes by MAC."""
+    if stored is not None and payload.generation <= stored["generation"]:
+        raise StalePayload(
+            f"generation {payload.generation} is not newer than the applied generation "
+            f"{stored['generation']}: payload refused as stale"
+        )
+    merged = copy.deepcopy(stored) if stored else {}
+    merged["generation"] = payload.generation
+    for section in SECTIONS:
+        value = getattr(payload, section)
+        if value is not None:
+            merged[section] = _dump(value)
+    changes = payload.dhcp_entries
+    if changes is not None:
+        entries = merged.setdefault("dhcp", {"tiers": [], "entries": []}).setdefault("entries", [])
+        position = {e["mac"]: i for i, e in enumerate(entries)}
+        unknown = [mac for mac in changes.delete if mac not in position]
+        if unknown:
+            raise InvalidPayload(
+                [Problem(f"dhcp_entries.delete[{changes.delete.index(m)}]", f"no entry with mac {m}") for m in unknown]
+            )
+        for entry in changes.upsert:
+            dumped = _dump(entry)
+            if entry.mac in position:
+                entries[position[entry.mac]] = dumped
+            else:
+                position[entry.mac] = len(entries)
+                entries.append(dumped)
+        if changes.delete:
+            gone = set(changes.delete)
+            entries[:] = [e for e in entries if e["mac"] not in gone]
+    return merged
+
+
+def _dump(model: BaseModel | list) -> Any:
+    if isinstance(model, list):
+        return [m.model_dump(mode="json", exclude_defaults=False) for m in model]
+    return model.model_dump(mode="json")
+
+
+def build_document(merged: dict) -> RouterDocument:
+    try:
+        return RouterDocument.model_validate(merged)
+    except ValidationError as error:
+        problems = _problems_from(error)
+        raise InvalidPayload(
+            [
+                Problem(p.path, p.reason + " (the first payload must carry the whole router)")
+                if p.reason == "Field required" and "." not in p.path
+                else p
+                for p in problems
+            ]
+        ) from None
+
+
+def dump_document(doc: RouterDocument) -> dict:
+    return doc.model_dump(mode="json")
+
+
+def json_schema() -> dict:
+    return Payload.model_json_schema()

@@ -1,0 +1,389 @@
+"""The apply transaction. Services own their daemon; this module owns everything between.
+
+validate -> merge -> plan -> stage -> check -> journal -> switch -> apply -> health -> commit
+
+The journal is written before the first live file changes. Any failure after that, or a
+crash noticed at the next start, restores every touched file from its backup and
+re-applies the affected services, so the router is never left half old, half new.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vr import document as docmod
+from vr.document import RouterDocument
+from vr.errors import ApplyFailed, Busy, InvalidPayload, Problem, VrError
+from vr.events import EventLog, event
+from vr.files import (
+    fsync_dir,
+    read_bytes_or_none,
+    read_json,
+    write_atomic,
+    write_json_atomic,
+)
+from vr.runtime import Runtime
+from vr.services import SERVICES, by_name
+from vr.services.base import Change, CheckFailed
+from vr.settings import Settings
+
+HEALTH_DEADLINE_S = 10.0
+STAGING, BACKUP = ".staging", ".backup"
+
+
+@dataclass
+class Result:
+    generation: int
+    changed: list[str] = field(default_factory=list)
+    duration_ms: float = 0.0
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+def _fault_point(step: str) -> None:
+    """Crash-test hook: VR_FAULT_AT=<step> kills this process right there (SIGKILL)."""
+    if os.environ.get("VR_FAULT_AT") == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Pipeline:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.runtime = Runtime(settings)
+        self.events = EventLog(settings.events_path)
+        settings.ensure_dirs()
+
+    # ---------------------------------------------------------------- reading state
+    def stored_document(self) -> RouterDocument | None:
+        raw = read_json(self.settings.document_path)
+        # Last-known-good was validated when it was applied; don't pay for it again.
+        return None if raw is None else RouterDocument.model_validate(raw)
+
+    def validate(self, raw: object, stored: RouterDocument | None) -> RouterDocument:
+        """Payload -> merged, fully validated document. Raises before anything is touched."""
+        payload = docmod.parse_payload(raw)
+        merged = docmod.merge(None if stored is None else docmod.dump_document(stored), payload)
+        doc = docmod.build_document(merged)
+        problems = [p for service in SERVICES for p in service.verify(doc)]
+        if problems:
+            raise InvalidPayload(problems)
+        return doc
+
+    # ---------------------------------------------------------------- entry points
+    def apply(self, raw: object, wait: bool = False) -> Result:
+        started = time.perf_counter()
+        with self.lock(wait):
+            self._recover_locked()
+            stored = self.stored_document()
+            try:
+                doc = self.validate(raw, stored)
+            except VrError as error:
+                generation = raw.get("generation") if isinstance(raw, dict) else None
+                name = stored.router.name if stored else "unknown"
+                self.events.write([event("apply", f"router:{name}", "rejected", str(error), generation)])
+                self._record(generation, "rejected", str(error), started, [])
+                raise
+            timings = {"validate": _ms(started)}
+            result = self._transaction(doc, stored, started, timings)
+        return result
+
+    def start(self) -> Result | None:
+        """At boot: bring every service up from last-known-good (re-rendered, checked)."""
+        started = time.perf_counter()
+        with self.lock():
+            self._recover_locked()
+            stored = self.stored_document()
+            if stored is None:
+                return None
+            return self._transaction(stored, stored, started, {}, force=True)
+
+    def recover(self) -> bool:
+        with self.lock():
+            return self._recover_locked()
+
+    def render(self, raw: object, out_dir: Path) -> dict[str, list[str]]:
+        """Dry run: every service's files for the merged document, written under out_dir."""
+        doc = self.validate(raw, self.stored_document())
+        written: dict[str, list[str]] = {}
+        for service in SERVICES:
+            files = service.generate(doc, self.runtime)
+            for relpath, content in files.items():
+                write_atomic(out_dir / service.name / relpath, content, sync=False)
+            written[service.name] = sorted(files)
+        return written
+
+    def plan(self, doc: RouterDocument, old: RouterDocument | None, force: bool = False) -> list[Change]:
+        changes = []
+        for service in SERVICES:
+            inputs = service.read(doc)
+            if not force and old is not None and inputs is not None and inputs == service.read(old):
+                continue
+            files = service.generate(doc, self.runtime)
+            live_dir = self.settings.service_dir(service.name)
+            change = Change(service.name)
+            for relpath, content in files.items():
+                current = read_bytes_or_none(live_dir / relpath)
+                if current != content:
+                    change.written[relpath] = content
+                    change.previous[relpath] = current
+            for relpath in _live_files(live_dir):
+                if relpath not in files:
+                    change.removed.append(relpath)
+                    change.previous[relpath] = (live_dir / relpath).read_bytes()
+            if change.paths or force:
+                changes.append(change)
+        return changes
+
+    # ---------------------------------------------------------------- the transaction
+    def _transaction(
+        self, doc: RouterDocument, old: RouterDocument | None, started: float, timings: dict, force: bool = False
+    ) -> Result:
+        mark = time.perf_counter()
+        changes = self.plan(doc, old, force=force)
+        timings["render"] = _ms(mark)
+        txid = uuid.uuid4().hex[:12]
+        staging = self.settings.config_dir / STAGING / txid
+        backup = self.settings.config_dir / BACKUP / txid
+        resource = f"router:{doc.router.name}"
+        try:
+            mark = time.perf_counter()
+            self._stage(changes, staging)
+            _fault_point("staged")
+            for change in changes:
+                try:
+                    by_name(change.service).check(staging / change.service, self.runtime)
+                except CheckFailed as error:
+                    raise ApplyFailed("check", change.service, str(error)) from None
+            timings["check"] = _ms(mark)
+            _fault_point("checked")
+        except BaseException as error:
+            shutil.rmtree(staging, ignore_errors=True)
+            self._fail(doc, resource, error, started, rolled_back=False)
+            raise
+
+        mark = time.perf_counter()
+        self._backup(changes, backup)
+        write_json_atomic(
+            self.settings.journal_path,
+            {"txid": txid, "generation": doc.generation, "changes": {c.service: c.paths for c in changes}},
+        )
+        _fault_point("journaled")
+        step, current = "switch", ""
+        try:
+            self._switch(changes, staging)
+            timings["switch"] = _ms(mark)
+            _fault_point("switched")
+            step = "apply"
+            mark = time.perf_counter()
+            for change in changes:
+                current = change.service
+                by_name(current).apply(change, doc, self.runtime)
+            timings["reload"] = _ms(mark)
+            _fault_point("applied")
+            step, current = "health", ""
+            mark = time.perf_counter()
+            failure = self._health(doc)
+            timings["health"] = _ms(mark)
+            if failure:
+                current, reason = failure
+                raise ApplyFailed("health", current, reason)
+        except BaseException as error:
+            self._rollback(changes, old, txid)
+            if not isinstance(error, ApplyFailed):
+                error = ApplyFailed(step, current or "router", f"{type(error).__name__}: {error}")
+            self._fail(doc, resource, error, started, rolled_back=True)
+            raise error from None
+
+        write_json_atomic(self.settings.document_path, docmod.dump_document(doc))
+        _fault_point("committed")
+        self._finish(txid)
+        changed = [c.service for c in changes if c.paths]
+        result = Result(doc.generation, changed, _ms(started), timings)
+        self.events.write(
+            [event("apply", resource, "ok", f"services changed: {', '.join(changed) or 'none'}", doc.generation)]
+            + [event("service", f"service:{name}", "applied", "", doc.generation) for name in changed]
+            + _vm_events(doc, old)
+        )
+        self._record(doc.generation, "ok", "", started, changed, timings)
+        return result
+
+    def _stage(self, changes: list[Change], staging: Path) -> None:
+        for change in changes:
+            for relpath, content in change.written.items():
+                write_atomic(staging / change.service / relpath, content, mode=_mode(relpath), sync=True)
+
+    def _backup(self, changes: list[Change], backup: Path) -> None:
+        """Hard links keep the old inodes alive for the price of a directory entry."""
+        for change in changes:
+            live_dir = self.settings.service_dir(change.service)
+            for relpath in change.paths:
+                if change.previous.get(relpath) is not None:
+                    target = backup / change.service / relpath
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.link(live_dir / relpath, target)
+        if backup.exists():
+            fsync_dir(backup)
+
+    def _switch(self, changes: list[Change], staging: Path) -> None:
+        for change in changes:
+            live_dir = self.settings.service_dir(change.service)
+            live_dir.mkdir(parents=True, exist_ok=True)
+            for relpath in change.written:
+                os.replace(staging / change.service / relpath, live_dir / relpath)
+                _fault_point("switching")
+            for relpath in change.removed:
+                (live_dir / relpath).unlink(missing_ok=True)
+            fsync_dir(live_dir)
+
+    def _health(self, doc: RouterDocument) -> tuple[str, str] | None:
+        deadline = time.monotonic() + HEALTH_DEADLINE_S
+        for service in SERVICES:
+            while (reason := service.probe(doc, self.runtime)) is not None:
+                if time.monotonic() > deadline:
+                    return service.name, reason
+                time.sleep(0.01)
+        return None
+
+    def _rollback(self, changes: list[Change], old: RouterDocument | None, txid: str) -> None:
+        """Put back every file the transaction touched, then re-apply those services."""
+        reverse = []
+        for change in changes:
+            live_dir = self.settings.service_dir(change.service)
+            undo = Change(change.service)
+            for relpath in change.paths:
+                previous = change.previous.get(relpath)
+                now = read_bytes_or_none(live_dir / relpath)
+                undo.previous[relpath] = now
+                if previous is None:
+                    (live_dir / relpath).unlink(missing_ok=True)
+                    undo.removed.append(relpath)
+                else:
+                    write_atomic(live_dir / relpath, previous, mode=_mode(relpath))
+                    undo.written[relpath] = previous
+            reverse.append(undo)
+        if old is None:
+            # Nothing was ever applied: the good state is no daemon and no address of ours.
+            self.runtime.supervisor.shutdown()
+            for undo in reverse:
+                if undo.service == "network":
+                    by_name("network").apply(undo, None, self.runtime)  # type: ignore[arg-type]
+        else:
+            for undo in reverse:
+                by_name(undo.service).apply(undo, old, self.runtime)
+        self._finish(txid)
+
+    def _finish(self, txid: str) -> None:
+        self.settings.journal_path.unlink(missing_ok=True)
+        fsync_dir(self.settings.state_dir)
+        for area in (STAGING, BACKUP):
+            shutil.rmtree(self.settings.config_dir / area / txid, ignore_errors=True)
+
+    # ---------------------------------------------------------------- crash recovery
+    def _recover_locked(self) -> bool:
+        """An apply killed half-way is rolled back to last-known-good, never left mixed."""
+        journal = read_json(self.settings.journal_path)
+        if journal is None:
+            for area in (STAGING, BACKUP):
+                shutil.rmtree(self.settings.config_dir / area, ignore_errors=True)
+            return False
+        txid = journal["txid"]
+        stored = self.stored_document()
+        resource = f"router:{stored.router.name}" if stored else "router:unknown"
+        if stored is not None and stored.generation == journal["generation"]:
+            self._finish(txid)  # killed after commit: only the clean-up was missing
+            self.events.write([event("recover", resource, "committed", f"transaction {txid} had committed")])
+            return True
+        backup = self.settings.config_dir / BACKUP / txid
+        changes = []
+        for service, paths in journal["changes"].items():
+            change = Change(service)
+            for relpath in paths:
+                change.written[relpath] = b""
+                change.previous[relpath] = read_bytes_or_none(backup / service / relpath)
+            changes.append(change)
+        self._rollback(changes, stored, txid)
+        self.events.write(
+            [event("recover", resource, "rolled-back", f"transaction {txid} for generation "
+                   f"{journal['generation']} was interrupted; restored last-known-good")]
+        )
+        return True
+
+    # ---------------------------------------------------------------- bookkeeping
+    @contextlib.contextmanager
+    def lock(self, wait: bool = False) -> Iterator[None]:
+        self.settings.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.settings.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode().strip() or "?"
+                raise Busy(f"another apply is running (pid {holder}); try again when it ends") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            yield
+        finally:
+            os.close(fd)
+
+    def _fail(self, doc: RouterDocument, resource: str, error: BaseException, started: float, rolled_back: bool) -> None:
+        outcome = "rolled-back" if rolled_back else "failed"
+        self.events.write([event("apply", resource, outcome, str(error), doc.generation)])
+        self._record(doc.generation, outcome, str(error), started, [])
+
+    def _record(self, generation, outcome, message, started, changed, timings=None) -> None:
+        write_json_atomic(
+            self.settings.last_apply_path,
+            {
+                "time": time.time(),
+                "generation": generation,
+                "outcome": outcome,
+                "message": message,
+                "duration_ms": _ms(started),
+                "changed": changed,
+                "timings_ms": timings or {},
+            },
+        )
+
+
+def _live_files(directory: Path) -> list[str]:
+    try:
+        return sorted(e.name for e in os.scandir(directory) if e.is_file() and not e.name.startswith("."))
+    except FileNotFoundError:
+        return []
+
+
+def _mode(relpath: str) -> int:
+    return 0o644
+
+
+def _ms(since: float) -> float:
+    return round((time.perf_counter() - since) * 1000, 2)
+
+
+def _vm_events(doc: RouterDocument, old: RouterDocument | None) -> list[dict]:
+    """One event per VM whose DHCP entry was added, changed or removed."""
+    before = {e.mac: e for e in old.dhcp.entries} if old else {}
+    after = {e.mac: e for e in doc.dhcp.entries}
+    if before == after:
+        return []
+    out = []
+    for mac, entry in after.items():
+        if mac not in before:
+            out.append(event("dhcp", f"vm:{mac}", "added", f"{entry.ip} {entry.hostname}", doc.generation))
+        elif before[mac] != entry:
+            out.append(event("dhcp", f"vm:{mac}", "changed", f"{entry.ip} {entry.hostname}", doc.generation))
+    for mac, entry in before.items():
+        if mac not in after:
+            out.append(event("dhcp", f"vm:{mac}", "removed", f"{entry.ip} {entry.hostname}", doc.generation))
+    return out
+
+
+__all__ = ["Pipeline", "Problem", "Result"]

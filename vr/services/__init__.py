@@ -1,0 +1,11 @@
+"""The services, in the order the pipeline applies them (network first, daemons last)."""
+
+from vr.services.dnsmasq import DnsmasqService
+from vr.services.network import NetworkService
+from vr.services.supervisor import SupervisorService
+
+SERVICES = (NetworkService(), SupervisorService(), DnsmasqService())
+
+
+def by_name(name: str):
+    return next(s for s in SERVICES if s.name == name)

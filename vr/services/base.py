@@ -1,0 +1,75 @@
+"""The contract every service module follows, so that a reader who learns one knows all.
+
+read (its part of the document) -> verify (problems with JSON paths) -> generate (files)
+-> check (the daemon's own checker, on the staged files) -> apply (hitless) -> probe.
+The pipeline owns ordering, staging, rollback and events; a service owns only its daemon.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vr.document import RouterDocument
+    from vr.errors import Problem
+    from vr.runtime import Runtime
+
+
+class CheckFailed(Exception):
+    """The daemon's checker refused a staged file; the message is the checker's own."""
+
+
+@dataclass(frozen=True)
+class Program:
+    """A foreground daemon that supervisord runs for a service."""
+
+    name: str
+    command: list[str]
+    environment: dict[str, str] = field(default_factory=dict)
+    stop_signal: str = "TERM"
+
+
+@dataclass
+class Change:
+    """What an apply does to one service's files; `previous` is kept to undo it."""
+
+    service: str
+    written: dict[str, bytes] = field(default_factory=dict)
+    removed: list[str] = field(default_factory=list)
+    previous: dict[str, bytes | None] = field(default_factory=dict)
+
+    @property
+    def paths(self) -> list[str]:
+        return sorted([*self.written, *self.removed])
+
+    def touches(self, *relpaths: str) -> bool:
+        return any(p in self.written or p in self.removed for p in relpaths)
+
+
+class Service:
+    name: str = ""
+
+    def read(self, doc: RouterDocument) -> Any:
+        """The part of the document this service depends on (compared to plan an apply)."""
+        raise NotImplementedError
+
+    def verify(self, doc: RouterDocument) -> list[Problem]:
+        return []
+
+    def generate(self, doc: RouterDocument, runtime: Runtime) -> dict[str, bytes]:
+        return {}
+
+    def check(self, staged_dir: Path, runtime: Runtime) -> None:
+        """Run the daemon's own checker against staged files; raise CheckFailed."""
+
+    def apply(self, change: Change, doc: RouterDocument, runtime: Runtime) -> None:
+        """Make the running daemon match the switched-in files, hitlessly."""
+
+    def probe(self, doc: RouterDocument, runtime: Runtime) -> str | None:
+        """None when the service does its job; otherwise why not."""
+        return None
+
+    def programs(self, doc: RouterDocument, runtime: Runtime) -> list[Program]:
+        return []

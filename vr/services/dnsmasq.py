@@ -1,0 +1,267 @@
+"""dnsmasq: DHCPv4 (static leases per VM, optional dynamic range) and DNS for guest names.
+
+Per-VM data lives in three files dnsmasq re-reads on SIGHUP (dhcp-hosts, dhcp-opts,
+hosts); the main config needs a restart. The lease file is state: it lives in the
+state dir and survives restarts, patches and rebuilds. A removed VM's lease is
+released explicitly (dhcp_release), never by deleting the lease file.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections import defaultdict
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+from vr.document import DhcpOption, RouterDocument
+from vr.errors import Problem
+from vr.runtime import Runtime
+from vr.services.base import Change, CheckFailed, Program, Service
+
+PROGRAM = "dnsmasq"
+MAIN = "dnsmasq.conf"
+HOSTS = "dhcp-hosts"
+OPTS = "dhcp-opts"
+NAMES = "hosts"
+
+
+class DnsmasqService(Service):
+    name = "dnsmasq"
+
+    def read(self, doc: RouterDocument) -> Any:
+        return (
+            doc.router.name,
+            [i.model_dump(mode="json") for i in doc.guest_interfaces()],
+            doc.dns.model_dump(mode="json"),
+            doc.dhcp.model_dump(mode="json"),
+        )
+
+    def verify(self, doc: RouterDocument) -> list[Problem]:
+        problems: list[Problem] = []
+        guests = {i.id: i for i in doc.guest_interfaces()}
+        seen_tiers: set[str] = set()
+        for n, tier in enumerate(doc.dhcp.tiers):
+            path = f"dhcp.tiers[{n}]"
+            iface = guests.get(tier.tier)
+            if iface is None:
+                problems.append(Problem(f"{path}.tier", f"{tier.tier!r} is not a guest interface id"))
+                continue
+            if tier.tier in seen_tiers:
+                problems.append(Problem(f"{path}.tier", f"tier {tier.tier!r} is configured twice"))
+            seen_tiers.add(tier.tier)
+            if tier.range is not None:
+                subnet = iface.ipv4().network
+                for end in ("start", "end"):
+                    address = getattr(tier.range, end)
+                    if address not in subnet:
+                        problems.append(Problem(f"{path}.range.{end}", f"{address} is outside tier subnet {subnet}"))
+                if tier.range.start > tier.range.end:
+                    problems.append(Problem(f"{path}.range", "start is after end"))
+        per_tier: dict[str, dict[str, dict[object, int]]] = defaultdict(lambda: {"ip": {}, "hostname": {}})
+        macs: dict[str, int] = {}
+        for n, entry in enumerate(doc.dhcp.entries):
+            path = f"dhcp.entries[{n}]"
+            iface = guests.get(entry.tier)
+            if iface is None:
+                problems.append(Problem(f"{path}.tier", f"{entry.tier!r} is not a guest interface id"))
+                continue
+            gateway = iface.ipv4()
+            subnet = gateway.network
+            if entry.ip not in subnet:
+                problems.append(Problem(f"{path}.ip", f"{entry.ip} is outside tier {entry.tier} subnet {subnet}"))
+            elif entry.ip in (subnet.network_address, subnet.broadcast_address, gateway.ip):
+                problems.append(Problem(f"{path}.ip", f"{entry.ip} is the network, broadcast or gateway address"))
+            if entry.mac in macs:
+                problems.append(Problem(f"{path}.mac", f"{entry.mac} is already used by dhcp.entries[{macs[entry.mac]}]"))
+            macs.setdefault(entry.mac, n)
+            for key, value in (("ip", entry.ip), ("hostname", entry.hostname.lower())):
+                first = per_tier[entry.tier][key].setdefault(value, n)
+                if first != n:
+                    problems.append(
+                        Problem(f"{path}.{key}", f"{value} is already used in tier {entry.tier} by dhcp.entries[{first}]")
+                    )
+            if entry.hostname.lower() == doc.router.name.lower():
+                problems.append(Problem(f"{path}.hostname", "is the router's own name"))
+        return problems
+
+    def generate(self, doc: RouterDocument, runtime: Runtime) -> dict[str, bytes]:
+        if not doc.guest_interfaces():
+            return {}
+        settings = runtime.settings
+        here = settings.service_dir(self.name)
+        lease_times = {t.tier: t.lease_time for t in doc.dhcp.tiers}
+        hosts, host_options, names = [], [], []
+        for iface in doc.guest_interfaces():
+            names.append({"ip": iface.ipv4().ip, "hostname": doc.router.name})
+        for entry in doc.dhcp.entries:
+            tag = "vm" + entry.mac.replace(":", "")
+            hosts.append(
+                {
+                    "mac": entry.mac,
+                    "tag": tag,
+                    "ip": entry.ip,
+                    "hostname": entry.hostname,
+                    "lease_time": lease_times.get(entry.tier, 86400),
+                }
+            )
+            names.append({"ip": entry.ip, "hostname": entry.hostname})
+            if not entry.default_gateway:
+                # An empty router option: a VM's second NIC must not install a second default route.
+                host_options.append({"tag": tag, "value": "option:router"})
+            host_options.extend({"tag": tag, "value": _option(o)} for o in entry.options)
+        return {
+            MAIN: runtime.render(
+                "dnsmasq/dnsmasq.conf.j2",
+                router=doc.router.name,
+                listen=[i.ipv4().ip for i in doc.guest_interfaces()],
+                cache_size=doc.dns.cache_size,
+                domain=doc.dns.domain,
+                upstream=doc.dns.upstream,
+                names_file=here / NAMES,
+                hosts_file=here / HOSTS,
+                opts_file=here / OPTS,
+                lease_file=self.lease_file(runtime),
+                tiers=[_tier_values(doc, t) for t in doc.dhcp.tiers],
+            ),
+            HOSTS: runtime.render("dnsmasq/dhcp-hosts.j2", hosts=hosts),
+            OPTS: runtime.render("dnsmasq/dhcp-opts.j2", options=host_options),
+            NAMES: runtime.render("dnsmasq/hosts.j2", names=names),
+        }
+
+    def check(self, staged_dir: Path, runtime: Runtime) -> None:
+        if not (staged_dir / MAIN).exists():
+            return
+        result = subprocess.run(
+            ["dnsmasq", "--test", f"--conf-file={staged_dir / MAIN}"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if result.returncode != 0:
+            message = (result.stderr or result.stdout).strip().replace(str(staged_dir) + "/", "")
+            raise CheckFailed(f"dnsmasq --test: {message}")
+
+    def programs(self, doc: RouterDocument, runtime: Runtime) -> list[Program]:
+        if not doc.guest_interfaces():
+            return []
+        settings = runtime.settings
+        return [
+            Program(
+                PROGRAM,
+                [
+                    "dnsmasq",
+                    "--keep-in-foreground",
+                    f"--conf-file={settings.service_dir(self.name) / MAIN}",
+                    f"--pid-file={settings.run_dir / 'dnsmasq.pid'}",
+                    "--log-facility=-",
+                ],
+            )
+        ]
+
+    def apply(self, change: Change, doc: RouterDocument, runtime: Runtime) -> None:
+        client = runtime.supervisor
+        if not doc.guest_interfaces():
+            return  # supervisor removed the program with its config
+        if client.state(PROGRAM) != "RUNNING":
+            client.start(PROGRAM)
+        elif change.touches(MAIN):
+            client.restart(PROGRAM)
+        elif change.touches(HOSTS, OPTS, NAMES):
+            client.signal(PROGRAM, "HUP")
+        if change.touches(HOSTS):
+            self._release_dropped_leases(change, doc)
+
+    def _release_dropped_leases(self, change: Change, doc: RouterDocument) -> None:
+        """SIGHUP does not revoke leases: tell dnsmasq that a removed VM's lease is gone."""
+        before = _host_lines(change.previous.get(HOSTS))
+        after = _host_lines(change.written.get(HOSTS))
+        dropped = [(mac, ip) for mac, ip in before.items() if after.get(mac) != ip]
+        if not dropped:
+            return
+        interface_by_subnet = _interface_names(doc)
+        for mac, ip in dropped:
+            address = IPv4Address(ip)
+            ifname = next((name for subnet, name in interface_by_subnet if address in subnet), None)
+            if ifname:
+                subprocess.run(["dhcp_release", ifname, ip, mac], capture_output=True, timeout=10, check=False)
+
+    def probe(self, doc: RouterDocument, runtime: Runtime) -> str | None:
+        if not doc.guest_interfaces():
+            return None
+        state = runtime.supervisor.state(PROGRAM)
+        if state != "RUNNING":
+            return f"dnsmasq is {state or 'not configured in supervisord'}"
+        return dns_answers(doc)
+
+    def lease_file(self, runtime: Runtime) -> Path:
+        return runtime.settings.state_dir / "dnsmasq.leases"
+
+
+def dns_answers(doc: RouterDocument, timeout: float = 0.5) -> str | None:
+    """Ask dnsmasq for the router's own name on the first guest tier, as a guest would."""
+    import dns.exception
+    import dns.message
+    import dns.query
+    import dns.rdatatype
+
+    gateway = doc.guest_interfaces()[0].ipv4().ip
+    name = f"{doc.router.name}.{doc.dns.domain}."
+    query = dns.message.make_query(name, dns.rdatatype.A)
+    try:
+        response = dns.query.udp(query, str(gateway), timeout=timeout)
+    except (dns.exception.Timeout, OSError) as error:
+        return f"no DNS answer from {gateway}: {error or 'timeout'}"
+    answers = [str(r) for rrset in response.answer for r in rrset if rrset.rdtype == dns.rdatatype.A]
+    if str(gateway) not in answers:
+        return f"DNS answer for {name} from {gateway} was {answers or 'empty'}"
+    return None
+
+
+def _tier_values(doc: RouterDocument, tier) -> dict:
+    iface = doc.interface(tier.tier)
+    gateway = iface.ipv4()
+    subnet = gateway.network
+    if tier.range is None:
+        start, end = subnet.network_address, "static"
+    else:
+        start, end = tier.range.start, tier.range.end
+    dns_servers = tier.dns_servers or [gateway.ip]
+    options = [
+        f"option:router,{gateway.ip}",
+        "option:dns-server," + ",".join(str(s) for s in dns_servers),
+        f"option:domain-name,{doc.dns.domain}",
+        f"option:mtu,{iface.mtu}",
+    ]
+    options.extend(_option(o) for o in tier.options)
+    return {
+        "id": tier.tier,
+        "tag": f"tier_{tier.tier}",
+        "start": start,
+        "end": end,
+        "netmask": subnet.netmask,
+        "lease_time": tier.lease_time,
+        "options": options,
+    }
+
+
+def _option(option: DhcpOption) -> str:
+    key = f"option:{option.name}" if option.name else str(option.code)
+    return ",".join([key, *option.values])
+
+
+def _host_lines(content: bytes | None) -> dict[str, str]:
+    result = {}
+    for line in (content or b"").decode().splitlines():
+        fields = line.split(",")
+        if len(fields) >= 3:
+            result[fields[0]] = fields[2]
+    return result
+
+
+def _interface_names(doc: RouterDocument) -> list[tuple[Any, str]]:
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        by_mac = {link.get("address"): link.get("ifname") for link in ipr.get_links()}
+    return [(i.ipv4().network, i.name or by_mac.get(i.mac)) for i in doc.guest_interfaces()]

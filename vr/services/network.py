@@ -1,0 +1,171 @@
+"""Interfaces, addresses, routes and forwarding, set over netlink with pyroute2.
+
+The generated file is the desired state (network.json); apply reconciles the kernel
+with it. Routes vr adds carry their own protocol number, so vr only ever removes
+routes it added, never the host's or another tool's.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from ipaddress import ip_interface
+from pathlib import Path
+from typing import Any
+
+from vr.document import RouterDocument
+from vr.errors import Problem
+from vr.runtime import Runtime
+from vr.services.base import Change, CheckFailed, Service
+
+ROUTE_PROTO_VR = 250  # 'rtprot' number marking routes that belong to vr
+STATE_FILE = "network.json"
+SYSCTLS = {
+    "net/ipv4/ip_forward": "1",
+    "net/ipv6/conf/all/forwarding": "1",
+}
+
+
+class NetworkService(Service):
+    name = "network"
+
+    def read(self, doc: RouterDocument) -> Any:
+        return [doc.model_dump(mode="json", include={"interfaces", "routes"})]
+
+    def verify(self, doc: RouterDocument) -> list[Problem]:
+        problems: list[Problem] = []
+        for key in ("id", "name", "mac"):
+            counts = Counter(getattr(i, key) for i in doc.interfaces if getattr(i, key) is not None)
+            for n, iface in enumerate(doc.interfaces):
+                value = getattr(iface, key)
+                if value is not None and counts[value] > 1:
+                    problems.append(Problem(f"interfaces[{n}].{key}", f"{value!r} is used by more than one interface"))
+        for role in ("control", "public"):
+            indexes = [n for n, i in enumerate(doc.interfaces) if i.role == role]
+            for n in indexes[1:]:
+                problems.append(Problem(f"interfaces[{n}].role", f"only one {role} interface is allowed"))
+        subnets: list[tuple[str, Any]] = []
+        for n, iface in enumerate(doc.interfaces):
+            if iface.role == "guest" and iface.ipv4() is None:
+                problems.append(Problem(f"interfaces[{n}].addresses", "a guest tier needs an IPv4 address (its gateway)"))
+            for m, address in enumerate(iface.addresses):
+                path = f"interfaces[{n}].addresses[{m}]"
+                network = address.network
+                if address.ip == network.network_address and network.prefixlen < network.max_prefixlen - 1:
+                    problems.append(Problem(path, f"{address} is the network address of its subnet"))
+                clash = next((p for p, other in subnets if other.overlaps(network)), None)
+                if clash:
+                    problems.append(Problem(path, f"subnet {network} overlaps {clash}"))
+                subnets.append((f"{path} ({network})", network))
+        for n, route in enumerate(doc.routes):
+            if not any(route.gateway in net for _, net in subnets if net.version == route.gateway.version):
+                problems.append(Problem(f"routes[{n}].gateway", f"{route.gateway} is not on any connected subnet"))
+        return problems
+
+    def generate(self, doc: RouterDocument, runtime: Runtime) -> dict[str, bytes]:
+        return {STATE_FILE: _encode(desired_state(doc))}
+
+    def check(self, staged_dir: Path, runtime: Runtime) -> None:
+        from pyroute2 import IPRoute
+
+        state = json.loads((staged_dir / STATE_FILE).read_bytes())
+        with IPRoute() as ipr:
+            names, macs = _links(ipr)
+        for iface in state["interfaces"]:
+            if _find(iface, names, macs) is None:
+                raise CheckFailed(f"interface {iface['id']} ({iface['name'] or iface['mac']}) is not on this router")
+
+    def apply(self, change: Change, doc: RouterDocument, runtime: Runtime) -> None:
+        from pyroute2 import IPRoute
+
+        new = json.loads(change.written.get(STATE_FILE, b'{"interfaces": [], "routes": []}'))
+        old_raw = change.previous.get(STATE_FILE)
+        old = json.loads(old_raw) if old_raw else {"interfaces": [], "routes": []}
+        with IPRoute() as ipr:
+            names, macs = _links(ipr)
+            ipr.link("set", index=names["lo"], state="up")  # local sockets (DNS to our own address) need it
+            kept = {i["id"] for i in new["interfaces"]}
+            for iface in old["interfaces"]:
+                if iface["id"] not in kept and (index := _find(iface, names, macs)) is not None:
+                    _set_addresses(ipr, index, [])
+            for iface in new["interfaces"]:
+                index = _find(iface, names, macs)
+                if index is None:
+                    raise RuntimeError(f"interface {iface['id']} disappeared during the apply")
+                ipr.link("set", index=index, mtu=iface["mtu"], state="up")
+                _set_addresses(ipr, index, iface["addresses"])
+            _set_routes(ipr, new["routes"])
+        for key, value in SYSCTLS.items():
+            Path("/proc/sys", key).write_text(value)
+
+    def probe(self, doc: RouterDocument, runtime: Runtime) -> str | None:
+        for key, value in SYSCTLS.items():
+            if Path("/proc/sys", key).read_text().strip() != value:
+                return f"sysctl {key} is not {value}"
+        return None
+
+
+def desired_state(doc: RouterDocument) -> dict:
+    return {
+        "interfaces": [
+            {
+                "id": i.id,
+                "name": i.name,
+                "mac": i.mac,
+                "mtu": i.mtu,
+                "addresses": sorted(str(a) for a in i.addresses),
+            }
+            for i in doc.interfaces
+        ],
+        "routes": [
+            {"destination": str(r.destination), "gateway": str(r.gateway), "metric": r.metric} for r in doc.routes
+        ],
+    }
+
+
+def _encode(state: dict) -> bytes:
+    return (json.dumps(state, indent=1, sort_keys=True) + "\n").encode()
+
+
+def _links(ipr) -> tuple[dict[str, int], dict[str, int]]:
+    names, macs = {}, {}
+    for link in ipr.get_links():
+        names[link.get("ifname")] = link["index"]
+        if link.get("address"):
+            macs[link.get("address").lower()] = link["index"]
+    return names, macs
+
+
+def _find(iface: dict, names: dict[str, int], macs: dict[str, int]) -> int | None:
+    if iface.get("name"):
+        return names.get(iface["name"])
+    return macs.get(iface["mac"])
+
+
+def _set_addresses(ipr, index: int, wanted: list[str]) -> None:
+    """Make the interface's addresses exactly `wanted` (IPv6 link-local ones are the kernel's)."""
+    current = set()
+    for msg in ipr.get_addr(index=index):
+        address = ip_interface(f"{msg.get('address')}/{msg['prefixlen']}")
+        if not (address.version == 6 and address.ip.is_link_local):
+            current.add(address)
+    want = {ip_interface(a) for a in wanted}
+    for address in current - want:
+        ipr.addr("del", index=index, address=str(address.ip), prefixlen=address.network.prefixlen)
+    for address in sorted(want - current, key=str):
+        ipr.addr("add", index=index, address=str(address.ip), prefixlen=address.network.prefixlen)
+
+
+def _set_routes(ipr, wanted: list[dict]) -> None:
+    def key(dst: str, gateway: str, metric: int) -> tuple[str, str, int]:
+        return (dst, gateway, metric)
+
+    current = {}
+    for msg in ipr.get_routes(proto=ROUTE_PROTO_VR):
+        dst = f"{msg.get('dst') or ('::' if msg['family'] == 10 else '0.0.0.0')}/{msg['dst_len']}"
+        current[key(str(ip_interface(dst).network), msg.get("gateway"), msg.get("priority") or 0)] = msg
+    want = {key(r["destination"], r["gateway"], r["metric"]): r for r in wanted}
+    for k in current.keys() - want.keys():
+        ipr.route("del", dst=k[0], gateway=k[1], priority=k[2], proto=ROUTE_PROTO_VR)
+    for k in sorted(want.keys() - current.keys()):
+        ipr.route("add", dst=k[0], gateway=k[1], priority=k[2], proto=ROUTE_PROTO_VR)

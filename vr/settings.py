@@ -1,0 +1,93 @@
+"""Every path vr uses comes from here, so several routers can run side by side."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def _default_template_dir() -> Path:
+    source_tree = Path(__file__).resolve().parent.parent / "configs"
+    if source_tree.is_dir():
+        return source_tree
+    return Path(sys.prefix) / "share" / "vr" / "configs"
+
+
+@dataclass(frozen=True)
+class Settings:
+    config_dir: Path = Path("/etc/vr")
+    state_dir: Path = Path("/var/lib/vr")
+    run_dir: Path = Path("/run/vr")
+    log_dir: Path = Path("/var/log/vr")
+    template_dir: Path = _default_template_dir()
+    netns: str | None = None
+    # Directory holding vr's own console scripts (supervisord comes with the package).
+    bin_dir: Path = Path(sys.executable).parent
+
+    @classmethod
+    def under_root(cls, root: Path | str, netns: str | None = None) -> Settings:
+        """All four directories below one root: what tests, the lab and benches use."""
+        root = Path(root)
+        return cls(
+            config_dir=root / "etc",
+            state_dir=root / "state",
+            run_dir=root / "run",
+            log_dir=root / "log",
+            netns=netns,
+        )
+
+    @classmethod
+    def from_env(cls, root: str | None = None, netns: str | None = None) -> Settings:
+        """CLI flags win over VR_* environment variables, which win over appliance defaults."""
+        root = root or os.environ.get("VR_ROOT")
+        netns = netns or os.environ.get("VR_NETNS") or None
+        base = cls.under_root(root, netns) if root else cls(netns=netns)
+        overrides = {}
+        for field, env in (
+            ("config_dir", "VR_CONFIG_DIR"),
+            ("state_dir", "VR_STATE_DIR"),
+            ("run_dir", "VR_RUN_DIR"),
+            ("log_dir", "VR_LOG_DIR"),
+            ("template_dir", "VR_TEMPLATE_DIR"),
+        ):
+            if os.environ.get(env):
+                overrides[field] = Path(os.environ[env])
+        return base if not overrides else cls(**{**base.__dict__, **overrides})
+
+    def ensure_dirs(self) -> None:
+        for directory in (self.config_dir, self.state_dir, self.run_dir, self.log_dir):
+            directory.mkdir(parents=True, exist_ok=True, mode=0o755)
+
+    # Derived paths, named once here.
+    @property
+    def document_path(self) -> Path:
+        return self.state_dir / "document.json"
+
+    @property
+    def journal_path(self) -> Path:
+        return self.state_dir / "journal.json"
+
+    @property
+    def last_apply_path(self) -> Path:
+        return self.state_dir / "last_apply.json"
+
+    @property
+    def events_path(self) -> Path:
+        return self.log_dir / "events.jsonl"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.run_dir / "apply.lock"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.state_dir / "spool"
+
+    @property
+    def supervisor_socket(self) -> Path:
+        return self.run_dir / "supervisor.sock"
+
+    def service_dir(self, service: str) -> Path:
+        return self.config_dir / service

@@ -1,0 +1,94 @@
+"""The spool: payload files dropped in incoming/ are applied once, in name order.
+
+Each ends in done/ or failed/ (with NAME.error holding the reason). History is kept
+bounded by count and age so that processed payloads never fill a router's disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import time
+from pathlib import Path
+
+from vr.errors import VrError
+from vr.pipeline import Pipeline
+
+KEEP_COUNT = 200
+KEEP_AGE_S = 7 * 24 * 3600
+
+
+class Spool:
+    def __init__(self, pipeline: Pipeline):
+        self.pipeline = pipeline
+        root = pipeline.settings.spool_dir
+        self.incoming, self.done, self.failed = root / "incoming", root / "done", root / "failed"
+        for directory in (self.incoming, self.done, self.failed):
+            directory.mkdir(parents=True, exist_ok=True)
+
+    def pending(self) -> list[Path]:
+        return sorted(p for p in self.incoming.iterdir() if p.suffix == ".json" and not p.name.startswith("."))
+
+    def process(self, path: Path) -> bool:
+        """Apply one file; True when it applied."""
+        try:
+            raw = json.loads(path.read_bytes())
+            # Wait for a running apply (CLI or agent) rather than failing the file.
+            self.pipeline.apply(raw, wait=True)
+        except (VrError, ValueError, OSError) as error:
+            reason = str(error) if not isinstance(error, json.JSONDecodeError) else f"not valid JSON: {error}"
+            target = self.failed / path.name
+            os.replace(path, target)
+            (self.failed / (path.name + ".error")).write_text(reason + "\n")
+            self._trim()
+            return False
+        os.replace(path, self.done / path.name)
+        self._trim()
+        return True
+
+    def drain(self) -> int:
+        count = 0
+        for path in self.pending():
+            self.process(path)
+            count += 1
+        return count
+
+    def _trim(self) -> None:
+        now = time.time()
+        for directory in (self.done, self.failed):
+            entries = sorted(directory.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+            payloads = [p for p in entries if p.suffix == ".json"]
+            for n, path in enumerate(payloads):
+                if n >= KEEP_COUNT or now - path.stat().st_mtime > KEEP_AGE_S:
+                    path.unlink(missing_ok=True)
+                    Path(str(path) + ".error").unlink(missing_ok=True)
+
+    def watch(self, stop_after: float | None = None) -> None:
+        """Apply what is there, then each new file as it lands (watchdog/inotify)."""
+        from watchdog.events import FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        wake: queue.Queue[None] = queue.Queue()
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event):  # created, or moved in after a temp write
+                if event.event_type in ("created", "moved", "closed"):
+                    wake.put(None)
+
+        observer = Observer()
+        observer.schedule(Handler(), str(self.incoming), recursive=False)
+        observer.start()
+        deadline = None if stop_after is None else time.monotonic() + stop_after
+        try:
+            self.drain()
+            while deadline is None or time.monotonic() < deadline:
+                try:
+                    wake.get(timeout=1.0)
+                except queue.Empty:
+                    continue
+                # A burst of files becomes one drain: each file still applies once, in order.
+                self.drain()
+        finally:
+            observer.stop()
+            observer.join()

@@ -1,0 +1,69 @@
+"""`vr status`: what an operator (or the manager) needs to know about this router."""
+
+from __future__ import annotations
+
+import time
+
+from vr.files import read_json
+from vr.settings import Settings
+
+
+def collect(settings: Settings) -> dict:
+    from vr.pipeline import Pipeline
+    from vr.services import SERVICES
+
+    pipeline = Pipeline(settings)
+    doc = pipeline.stored_document()
+    runtime = pipeline.runtime
+    supervisor_up = runtime.supervisor.is_running()
+    processes = {p["name"]: p for p in runtime.supervisor.all_processes()} if supervisor_up else {}
+    services = []
+    for service in SERVICES:
+        programs = service.programs(doc, runtime) if doc else []
+        if doc is None or (service.name not in ("network", "supervisor") and not programs):
+            continue
+        started = time.perf_counter()
+        reason = service.probe(doc, runtime) if supervisor_up or service.name == "network" else "supervisord is down"
+        item = {
+            "name": service.name,
+            "healthy": reason is None,
+            "reason": reason,
+            "probe_ms": round((time.perf_counter() - started) * 1000, 1),
+        }
+        for program in programs:
+            info = processes.get(program.name, {})
+            item.update(
+                state=info.get("statename", "ABSENT"),
+                pid=info.get("pid") or None,
+                uptime_s=(info["now"] - info["start"]) if info.get("statename") == "RUNNING" else 0,
+            )
+        services.append(item)
+    last = read_json(settings.last_apply_path)
+    return {
+        "router": doc.router.name if doc else None,
+        "generation": doc.generation if doc else None,
+        "last_apply": last,
+        "journal_pending": settings.journal_path.exists(),
+        "services": services,
+        "healthy": doc is not None and all(s["healthy"] for s in services),
+    }
+
+
+def render_text(report: dict) -> str:
+    if report["router"] is None:
+        return "no configuration applied yet"
+    last = report["last_apply"] or {}
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last["time"])) if last else "-"
+    lines = [
+        f"router      {report['router']}",
+        f"generation  {report['generation']}",
+        f"last apply  {last.get('outcome', '-')} at {when} (generation {last.get('generation')}, "
+        f"{last.get('duration_ms', 0):.0f} ms){': ' + last['message'] if last.get('message') else ''}",
+        "",
+        f"{'service':<12}{'state':<10}{'pid':>8}{'uptime':>9}  health",
+    ]
+    for s in report["services"]:
+        health = "ok" if s["healthy"] else f"FAILING: {s['reason']}"
+        uptime = f"{s.get('uptime_s', 0)}s" if "state" in s else ""
+        lines.append(f"{s['name']:<12}{s.get('state', '-'):<10}{s.get('pid') or '':>8}{uptime:>9}  {health}")
+    return "\n".join(lines)
