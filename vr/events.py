@@ -39,8 +39,10 @@ class EventLog:
                 continue
             for line in lines:
                 event = json.loads(line)
-                if resource is None or event.get("resource") == resource or event.get("resource", "").startswith(
-                    resource + ":"
+                if (
+                    resource is None
+                    or event.get("resource") == resource
+                    or event.get("resource", "").startswith(resource + ":")
                 ):
                     yield event
 

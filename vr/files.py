@@ -24,7 +24,7 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644, sync: bool = True) 
         os.fchmod(fd, mode)
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         if sync:
             os.fsync(fd)
     finally:

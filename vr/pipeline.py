@@ -311,8 +311,15 @@ class Pipeline:
             changes.append(change)
         self._rollback(changes, stored, txid)
         self.events.write(
-            [event("recover", resource, "rolled-back", f"transaction {txid} for generation "
-                   f"{journal['generation']} was interrupted; restored last-known-good")]
+            [
+                event(
+                    "recover",
+                    resource,
+                    "rolled-back",
+                    f"transaction {txid} for generation "
+                    f"{journal['generation']} was interrupted; restored last-known-good",
+                )
+            ]
         )
         return True
 
@@ -333,7 +340,9 @@ class Pipeline:
         finally:
             os.close(fd)
 
-    def _fail(self, doc: RouterDocument, resource: str, error: BaseException, started: float, rolled_back: bool) -> None:
+    def _fail(
+        self, doc: RouterDocument, resource: str, error: BaseException, started: float, rolled_back: bool
+    ) -> None:
         outcome = "rolled-back" if rolled_back else "failed"
         self.events.write([event("apply", resource, outcome, str(error), doc.generation)])
         self._record(doc.generation, outcome, str(error), started, [])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -21,7 +21,7 @@ class Settings:
     state_dir: Path = Path("/var/lib/vr")
     run_dir: Path = Path("/run/vr")
     log_dir: Path = Path("/var/log/vr")
-    template_dir: Path = _default_template_dir()
+    template_dir: Path = field(default_factory=_default_template_dir)
     netns: str | None = None
     # Directory holding vr's own console scripts (supervisord comes with the package).
     bin_dir: Path = Path(sys.executable).parent
@@ -45,7 +45,7 @@ class Settings:
         netns = netns or os.environ.get("VR_NETNS") or None
         base = cls.under_root(root, netns) if root else cls(netns=netns)
         overrides = {}
-        for field, env in (
+        for name, env in (
             ("config_dir", "VR_CONFIG_DIR"),
             ("state_dir", "VR_STATE_DIR"),
             ("run_dir", "VR_RUN_DIR"),
@@ -53,7 +53,7 @@ class Settings:
             ("template_dir", "VR_TEMPLATE_DIR"),
         ):
             if os.environ.get(env):
-                overrides[field] = Path(os.environ[env])
+                overrides[name] = Path(os.environ[env])
         return base if not overrides else cls(**{**base.__dict__, **overrides})
 
     def ensure_dirs(self) -> None:

@@ -54,11 +54,14 @@ def render_text(report: dict) -> str:
         return "no configuration applied yet"
     last = report["last_apply"] or {}
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last["time"])) if last else "-"
+    message = f": {last['message']}" if last.get("message") else ""
     lines = [
         f"router      {report['router']}",
         f"generation  {report['generation']}",
-        f"last apply  {last.get('outcome', '-')} at {when} (generation {last.get('generation')}, "
-        f"{last.get('duration_ms', 0):.0f} ms){': ' + last['message'] if last.get('message') else ''}",
+        (
+            f"last apply  {last.get('outcome', '-')} at {when} "
+            f"(generation {last.get('generation')}, {last.get('duration_ms', 0):.0f} ms){message}"
+        ),
         "",
         f"{'service':<12}{'state':<10}{'pid':>8}{'uptime':>9}  health",
     ]

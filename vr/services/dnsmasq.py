@@ -73,13 +73,17 @@ class DnsmasqService(Service):
             elif entry.ip in (subnet.network_address, subnet.broadcast_address, gateway.ip):
                 problems.append(Problem(f"{path}.ip", f"{entry.ip} is the network, broadcast or gateway address"))
             if entry.mac in macs:
-                problems.append(Problem(f"{path}.mac", f"{entry.mac} is already used by dhcp.entries[{macs[entry.mac]}]"))
+                problems.append(
+                    Problem(f"{path}.mac", f"{entry.mac} is already used by dhcp.entries[{macs[entry.mac]}]")
+                )
             macs.setdefault(entry.mac, n)
             for key, value in (("ip", entry.ip), ("hostname", entry.hostname.lower())):
                 first = per_tier[entry.tier][key].setdefault(value, n)
                 if first != n:
                     problems.append(
-                        Problem(f"{path}.{key}", f"{value} is already used in tier {entry.tier} by dhcp.entries[{first}]")
+                        Problem(
+                            f"{path}.{key}", f"{value} is already used in tier {entry.tier} by dhcp.entries[{first}]"
+                        )
                     )
             if entry.hostname.lower() == doc.router.name.lower():
                 problems.append(Problem(f"{path}.hostname", "is the router's own name"))
@@ -134,6 +138,7 @@ class DnsmasqService(Service):
             return
         result = subprocess.run(
             ["dnsmasq", "--test", f"--conf-file={staged_dir / MAIN}"],
+            check=False,
             capture_output=True,
             text=True,
             timeout=30,

@@ -47,7 +47,9 @@ class NetworkService(Service):
         subnets: list[tuple[str, Any]] = []
         for n, iface in enumerate(doc.interfaces):
             if iface.role == "guest" and iface.ipv4() is None:
-                problems.append(Problem(f"interfaces[{n}].addresses", "a guest tier needs an IPv4 address (its gateway)"))
+                problems.append(
+                    Problem(f"interfaces[{n}].addresses", "a guest tier needs an IPv4 address (its gateway)")
+                )
             for m, address in enumerate(iface.addresses):
                 path = f"interfaces[{n}].addresses[{m}]"
                 network = address.network
