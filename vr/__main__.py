@@ -1,0 +1,3 @@
+from vr.cli import entry
+
+entry()

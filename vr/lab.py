@@ -1,0 +1,233 @@
+"""A lab router in network namespaces: the demo, and the fixture of the end-to-end tests.
+
+Topology (all names carry one unique prefix, all addresses live only inside them):
+
+    <p>-mgmt  eth0 169.254.0.1/16 ── eth0 (control)  ┐
+    <p>-pub   eth0 192.0.2.1/24   ── eth1 (public)   │ <p>-r: the router, its own vr
+    <p>-g1    eth0 (DHCP)         ── eth2 (tier1)    │        instance under DIR/router
+    <p>-g2    eth0 (DHCP)         ── eth3 (tier2)    ┘
+
+Guests run a real `dhclient` with their own lease file, pid file and script, so nothing
+on the host (resolv.conf, leases) is touched. Everything started is stopped by PID.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from vr.settings import Settings
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "configs" / "examples"
+GUEST_MACS = {"g1": "02:00:00:00:01:10", "g2": "02:00:00:00:02:10"}
+# (router interface, peer namespace suffix, peer address)
+LINKS = [("eth0", "mgmt", "169.254.0.1/16"), ("eth1", "pub", "192.0.2.1/24"), ("eth2", "g1", None), ("eth3", "g2", None)]
+DHCLIENT_CONF = """\
+timeout 10;
+retry 1;
+request subnet-mask, broadcast-address, routers, domain-name, domain-name-servers, interface-mtu, host-name;
+"""
+
+
+def _run(*cmd: str, check: bool = True, timeout: float = 30, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def examples_dir() -> Path:
+    if EXAMPLES.is_dir():
+        return EXAMPLES
+    return Settings().template_dir / "examples"
+
+
+class Lab:
+    def __init__(self, directory: Path | str, prefix: str | None = None):
+        self.dir = Path(directory).resolve()
+        self.prefix = prefix or "vrl" + hashlib.sha1(str(self.dir).encode()).hexdigest()[:6]
+        self.router_ns = f"{self.prefix}-r"
+        self.settings = Settings.under_root(self.dir / "router", netns=self.router_ns)
+
+    def ns(self, suffix: str) -> str:
+        return f"{self.prefix}-{suffix}"
+
+    @property
+    def namespaces(self) -> list[str]:
+        return [self.router_ns, *(self.ns(peer) for _, peer, _ in LINKS)]
+
+    # ------------------------------------------------------------ build and tear down
+    def up(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o755)  # dnsmasq drops privileges and re-reads its files on SIGHUP
+        (self.dir / "lab.json").write_text(json.dumps({"prefix": self.prefix}))
+        (self.dir / "dhclient.conf").write_text(DHCLIENT_CONF)
+        try:
+            for name in self.namespaces:
+                _run("ip", "netns", "add", name)
+                _run("ip", "-n", name, "link", "set", "lo", "up")
+            for router_if, peer, address in LINKS:
+                peer_ns = self.ns(peer)
+                _run("ip", "link", "add", router_if, "netns", self.router_ns, "type", "veth",
+                     "peer", "name", "eth0", "netns", peer_ns)  # fmt: skip
+                if peer in GUEST_MACS:
+                    _run("ip", "-n", peer_ns, "link", "set", "eth0", "address", GUEST_MACS[peer])
+                if address:
+                    _run("ip", "-n", peer_ns, "addr", "add", address, "dev", "eth0")
+                _run("ip", "-n", peer_ns, "link", "set", "eth0", "up")
+            _run("ip", "-n", self.ns("pub"), "route", "add", "10.1.0.0/16", "via", "192.0.2.10")
+        except BaseException:
+            self.down()
+            raise
+
+    def down(self) -> None:
+        for guest in GUEST_MACS:
+            self.stop_dhclient(guest)
+        if self.settings.supervisor_socket.exists() or (self.settings.run_dir / "supervisord.pid").exists():
+            from vr.runtime import Runtime
+
+            try:
+                Runtime(self.settings).supervisor.shutdown()
+            except OSError:
+                pass
+        existing = _run("ip", "netns", "list", check=False).stdout
+        for name in self.namespaces:
+            if re.search(rf"^{re.escape(name)}\b", existing, re.M):
+                _run("ip", "netns", "del", name, check=False)
+
+    # ------------------------------------------------------------ the router's vr
+    def vr(self, *args: str, input: str | None = None, env: dict | None = None, check: bool = True):
+        cmd = [sys.executable, "-m", "vr", "--root", str(self.settings.state_dir.parent), "--netns", self.router_ns]
+        result = subprocess.run(
+            [*cmd, *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, **(env or {})},
+        )
+        if check and result.returncode != 0:
+            raise RuntimeError(f"vr {' '.join(args)} exited {result.returncode}: {result.stderr.strip()}")
+        return result
+
+    def apply_examples(self) -> list[str]:
+        payloads = sorted(examples_dir().glob("*.json"), key=lambda p: json.loads(p.read_text())["generation"])
+        return [self.vr("apply", str(p)).stdout.strip() for p in payloads]
+
+    # ------------------------------------------------------------ guests
+    def dhcp(self, guest: str, timeout: float = 30) -> dict:
+        """Run a real dhclient in the guest; return what the guest got."""
+        lease_file, pid_file = self.dir / f"{guest}.leases", self.dir / f"{guest}.dhclient.pid"
+        _run("ip", "netns", "exec", self.ns(guest), "dhclient", "-4", "-1", "-v",
+             "-cf", str(self.dir / "dhclient.conf"), "-lf", str(lease_file), "-pf", str(pid_file),
+             "-sf", str(dhclient_script()), "eth0", timeout=timeout)  # fmt: skip
+        return self.guest_lease(guest)
+
+    def guest_lease(self, guest: str) -> dict:
+        """The newest lease dhclient recorded, and the address the guest's interface has."""
+        text = (self.dir / f"{guest}.leases").read_text()
+        last = text[text.rfind("lease {") :]
+        fields = dict(re.findall(r"^\s*(?:option )?([a-z-]+) (.+);$", last, re.M))
+        shown = _run("ip", "-n", self.ns(guest), "-4", "-o", "addr", "show", "dev", "eth0").stdout
+        mtu = _run("ip", "-n", self.ns(guest), "-o", "link", "show", "dev", "eth0").stdout
+        return {
+            "address": fields.get("fixed-address"),
+            "routers": fields.get("routers"),
+            "dns": fields.get("domain-name-servers"),
+            "domain": (fields.get("domain-name") or "").strip('"'),
+            "mtu": fields.get("interface-mtu"),
+            "configured": re.findall(r"inet (\S+)", shown),
+            "link_mtu": int(re.search(r"mtu (\d+)", mtu).group(1)),
+        }
+
+    def stop_dhclient(self, guest: str) -> None:
+        pid_file = self.dir / f"{guest}.dhclient.pid"
+        try:
+            pid = int(pid_file.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return
+        try:
+            os.kill(pid, signal.SIGTERM)
+            for _ in range(100):
+                os.kill(pid, 0)
+                time.sleep(0.02)
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        pid_file.unlink(missing_ok=True)
+
+    def resolve(self, namespace: str, name: str, server: str, timeout: float = 2.0) -> list[str]:
+        """A DNS query made from inside a namespace, as a guest's resolver would."""
+        code = (
+            "import sys, dns.message, dns.query, dns.rdatatype\n"
+            "q = dns.message.make_query(sys.argv[1], dns.rdatatype.A)\n"
+            "r = dns.query.udp(q, sys.argv[2], timeout=float(sys.argv[3]))\n"
+            "print(' '.join(str(x) for s in r.answer for x in s if s.rdtype == dns.rdatatype.A))\n"
+        )
+        result = _run("ip", "netns", "exec", namespace, sys.executable, "-c", code, name, server, str(timeout),
+                      check=False, timeout=timeout + 10)  # fmt: skip
+        if result.returncode != 0:
+            raise TimeoutError(f"no DNS answer from {server} in {namespace}: {result.stderr.strip().splitlines()[-1:]}")
+        return result.stdout.split()
+
+    def ping(self, namespace: str, address: str, count: int = 2) -> bool:
+        return _run("ip", "netns", "exec", namespace, "ping", "-c", str(count), "-W", "1", "-i", "0.2", address,
+                    check=False).returncode == 0  # fmt: skip
+
+
+def dhclient_script() -> Path:
+    path = examples_dir().parent / "lab" / "dhclient-script"
+    os.chmod(path, 0o755)
+    return path
+
+
+def main(args) -> int:
+    lab = Lab(args.dir, args.prefix)
+    if args.action == "up":
+        lab.up()
+        for line in lab.apply_examples():
+            print(f"router: {line}")
+        show(lab)
+    elif args.action == "status":
+        show(lab)
+    elif args.action == "down":
+        lab.down()
+        print(f"lab {lab.prefix} removed")
+    elif args.action == "demo":
+        try:
+            lab.up()
+            for line in lab.apply_examples():
+                print(f"router: {line}")
+            show(lab)
+        finally:
+            lab.down()
+            print(f"\nlab {lab.prefix} torn down: namespaces deleted, daemons stopped")
+    return 0
+
+
+def show(lab: Lab) -> None:
+    print(f"\nlab {lab.prefix}: router namespace {lab.router_ns}, state under {lab.dir}")
+    for guest in GUEST_MACS:
+        if not (lab.dir / f"{guest}.leases").exists():
+            lab.dhcp(guest)
+        lease = lab.guest_lease(guest)
+        print(
+            f"  guest {lab.ns(guest)} ({GUEST_MACS[guest]}): leased {lease['address']} via {lease['routers']}, "
+            f"dns {lease['dns']}, domain {lease['domain']}, mtu {lease['link_mtu']}"
+        )
+    g1_dns = lab.guest_lease("g1")["dns"]
+    for name in ("web1", "db1", "web2"):
+        fqdn = f"{name}.cloud.internal"
+        try:
+            answer = ", ".join(lab.resolve(lab.ns("g1"), fqdn, g1_dns)) or "NXDOMAIN"
+        except TimeoutError as error:
+            answer = f"no answer ({error})"
+        print(f"  guest {lab.ns('g1')} resolves {fqdn} -> {answer}")
+    reached = "ok" if lab.ping(lab.ns("g1"), "192.0.2.1") else "FAILED"
+    print(f"  guest {lab.ns('g1')} pings the public host 192.0.2.1 through the router: {reached}")
+    print()
+    print(lab.vr("status", check=False).stdout)
