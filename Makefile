@@ -1,0 +1,41 @@
+# Each target installs what it needs: Debian packages (as root) and a virtualenv in .venv.
+VENV := .venv
+APT_PACKAGES := dnsmasq-base dnsmasq-utils nftables haproxy strongswan-swanctl charon-systemd \
+	libcharon-extra-plugins radvd isc-dhcp-client ndisc6 iproute2 iputils-ping python3-venv make
+DEMO_DIR := /tmp/vr-demo-$(shell echo $$PPID)
+
+.PHONY: demo test deps apt venv lint bench clean
+
+demo: deps
+	$(VENV)/bin/vr lab demo --dir $(DEMO_DIR)
+
+test: deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest -q -p no:cacheprovider tests
+
+bench: deps
+	$(VENV)/bin/python bench/apply_scale.py
+
+deps: apt venv
+
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e . pytest ruff
+	touch $@
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info
