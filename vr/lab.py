@@ -28,7 +28,12 @@ from vr.settings import Settings
 EXAMPLES = Path(__file__).resolve().parent.parent / "configs" / "examples"
 GUEST_MACS = {"g1": "02:00:00:00:01:10", "g2": "02:00:00:00:02:10"}
 # (router interface, peer namespace suffix, peer address)
-LINKS = [("eth0", "mgmt", "169.254.0.1/16"), ("eth1", "pub", "192.0.2.1/24"), ("eth2", "g1", None), ("eth3", "g2", None)]
+LINKS = [
+    ("eth0", "mgmt", "169.254.0.1/16"),
+    ("eth1", "pub", "192.0.2.1/24"),
+    ("eth2", "g1", None),
+    ("eth3", "g2", None),
+]
 DHCLIENT_CONF = """\
 timeout 10;
 retry 1;
@@ -96,7 +101,7 @@ class Lab:
                 pass
         existing = _run("ip", "netns", "list", check=False).stdout
         for name in self.namespaces:
-            if re.search(rf"^{re.escape(name)}\b", existing, re.M):
+            if re.search(rf"^{re.escape(name)}\b", existing, re.MULTILINE):
                 _run("ip", "netns", "del", name, check=False)
 
     # ------------------------------------------------------------ the router's vr
@@ -104,6 +109,7 @@ class Lab:
         cmd = [sys.executable, "-m", "vr", "--root", str(self.settings.state_dir.parent), "--netns", self.router_ns]
         result = subprocess.run(
             [*cmd, *args],
+            check=False,
             input=input,
             capture_output=True,
             text=True,
@@ -127,11 +133,15 @@ class Lab:
              "-sf", str(dhclient_script()), "eth0", timeout=timeout)  # fmt: skip
         return self.guest_lease(guest)
 
+    def set_guest_mac(self, guest: str, mac: str) -> None:
+        _run("ip", "-n", self.ns(guest), "-4", "addr", "flush", "dev", "eth0")
+        _run("ip", "-n", self.ns(guest), "link", "set", "eth0", "address", mac)
+
     def guest_lease(self, guest: str) -> dict:
         """The newest lease dhclient recorded, and the address the guest's interface has."""
         text = (self.dir / f"{guest}.leases").read_text()
         last = text[text.rfind("lease {") :]
-        fields = dict(re.findall(r"^\s*(?:option )?([a-z-]+) (.+);$", last, re.M))
+        fields = dict(re.findall(r"^\s*(?:option )?([a-z-]+) (.+);$", last, re.MULTILINE))
         shown = _run("ip", "-n", self.ns(guest), "-4", "-o", "addr", "show", "dev", "eth0").stdout
         mtu = _run("ip", "-n", self.ns(guest), "-o", "link", "show", "dev", "eth0").stdout
         return {
@@ -211,12 +221,12 @@ def main(args) -> int:
 
 def show(lab: Lab) -> None:
     print(f"\nlab {lab.prefix}: router namespace {lab.router_ns}, state under {lab.dir}")
-    for guest in GUEST_MACS:
+    for guest, mac in GUEST_MACS.items():
         if not (lab.dir / f"{guest}.leases").exists():
             lab.dhcp(guest)
         lease = lab.guest_lease(guest)
         print(
-            f"  guest {lab.ns(guest)} ({GUEST_MACS[guest]}): leased {lease['address']} via {lease['routers']}, "
+            f"  guest {lab.ns(guest)} ({mac}): leased {lease['address']} via {lease['routers']}, "
             f"dns {lease['dns']}, domain {lease['domain']}, mtu {lease['link_mtu']}"
         )
     g1_dns = lab.guest_lease("g1")["dns"]

@@ -1,9 +1,16 @@
 """dnsmasq: DHCPv4 (static leases per VM, optional dynamic range) and DNS for guest names.
 
-Per-VM data lives in three files dnsmasq re-reads on SIGHUP (dhcp-hosts, dhcp-opts,
-hosts); the main config needs a restart. The lease file is state: it lives in the
-state dir and survives restarts, patches and rebuilds. A removed VM's lease is
-released explicitly (dhcp_release), never by deleting the lease file.
+Per-VM data lives in two files dnsmasq re-reads on SIGHUP (dhcp-hosts, hosts); the
+main config needs a restart. The lease file is state: it lives in the state dir and
+survives restarts, patches and rebuilds. A removed VM's lease is released explicitly
+(dhcp_release), never by deleting the lease file.
+
+dnsmasq 2.90 (Debian 12) segfaults on SIGHUP when a dhcp-hostsfile line carries a
+`set:` tag and that host holds a lease: freeing the re-read host entries follows tag
+links that DHCP processing pointed at stack memory. So hostsfile lines never carry a
+tag. The few VMs that need per-VM options (a second NIC without default gateway,
+extra options) are declared in the main config, which SIGHUP never frees; changing
+one of those restarts dnsmasq, with its leases kept in the lease file.
 """
 
 from __future__ import annotations
@@ -22,7 +29,6 @@ from vr.services.base import Change, CheckFailed, Program, Service
 PROGRAM = "dnsmasq"
 MAIN = "dnsmasq.conf"
 HOSTS = "dhcp-hosts"
-OPTS = "dhcp-opts"
 NAMES = "hosts"
 
 
@@ -95,25 +101,25 @@ class DnsmasqService(Service):
         settings = runtime.settings
         here = settings.service_dir(self.name)
         lease_times = {t.tier: t.lease_time for t in doc.dhcp.tiers}
-        hosts, host_options, names = [], [], []
+        plain_hosts, tagged_hosts, names = [], [], []
         for iface in doc.guest_interfaces():
             names.append({"ip": iface.ipv4().ip, "hostname": doc.router.name})
         for entry in doc.dhcp.entries:
-            tag = "vm" + entry.mac.replace(":", "")
-            hosts.append(
-                {
-                    "mac": entry.mac,
-                    "tag": tag,
-                    "ip": entry.ip,
-                    "hostname": entry.hostname,
-                    "lease_time": lease_times.get(entry.tier, 86400),
-                }
-            )
+            host = {
+                "mac": entry.mac,
+                "ip": entry.ip,
+                "hostname": entry.hostname,
+                "lease_time": lease_times.get(entry.tier, 86400),
+            }
             names.append({"ip": entry.ip, "hostname": entry.hostname})
+            options = [_option(o) for o in entry.options]
             if not entry.default_gateway:
                 # An empty router option: a VM's second NIC must not install a second default route.
-                host_options.append({"tag": tag, "value": "option:router"})
-            host_options.extend({"tag": tag, "value": _option(o)} for o in entry.options)
+                options.insert(0, "option:router")
+            if options:
+                tagged_hosts.append({**host, "tag": "vm" + entry.mac.replace(":", ""), "options": options})
+            else:
+                plain_hosts.append(host)
         return {
             MAIN: runtime.render(
                 "dnsmasq/dnsmasq.conf.j2",
@@ -124,18 +130,18 @@ class DnsmasqService(Service):
                 upstream=doc.dns.upstream,
                 names_file=here / NAMES,
                 hosts_file=here / HOSTS,
-                opts_file=here / OPTS,
                 lease_file=self.lease_file(runtime),
                 tiers=[_tier_values(doc, t) for t in doc.dhcp.tiers],
+                tagged_hosts=tagged_hosts,
             ),
-            HOSTS: runtime.render("dnsmasq/dhcp-hosts.j2", hosts=hosts),
-            OPTS: runtime.render("dnsmasq/dhcp-opts.j2", options=host_options),
+            HOSTS: runtime.render("dnsmasq/dhcp-hosts.j2", hosts=plain_hosts),
             NAMES: runtime.render("dnsmasq/hosts.j2", names=names),
         }
 
     def check(self, staged_dir: Path, runtime: Runtime) -> None:
         if not (staged_dir / MAIN).exists():
             return
+        _check_readable_after_privilege_drop(runtime.settings.service_dir(self.name))
         result = subprocess.run(
             ["dnsmasq", "--test", f"--conf-file={staged_dir / MAIN}"],
             check=False,
@@ -172,15 +178,15 @@ class DnsmasqService(Service):
             client.start(PROGRAM)
         elif change.touches(MAIN):
             client.restart(PROGRAM)
-        elif change.touches(HOSTS, OPTS, NAMES):
+        elif change.touches(HOSTS, NAMES):
             client.signal(PROGRAM, "HUP")
-        if change.touches(HOSTS):
+        if change.touches(HOSTS, MAIN):
             self._release_dropped_leases(change, doc)
 
     def _release_dropped_leases(self, change: Change, doc: RouterDocument) -> None:
         """SIGHUP does not revoke leases: tell dnsmasq that a removed VM's lease is gone."""
-        before = _host_lines(change.previous.get(HOSTS))
-        after = _host_lines(change.written.get(HOSTS))
+        before = _host_lines(change.previous.get(HOSTS), change.previous.get(MAIN))
+        after = _host_lines(change.written.get(HOSTS), change.written.get(MAIN))
         dropped = [(mac, ip) for mac, ip in before.items() if after.get(mac) != ip]
         if not dropped:
             return
@@ -223,6 +229,17 @@ def dns_answers(doc: RouterDocument, timeout: float = 0.5) -> str | None:
     return None
 
 
+def _check_readable_after_privilege_drop(directory: Path) -> None:
+    """dnsmasq re-reads its host files on SIGHUP as an unprivileged user: every parent
+    directory must let others through, or names silently vanish after the next reload."""
+    for parent in [directory, *directory.parents]:
+        if parent.exists() and not parent.stat().st_mode & 0o001:
+            raise CheckFailed(
+                f"dnsmasq drops privileges and could not read its host files: directory {parent} "
+                f"is mode {parent.stat().st_mode & 0o777:o} (needs o+x)"
+            )
+
+
 def _tier_values(doc: RouterDocument, tier) -> dict:
     iface = doc.interface(tier.tier)
     gateway = iface.ipv4()
@@ -255,12 +272,16 @@ def _option(option: DhcpOption) -> str:
     return ",".join([key, *option.values])
 
 
-def _host_lines(content: bytes | None) -> dict[str, str]:
+def _host_lines(hosts_file: bytes | None, main_file: bytes | None) -> dict[str, str]:
+    """MAC -> IPv4 of every VM declared in the hosts file or (tagged) in the main config."""
     result = {}
-    for line in (content or b"").decode().splitlines():
-        fields = line.split(",")
-        if len(fields) >= 3:
-            result[fields[0]] = fields[2]
+    for line in (hosts_file or b"").decode().splitlines():
+        mac, ip = line.split(",")[:2]
+        result[mac] = ip
+    for line in (main_file or b"").decode().splitlines():
+        if line.startswith("dhcp-host="):
+            mac, _tag, ip = line.removeprefix("dhcp-host=").split(",")[:3]
+            result[mac] = ip
     return result
 
 

@@ -1,0 +1,186 @@
+"""The router document: schema, error paths, merge and generation rules."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from vr import document as docmod
+from vr.errors import InvalidPayload, StalePayload
+from vr.pipeline import Pipeline
+from vr.settings import Settings
+
+
+def validate(raw: dict, stored: dict | None = None):
+    pipeline = Pipeline.__new__(Pipeline)  # validation needs no directories
+    stored_doc = None if stored is None else docmod.build_document(stored)
+    return Pipeline.validate(pipeline, raw, stored_doc)
+
+
+def problems_of(raw: dict, stored: dict | None = None) -> dict[str, str]:
+    with pytest.raises(InvalidPayload) as caught:
+        validate(raw, stored)
+    return {p.path: p.reason for p in caught.value.problems}
+
+
+def test_example_document_is_valid(example):
+    doc = validate(example)
+    assert doc.router.name == "r-101-vm"
+    assert [e.hostname for e in doc.dhcp.entries] == ["web1", "db1"]
+
+
+def test_each_error_names_its_json_path(example):
+    example["dhcp"]["entries"][1]["mac"] = "02:00:00:00:02"
+    example["dhcp"]["entries"][0]["ip"] = "10.1.1.300"
+    example["interfaces"][2]["mtu"] = 100000
+    found = problems_of(example)
+    assert "MAC address" in found["dhcp.entries[1].mac"]
+    assert "IPv4" in found["dhcp.entries[0].ip"]
+    assert "9216" in found["interfaces[2].mtu"]
+
+
+def test_addresses_must_be_inside_their_tier(example):
+    example["dhcp"]["entries"][0]["ip"] = "10.1.2.50"  # tier2's subnet, entry says tier1
+    example["dhcp"]["tiers"][0]["range"]["end"] = "10.1.9.9"
+    found = problems_of(example)
+    assert "outside tier tier1 subnet 10.1.1.0/24" in found["dhcp.entries[0].ip"]
+    assert "outside tier subnet" in found["dhcp.tiers[0].range.end"]
+
+
+def test_duplicates_within_a_tier_are_refused(example):
+    entries = example["dhcp"]["entries"]
+    entries.append({"tier": "tier1", "mac": "02:00:00:00:01:99", "ip": "10.1.1.10", "hostname": "WEB1"})
+    entries.append({"tier": "tier2", "mac": "02:00:00:00:01:10", "ip": "10.1.2.77", "hostname": "other"})
+    found = problems_of(example)
+    assert "already used in tier tier1 by dhcp.entries[0]" in found["dhcp.entries[2].ip"]
+    assert "already used in tier tier1" in found["dhcp.entries[2].hostname"]
+    assert "already used by dhcp.entries[0]" in found["dhcp.entries[3].mac"]
+
+
+def test_same_hostname_in_another_tier_is_fine(example):
+    example["dhcp"]["entries"].append(
+        {"tier": "tier2", "mac": "02:00:00:00:02:99", "ip": "10.1.2.99", "hostname": "web1"}
+    )
+    assert len(validate(example).dhcp.entries) == 3
+
+
+@pytest.mark.parametrize(
+    "hostname",
+    ["web1\nserver=/evil/6.6.6.6", "web 1", "web1,10.9.9.9", "-web", "web-", "a" * 64, "web1.example", 'we"b'],
+)
+def test_hostnames_follow_rfc1123(example, hostname):
+    example["dhcp"]["entries"][0]["hostname"] = hostname
+    assert "hostname" in problems_of(example)["dhcp.entries[0].hostname"]
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        (("dns", "domain"), "cloud.internal\nserver=/x/1.2.3.4"),
+        (("dns", "domain"), "cloud internal"),
+        (("router", "name"), "r1\n[program:evil]"),
+        (("interfaces", 2, "name"), "eth2\nlisten-address=0.0.0.0"),
+    ],
+)
+def test_strings_that_could_inject_a_directive_are_refused(example, path, value):
+    node = example
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    found = problems_of(example)
+    assert docmod.json_path(path) in found
+
+
+@pytest.mark.parametrize("value", ["1,2", "a b", "x\ny", "q'", 'q"', "#comment", ""])
+def test_dhcp_option_values_cannot_split_or_quote(example, value):
+    example["dhcp"]["tiers"][0]["options"] = [{"name": "ntp-server", "values": [value]}]
+    assert "dhcp.tiers[0].options[0].values[0]" in problems_of(example)
+
+
+def test_unknown_keys_and_future_sections_are_errors(example):
+    example["dhcp"]["entries"][0]["colour"] = "blue"
+    example["firewall"] = {"rules": []}
+    found = problems_of(example)
+    assert found["dhcp.entries[0].colour"] == "unknown field"
+    assert found["firewall"] == "section not supported by this version of vr"
+
+
+def test_first_payload_must_be_whole(example):
+    found = problems_of({"generation": 1, "dns": example["dns"]})
+    assert "the first payload must carry the whole router" in found["router"]
+    assert "interfaces" in found
+
+
+def test_partial_payload_replaces_only_its_section(example):
+    stored = docmod.dump_document(validate(example))
+    doc = validate({"generation": 2, "dns": {"domain": "new.internal"}}, stored)
+    assert doc.dns.domain == "new.internal"
+    assert doc.dns.upstream == []  # the section was replaced, not deep-merged
+    assert len(doc.dhcp.entries) == 2 and doc.generation == 2
+
+
+def test_dhcp_entries_upsert_and_delete_by_mac(example):
+    stored = docmod.dump_document(validate(example))
+    doc = validate(
+        {
+            "generation": 2,
+            "dhcp_entries": {
+                "upsert": [
+                    {"tier": "tier1", "mac": "02:00:00:00:01:10", "ip": "10.1.1.20", "hostname": "web1"},
+                    {"tier": "tier1", "mac": "02:00:00:00:01:11", "ip": "10.1.1.11", "hostname": "web2"},
+                ],
+                "delete": ["02:00:00:00:02:10"],
+            },
+        },
+        stored,
+    )
+    assert [(e.mac, str(e.ip)) for e in doc.dhcp.entries] == [
+        ("02:00:00:00:01:10", "10.1.1.20"),
+        ("02:00:00:00:01:11", "10.1.1.11"),
+    ]
+
+
+def test_deleting_an_unknown_vm_is_an_error(example):
+    stored = docmod.dump_document(validate(example))
+    found = problems_of({"generation": 2, "dhcp_entries": {"delete": ["02:00:00:00:09:09"]}}, stored)
+    assert "no entry with mac 02:00:00:00:09:09" in found["dhcp_entries.delete[0]"]
+
+
+@pytest.mark.parametrize("generation", [5, 3])
+def test_stale_generation_is_refused(example, generation):
+    example["generation"] = 5
+    stored = docmod.dump_document(validate(example))
+    with pytest.raises(StalePayload, match=f"generation {generation} is not newer than the applied generation 5"):
+        validate({"generation": generation, "dns": {"domain": "x.internal"}}, stored)
+
+
+def test_generation_must_be_positive(example):
+    example["generation"] = 0
+    assert "generation" in problems_of(example)
+
+
+def test_vr_schema_prints_json_schema(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "vr", "schema"], capture_output=True, text=True, check=True)
+    schema = json.loads(result.stdout)
+    assert "dhcp_entries" in schema["properties"] and "generation" in schema["required"]
+
+
+def test_cli_reports_paths_and_changes_nothing(tmp_path, example):
+    example["dhcp"]["entries"][0]["mac"] = "zz"
+    payload = tmp_path / "bad.json"
+    payload.write_text(json.dumps(example))
+    root = tmp_path / "router"
+    result = subprocess.run(
+        [sys.executable, "-m", "vr", "--root", str(root), "apply", str(payload)],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "dhcp.entries[0].mac" in result.stderr and "nothing was changed" in result.stderr
+    settings = Settings.under_root(root)
+    assert not settings.document_path.exists()
+    assert not (settings.config_dir / "dnsmasq").exists()

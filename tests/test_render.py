@@ -1,0 +1,115 @@
+"""What the services render: the lines that matter, not whole-file snapshots."""
+
+from __future__ import annotations
+
+import pytest
+
+from vr import document as docmod
+from vr.runtime import Runtime
+from vr.services.dnsmasq import DnsmasqService
+from vr.services.network import NetworkService
+from vr.services.supervisor import SupervisorService, _ini
+from vr.settings import Settings
+
+
+@pytest.fixture
+def runtime(tmp_path) -> Runtime:
+    return Runtime(Settings.under_root(tmp_path))
+
+
+def render(example: dict, runtime: Runtime, service=None) -> dict[str, str]:
+    doc = docmod.build_document(example)
+    files = (service or DnsmasqService()).generate(doc, runtime)
+    return {name: content.decode() for name, content in files.items()}
+
+
+def test_dnsmasq_serves_only_guest_tiers(example, runtime):
+    conf = render(example, runtime)["dnsmasq.conf"]
+    assert "listen-address=10.1.1.1\n" in conf and "listen-address=10.1.2.1\n" in conf
+    assert "192.0.2.10" not in conf and "169.254.0.10" not in conf  # no DNS on public or control
+
+
+def test_dnsmasq_ranges_and_tier_options(example, runtime):
+    conf = render(example, runtime)["dnsmasq.conf"]
+    assert "dhcp-range=set:tier_tier1,10.1.1.100,10.1.1.150,255.255.255.0,3600\n" in conf
+    assert "dhcp-range=set:tier_tier2,10.1.2.0,static,255.255.255.0,3600\n" in conf
+    assert "dhcp-option=tag:tier_tier1,option:router,10.1.1.1\n" in conf
+    assert "dhcp-option=tag:tier_tier1,option:mtu,1450\n" in conf
+    assert "dhcp-option=tag:tier_tier2,option:dns-server,10.1.2.1\n" in conf
+    assert "domain=cloud.internal\n" in conf and "server=192.0.2.1\n" in conf
+
+
+def test_lease_file_lives_in_state_dir(example, runtime):
+    conf = render(example, runtime)["dnsmasq.conf"]
+    assert f"dhcp-leasefile={runtime.settings.state_dir}/dnsmasq.leases\n" in conf
+
+
+def test_one_host_line_and_one_name_per_vm(example, runtime):
+    files = render(example, runtime)
+    assert files["dhcp-hosts"].splitlines() == [
+        "02:00:00:00:01:10,10.1.1.10,web1,3600",
+        "02:00:00:00:02:10,10.1.2.10,db1,3600",
+    ]
+    assert "set:" not in files["dhcp-hosts"]  # dnsmasq 2.90 crashes on SIGHUP with tagged hostsfile lines
+    assert "10.1.1.10 web1" in files["hosts"].splitlines()
+    assert "10.1.1.1 r-101-vm" in files["hosts"].splitlines()
+
+
+def test_second_nic_gets_no_default_gateway_and_per_vm_options(example, runtime):
+    entry = example["dhcp"]["entries"][1]
+    entry["default_gateway"] = False
+    entry["options"] = [{"code": 42, "values": ["10.1.2.5", "10.1.2.6"]}]
+    files = render(example, runtime)
+    conf = files["dnsmasq.conf"]
+    assert "dhcp-host=02:00:00:00:02:10,set:vm020000000210,10.1.2.10,db1,3600\n" in conf
+    assert "dhcp-option=tag:vm020000000210,option:router\n" in conf
+    assert "dhcp-option=tag:vm020000000210,42,10.1.2.5,10.1.2.6\n" in conf
+    assert "02:00:00:00:02:10" not in files["dhcp-hosts"]
+
+
+def test_router_without_guests_runs_no_dnsmasq(example, runtime):
+    example["interfaces"] = [i for i in example["interfaces"] if i["role"] != "guest"]
+    example["dhcp"] = {"tiers": [], "entries": []}
+    doc = docmod.build_document(example)
+    assert DnsmasqService().generate(doc, runtime) == {}
+    assert DnsmasqService().programs(doc, runtime) == []
+
+
+def test_network_desired_state_is_exact(example, runtime):
+    import json
+
+    state = json.loads(render(example, runtime, NetworkService())["network.json"])
+    tier1 = next(i for i in state["interfaces"] if i["id"] == "tier1")
+    assert tier1 == {"id": "tier1", "name": "eth2", "mac": None, "mtu": 1450, "addresses": ["10.1.1.1/24"]}
+    assert state["routes"] == [{"destination": "0.0.0.0/0", "gateway": "192.0.2.1", "metric": 0}]
+
+
+def test_supervisor_runs_dnsmasq_in_foreground_with_own_paths(example, runtime):
+    conf = render(example, runtime, SupervisorService())["supervisord.conf"]
+    settings = runtime.settings
+    assert f"file={settings.run_dir}/supervisor.sock" in conf
+    assert "[program:dnsmasq]" in conf and "--keep-in-foreground" in conf
+    assert f"--pid-file={settings.run_dir}/dnsmasq.pid" in conf
+    assert "autostart=false" in conf  # a daemon starts only once its files are in place
+
+
+def test_supervisor_values_cannot_break_the_ini(tmp_path):
+    with pytest.raises(ValueError, match="control character"):
+        _ini("/tmp/x\n[program:evil]")
+    assert _ini("/tmp/100%") == "/tmp/100%%"
+
+
+def test_templates_fail_loudly_on_missing_values(runtime):
+    import jinja2
+
+    with pytest.raises(jinja2.UndefinedError):
+        runtime.render("dnsmasq/hosts.j2")
+
+
+def test_network_refuses_overlaps_and_unreachable_gateways(example):
+    example["interfaces"][3]["addresses"] = ["10.1.1.129/25"]
+    example["routes"].append({"destination": "10.9.0.0/16", "gateway": "10.200.0.1"})
+    doc = docmod.build_document(example)
+    found = {p.path: p.reason for p in NetworkService().verify(doc)}
+    assert "overlaps interfaces[2].addresses[0]" in found["interfaces[3].addresses[0]"]
+    assert "not on any connected subnet" in found["routes[1].gateway"]
