@@ -9,7 +9,10 @@ Measures what the resident control-plane process pays, in-process:
   incremental_*_ms   one-VM dhcp_entries upsert / delete payloads, --repeat times each
 
 After each one-VM add, the new name is resolved with dnspython against its tier gateway
-(timed separately). dnsmasq's PID must stay the same across all incremental applies.
+(timed separately); after each remove it must be gone. dnsmasq's PID must stay the same
+across all incremental applies. Each apply's Result.timings_ms is reported, plus "commit"
+(duration_ms minus the steps: document.json, events, clean-up) and the time the apply
+spent in Python's cyclic garbage collector. --profile adds a cProfile of one more add.
 
 Run as root:  .venv/bin/python bench/apply_scale.py [--vms 4000 --tiers 8 --repeat 20] [--json]
 
@@ -21,6 +24,7 @@ interfaces are never touched: the process moves itself into the namespace first.
 from __future__ import annotations
 
 import argparse
+import gc
 import ipaddress
 import json
 import math
@@ -48,7 +52,39 @@ ROUTER = "r-bench-vm"
 BASE_NET = ipaddress.IPv4Address("10.64.0.0")  # guest tiers are carved from 10.64.0.0/10
 HEADROOM = 64  # addresses per tier kept free beyond the initial VMs, for the incremental adds
 DNS_TRIES = 50  # bounded wait for a HUP'd dnsmasq to answer for a new name (x 10 ms)
-STEPS = ("validate", "render", "check", "switch", "reload", "health")
+# Result.timings_ms steps; "commit" is ours: duration_ms minus their sum (document.json, events, clean-up).
+STEPS = ("validate", "render", "check", "switch", "reload", "health", "commit")
+
+
+# The signal that asked us to stop. Its handler raises SystemExit, but an exception raised
+# inside a gc callback is swallowed, and one inside an apply becomes ApplyFailed after the
+# rollback: so every loop also checks this.
+STOP: dict[str, int] = {}
+
+
+def check_stop() -> None:
+    if STOP:
+        raise SystemExit(128 + STOP["signum"])
+
+
+def with_commit(result) -> dict[str, float]:
+    timings = dict(result.timings_ms)
+    timings["commit"] = round(result.duration_ms - sum(timings.values()), 2)
+    return timings
+
+
+class GcClock:
+    """Time the interpreter spends in its cyclic garbage collector (all generations)."""
+
+    def __init__(self) -> None:
+        self.total_ms, self.full, self._start = 0.0, 0, 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.total_ms += ms(self._start)
+            self.full += info["generation"] == 2
 
 
 # ---------------------------------------------------------------------------- the document
@@ -220,6 +256,7 @@ def bench(args, settings: Settings) -> dict:
     try:
         measure(args, settings, raw, layout, figures)
     except VrError as error:
+        check_stop()
         figures["error"] = f"{figures.pop('_phase', 'apply')}: {type(error).__name__}: {error}"
     figures.pop("_phase", None)
     met = [figures.get(k, False) for k in ("cold_apply_met", "incremental_add_met", "incremental_remove_met")]
@@ -236,7 +273,7 @@ def measure(args, settings: Settings, raw: dict, layout: list[dict], figures: di
     result = pipeline.apply(raw)
     figures["cold_apply_ms"] = round(ms(mark), 1)
     figures["cold_apply_met"] = figures["cold_apply_ms"] < TARGET_COLD_MS
-    figures["cold_apply_timings_ms"] = dict(result.timings_ms)
+    figures["cold_apply_timings_ms"] = with_commit(result)
     figures["cold_apply_changed"] = result.changed
 
     # Validate and render the full document, in the now warm process.
@@ -251,17 +288,26 @@ def measure(args, settings: Settings, raw: dict, layout: list[dict], figures: di
     figures["dnsmasq_pid"] = pid_before
     pids_seen = {pid_before}
     generation = raw["generation"]
-    series = {kind: {"ms": [], "steps": {s: [] for s in STEPS}, "changed": set()} for kind in ("add", "remove")}
+    series = {
+        kind: {"ms": [], "steps": {s: [] for s in STEPS}, "changed": set(), "gc_ms": [], "gc_full": 0}
+        for kind in ("add", "remove")
+    }
+    gc_clock = GcClock()
+    gc.callbacks.append(gc_clock)
     dns_ms, dns_tries, dns_ok, gone_ok, added = [], [], True, True, []
 
     def one(kind: str, payload: dict) -> None:
+        check_stop()
         figures["_phase"] = f"incremental {kind} #{len(series[kind]['ms']) + 1}"
+        gc_ms, gc_full = gc_clock.total_ms, gc_clock.full
         mark = time.perf_counter()
         result = pipeline.apply(payload)
         series[kind]["ms"].append(ms(mark))
+        series[kind]["gc_ms"].append(gc_clock.total_ms - gc_ms)
+        series[kind]["gc_full"] += gc_clock.full - gc_full
         series[kind]["changed"].update(result.changed)
-        for step in STEPS:
-            series[kind]["steps"][step].append(result.timings_ms.get(step, 0.0))
+        for step, value in with_commit(result).items():
+            series[kind]["steps"][step].append(value)
         pids_seen.add(supervisor.pid("dnsmasq"))
 
     try:
@@ -281,6 +327,7 @@ def measure(args, settings: Settings, raw: dict, layout: list[dict], figures: di
             one("remove", {"generation": generation, "dhcp_entries": {"delete": [vm["mac"]]}})
             gone_ok = gone_ok and wait_resolves(f"{vm['hostname']}.{DOMAIN}.", gateway, None)[0]
     finally:
+        gc.callbacks.remove(gc_clock)
         figures["dnsmasq_pid_unchanged"] = pids_seen == {pid_before} and pid_before is not None
         for kind, data in series.items():
             if data["ms"]:
@@ -294,6 +341,8 @@ def measure(args, settings: Settings, raw: dict, layout: list[dict], figures: di
                         s: round(statistics.median(v), 2) for s, v in data["steps"].items()
                     },
                     f"incremental_{kind}_changed": sorted(data["changed"]),
+                    f"incremental_{kind}_gc_ms_median": round(statistics.median(data["gc_ms"]), 1),
+                    f"incremental_{kind}_gc_full_collections": data["gc_full"],
                     f"incremental_{kind}_met": statistics.median(data["ms"]) < TARGET_INCREMENTAL_MS,
                 }
         if dns_ms:
@@ -363,6 +412,13 @@ def table(f: dict) -> str:
             ),
             ("  timings_ms (median)", _steps(f[f"incremental_{kind}_timings_ms_median"])),
             ("  services changed", ", ".join(f[f"incremental_{kind}_changed"]) or "none"),
+            (
+                "  of which in Python's GC",
+                (
+                    f"median {f[f'incremental_{kind}_gc_ms_median']:.1f} ms per apply, "
+                    f"{f[f'incremental_{kind}_gc_full_collections']} full collections in {f[f'{name}_count']} applies"
+                ),
+            ),
         ]
     if "dns_check_passed" in f:
         rows.append(
@@ -413,16 +469,20 @@ def main(argv: list[str] | None = None) -> int:
     ns_created = entered = False
 
     def on_signal(signum, _frame):
+        STOP["signum"] = signum
         raise SystemExit(128 + signum)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
+        if os.path.exists(f"/run/netns/{name}"):
+            raise SystemExit(f"apply_scale: namespace {name} already exists; not touching it")
+        ns_created = True  # from here on it is ours, even if 'ip netns add' is interrupted half-way
         run("ip", "netns", "add", name)
-        ns_created = True
         add_veths(name, ["eth0", "eth1"] + [f"eth{n + 2}" for n in range(args.tiers)])
         netns.enter(name)  # before any thread exists: daemons and probes all live in there
         entered = True
         figures = bench(args, settings)
+        check_stop()
     finally:
         for s in previous:
             signal.signal(s, signal.SIG_IGN)  # let the clean-up finish

@@ -113,3 +113,11 @@ def test_network_refuses_overlaps_and_unreachable_gateways(example):
     found = {p.path: p.reason for p in NetworkService().verify(doc)}
     assert "overlaps interfaces[2].addresses[0]" in found["interfaces[3].addresses[0]"]
     assert "not on any connected subnet" in found["routes[1].gateway"]
+
+
+def test_several_public_ips_in_one_subnet_but_no_duplicates(example):
+    example["interfaces"][1]["addresses"] += ["192.0.2.11/24", "192.0.2.10/24"]
+    doc = docmod.build_document(example)
+    found = {p.path: p.reason for p in NetworkService().verify(doc)}
+    assert list(found) == ["interfaces[1].addresses[2]"]
+    assert "already interfaces[1].addresses[0]" in found["interfaces[1].addresses[2]"]

@@ -128,7 +128,7 @@ class Pipeline:
                 continue
             files = service.generate(doc, self.runtime)
             live_dir = self.settings.service_dir(service.name)
-            change = Change(service.name)
+            change = Change(service.name, generated=files)
             for relpath, content in files.items():
                 current = read_bytes_or_none(live_dir / relpath)
                 if current != content:
@@ -216,9 +216,12 @@ class Pipeline:
         return result
 
     def _stage(self, changes: list[Change], staging: Path) -> None:
+        """Stage each changed service's whole file set, so its checker sees a complete config;
+        only the changed files are fsynced, as only they will be switched in."""
         for change in changes:
-            for relpath, content in change.written.items():
-                write_atomic(staging / change.service / relpath, content, mode=_mode(relpath), sync=True)
+            for relpath, content in change.generated.items():
+                sync = relpath in change.written
+                write_atomic(staging / change.service / relpath, content, mode=_mode(relpath), sync=sync)
 
     def _backup(self, changes: list[Change], backup: Path) -> None:
         """Hard links keep the old inodes alive for the price of a directory entry."""

@@ -36,7 +36,8 @@ class Change:
     """What an apply does to one service's files; `previous` is kept to undo it."""
 
     service: str
-    written: dict[str, bytes] = field(default_factory=dict)
+    generated: dict[str, bytes] = field(default_factory=dict)  # the full set, staged for the checker
+    written: dict[str, bytes] = field(default_factory=dict)  # the subset that differs from live
     removed: list[str] = field(default_factory=list)
     previous: dict[str, bytes | None] = field(default_factory=dict)
 

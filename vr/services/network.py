@@ -44,7 +44,8 @@ class NetworkService(Service):
             indexes = [n for n, i in enumerate(doc.interfaces) if i.role == role]
             for n in indexes[1:]:
                 problems.append(Problem(f"interfaces[{n}].role", f"only one {role} interface is allowed"))
-        subnets: list[tuple[str, Any]] = []
+        subnets: list[tuple[int, str, Any]] = []  # (interface index, path, subnet)
+        addresses: dict[Any, str] = {}
         for n, iface in enumerate(doc.interfaces):
             if iface.role == "guest" and iface.ipv4() is None:
                 problems.append(
@@ -55,12 +56,16 @@ class NetworkService(Service):
                 network = address.network
                 if address.ip == network.network_address and network.prefixlen < network.max_prefixlen - 1:
                     problems.append(Problem(path, f"{address} is the network address of its subnet"))
-                clash = next((p for p, other in subnets if other.overlaps(network)), None)
+                if address.ip in addresses:
+                    problems.append(Problem(path, f"{address.ip} is already {addresses[address.ip]}"))
+                addresses.setdefault(address.ip, path)
+                # Several addresses in one subnet on one interface are fine (public IPs); across interfaces, not.
+                clash = next((p for i, p, other in subnets if i != n and other.overlaps(network)), None)
                 if clash:
                     problems.append(Problem(path, f"subnet {network} overlaps {clash}"))
-                subnets.append((f"{path} ({network})", network))
+                subnets.append((n, f"{path} ({network})", network))
         for n, route in enumerate(doc.routes):
-            if not any(route.gateway in net for _, net in subnets if net.version == route.gateway.version):
+            if not any(route.gateway in net for _, _, net in subnets if net.version == route.gateway.version):
                 problems.append(Problem(f"routes[{n}].gateway", f"{route.gateway} is not on any connected subnet"))
         return problems
 

@@ -1,0 +1,189 @@
+"""The apply transaction end to end: refusals change nothing, failures roll back,
+a kill -9 at any step is recovered, and the spool, lock, boot and network paths work."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from tests.conftest import EXAMPLES, live_files, write_payload
+from vr.pipeline import Pipeline
+
+NEW_VM = {"tier": "tier1", "mac": "02:00:00:00:01:55", "ip": "10.1.1.55", "hostname": "newvm"}
+
+
+def status(lab) -> dict:
+    return json.loads(lab.vr("status", "--json", check=False).stdout)
+
+
+def dnsmasq_pid(lab) -> int:
+    return next(s for s in status(lab)["services"] if s["name"] == "dnsmasq")["pid"]
+
+
+def leases(lab) -> str:
+    return (lab.settings.state_dir / "dnsmasq.leases").read_text()
+
+
+def snapshot(lab) -> tuple:
+    return live_files(lab), dnsmasq_pid(lab), leases(lab)
+
+
+def test_invalid_payload_changes_nothing(lab, tmp_path):
+    before = snapshot(lab)
+    bad = {"generation": 2, "dhcp_entries": {"upsert": [{**NEW_VM, "ip": "10.1.2.55"}]}}
+    result = lab.vr("apply", write_payload(tmp_path, bad), check=False)
+    assert result.returncode == 2
+    assert "dhcp.entries[2].ip: 10.1.2.55 is outside tier tier1 subnet 10.1.1.0/24" in result.stderr
+    assert snapshot(lab) == before
+    last = status(lab)["last_apply"]
+    assert last["outcome"] == "rejected" and status(lab)["generation"] == 1
+
+
+def test_payload_refused_by_dnsmasq_checker_rolls_back(lab, tmp_path):
+    before = snapshot(lab)
+    tiers = json.loads((EXAMPLES / "router.json").read_text())["dhcp"]["tiers"]
+    tiers[0]["options"] = [{"name": "no-such-option", "values": ["1"]}]  # valid to the schema, not to dnsmasq
+    payload = {"generation": 2, "dhcp": {"tiers": tiers, "entries": []}}
+    result = lab.vr("apply", write_payload(tmp_path, payload), check=False)
+    assert result.returncode == 4
+    assert "check failed for dnsmasq" in result.stderr and "bad dhcp-option" in result.stderr
+    assert snapshot(lab) == before
+    assert lab.resolve(lab.ns("g1"), "db1.cloud.internal", "10.1.1.1") == ["10.1.2.10"]
+    events = [json.loads(line) for line in lab.vr("events", "--resource", "router").stdout.splitlines()]
+    assert events[-1]["outcome"] == "failed" and events[-1]["generation"] == 2
+
+
+@pytest.mark.parametrize("step", ["staged", "checked", "journaled", "switching", "switched", "applied"])
+def test_kill_at_any_step_is_rolled_back_at_next_start(lab, tmp_path, step):
+    files, pid, lease_text = snapshot(lab)
+    dhcp = json.loads((EXAMPLES / "router.json").read_text())["dhcp"]
+    dhcp["tiers"][0]["lease_time"] = 7200  # main config changes too: dnsmasq restarts in this apply
+    payload = {"generation": 2, "dhcp": dhcp, "dhcp_entries": {"upsert": [NEW_VM]}}
+    killed = lab.vr("apply", write_payload(tmp_path, payload), env={"VR_FAULT_AT": step}, check=False)
+    assert killed.returncode == -9
+    journaled = step not in ("staged", "checked")  # before the journal, nothing live had changed
+    expected = "recovered an interrupted apply" if journaled else "nothing to recover"
+    assert lab.vr("recover").stdout.strip() == expected
+    assert live_files(lab) == files  # every file back, no staging or backup left behind
+    report = status(lab)
+    assert report["generation"] == 1 and report["healthy"] and not report["journal_pending"]
+    assert lab.resolve(lab.ns("g1"), "newvm.cloud.internal", "10.1.1.1") == []
+    assert leases(lab) == lease_text
+    if step in ("staged", "checked"):
+        assert dnsmasq_pid(lab) == pid  # nothing live had changed: nothing restarted
+    # The same payload applies cleanly afterwards.
+    lab.vr("apply", write_payload(tmp_path, payload))
+    assert lab.resolve(lab.ns("g1"), "newvm.cloud.internal", "10.1.1.1") == ["10.1.1.55"]
+
+
+def test_kill_after_commit_keeps_the_new_generation(lab, tmp_path):
+    payload = {"generation": 2, "dhcp_entries": {"upsert": [NEW_VM]}}
+    killed = lab.vr("apply", write_payload(tmp_path, payload), env={"VR_FAULT_AT": "committed"}, check=False)
+    assert killed.returncode == -9
+    lab.vr("recover")
+    assert status(lab)["generation"] == 2 and status(lab)["healthy"]
+    assert lab.resolve(lab.ns("g1"), "newvm.cloud.internal", "10.1.1.1") == ["10.1.1.55"]
+
+
+def test_an_interrupted_apply_is_also_recovered_by_the_next_apply(lab, tmp_path):
+    payload = {"generation": 2, "dhcp_entries": {"upsert": [NEW_VM]}}
+    lab.vr("apply", write_payload(tmp_path, payload), env={"VR_FAULT_AT": "switched"}, check=False)
+    lab.vr("apply", write_payload(tmp_path, {**payload, "generation": 3}))
+    assert status(lab)["generation"] == 3
+    recovered = [json.loads(e) for e in lab.vr("events", "--resource", "router").stdout.splitlines()]
+    assert any(e["type"] == "recover" and e["outcome"] == "rolled-back" for e in recovered)
+
+
+def test_a_second_apply_is_refused_while_one_runs(lab, tmp_path):
+    with Pipeline(lab.settings).lock():
+        result = lab.vr(
+            "apply", write_payload(tmp_path, {"generation": 2, "dns": {"domain": "x.internal"}}), check=False
+        )
+    assert result.returncode == 75 and "another apply is running" in result.stderr
+
+
+def test_spool_applies_each_file_once_in_order(lab):
+    spool = lab.settings.spool_dir
+    (spool / "incoming").mkdir(parents=True, exist_ok=True)
+    (spool / "incoming" / "001-add.json").write_text(
+        json.dumps({"generation": 2, "dhcp_entries": {"upsert": [NEW_VM]}})
+    )
+    (spool / "incoming" / "002-bad.json").write_text(json.dumps({"generation": 3, "dns": {"domain": "bad domain"}}))
+    (spool / "incoming" / "003-broken.json").write_text("{not json")
+    assert lab.vr("watch", "--once").stdout.strip() == "processed 3 file(s)"
+    assert sorted(p.name for p in (spool / "done").iterdir()) == ["001-add.json"]
+    assert "dns.domain: not a valid domain name" in (spool / "failed" / "002-bad.json.error").read_text()
+    assert "not valid JSON" in (spool / "failed" / "003-broken.json.error").read_text()
+    assert list((spool / "incoming").iterdir()) == []
+    assert lab.resolve(lab.ns("g1"), "newvm.cloud.internal", "10.1.1.1") == ["10.1.1.55"]
+
+
+def test_spool_watcher_picks_up_a_dropped_file(lab):
+    incoming = lab.settings.spool_dir / "incoming"
+    incoming.mkdir(parents=True, exist_ok=True)
+    watcher = subprocess.Popen(
+        [*lab_vr_command(lab), "watch", "--seconds", "20"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        temp = incoming / ".drop.tmp"
+        temp.write_text(json.dumps({"generation": 2, "dhcp_entries": {"upsert": [NEW_VM]}}))
+        temp.rename(incoming / "drop.json")  # how a manager should drop a file: write, then rename
+        for _ in range(100):
+            if (lab.settings.spool_dir / "done" / "drop.json").exists():
+                break
+            subprocess.run(["sleep", "0.1"], check=True)
+        assert (lab.settings.spool_dir / "done" / "drop.json").exists()
+    finally:
+        watcher.terminate()
+        watcher.wait(timeout=10)
+    assert status(lab)["generation"] == 2
+
+
+def lab_vr_command(lab) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "vr", "--root", str(lab.settings.state_dir.parent), "--netns", lab.router_ns]
+
+
+def router_ip(lab, *args: str) -> str:
+    return subprocess.run(["ip", "-n", lab.router_ns, *args], check=True, capture_output=True, text=True).stdout
+
+
+def test_network_follows_the_document_and_reapply_changes_nothing(lab, tmp_path):
+    original = json.loads((EXAMPLES / "router.json").read_text())
+    interfaces = json.loads(json.dumps(original["interfaces"]))
+    interfaces[1]["addresses"].append("192.0.2.11/24")  # a second public IP
+    routes = [*original["routes"], {"destination": "198.51.100.0/24", "gateway": "192.0.2.1"}]
+    lab.vr("apply", write_payload(tmp_path, {"generation": 2, "interfaces": interfaces, "routes": routes}))
+    assert "192.0.2.11/24" in router_ip(lab, "-o", "addr", "show", "eth1")
+    assert "198.51.100.0/24 via 192.0.2.1" in router_ip(lab, "route")
+    same = lab.vr("apply", write_payload(tmp_path, {"generation": 3, "interfaces": interfaces, "routes": routes}))
+    assert same.stdout.strip().endswith("changed: nothing")
+    back = {"generation": 4, "interfaces": original["interfaces"], "routes": original["routes"]}
+    lab.vr("apply", write_payload(tmp_path, back))
+    assert "192.0.2.11" not in router_ip(lab, "-o", "addr")
+    assert "198.51.100.0" not in router_ip(lab, "route")
+    assert "default via 192.0.2.1" in router_ip(lab, "route")
+
+
+def test_stop_then_start_brings_the_router_back_with_its_leases(lab):
+    lease_text = leases(lab)
+    lab.vr("stop")
+    assert status(lab)["healthy"] is False
+    lab.vr("start")
+    report = status(lab)
+    assert report["healthy"] and report["generation"] == 1
+    assert leases(lab) == lease_text
+    assert lab.resolve(lab.ns("g2"), "web1.cloud.internal", "10.1.2.1") == ["10.1.1.10"]
+
+
+def test_diff_and_render_show_without_applying(lab, tmp_path):
+    path = write_payload(tmp_path, {"generation": 2, "dhcp_entries": {"upsert": [NEW_VM]}})
+    diff = lab.vr("diff", path).stdout
+    assert "+02:00:00:00:01:55,10.1.1.55,newvm,3600" in diff and "+10.1.1.55 newvm" in diff
+    out = tmp_path / "rendered"
+    lab.vr("render", path, "--out", str(out))
+    assert "newvm" in (out / "dnsmasq" / "hosts").read_text()
+    assert status(lab)["generation"] == 1
