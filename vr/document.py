@@ -6,7 +6,6 @@ cannot open a new directive, field or quote in any of the daemons' syntaxes.
 
 from __future__ import annotations
 
-import copy
 import re
 from ipaddress import (
     IPv4Address,
@@ -229,45 +228,56 @@ def parse_payload(raw: object) -> Payload:
         raise InvalidPayload(_problems_from(error)) from None
 
 
-def merge(stored: dict | None, payload: Payload) -> dict:
-    """Sections replace stored sections; dhcp_entries upserts/deletes by MAC."""
-    if stored is not None and payload.generation <= stored["generation"]:
+def merge(stored: RouterDocument | None, payload: Payload) -> RouterDocument:
+    """Sections replace stored sections; dhcp_entries upserts/deletes by MAC.
+
+    Sections arrive already validated (as part of the Payload), so the merged document is
+    assembled from them without a second validation pass: a one-VM change costs one VM.
+    """
+    if stored is not None and payload.generation <= stored.generation:
         raise StalePayload(
             f"generation {payload.generation} is not newer than the applied generation "
-            f"{stored['generation']}: payload refused as stale"
+            f"{stored.generation}: payload refused as stale"
         )
-    merged = copy.deepcopy(stored) if stored else {}
-    merged["generation"] = payload.generation
-    for section in SECTIONS:
-        value = getattr(payload, section)
-        if value is not None:
-            merged[section] = _dump(value)
-    changes = payload.dhcp_entries
-    if changes is not None:
-        entries = merged.setdefault("dhcp", {"tiers": [], "entries": []}).setdefault("entries", [])
-        position = {e["mac"]: i for i, e in enumerate(entries)}
-        unknown = [mac for mac in changes.delete if mac not in position]
-        if unknown:
+    if stored is None:
+        missing = [s for s in ("router", "interfaces", "dns") if getattr(payload, s) is None]
+        if missing:
             raise InvalidPayload(
-                [Problem(f"dhcp_entries.delete[{changes.delete.index(m)}]", f"no entry with mac {m}") for m in unknown]
+                [Problem(s, "required: the first payload must carry the whole router") for s in missing]
             )
-        for entry in changes.upsert:
-            dumped = _dump(entry)
-            if entry.mac in position:
-                entries[position[entry.mac]] = dumped
-            else:
-                position[entry.mac] = len(entries)
-                entries.append(dumped)
-        if changes.delete:
-            gone = set(changes.delete)
-            entries[:] = [e for e in entries if e["mac"] not in gone]
-    return merged
+        doc = RouterDocument.model_construct(
+            generation=payload.generation,
+            router=payload.router,
+            interfaces=payload.interfaces,
+            routes=payload.routes or [],
+            dns=payload.dns,
+            dhcp=payload.dhcp or Dhcp(),
+        )
+    else:
+        updates = {s: getattr(payload, s) for s in SECTIONS if getattr(payload, s) is not None}
+        doc = stored.model_copy(update={**updates, "generation": payload.generation})
+    if payload.dhcp_entries is not None:
+        entries = _apply_entry_changes(doc.dhcp.entries, payload.dhcp_entries)
+        doc = doc.model_copy(update={"dhcp": doc.dhcp.model_copy(update={"entries": entries})})
+    return doc
 
 
-def _dump(model: BaseModel | list) -> Any:
-    if isinstance(model, list):
-        return [m.model_dump(mode="json", exclude_defaults=False) for m in model]
-    return model.model_dump(mode="json")
+def _apply_entry_changes(entries: list[DhcpEntry], changes: DhcpEntryChanges) -> list[DhcpEntry]:
+    position = {e.mac: i for i, e in enumerate(entries)}
+    unknown = [(n, mac) for n, mac in enumerate(changes.delete) if mac not in position]
+    if unknown:
+        raise InvalidPayload([Problem(f"dhcp_entries.delete[{n}]", f"no entry with mac {mac}") for n, mac in unknown])
+    result = list(entries)
+    for entry in changes.upsert:
+        if entry.mac in position:
+            result[position[entry.mac]] = entry
+        else:
+            position[entry.mac] = len(result)
+            result.append(entry)
+    if changes.delete:
+        gone = set(changes.delete)
+        result = [e for e in result if e.mac not in gone]
+    return result
 
 
 def build_document(merged: dict) -> RouterDocument:

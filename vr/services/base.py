@@ -62,7 +62,7 @@ class Service:
     def generate(self, doc: RouterDocument, runtime: Runtime) -> dict[str, bytes]:
         return {}
 
-    def check(self, staged_dir: Path, runtime: Runtime) -> None:
+    def check(self, staged_dir: Path, change: Change, runtime: Runtime) -> None:
         """Run the daemon's own checker against staged files; raise CheckFailed."""
 
     def apply(self, change: Change, doc: RouterDocument, runtime: Runtime) -> None:

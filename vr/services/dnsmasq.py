@@ -36,12 +36,7 @@ class DnsmasqService(Service):
     name = "dnsmasq"
 
     def read(self, doc: RouterDocument) -> Any:
-        return (
-            doc.router.name,
-            [i.model_dump(mode="json") for i in doc.guest_interfaces()],
-            doc.dns.model_dump(mode="json"),
-            doc.dhcp.model_dump(mode="json"),
-        )
+        return (doc.router.name, doc.guest_interfaces(), doc.dns, doc.dhcp)
 
     def verify(self, doc: RouterDocument) -> list[Problem]:
         problems: list[Problem] = []
@@ -138,9 +133,9 @@ class DnsmasqService(Service):
             NAMES: runtime.render("dnsmasq/hosts.j2", names=names),
         }
 
-    def check(self, staged_dir: Path, runtime: Runtime) -> None:
-        if not (staged_dir / MAIN).exists():
-            return
+    def check(self, staged_dir: Path, change: Change, runtime: Runtime) -> None:
+        if not (staged_dir / MAIN).exists() or (change.written and MAIN not in change.written):
+            return  # `dnsmasq --test` reads only the main file; the host files are ours, validated
         _check_readable_after_privilege_drop(runtime.settings.service_dir(self.name))
         result = subprocess.run(
             ["dnsmasq", "--test", f"--conf-file={staged_dir / MAIN}"],
@@ -181,13 +176,14 @@ class DnsmasqService(Service):
         elif change.touches(HOSTS, NAMES):
             client.signal(PROGRAM, "HUP")
         if change.touches(HOSTS, MAIN):
-            self._release_dropped_leases(change, doc)
+            self._release_dropped_leases(change, doc, runtime)
 
-    def _release_dropped_leases(self, change: Change, doc: RouterDocument) -> None:
+    def _release_dropped_leases(self, change: Change, doc: RouterDocument, runtime: Runtime) -> None:
         """SIGHUP does not revoke leases: tell dnsmasq that a removed VM's lease is gone."""
         before = _host_lines(change.previous.get(HOSTS), change.previous.get(MAIN))
         after = _host_lines(change.written.get(HOSTS), change.written.get(MAIN))
-        dropped = [(mac, ip) for mac, ip in before.items() if after.get(mac) != ip]
+        leased = _leased_macs(self.lease_file(runtime))
+        dropped = [(mac, ip) for mac, ip in before.items() if after.get(mac) != ip and mac in leased]
         if not dropped:
             return
         interface_by_subnet = _interface_names(doc)
@@ -285,9 +281,18 @@ def _host_lines(hosts_file: bytes | None, main_file: bytes | None) -> dict[str, 
     return result
 
 
-def _interface_names(doc: RouterDocument) -> list[tuple[Any, str]]:
-    from pyroute2 import IPRoute
+def _leased_macs(lease_file: Path) -> set[str]:
+    try:
+        return {line.split()[1] for line in lease_file.read_text().splitlines() if len(line.split()) > 1}
+    except FileNotFoundError:
+        return set()
 
-    with IPRoute() as ipr:
-        by_mac = {link.get("address"): link.get("ifname") for link in ipr.get_links()}
+
+def _interface_names(doc: RouterDocument) -> list[tuple[Any, str]]:
+    by_mac: dict[str, str] = {}
+    if any(i.name is None for i in doc.guest_interfaces()):
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            by_mac = {link.get("address"): link.get("ifname") for link in ipr.get_links()}
     return [(i.ipv4().network, i.name or by_mac.get(i.mac)) for i in doc.guest_interfaces()]

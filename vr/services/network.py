@@ -30,7 +30,7 @@ class NetworkService(Service):
     name = "network"
 
     def read(self, doc: RouterDocument) -> Any:
-        return [doc.model_dump(mode="json", include={"interfaces", "routes"})]
+        return (doc.interfaces, doc.routes)
 
     def verify(self, doc: RouterDocument) -> list[Problem]:
         problems: list[Problem] = []
@@ -72,7 +72,7 @@ class NetworkService(Service):
     def generate(self, doc: RouterDocument, runtime: Runtime) -> dict[str, bytes]:
         return {STATE_FILE: _encode(desired_state(doc))}
 
-    def check(self, staged_dir: Path, runtime: Runtime) -> None:
+    def check(self, staged_dir: Path, change: Change, runtime: Runtime) -> None:
         from pyroute2 import IPRoute
 
         state = json.loads((staged_dir / STATE_FILE).read_bytes())
