@@ -205,6 +205,9 @@ class Pipeline:
                 raise ApplyFailed("health", current, reason)
         except BaseException as error:
             self._rollback(changes, old, txid)
+            if not isinstance(error, Exception):  # Ctrl-C, SIGTERM: rolled back, reported as what it was
+                self._fail(doc, resource, error, started, rolled_back=True)
+                raise
             if not isinstance(error, ApplyFailed):
                 error = ApplyFailed(step, current or "router", f"{type(error).__name__}: {error}")
             self._fail(doc, resource, error, started, rolled_back=True)
