@@ -103,7 +103,7 @@ def test_templates_fail_loudly_on_missing_values(runtime):
     import jinja2
 
     with pytest.raises(jinja2.UndefinedError):
-        runtime.render("dnsmasq/hosts.j2")
+        runtime.render("dnsmasq/host-name.j2")
 
 
 def test_network_refuses_overlaps_and_unreachable_gateways(example):

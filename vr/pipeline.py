@@ -213,7 +213,7 @@ class Pipeline:
             self._fail(doc, resource, error, started, rolled_back=True)
             raise error from None
 
-        write_json_atomic(self.settings.document_path, docmod.dump_document(doc), compact=True)
+        write_atomic(self.settings.document_path, doc.model_dump_json().encode())
         stat = self.settings.document_path.stat()
         self._stored = ((stat.st_ino, stat.st_mtime_ns, stat.st_size), doc)
         _fault_point("committed")
@@ -405,8 +405,11 @@ def _vm_events(doc: RouterDocument, old: RouterDocument | None) -> list[dict]:
     """One event per VM whose DHCP entry was added, changed or removed."""
     if old is not None and old.dhcp.entries is doc.dhcp.entries:
         return []
-    before = {e.mac: e for e in old.dhcp.entries} if old else {}
-    after = {e.mac: e for e in doc.dhcp.entries}
+    # Entries are immutable and reused across merges: only objects not in both lists changed.
+    old_entries = old.dhcp.entries if old else []
+    old_ids, new_ids = {id(e) for e in old_entries}, {id(e) for e in doc.dhcp.entries}
+    before = {e.mac: e for e in old_entries if id(e) not in new_ids}
+    after = {e.mac: e for e in doc.dhcp.entries if id(e) not in old_ids}
     out = []
     for mac, entry in after.items():
         if mac not in before:

@@ -16,12 +16,11 @@ one of those restarts dnsmasq, with its leases kept in the lease file.
 from __future__ import annotations
 
 import subprocess
-from collections import defaultdict
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
-from vr.document import DhcpOption, RouterDocument
+from vr.document import DhcpEntry, DhcpOption, RouterDocument
 from vr.errors import Problem
 from vr.runtime import Runtime
 from vr.services.base import Change, CheckFailed, Program, Service
@@ -59,35 +58,49 @@ class DnsmasqService(Service):
                         problems.append(Problem(f"{path}.range.{end}", f"{address} is outside tier subnet {subnet}"))
                 if tier.range.start > tier.range.end:
                     problems.append(Problem(f"{path}.range", "start is after end"))
-        per_tier: dict[str, dict[str, dict[object, int]]] = defaultdict(lambda: {"ip": {}, "hostname": {}})
-        macs: dict[str, int] = {}
-        for n, entry in enumerate(doc.dhcp.entries):
-            path = f"dhcp.entries[{n}]"
-            iface = guests.get(entry.tier)
-            if iface is None:
-                problems.append(Problem(f"{path}.tier", f"{entry.tier!r} is not a guest interface id"))
-                continue
+        # Per tier, computed once: the subnet as integers and the addresses no VM may take.
+        bounds = {}
+        for tier_id, iface in guests.items():
             gateway = iface.ipv4()
             subnet = gateway.network
-            if entry.ip not in subnet:
-                problems.append(Problem(f"{path}.ip", f"{entry.ip} is outside tier {entry.tier} subnet {subnet}"))
-            elif entry.ip in (subnet.network_address, subnet.broadcast_address, gateway.ip):
-                problems.append(Problem(f"{path}.ip", f"{entry.ip} is the network, broadcast or gateway address"))
-            if entry.mac in macs:
+            reserved = {int(subnet.network_address), int(subnet.broadcast_address), int(gateway.ip)}
+            bounds[tier_id] = (int(subnet.network_address), int(subnet.broadcast_address), reserved, subnet)
+        seen_ip: dict[tuple[str, int], int] = {}
+        seen_name: dict[tuple[str, str], int] = {}
+        macs: dict[str, int] = {}
+        router_name = doc.router.name.lower()
+        for n, entry in enumerate(doc.dhcp.entries):
+            tier = bounds.get(entry.tier)
+            if tier is None:
+                problems.append(Problem(f"dhcp.entries[{n}].tier", f"{entry.tier!r} is not a guest interface id"))
+                continue
+            low, high, reserved, subnet = tier
+            address = int(entry.ip)
+            if not low <= address <= high:
                 problems.append(
-                    Problem(f"{path}.mac", f"{entry.mac} is already used by dhcp.entries[{macs[entry.mac]}]")
+                    Problem(f"dhcp.entries[{n}].ip", f"{entry.ip} is outside tier {entry.tier} subnet {subnet}")
                 )
-            macs.setdefault(entry.mac, n)
-            for key, value in (("ip", entry.ip), ("hostname", entry.hostname.lower())):
-                first = per_tier[entry.tier][key].setdefault(value, n)
+            elif address in reserved:
+                problems.append(
+                    Problem(f"dhcp.entries[{n}].ip", f"{entry.ip} is the network, broadcast or gateway address")
+                )
+            first = macs.setdefault(entry.mac, n)
+            if first != n:
+                problems.append(
+                    Problem(f"dhcp.entries[{n}].mac", f"{entry.mac} is already used by dhcp.entries[{first}]")
+                )
+            hostname = entry.hostname.lower()
+            for key, value, seen in (("ip", entry.ip, seen_ip), ("hostname", hostname, seen_name)):
+                first = seen.setdefault((entry.tier, address if key == "ip" else hostname), n)
                 if first != n:
                     problems.append(
                         Problem(
-                            f"{path}.{key}", f"{value} is already used in tier {entry.tier} by dhcp.entries[{first}]"
+                            f"dhcp.entries[{n}].{key}",
+                            f"{value} is already used in tier {entry.tier} by dhcp.entries[{first}]",
                         )
                     )
-            if entry.hostname.lower() == doc.router.name.lower():
-                problems.append(Problem(f"{path}.hostname", "is the router's own name"))
+            if hostname == router_name:
+                problems.append(Problem(f"dhcp.entries[{n}].hostname", "is the router's own name"))
         return problems
 
     def generate(self, doc: RouterDocument, runtime: Runtime) -> dict[str, bytes]:
@@ -96,25 +109,22 @@ class DnsmasqService(Service):
         settings = runtime.settings
         here = settings.service_dir(self.name)
         lease_times = {t.tier: t.lease_time for t in doc.dhcp.tiers}
-        plain_hosts, tagged_hosts, names = [], [], []
-        for iface in doc.guest_interfaces():
-            names.append({"ip": iface.ipv4().ip, "hostname": doc.router.name})
+        plain_hosts, tagged_hosts = [], []
         for entry in doc.dhcp.entries:
-            host = {
-                "mac": entry.mac,
-                "ip": entry.ip,
-                "hostname": entry.hostname,
-                "lease_time": lease_times.get(entry.tier, 86400),
-            }
-            names.append({"ip": entry.ip, "hostname": entry.hostname})
+            lease_time = lease_times.get(entry.tier, 86400)
             options = [_option(o) for o in entry.options]
             if not entry.default_gateway:
                 # An empty router option: a VM's second NIC must not install a second default route.
                 options.insert(0, "option:router")
             if options:
-                tagged_hosts.append({**host, "tag": "vm" + entry.mac.replace(":", ""), "options": options})
+                tag = "vm" + entry.mac.replace(":", "")
+                tagged_hosts.append({**_host_values(entry, lease_time), "tag": tag, "options": options})
             else:
-                plain_hosts.append(host)
+                plain_hosts.append((entry, lease_time))
+        router_names = b"".join(
+            runtime.render("dnsmasq/host-name.j2", ip=iface.ipv4().ip, hostname=doc.router.name)
+            for iface in doc.guest_interfaces()
+        )
         return {
             MAIN: runtime.render(
                 "dnsmasq/dnsmasq.conf.j2",
@@ -129,8 +139,9 @@ class DnsmasqService(Service):
                 tiers=[_tier_values(doc, t) for t in doc.dhcp.tiers],
                 tagged_hosts=tagged_hosts,
             ),
-            HOSTS: runtime.render("dnsmasq/dhcp-hosts.j2", hosts=plain_hosts),
-            NAMES: runtime.render("dnsmasq/hosts.j2", names=names),
+            HOSTS: runtime.render_each("dnsmasq/dhcp-host.j2", plain_hosts, _host_values),
+            NAMES: router_names
+            + runtime.render_each("dnsmasq/host-name.j2", ((e, None) for e in doc.dhcp.entries), _name_values),
         }
 
     def check(self, staged_dir: Path, change: Change, runtime: Runtime) -> None:
@@ -180,10 +191,14 @@ class DnsmasqService(Service):
 
     def _release_dropped_leases(self, change: Change, doc: RouterDocument, runtime: Runtime) -> None:
         """SIGHUP does not revoke leases: tell dnsmasq that a removed VM's lease is gone."""
-        before = _host_lines(change.previous.get(HOSTS), change.previous.get(MAIN))
-        after = _host_lines(change.written.get(HOSTS), change.written.get(MAIN))
         leased = _leased_macs(self.lease_file(runtime))
-        dropped = [(mac, ip) for mac, ip in before.items() if after.get(mac) != ip and mac in leased]
+        if not leased:
+            return
+        old_lines = _declared_lines(change.previous.get(HOSTS), change.previous.get(MAIN))
+        new_lines = _declared_lines(change.written.get(HOSTS), change.written.get(MAIN))
+        gone = _host_lines(old_lines - new_lines)  # only lines that disappeared need parsing
+        still = _host_lines(new_lines - old_lines)
+        dropped = [(mac, ip) for mac, ip in gone.items() if mac in leased and still.get(mac) != ip]
         if not dropped:
             return
         interface_by_subnet = _interface_names(doc)
@@ -236,6 +251,14 @@ def _check_readable_after_privilege_drop(directory: Path) -> None:
             )
 
 
+def _host_values(entry: DhcpEntry, lease_time: int) -> dict:
+    return {"mac": entry.mac, "ip": entry.ip, "hostname": entry.hostname, "lease_time": lease_time}
+
+
+def _name_values(entry: DhcpEntry, _: None) -> dict:
+    return {"ip": entry.ip, "hostname": entry.hostname}
+
+
 def _tier_values(doc: RouterDocument, tier) -> dict:
     iface = doc.interface(tier.tier)
     gateway = iface.ipv4()
@@ -268,16 +291,21 @@ def _option(option: DhcpOption) -> str:
     return ",".join([key, *option.values])
 
 
-def _host_lines(hosts_file: bytes | None, main_file: bytes | None) -> dict[str, str]:
-    """MAC -> IPv4 of every VM declared in the hosts file or (tagged) in the main config."""
+def _declared_lines(hosts_file: bytes | None, main_file: bytes | None) -> set[bytes]:
+    """Every VM declaration: hosts-file lines and the main config's dhcp-host lines."""
+    lines = set((hosts_file or b"").splitlines())
+    lines.update(line for line in (main_file or b"").splitlines() if line.startswith(b"dhcp-host="))
+    return lines
+
+
+def _host_lines(lines: set[bytes]) -> dict[str, str]:
+    """MAC -> IPv4 of each declaration ('mac,ip,...' or 'dhcp-host=mac,set:tag,ip,...')."""
     result = {}
-    for line in (hosts_file or b"").decode().splitlines():
-        mac, ip = line.split(",")[:2]
-        result[mac] = ip
-    for line in (main_file or b"").decode().splitlines():
-        if line.startswith("dhcp-host="):
-            mac, _tag, ip = line.removeprefix("dhcp-host=").split(",")[:3]
-            result[mac] = ip
+    for line in lines:
+        fields = line.decode().removeprefix("dhcp-host=").split(",")
+        if len(fields) > 2 and fields[1].startswith("set:"):
+            del fields[1]
+        result[fields[0]] = fields[1]
     return result
 
 
