@@ -14,13 +14,12 @@ from vr.pipeline import Pipeline
 from vr.settings import Settings
 
 
-def validate(raw: dict, stored: dict | None = None):
+def validate(raw: dict, stored: docmod.RouterDocument | None = None) -> docmod.RouterDocument:
     pipeline = Pipeline.__new__(Pipeline)  # validation needs no directories
-    stored_doc = None if stored is None else docmod.build_document(stored)
-    return Pipeline.validate(pipeline, raw, stored_doc)
+    return Pipeline.validate(pipeline, raw, stored)
 
 
-def problems_of(raw: dict, stored: dict | None = None) -> dict[str, str]:
+def problems_of(raw: dict, stored: docmod.RouterDocument | None = None) -> dict[str, str]:
     with pytest.raises(InvalidPayload) as caught:
         validate(raw, stored)
     return {p.path: p.reason for p in caught.value.problems}
@@ -115,7 +114,7 @@ def test_first_payload_must_be_whole(example):
 
 
 def test_partial_payload_replaces_only_its_section(example):
-    stored = docmod.dump_document(validate(example))
+    stored = validate(example)
     doc = validate({"generation": 2, "dns": {"domain": "new.internal"}}, stored)
     assert doc.dns.domain == "new.internal"
     assert doc.dns.upstream == []  # the section was replaced, not deep-merged
@@ -123,7 +122,7 @@ def test_partial_payload_replaces_only_its_section(example):
 
 
 def test_dhcp_entries_upsert_and_delete_by_mac(example):
-    stored = docmod.dump_document(validate(example))
+    stored = validate(example)
     doc = validate(
         {
             "generation": 2,
@@ -144,7 +143,7 @@ def test_dhcp_entries_upsert_and_delete_by_mac(example):
 
 
 def test_deleting_an_unknown_vm_is_an_error(example):
-    stored = docmod.dump_document(validate(example))
+    stored = validate(example)
     found = problems_of({"generation": 2, "dhcp_entries": {"delete": ["02:00:00:00:09:09"]}}, stored)
     assert "no entry with mac 02:00:00:00:09:09" in found["dhcp_entries.delete[0]"]
 
@@ -152,7 +151,7 @@ def test_deleting_an_unknown_vm_is_an_error(example):
 @pytest.mark.parametrize("generation", [5, 3])
 def test_stale_generation_is_refused(example, generation):
     example["generation"] = 5
-    stored = docmod.dump_document(validate(example))
+    stored = validate(example)
     with pytest.raises(StalePayload, match=f"generation {generation} is not newer than the applied generation 5"):
         validate({"generation": generation, "dns": {"domain": "x.internal"}}, stored)
 

@@ -295,9 +295,5 @@ def build_document(merged: dict) -> RouterDocument:
         ) from None
 
 
-def dump_document(doc: RouterDocument) -> dict:
-    return doc.model_dump(mode="json")
-
-
 def json_schema() -> dict:
     return Payload.model_json_schema()

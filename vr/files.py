@@ -34,10 +34,9 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644, sync: bool = True) 
         fsync_dir(path.parent)
 
 
-def write_json_atomic(path: Path, obj: object, mode: int = 0o644, compact: bool = False, sync: bool = True) -> None:
-    """compact for large documents: indentation makes json fall back to its slow encoder."""
-    text = json.dumps(obj, separators=(",", ":")) if compact else json.dumps(obj, indent=1, sort_keys=True)
-    write_atomic(path, (text + "\n").encode(), mode, sync=sync)
+def write_json_atomic(path: Path, obj: object, mode: int = 0o644, sync: bool = True) -> None:
+    """For small state files; large documents use pydantic's own (much faster) serializer."""
+    write_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode(), mode, sync=sync)
 
 
 def read_json(path: Path) -> object | None:
