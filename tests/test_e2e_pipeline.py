@@ -154,16 +154,16 @@ def router_ip(lab, *args: str) -> str:
 def test_network_follows_the_document_and_reapply_changes_nothing(lab, tmp_path):
     original = json.loads((EXAMPLES / "router.json").read_text())
     interfaces = json.loads(json.dumps(original["interfaces"]))
-    interfaces[1]["addresses"].append("192.0.2.11/24")  # a second public IP
+    interfaces[1]["addresses"].append("192.0.2.12/24")  # an extra address
     routes = [*original["routes"], {"destination": "198.51.100.0/24", "gateway": "192.0.2.1"}]
     lab.vr("apply", write_payload(tmp_path, {"generation": 2, "interfaces": interfaces, "routes": routes}))
-    assert "192.0.2.11/24" in router_ip(lab, "-o", "addr", "show", "eth1")
+    assert "192.0.2.12/24" in router_ip(lab, "-o", "addr", "show", "eth1")
     assert "198.51.100.0/24 via 192.0.2.1" in router_ip(lab, "route")
     same = lab.vr("apply", write_payload(tmp_path, {"generation": 3, "interfaces": interfaces, "routes": routes}))
     assert same.stdout.strip().endswith("changed: nothing")
     back = {"generation": 4, "interfaces": original["interfaces"], "routes": original["routes"]}
     lab.vr("apply", write_payload(tmp_path, back))
-    assert "192.0.2.11" not in router_ip(lab, "-o", "addr")
+    assert "192.0.2.12" not in router_ip(lab, "-o", "addr")
     assert "198.51.100.0" not in router_ip(lab, "route")
     assert "default via 192.0.2.1" in router_ip(lab, "route")
 
@@ -177,6 +177,7 @@ def test_stop_then_start_brings_the_router_back_with_its_leases(lab):
     assert report["healthy"] and report["generation"] == 1
     assert leases(lab) == lease_text
     assert lab.resolve(lab.ns("g2"), "web1.cloud.internal", "10.1.2.1") == ["10.1.1.10"]
+    assert "default via 192.0.2.1" in router_ip(lab, "route")  # a forced start keeps vr's routes
 
 
 def test_diff_and_render_show_without_applying(lab, tmp_path):

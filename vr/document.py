@@ -31,7 +31,7 @@ from vr.errors import InvalidPayload, Problem, StalePayload
 
 # Sections a later vr release fills in. Present in a payload today, they are refused
 # with a message that says so rather than silently dropped.
-FUTURE_SECTIONS = ("firewall", "nat", "load_balancer", "vpn", "ipv6", "monitor", "metadata")
+FUTURE_SECTIONS = ("network_acls", "load_balancer", "vpn", "ipv6", "monitor", "metadata")
 
 
 def _pattern(regex: str, what: str):
@@ -148,6 +148,115 @@ class Dhcp(Strict):
     entries: list[DhcpEntry] = Field(default_factory=list, max_length=65536)
 
 
+def _port_range(value: object) -> object:
+    """8080 or "8000-8010" as shorthands for {"start": .., "end": ..}."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return {"start": value, "end": value}
+    if isinstance(value, str):
+        low, _, high = value.partition("-")
+        if low.isdigit() and (not high or high.isdigit()):
+            return {"start": int(low), "end": int(high or low)}
+    return value
+
+
+class PortRange(Strict):
+    start: int = Field(ge=1, le=65535)
+    end: int = Field(ge=1, le=65535)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PortRange:
+        if self.start > self.end:
+            raise ValueError(f"start {self.start} is above end {self.end}")
+        return self
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start + 1
+
+
+Ports = Annotated[PortRange, BeforeValidator(_port_range)]
+
+
+class PublicIp(Strict):
+    ip: IPv4Address
+    reserved: bool = False  # held by the manager for later use: accepted, carries no rules
+
+
+class SourceNat(Strict):
+    tier: Identifier
+    ip: IPv4Address
+
+
+class StaticNat(Strict):
+    public_ip: IPv4Address
+    private_ip: IPv4Address
+
+
+class PortForward(Strict):
+    id: Identifier
+    public_ip: IPv4Address
+    protocol: Literal["tcp", "udp"]
+    public_ports: Ports
+    private_ip: IPv4Address
+    private_ports: Ports
+    source_cidrs: list[IPv4Network] = Field(default_factory=list, max_length=256)
+
+    @model_validator(mode="after")
+    def _same_length(self) -> PortForward:
+        if self.public_ports.size != self.private_ports.size:
+            raise ValueError("public_ports and private_ports must be ranges of equal length")
+        return self
+
+
+class Nat(Strict):
+    public_ips: list[PublicIp] = Field(default_factory=list, max_length=1024)
+    source_nat: list[SourceNat] = Field(default_factory=list, max_length=64)
+    static_nat: list[StaticNat] = Field(default_factory=list, max_length=1024)
+    port_forwarding: list[PortForward] = Field(default_factory=list, max_length=20000)
+
+
+class _TrafficMatch(Strict):
+    protocol: Literal["tcp", "udp", "icmp", "all"]
+    ports: Ports | None = None
+    icmp_type: int | None = Field(None, ge=0, le=255)
+
+    @model_validator(mode="after")
+    def _fits_protocol(self) -> _TrafficMatch:
+        if self.ports is not None and self.protocol not in ("tcp", "udp"):
+            raise ValueError("ports apply to tcp or udp only")
+        if self.protocol in ("tcp", "udp") and self.ports is None:
+            raise ValueError(f"a {self.protocol} rule needs ports")
+        if self.icmp_type is not None and self.protocol != "icmp":
+            raise ValueError("icmp_type applies to icmp only")
+        return self
+
+
+class IngressRule(_TrafficMatch):
+    """Opens traffic to one public IP (the router itself, a port forward or a static NAT)."""
+
+    id: Identifier
+    public_ip: IPv4Address
+    source_cidrs: list[IPv4Network] = Field(default_factory=lambda: [IPv4Network("0.0.0.0/0")], max_length=256)
+
+
+class EgressRule(_TrafficMatch):
+    destination_cidrs: list[IPv4Network] = Field(default_factory=lambda: [IPv4Network("0.0.0.0/0")], max_length=256)
+
+
+class TierEgress(Strict):
+    """Guest traffic leaving by the public side: `default` for what no rule matches; each
+    rule is an exception to it (CloudStack's semantics)."""
+
+    tier: Identifier
+    default: Literal["allow", "deny"] = "allow"
+    rules: list[EgressRule] = Field(default_factory=list, max_length=10000)
+
+
+class Firewall(Strict):
+    ingress: list[IngressRule] = Field(default_factory=list, max_length=20000)
+    egress: list[TierEgress] = Field(default_factory=list, max_length=64)
+
+
 class RouterDocument(Strict):
     generation: int = Field(ge=1)
     router: RouterIdentity
@@ -155,12 +264,17 @@ class RouterDocument(Strict):
     routes: list[Route] = Field(default_factory=list, max_length=4096)
     dns: DnsSettings
     dhcp: Dhcp = Field(default_factory=Dhcp)
+    nat: Nat = Field(default_factory=Nat)
+    firewall: Firewall = Field(default_factory=Firewall)
 
     def interface(self, interface_id: str) -> Interface | None:
         return next((i for i in self.interfaces if i.id == interface_id), None)
 
     def guest_interfaces(self) -> list[Interface]:
         return [i for i in self.interfaces if i.role == "guest"]
+
+    def public_interface(self) -> Interface | None:
+        return next((i for i in self.interfaces if i.role == "public"), None)
 
 
 class DhcpEntryChanges(Strict):
@@ -179,10 +293,12 @@ class Payload(Strict):
     routes: list[Route] | None = None
     dns: DnsSettings | None = None
     dhcp: Dhcp | None = None
+    nat: Nat | None = None
+    firewall: Firewall | None = None
     dhcp_entries: DhcpEntryChanges | None = None
 
 
-SECTIONS = ("router", "interfaces", "routes", "dns", "dhcp")
+SECTIONS = ("router", "interfaces", "routes", "dns", "dhcp", "nat", "firewall")
 
 
 def json_path(loc: tuple[Any, ...]) -> str:
@@ -252,6 +368,8 @@ def merge(stored: RouterDocument | None, payload: Payload) -> RouterDocument:
             routes=payload.routes or [],
             dns=payload.dns,
             dhcp=payload.dhcp or Dhcp(),
+            nat=payload.nat or Nat(),
+            firewall=payload.firewall or Firewall(),
         )
     else:
         updates = {s: getattr(payload, s) for s in SECTIONS if getattr(payload, s) is not None}

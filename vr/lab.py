@@ -90,6 +90,7 @@ class Lab:
             raise
 
     def down(self) -> None:
+        self.stop_servers()
         for guest in GUEST_MACS:
             self.stop_dhclient(guest)
         if self.settings.supervisor_socket.exists() or (self.settings.run_dir / "supervisord.pid").exists():
@@ -184,6 +185,37 @@ class Lab:
             raise TimeoutError(f"no DNS answer from {server} in {namespace}: {result.stderr.strip().splitlines()[-1:]}")
         return result.stdout.split()
 
+    def serve(self, namespace: str, name: str, port: int) -> int:
+        """A TCP+UDP endpoint in a namespace that answers with its name and the peer it sees."""
+        process = subprocess.Popen(
+            ["ip", "netns", "exec", namespace, sys.executable, "-m", "vr.labserver", "serve",
+             "--name", name, "--port", str(port)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        process.stdout.readline()  # "ready"
+        with open(self.dir / "servers.pids", "a") as pids:
+            pids.write(f"{process.pid}\n")
+        return process.pid
+
+    def stop_servers(self) -> None:
+        pid_file = self.dir / "servers.pids"
+        if not pid_file.exists():
+            return
+        for line in pid_file.read_text().split():
+            try:
+                os.kill(int(line), signal.SIGTERM)
+                os.waitpid(int(line), 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+        pid_file.unlink()
+
+    def ask(self, namespace: str, host: str, port: int, udp: bool = False, timeout: float = 2.0) -> str | None:
+        """Connect (or send a datagram) from a namespace; the answer, or None if nothing came."""
+        cmd = ["ip", "netns", "exec", namespace, sys.executable, "-m", "vr.labserver", "ask", host, str(port),
+               "--timeout", str(timeout)]  # fmt: skip
+        result = _run(*cmd, *(["--udp"] if udp else []), check=False, timeout=timeout + 10)
+        return result.stdout.strip() if result.returncode == 0 else None
+
     def ping(self, namespace: str, address: str, count: int = 2) -> bool:
         return _run("ip", "netns", "exec", namespace, "ping", "-c", str(count), "-W", "1", "-i", "0.2", address,
                     check=False).returncode == 0  # fmt: skip
@@ -239,5 +271,26 @@ def show(lab: Lab) -> None:
         print(f"  guest {lab.ns('g1')} resolves {fqdn} -> {answer}")
     reached = "ok" if lab.ping(lab.ns("g1"), "192.0.2.1") else "FAILED"
     print(f"  guest {lab.ns('g1')} pings the public host 192.0.2.1 through the router: {reached}")
+    show_nat(lab)
     print()
     print(lab.vr("status", check=False).stdout)
+
+
+def show_nat(lab: Lab) -> None:
+    """Source NAT, port forwards and static NAT, seen from both sides with real connections."""
+    lab.serve(lab.ns("pub"), "public host", 7000)
+    lab.serve(lab.ns("g1"), "web1", 80)
+    lab.serve(lab.ns("g1"), "web1", 5353)
+    lab.serve(lab.ns("g2"), "db1", 22)
+    checks = [
+        ("guest g1 -> public host tcp/7000 (source NAT)", lab.ns("g1"), "192.0.2.1", 7000, False),
+        ("guest g2 -> public host tcp/7000 (static NAT)", lab.ns("g2"), "192.0.2.1", 7000, False),
+        ("public -> 192.0.2.10 tcp/8080 (port forward)", lab.ns("pub"), "192.0.2.10", 8080, False),
+        ("public -> 192.0.2.10 udp/5353 (port forward)", lab.ns("pub"), "192.0.2.10", 5353, True),
+        ("public -> 192.0.2.11 tcp/22 (static NAT)", lab.ns("pub"), "192.0.2.11", 22, False),
+        ("public -> 192.0.2.10 tcp/8081 (no rule)", lab.ns("pub"), "192.0.2.10", 8081, False),
+    ]
+    for label, namespace, host, port, udp in checks:
+        answer = lab.ask(namespace, host, port, udp=udp, timeout=1.0)
+        print(f"  {label}: {answer or 'no answer (dropped)'}")
+    lab.stop_servers()

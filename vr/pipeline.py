@@ -285,15 +285,8 @@ class Pipeline:
                     write_atomic(live_dir / relpath, previous, mode=_mode(relpath))
                     undo.written[relpath] = previous
             reverse.append(undo)
-        if old is None:
-            # Nothing was ever applied: the good state is no daemon and no address of ours.
-            self.runtime.supervisor.shutdown()
-            for undo in reverse:
-                if undo.service == "network":
-                    by_name("network").apply(undo, None, self.runtime)  # type: ignore[arg-type]
-        else:
-            for undo in reverse:
-                by_name(undo.service).apply(undo, old, self.runtime)
+        for undo in reverse:  # with old None (first apply), each service removes what it made
+            by_name(undo.service).apply(undo, old, self.runtime)
         self._finish(txid)
 
     def _finish(self, txid: str) -> None:

@@ -19,9 +19,9 @@ def collect(settings: Settings) -> dict:
     processes = {p["name"]: p for p in runtime.supervisor.all_processes()} if supervisor_up else {}
     services = []
     for service in SERVICES:
-        programs = service.programs(doc, runtime) if doc else []
-        if doc is None or (service.name not in ("network", "supervisor") and not programs):
+        if doc is None or not service.configured(doc):
             continue
+        programs = service.programs(doc, runtime)
         started = time.perf_counter()
         reason = service.probe(doc, runtime) if supervisor_up or service.name == "network" else "supervisord is down"
         item = {

@@ -2,9 +2,10 @@
 
 from vr.services.dnsmasq import DnsmasqService
 from vr.services.network import NetworkService
+from vr.services.nftables import NftablesService
 from vr.services.supervisor import SupervisorService
 
-SERVICES = (NetworkService(), SupervisorService(), DnsmasqService())
+SERVICES = (NetworkService(), NftablesService(), SupervisorService(), DnsmasqService())
 
 
 def by_name(name: str):

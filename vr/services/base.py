@@ -45,6 +45,12 @@ class Change:
     def paths(self) -> list[str]:
         return sorted([*self.written, *self.removed])
 
+    def desired(self, relpath: str) -> bytes | None:
+        """What the file should hold after this change (None: it should not exist)."""
+        if relpath in self.written:
+            return self.written[relpath]
+        return None if relpath in self.removed else self.generated.get(relpath)
+
     def touches(self, *relpaths: str) -> bool:
         return any(p in self.written or p in self.removed for p in relpaths)
 
@@ -56,6 +62,10 @@ class Service:
         """The part of the document this service depends on (compared to plan an apply)."""
         raise NotImplementedError
 
+    def configured(self, doc: RouterDocument) -> bool:
+        """Whether this router needs the service at all (probes and status skip it if not)."""
+        return True
+
     def verify(self, doc: RouterDocument) -> list[Problem]:
         return []
 
@@ -65,8 +75,9 @@ class Service:
     def check(self, staged_dir: Path, change: Change, runtime: Runtime) -> None:
         """Run the daemon's own checker against staged files; raise CheckFailed."""
 
-    def apply(self, change: Change, doc: RouterDocument, runtime: Runtime) -> None:
-        """Make the running daemon match the switched-in files, hitlessly."""
+    def apply(self, change: Change, doc: RouterDocument | None, runtime: Runtime) -> None:
+        """Make the running daemon match the switched-in files, hitlessly. doc is None when
+        rolling back the very first apply: nothing of this service should remain."""
 
     def probe(self, doc: RouterDocument, runtime: Runtime) -> str | None:
         """None when the service does its job; otherwise why not."""

@@ -24,6 +24,7 @@ from vr.document import DhcpEntry, DhcpOption, RouterDocument
 from vr.errors import Problem
 from vr.runtime import Runtime
 from vr.services.base import Change, CheckFailed, Program, Service
+from vr.services.network import interface_names
 
 PROGRAM = "dnsmasq"
 MAIN = "dnsmasq.conf"
@@ -36,6 +37,9 @@ class DnsmasqService(Service):
 
     def read(self, doc: RouterDocument) -> Any:
         return (doc.router.name, doc.guest_interfaces(), doc.dns, doc.dhcp)
+
+    def configured(self, doc: RouterDocument) -> bool:
+        return bool(doc.guest_interfaces())
 
     def verify(self, doc: RouterDocument) -> list[Problem]:
         problems: list[Problem] = []
@@ -176,9 +180,9 @@ class DnsmasqService(Service):
             )
         ]
 
-    def apply(self, change: Change, doc: RouterDocument, runtime: Runtime) -> None:
+    def apply(self, change: Change, doc: RouterDocument | None, runtime: Runtime) -> None:
         client = runtime.supervisor
-        if not doc.guest_interfaces():
+        if doc is None or not doc.guest_interfaces():
             return  # supervisor removed the program with its config
         if client.state(PROGRAM) != "RUNNING":
             client.start(PROGRAM)
@@ -201,7 +205,8 @@ class DnsmasqService(Service):
         dropped = [(mac, ip) for mac, ip in gone.items() if mac in leased and still.get(mac) != ip]
         if not dropped:
             return
-        interface_by_subnet = _interface_names(doc)
+        names = interface_names(doc)
+        interface_by_subnet = [(i.ipv4().network, names[i.id]) for i in doc.guest_interfaces()]
         for mac, ip in dropped:
             address = IPv4Address(ip)
             ifname = next((name for subnet, name in interface_by_subnet if address in subnet), None)
@@ -314,13 +319,3 @@ def _leased_macs(lease_file: Path) -> set[str]:
         return {line.split()[1] for line in lease_file.read_text().splitlines() if len(line.split()) > 1}
     except FileNotFoundError:
         return set()
-
-
-def _interface_names(doc: RouterDocument) -> list[tuple[Any, str]]:
-    by_mac: dict[str, str] = {}
-    if any(i.name is None for i in doc.guest_interfaces()):
-        from pyroute2 import IPRoute
-
-        with IPRoute() as ipr:
-            by_mac = {link.get("address"): link.get("ifname") for link in ipr.get_links()}
-    return [(i.ipv4().network, i.name or by_mac.get(i.mac)) for i in doc.guest_interfaces()]

@@ -30,7 +30,7 @@ class NetworkService(Service):
     name = "network"
 
     def read(self, doc: RouterDocument) -> Any:
-        return (doc.interfaces, doc.routes)
+        return (doc.interfaces, doc.routes, doc.nat.public_ips)
 
     def verify(self, doc: RouterDocument) -> list[Problem]:
         problems: list[Problem] = []
@@ -82,10 +82,10 @@ class NetworkService(Service):
             if _find(iface, names, macs) is None:
                 raise CheckFailed(f"interface {iface['id']} ({iface['name'] or iface['mac']}) is not on this router")
 
-    def apply(self, change: Change, doc: RouterDocument, runtime: Runtime) -> None:
+    def apply(self, change: Change, doc: RouterDocument | None, runtime: Runtime) -> None:
         from pyroute2 import IPRoute
 
-        new = json.loads(change.written.get(STATE_FILE, b'{"interfaces": [], "routes": []}'))
+        new = json.loads(change.desired(STATE_FILE) or b'{"interfaces": [], "routes": []}')
         old_raw = change.previous.get(STATE_FILE)
         old = json.loads(old_raw) if old_raw else {"interfaces": [], "routes": []}
         with IPRoute() as ipr:
@@ -120,7 +120,7 @@ def desired_state(doc: RouterDocument) -> dict:
                 "name": i.name,
                 "mac": i.mac,
                 "mtu": i.mtu,
-                "addresses": sorted(str(a) for a in i.addresses),
+                "addresses": sorted({str(a) for a in i.addresses} | _public_ip_addresses(doc, i)),
             }
             for i in doc.interfaces
         ],
@@ -128,6 +128,30 @@ def desired_state(doc: RouterDocument) -> dict:
             {"destination": str(r.destination), "gateway": str(r.gateway), "metric": r.metric} for r in doc.routes
         ],
     }
+
+
+def _public_ip_addresses(doc: RouterDocument, iface) -> set[str]:
+    """Assigned public IPs live on the public interface, with its subnet's prefix length."""
+    if iface.role != "public":
+        return set()
+    result = set()
+    for public_ip in doc.nat.public_ips:
+        subnet = next((a.network for a in iface.addresses if public_ip.ip in a.network), None)
+        if subnet is not None and not public_ip.reserved:
+            result.add(f"{public_ip.ip}/{subnet.prefixlen}")
+    return result
+
+
+def interface_names(doc: RouterDocument) -> dict[str, str]:
+    """Interface id -> kernel name; an interface given only by MAC is looked up over netlink."""
+    names = {i.id: i.name for i in doc.interfaces if i.name}
+    if len(names) < len(doc.interfaces):
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            by_mac = {link.get("address"): link.get("ifname") for link in ipr.get_links()}
+        names.update({i.id: by_mac.get(i.mac, "") for i in doc.interfaces if not i.name})
+    return names
 
 
 def _encode(state: dict) -> bytes:

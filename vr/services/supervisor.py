@@ -57,9 +57,11 @@ class SupervisorService(Service):
             )
         }
 
-    def apply(self, change: Change, doc: RouterDocument, runtime: Runtime) -> None:
+    def apply(self, change: Change, doc: RouterDocument | None, runtime: Runtime) -> None:
         client = runtime.supervisor
-        if not client.is_running():
+        if CONFIG_FILE in change.removed:
+            client.shutdown()
+        elif not client.is_running():
             client.start_daemon()
         elif change.touches(CONFIG_FILE):
             client.update()

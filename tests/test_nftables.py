@@ -1,0 +1,128 @@
+"""Firewall and NAT: what the document accepts, and what the ruleset says."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vr import document as docmod
+from vr.errors import InvalidPayload
+from vr.runtime import Runtime
+from vr.services.network import NetworkService
+from vr.services.nftables import NftablesService
+from vr.settings import Settings
+
+
+def problems(example: dict) -> dict[str, str]:
+    try:
+        doc = docmod.build_document(example)
+    except InvalidPayload as error:
+        return {p.path: p.reason for p in error.problems}
+    return {p.path: p.reason for p in NftablesService().verify(doc)}
+
+
+def ruleset(example: dict, tmp_path) -> str:
+    doc = docmod.build_document(example)
+    return NftablesService().generate(doc, Runtime(Settings.under_root(tmp_path)))["vr.nft"].decode()
+
+
+def test_example_is_valid(example):
+    assert problems(example) == {}
+
+
+def test_public_ips_must_be_on_the_public_subnet_and_assigned_to_carry_rules(example):
+    example["nat"]["public_ips"].append({"ip": "198.51.100.1"})
+    example["nat"]["port_forwarding"][0]["public_ip"] = "192.0.2.20"  # reserved, not assigned
+    found = problems(example)
+    assert "not inside the public interface's subnets" in found["nat.public_ips[3].ip"]
+    assert "not an assigned public IP" in found["nat.port_forwarding[0].public_ip"]
+
+
+def test_port_forward_ranges_must_match_and_not_overlap(example):
+    forwards = example["nat"]["port_forwarding"]
+    forwards[0]["public_ports"] = "8000-8010"
+    forwards[0]["private_ports"] = "80-85"
+    forwards.append(
+        {"id": "dup", "public_ip": "192.0.2.10", "protocol": "tcp", "public_ports": "8005", "private_ip": "10.1.1.10",
+         "private_ports": 22}
+    )  # fmt: skip
+    found = problems(example)
+    assert "equal length" in found["nat.port_forwarding[0]"]
+    example["nat"]["port_forwarding"][0]["private_ports"] = "80-90"
+    found = problems(example)
+    assert "overlaps nat.port_forwarding[0] on 192.0.2.10" in found["nat.port_forwarding[2].public_ports"]
+
+
+@pytest.mark.parametrize(
+    ("rule", "reason"),
+    [
+        ({"protocol": "tcp"}, "needs ports"),
+        ({"protocol": "icmp", "ports": 22}, "tcp or udp only"),
+        ({"protocol": "tcp", "ports": "9000-8000"}, "start 9000 is above end 8000"),
+        ({"protocol": "tcp", "ports": 70000}, "less than or equal to 65535"),
+        ({"protocol": "udp", "ports": 53, "icmp_type": 8}, "icmp only"),
+        ({"protocol": "tcp", "ports": "22\n}"}, "valid"),
+    ],
+)
+def test_ingress_rules_fit_their_protocol(example, rule, reason):
+    example["firewall"]["ingress"] = [{"id": "r", "public_ip": "192.0.2.10", **rule}]
+    found = problems(example)
+    assert any(path.startswith("firewall.ingress[0]") and reason in text for path, text in found.items()), found
+
+
+def test_private_side_must_be_a_guest_and_static_nat_not_on_source_nat_ip(example):
+    example["nat"]["static_nat"].append({"public_ip": "192.0.2.10", "private_ip": "172.16.0.5"})
+    found = problems(example)
+    assert "not inside any guest tier" in found["nat.static_nat[1].private_ip"]
+    assert "is a source NAT IP" in found["nat.static_nat[1].public_ip"]
+
+
+def test_egress_names_known_tiers_once(example):
+    example["firewall"]["egress"].append({"tier": "tier9"})
+    example["firewall"]["egress"].append({"tier": "tier1"})
+    found = problems(example)
+    assert "not a guest tier" in found["firewall.egress[2].tier"]
+    assert "listed twice" in found["firewall.egress[3].tier"]
+
+
+def test_ruleset_is_sets_and_maps_not_a_rule_per_item(example, tmp_path):
+    text = ruleset(example, tmp_path)
+    assert "set public_ips { type ipv4_addr; elements = { 192.0.2.10, 192.0.2.11 }; }" in text  # .20 is reserved
+    assert "0.0.0.0/0 . 192.0.2.10 . 8080 : 10.1.1.10 . 80" in text
+    assert "192.0.2.11 : 10.1.2.10" in text and "10.1.2.10 : 192.0.2.11" in text
+    assert "10.1.1.0/24 : 192.0.2.10" in text
+    before = text.count("\n")
+    example["nat"]["port_forwarding"] += [
+        {"id": f"pf{n}", "public_ip": "192.0.2.10", "protocol": "tcp", "public_ports": 9000 + n,
+         "private_ip": "10.1.1.10", "private_ports": 9000 + n}
+        for n in range(500)
+    ]  # fmt: skip
+    assert ruleset(example, tmp_path).count("\n") == before  # 500 more forwards, not one more line
+
+
+def test_port_ranges_map_port_by_port_and_sources_are_kept(example, tmp_path):
+    forward = example["nat"]["port_forwarding"][0]
+    forward.update(public_ports="8000-8002", private_ports="9000-9002", source_cidrs=["203.0.113.0/24"])
+    text = ruleset(example, tmp_path)
+    for offset in range(3):
+        assert f"203.0.113.0/24 . 192.0.2.10 . {8000 + offset} : 10.1.1.10 . {9000 + offset}" in text
+    assert "0.0.0.0/0 . 192.0.2.10 . 8000" not in text
+
+
+def test_egress_rules_are_exceptions_to_the_default(example, tmp_path):
+    text = ruleset(example, tmp_path)
+    assert (
+        "set egress_tier2_tcp { type ipv4_addr . inet_service; flags interval; elements = { 0.0.0.0/0 . 25 }; }" in text
+    )
+    assert "meta l4proto tcp ip daddr . tcp dport @egress_tier2_tcp counter drop" in text
+    example["firewall"]["egress"][1]["default"] = "deny"
+    text = ruleset(example, tmp_path)
+    assert "meta l4proto tcp ip daddr . tcp dport @egress_tier2_tcp counter accept" in text
+
+
+def test_assigned_public_ips_go_on_the_public_interface(example, tmp_path):
+    doc = docmod.build_document(example)
+    state = json.loads(NetworkService().generate(doc, Runtime(Settings.under_root(tmp_path)))["network.json"])
+    public = next(i for i in state["interfaces"] if i["id"] == "public")
+    assert public["addresses"] == ["192.0.2.10/24", "192.0.2.11/24"]  # .20 is only reserved

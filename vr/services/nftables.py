@@ -1,0 +1,207 @@
+"""nftables: the router's one ruleset (table inet vr), replaced atomically in one transaction.
+
+Matching is by sets and maps keyed on concatenations (source . public IP . port), so a
+lookup costs the same with ten rules or ten thousand. The batch creates, deletes and
+redefines the table in one kernel transaction: at no instant is the router without
+rules, and conntrack is never flushed (established flows through a removed port forward
+keep going; new ones are refused).
+
+Ingress filtering runs in prerouting before DNAT (priority mangle), where the public IP
+a packet was sent to is still visible: one gate covers the router itself, port forwards
+and static NAT.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any
+
+from vr.document import EgressRule, RouterDocument
+from vr.errors import Problem
+from vr.runtime import Runtime
+from vr.services.base import Change, CheckFailed, Service
+from vr.services.network import interface_names
+
+RULESET = "vr.nft"
+TABLE = "inet vr"
+
+
+class NftablesService(Service):
+    name = "nftables"
+
+    def read(self, doc: RouterDocument) -> Any:
+        return (doc.interfaces, doc.nat, doc.firewall)
+
+    def configured(self, doc: RouterDocument) -> bool:
+        return doc.public_interface() is not None
+
+    def verify(self, doc: RouterDocument) -> list[Problem]:
+        problems: list[Problem] = []
+        public = doc.public_interface()
+        public_subnets = [a.network for a in public.addresses if a.version == 4] if public else []
+        tiers = {i.id: i.ipv4().network for i in doc.guest_interfaces()}
+        assigned: set[IPv4Address] = set()
+        seen_public: dict[IPv4Address, int] = {}
+        for n, item in enumerate(doc.nat.public_ips):
+            path = f"nat.public_ips[{n}].ip"
+            if not any(item.ip in subnet for subnet in public_subnets):
+                problems.append(Problem(path, f"{item.ip} is not inside the public interface's subnets"))
+            if seen_public.setdefault(item.ip, n) != n:
+                problems.append(Problem(path, f"{item.ip} is listed twice"))
+            if not item.reserved:
+                assigned.add(item.ip)
+
+        def need_assigned(path: str, ip: IPv4Address) -> None:
+            if ip not in assigned:
+                problems.append(Problem(path, f"{ip} is not an assigned public IP of this router (nat.public_ips)"))
+
+        def need_guest(path: str, ip: IPv4Address) -> None:
+            if not any(ip in subnet for subnet in tiers.values()):
+                problems.append(Problem(path, f"{ip} is not inside any guest tier"))
+
+        source_nat_ips = set()
+        for n, item in enumerate(doc.nat.source_nat):
+            if item.tier not in tiers:
+                problems.append(Problem(f"nat.source_nat[{n}].tier", f"{item.tier!r} is not a guest tier"))
+            need_assigned(f"nat.source_nat[{n}].ip", item.ip)
+            source_nat_ips.add(item.ip)
+        static_public: dict[IPv4Address, int] = {}
+        static_private: dict[IPv4Address, int] = {}
+        for n, item in enumerate(doc.nat.static_nat):
+            path = f"nat.static_nat[{n}]"
+            need_assigned(f"{path}.public_ip", item.public_ip)
+            need_guest(f"{path}.private_ip", item.private_ip)
+            if item.public_ip in source_nat_ips:
+                problems.append(Problem(f"{path}.public_ip", f"{item.public_ip} is a source NAT IP"))
+            for key, value, seen in (
+                ("public_ip", item.public_ip, static_public),
+                ("private_ip", item.private_ip, static_private),
+            ):
+                if seen.setdefault(value, n) != n:
+                    problems.append(Problem(f"{path}.{key}", f"{value} already has a static NAT"))
+        claimed: dict[tuple[IPv4Address, str], list[tuple[int, int, int]]] = {}
+        for n, rule in enumerate(doc.nat.port_forwarding):
+            path = f"nat.port_forwarding[{n}]"
+            need_assigned(f"{path}.public_ip", rule.public_ip)
+            need_guest(f"{path}.private_ip", rule.private_ip)
+            if rule.public_ip in static_public:
+                problems.append(Problem(f"{path}.public_ip", f"{rule.public_ip} is taken whole by a static NAT"))
+            ranges = claimed.setdefault((rule.public_ip, rule.protocol), [])
+            for start, end, other in ranges:
+                if rule.public_ports.start <= end and start <= rule.public_ports.end:
+                    problems.append(
+                        Problem(f"{path}.public_ports", f"overlaps nat.port_forwarding[{other}] on {rule.public_ip}")
+                    )
+            ranges.append((rule.public_ports.start, rule.public_ports.end, n))
+        for n, rule in enumerate(doc.firewall.ingress):
+            need_assigned(f"firewall.ingress[{n}].public_ip", rule.public_ip)
+        seen_tiers: dict[str, int] = {}
+        for n, egress in enumerate(doc.firewall.egress):
+            if egress.tier not in tiers:
+                problems.append(Problem(f"firewall.egress[{n}].tier", f"{egress.tier!r} is not a guest tier"))
+            if seen_tiers.setdefault(egress.tier, n) != n:
+                problems.append(Problem(f"firewall.egress[{n}].tier", f"tier {egress.tier!r} is listed twice"))
+        return problems
+
+    def generate(self, doc: RouterDocument, runtime: Runtime) -> dict[str, bytes]:
+        public = doc.public_interface()
+        if public is None:
+            return {}
+        names = interface_names(doc)
+        nat, firewall = doc.nat, doc.firewall
+        pf: dict[str, list[str]] = {"tcp": [], "udp": []}
+        for rule in nat.port_forwarding:
+            for source in rule.source_cidrs or [IPv4Network("0.0.0.0/0")]:
+                for offset in range(rule.public_ports.size):
+                    pf[rule.protocol].append(
+                        f"{source} . {rule.public_ip} . {rule.public_ports.start + offset} : "
+                        f"{rule.private_ip} . {rule.private_ports.start + offset}"
+                    )
+        ingress: dict[str, list[str]] = {"tcp": [], "udp": [], "icmp": [], "icmp_typed": [], "all": []}
+        for rule in firewall.ingress:
+            for source in rule.source_cidrs:
+                ingress[_kind(rule)].append(_element(f"{source} . {rule.public_ip}", rule))
+        tier_subnets = {i.id: i.ipv4().network for i in doc.guest_interfaces()}
+        egress_by_tier = {e.tier: e for e in firewall.egress}
+        egress = []
+        for iface in doc.guest_interfaces():
+            policy = egress_by_tier.get(iface.id)
+            rules = policy.rules if policy else []
+            default = policy.default if policy else "allow"
+            sets: dict[str, list[str]] = {"tcp": [], "udp": [], "icmp": [], "icmp_typed": [], "all": []}
+            for rule in rules:
+                for destination in rule.destination_cidrs:
+                    sets[_kind(rule)].append(_element(str(destination), rule))
+            egress.append(
+                {
+                    "chain": f"egress_{iface.id}".replace("-", "_"),
+                    "ifname": names[iface.id],
+                    "default": "accept" if default == "allow" else "drop",
+                    "exception": "drop" if default == "allow" else "accept",
+                    "sets": sets,
+                }
+            )
+        return {
+            RULESET: runtime.render(
+                "nftables/vr.nft.j2",
+                router=doc.router.name,
+                public_if=names[public.id],
+                public_ips=sorted(p.ip for p in nat.public_ips if not p.reserved),
+                pf=pf,
+                static_in=[f"{s.public_ip} : {s.private_ip}" for s in nat.static_nat],
+                static_out=[f"{s.private_ip} : {s.public_ip}" for s in nat.static_nat],
+                source_nat=[f"{tier_subnets[s.tier]} : {s.ip}" for s in nat.source_nat if s.tier in tier_subnets],
+                ingress=ingress,
+                egress=egress,
+            )
+        }
+
+    def check(self, staged_dir: Path, change: Change, runtime: Runtime) -> None:
+        if not (staged_dir / RULESET).exists():
+            return
+        result = subprocess.run(
+            ["nft", "-c", "-f", str(staged_dir / RULESET)], check=False, capture_output=True, text=True, timeout=60
+        )
+        if result.returncode != 0:
+            raise CheckFailed("nft -c: " + result.stderr.strip().replace(str(staged_dir) + "/", ""))
+
+    def apply(self, change: Change, doc: RouterDocument | None, runtime: Runtime) -> None:
+        ruleset = change.desired(RULESET)
+        if ruleset is None:
+            _nft(f"table {TABLE} {{}}\ndelete table {TABLE}\n")
+        else:
+            _nft(ruleset.decode())  # idempotent: also restores a table deleted by hand
+
+    def probe(self, doc: RouterDocument, runtime: Runtime) -> str | None:
+        if doc.public_interface() is None:
+            return None
+        import nftables
+
+        rc, _, error = nftables.Nftables().cmd(f"list table {TABLE}")
+        return None if rc == 0 else f"table {TABLE} is missing: {error.strip()}"
+
+
+def _kind(rule: EgressRule | Any) -> str:
+    if rule.protocol == "icmp" and rule.icmp_type is not None:
+        return "icmp_typed"
+    return rule.protocol
+
+
+def _element(prefix: str, rule: Any) -> str:
+    if rule.protocol in ("tcp", "udp"):
+        ports = rule.ports
+        return f"{prefix} . {ports.start}" if ports.size == 1 else f"{prefix} . {ports.start}-{ports.end}"
+    if rule.protocol == "icmp" and rule.icmp_type is not None:
+        return f"{prefix} . {rule.icmp_type}"
+    return prefix
+
+
+def _nft(commands: str) -> None:
+    """One libnftables call: the whole batch is one kernel transaction."""
+    import nftables
+
+    rc, _, error = nftables.Nftables().cmd(commands)
+    if rc != 0:
+        raise RuntimeError(f"nftables refused the ruleset: {error.strip()}")
