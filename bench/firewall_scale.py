@@ -3,7 +3,7 @@
 The rules are a mix of port forwards (half of --rules: single ports, tcp and udp, spread over
 16 public IPs) and ingress firewall rules (the other half: single ports and ranges, one to three
 source CIDRs each; half of them open a port forward, the rest open the public IPs themselves).
-ACLs (network_acls) do not exist in vr yet and are not included.
+ACL rules (network_acls) are not included yet.
 
 Measured in-process, in the router's namespace:
 
@@ -15,6 +15,7 @@ Measured in-process, in the router's namespace:
                          push to healthy (Result.duration_ms, Result.timings_ms) (median of --runs)
   incremental_apply_ms   Pipeline.apply of a partial payload (nat+firewall) adding ONE port forward
                          and its ingress rule to the 10k                         (median of --repeat)
+                         (each apply's Result.timings_ms and its time in Python's GC are reported too)
   rule_by_rule_ms        the same kind of rules created one `nft add rule` process per rule, in a
                          separate namespace: --naive-rules of them measured, extrapolated linearly
   throughput_*_gbps      iperf3 guest (g1) -> router (forward, source NAT) -> public host (pub),
@@ -31,6 +32,7 @@ The host's own interfaces are never touched: the process moves itself into the r
 from __future__ import annotations
 
 import argparse
+import gc
 import ipaddress
 import json
 import math
@@ -67,7 +69,7 @@ PF_PORT_BASE = 10000  # port forwards: 10000.. per (public IP, protocol)
 FW_PORT_BASE = 30000  # ingress rules that do not open a port forward: 30000.. per (public IP, protocol)
 INC_PORT_BASE = 60000  # the incremental adds
 IPERF_PORT = "5201"
-ACL_NOTE = "ACLs (network_acls) are not in vr yet: not included"
+ACL_NOTE = "ACL rules (network_acls) are not included yet"
 INCREMENTAL_NOTE = "vr re-renders and replaces the whole table on every nat/firewall change (no per-element update)"
 # Result.timings_ms steps; "commit" is ours: duration_ms minus their sum (document.json, events, clean-up).
 STEPS = ("validate", "render", "check", "switch", "reload", "health", "commit")
@@ -107,6 +109,19 @@ def with_commit(result) -> dict[str, float]:
     timings = dict(result.timings_ms)
     timings["commit"] = round(result.duration_ms - sum(timings.values()), 2)
     return timings
+
+
+class GcClock:
+    """Time the interpreter spends in its cyclic garbage collector (all generations)."""
+
+    def __init__(self) -> None:
+        self.total_ms, self._start = 0.0, 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.total_ms += ms(self._start)
 
 
 def median_steps(series: list[dict[str, float]]) -> dict[str, float]:
@@ -424,18 +439,22 @@ def bench(args, settings: Settings, names: dict[str, str]) -> dict:
             "throughput_ratio": TARGET_THROUGHPUT_RATIO,
         },
     }
+    gc_clock = GcClock()
+    gc.callbacks.append(gc_clock)
     try:
-        measure(args, settings, names, figures)
-    except (VrError, RuntimeError, subprocess.SubprocessError, OSError) as error:
+        measure(args, settings, names, figures, gc_clock)
+    except (VrError, RuntimeError, subprocess.SubprocessError, OSError, ValueError, KeyError) as error:
         check_stop()
         figures["error"] = f"{figures.pop('_phase', '?')}: {type(error).__name__}: {error}"
+    finally:
+        gc.callbacks.remove(gc_clock)
     figures.pop("_phase", None)
     met = [figures.get(k, False) for k in ("full_apply_met", "incremental_apply_met", "throughput_met")]
     figures["all_met"] = all(met) and "error" not in figures
     return figures
 
 
-def measure(args, settings: Settings, names: dict[str, str], figures: dict) -> None:
+def measure(args, settings: Settings, names: dict[str, str], figures: dict, gc_clock: GcClock) -> None:
     raw = base_document()
     big_nat, big_firewall = scale_sections(args.rules)
     small_nat, small_firewall = raw["nat"], raw["firewall"]
@@ -453,7 +472,7 @@ def measure(args, settings: Settings, names: dict[str, str], figures: dict) -> N
     # Full applies, alternating example-size <-> 10k; throughput measured under each, interleaved
     # so that drift on the host (other load) hits both sides alike.
     cycles = max(args.runs, args.iperf_runs)
-    full, full_steps, back, back_steps = [], [], [], []
+    full, full_steps, full_gc, back, back_steps = [], [], [], [], []
     tput: dict[str, list[float]] = {"0": [], "10k": []}
     server_saw = set()
     for cycle in range(cycles):
@@ -465,9 +484,11 @@ def measure(args, settings: Settings, names: dict[str, str], figures: dict) -> N
         check_stop()
         figures["_phase"] = f"full apply #{cycle + 1}"
         generation += 1
+        gc_before = gc_clock.total_ms
         mark = time.perf_counter()
         result = pipeline.apply({"generation": generation, "nat": big_nat, "firewall": big_firewall})
         full.append(ms(mark))
+        full_gc.append(gc_clock.total_ms - gc_before)
         full_steps.append(with_commit(result))
         figures["full_apply_changed"] = result.changed
         if cycle == 0:
@@ -497,6 +518,7 @@ def measure(args, settings: Settings, names: dict[str, str], figures: dict) -> N
         "full_apply_ms_max": round(max(full), 1),
         "full_apply_count": len(full),
         "full_apply_timings_ms_median": median_steps(full_steps),
+        "full_apply_gc_ms_median": round(statistics.median(full_gc), 1),
         "full_apply_met": statistics.median(full) < TARGET_FULL_MS,
     }
     if back:
@@ -543,7 +565,7 @@ def measure(args, settings: Settings, names: dict[str, str], figures: dict) -> N
     figures["transaction_ms"] = round(median_of(transaction, args.runs), 1)
 
     # Incremental: one port forward and its ingress rule, on top of the 10k (cumulative).
-    series, steps, changed = [], [], set()
+    series, steps, gc_ms, changed = [], [], [], set()
     forwards, ingress = list(big_nat["port_forwarding"]), list(big_firewall["ingress"])
     for j in range(args.repeat):
         check_stop()
@@ -554,9 +576,11 @@ def measure(args, settings: Settings, names: dict[str, str], figures: dict) -> N
         generation += 1
         payload = {"generation": generation, "nat": {**big_nat, "port_forwarding": list(forwards)},
                    "firewall": {**big_firewall, "ingress": list(ingress)}}  # fmt: skip
+        gc_before = gc_clock.total_ms
         mark = time.perf_counter()
         result = pipeline.apply(payload)
         series.append(ms(mark))
+        gc_ms.append(gc_clock.total_ms - gc_before)
         steps.append(with_commit(result))
         changed.update(result.changed)
     if series:
@@ -566,6 +590,7 @@ def measure(args, settings: Settings, names: dict[str, str], figures: dict) -> N
             "incremental_apply_ms_max": round(max(series), 1),
             "incremental_apply_count": len(series),
             "incremental_apply_timings_ms_median": median_steps(steps),
+            "incremental_apply_gc_ms_median": round(statistics.median(gc_ms), 1),
             "incremental_apply_changed": sorted(changed),
             "incremental_apply_met": statistics.median(series) < TARGET_INCREMENTAL_MS,
         }
@@ -634,6 +659,7 @@ def table(f: dict) -> str:
                 ),
             ),
             ("  timings_ms (median)", _steps(f["full_apply_timings_ms_median"])),
+            ("  of which in Python's GC (median)", f"{f['full_apply_gc_ms_median']:.1f} ms"),
             ("  services changed", ", ".join(f["full_apply_changed"]) or "none"),
         ]
     if "full_apply_back_ms" in f:
@@ -652,6 +678,7 @@ def table(f: dict) -> str:
                 ),
             ),
             ("  timings_ms (median)", _steps(f["incremental_apply_timings_ms_median"])),
+            ("  of which in Python's GC (median)", f"{f['incremental_apply_gc_ms_median']:.1f} ms"),
             ("  services changed", ", ".join(f["incremental_apply_changed"]) or "none"),
             ("  note", f["note_incremental"]),
         ]

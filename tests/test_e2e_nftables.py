@@ -104,3 +104,23 @@ def test_a_deleted_table_is_restored_by_the_next_start(lab):
     assert json.loads(lab.vr("status", "--json", check=False).stdout)["healthy"] is False
     lab.vr("start")
     assert "map pf_tcp" in ruleset(lab)
+
+
+def test_vpc_acl_first_match_by_number(servers, tmp_path):
+    lab = servers
+    router = {"name": "r-101-vm", "type": "vpc"}
+    deny_first = [
+        {"number": 20, "action": "allow", "protocol": "tcp", "ports": 22},
+        {"number": 10, "action": "deny", "protocol": "tcp", "ports": 22, "cidrs": ["10.1.1.0/24"]},
+    ]
+    egress = [{"number": 10, "action": "deny", "protocol": "udp", "ports": 7000}]
+    acls = [{"tier": "tier2", "ingress": deny_first, "egress": egress}]
+    lab.vr("apply", write_payload(tmp_path, {"generation": 2, "router": router, "network_acls": acls}))
+    assert lab.ask(lab.ns("g1"), "10.1.2.10", 22, timeout=1) is None  # rule 10 denies tier1
+    assert lab.ask(lab.ns("pub"), "192.0.2.11", 22) == "db1 sees 192.0.2.1"  # rule 20 allows the rest
+    assert lab.ask(lab.ns("g2"), "192.0.2.1", 7000, udp=True, timeout=1) is None  # egress rule 10
+    assert lab.ask(lab.ns("g2"), "192.0.2.1", 7000) == "public host sees 192.0.2.11"  # default allow
+
+    deny_first[0]["number"] = 5  # now the allow comes first
+    lab.vr("apply", write_payload(tmp_path, {"generation": 3, "network_acls": acls}))
+    assert lab.ask(lab.ns("g1"), "10.1.2.10", 22) == "db1 sees 10.1.1.10"

@@ -126,3 +126,30 @@ def test_assigned_public_ips_go_on_the_public_interface(example, tmp_path):
     state = json.loads(NetworkService().generate(doc, Runtime(Settings.under_root(tmp_path)))["network.json"])
     public = next(i for i in state["interfaces"] if i["id"] == "public")
     assert public["addresses"] == ["192.0.2.10/24", "192.0.2.11/24"]  # .20 is only reserved
+
+
+def vpc_acl(example: dict, ingress: list[dict], egress: list[dict] | None = None) -> dict:
+    example["router"]["type"] = "vpc"
+    example["network_acls"] = [{"tier": "tier2", "ingress": ingress, "egress": egress or []}]
+    return example
+
+
+def test_acls_are_for_vpc_routers_with_unique_numbers(example):
+    example["network_acls"] = [{"tier": "tier2", "ingress": [{"number": 10, "action": "deny", "protocol": "all"}]}]
+    assert "apply to VPC routers" in problems(example)["network_acls"]
+    rules = [{"number": 10, "action": "deny", "protocol": "all"}, {"number": 10, "action": "allow", "protocol": 47}]
+    found = problems(vpc_acl(example, rules))
+    assert "10 is already used by network_acls[0].ingress[0]" in found["network_acls[0].ingress[1].number"]
+
+
+def test_acl_entries_are_ordered_by_number_not_by_position(example, tmp_path):
+    rules = [
+        {"number": 20, "action": "allow", "protocol": "tcp", "ports": 22},
+        {"number": 10, "action": "deny", "protocol": "tcp", "ports": 22, "cidrs": ["10.1.1.0/24"]},
+        {"number": 30, "action": "allow", "protocol": 47},
+    ]
+    text = ruleset(vpc_acl(example, rules), tmp_path)
+    deny = text.index('ip saddr { 10.1.1.0/24 } meta l4proto tcp tcp dport 22 counter drop comment "ingress acl 10"')
+    allow = text.index('ip saddr { 0.0.0.0/0 } meta l4proto tcp tcp dport 22 counter accept comment "ingress acl 20"')
+    gre = text.index('meta l4proto 47 counter accept comment "ingress acl 30"')
+    assert deny < allow < gre

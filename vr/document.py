@@ -31,7 +31,7 @@ from vr.errors import InvalidPayload, Problem, StalePayload
 
 # Sections a later vr release fills in. Present in a payload today, they are refused
 # with a message that says so rather than silently dropped.
-FUTURE_SECTIONS = ("network_acls", "load_balancer", "vpn", "ipv6", "monitor", "metadata")
+FUTURE_SECTIONS = ("load_balancer", "vpn", "ipv6", "monitor", "metadata")
 
 
 def _pattern(regex: str, what: str):
@@ -257,6 +257,25 @@ class Firewall(Strict):
     egress: list[TierEgress] = Field(default_factory=list, max_length=64)
 
 
+class AclRule(_TrafficMatch):
+    """One numbered entry of a VPC tier's ACL; the lowest number that matches decides."""
+
+    number: int = Field(ge=1, le=65535)
+    action: Literal["allow", "deny"]
+    protocol: Literal["tcp", "udp", "icmp", "all"] | Annotated[int, Field(ge=0, le=255)]
+    cidrs: list[IPv4Network] = Field(default_factory=lambda: [IPv4Network("0.0.0.0/0")], max_length=256)
+
+
+class TierAcl(Strict):
+    """Ingress: traffic entering the tier (cidrs are sources); egress: leaving it (destinations)."""
+
+    tier: Identifier
+    ingress: list[AclRule] = Field(default_factory=list, max_length=2000)
+    egress: list[AclRule] = Field(default_factory=list, max_length=2000)
+    ingress_default: Literal["allow", "deny"] = "deny"
+    egress_default: Literal["allow", "deny"] = "allow"
+
+
 class RouterDocument(Strict):
     generation: int = Field(ge=1)
     router: RouterIdentity
@@ -266,6 +285,7 @@ class RouterDocument(Strict):
     dhcp: Dhcp = Field(default_factory=Dhcp)
     nat: Nat = Field(default_factory=Nat)
     firewall: Firewall = Field(default_factory=Firewall)
+    network_acls: list[TierAcl] = Field(default_factory=list, max_length=64)
 
     def interface(self, interface_id: str) -> Interface | None:
         return next((i for i in self.interfaces if i.id == interface_id), None)
@@ -295,10 +315,11 @@ class Payload(Strict):
     dhcp: Dhcp | None = None
     nat: Nat | None = None
     firewall: Firewall | None = None
+    network_acls: list[TierAcl] | None = None
     dhcp_entries: DhcpEntryChanges | None = None
 
 
-SECTIONS = ("router", "interfaces", "routes", "dns", "dhcp", "nat", "firewall")
+SECTIONS = ("router", "interfaces", "routes", "dns", "dhcp", "nat", "firewall", "network_acls")
 
 
 def json_path(loc: tuple[Any, ...]) -> str:
@@ -370,6 +391,7 @@ def merge(stored: RouterDocument | None, payload: Payload) -> RouterDocument:
             dhcp=payload.dhcp or Dhcp(),
             nat=payload.nat or Nat(),
             firewall=payload.firewall or Firewall(),
+            network_acls=payload.network_acls or [],
         )
     else:
         updates = {s: getattr(payload, s) for s in SECTIONS if getattr(payload, s) is not None}

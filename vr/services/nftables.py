@@ -18,7 +18,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
-from vr.document import EgressRule, RouterDocument
+from vr.document import AclRule, EgressRule, RouterDocument
 from vr.errors import Problem
 from vr.runtime import Runtime
 from vr.services.base import Change, CheckFailed, Service
@@ -32,7 +32,7 @@ class NftablesService(Service):
     name = "nftables"
 
     def read(self, doc: RouterDocument) -> Any:
-        return (doc.interfaces, doc.nat, doc.firewall)
+        return (doc.router, doc.interfaces, doc.nat, doc.firewall, doc.network_acls)
 
     def configured(self, doc: RouterDocument) -> bool:
         return doc.public_interface() is not None
@@ -103,6 +103,25 @@ class NftablesService(Service):
                 problems.append(Problem(f"firewall.egress[{n}].tier", f"{egress.tier!r} is not a guest tier"))
             if seen_tiers.setdefault(egress.tier, n) != n:
                 problems.append(Problem(f"firewall.egress[{n}].tier", f"tier {egress.tier!r} is listed twice"))
+        if doc.network_acls and doc.router.type != "vpc":
+            problems.append(Problem("network_acls", "network ACLs apply to VPC routers (router.type is isolated)"))
+        acl_tiers: dict[str, int] = {}
+        for n, acl in enumerate(doc.network_acls):
+            if acl.tier not in tiers:
+                problems.append(Problem(f"network_acls[{n}].tier", f"{acl.tier!r} is not a guest tier"))
+            if acl_tiers.setdefault(acl.tier, n) != n:
+                problems.append(Problem(f"network_acls[{n}].tier", f"tier {acl.tier!r} has two ACLs"))
+            for direction in ("ingress", "egress"):
+                numbers: dict[int, int] = {}
+                for m, rule in enumerate(getattr(acl, direction)):
+                    first = numbers.setdefault(rule.number, m)
+                    if first != m:
+                        problems.append(
+                            Problem(
+                                f"network_acls[{n}].{direction}[{m}].number",
+                                f"{rule.number} is already used by network_acls[{n}].{direction}[{first}]",
+                            )
+                        )
         return problems
 
     def generate(self, doc: RouterDocument, runtime: Runtime) -> dict[str, bytes]:
@@ -125,7 +144,8 @@ class NftablesService(Service):
                 ingress[_kind(rule)].append(_element(f"{source} . {rule.public_ip}", rule))
         tier_subnets = {i.id: i.ipv4().network for i in doc.guest_interfaces()}
         egress_by_tier = {e.tier: e for e in firewall.egress}
-        egress = []
+        acl_by_tier = {a.tier: a for a in doc.network_acls}
+        tiers = []
         for iface in doc.guest_interfaces():
             policy = egress_by_tier.get(iface.id)
             rules = policy.rules if policy else []
@@ -134,13 +154,20 @@ class NftablesService(Service):
             for rule in rules:
                 for destination in rule.destination_cidrs:
                     sets[_kind(rule)].append(_element(str(destination), rule))
-            egress.append(
+            acl = acl_by_tier.get(iface.id)
+            tiers.append(
                 {
-                    "chain": f"egress_{iface.id}".replace("-", "_"),
+                    "chain": iface.id.replace("-", "_"),
                     "ifname": names[iface.id],
                     "default": "accept" if default == "allow" else "drop",
                     "exception": "drop" if default == "allow" else "accept",
                     "sets": sets,
+                    "acl": acl is not None,
+                    # ACL verdicts: leaving a tier, 'allow' returns so the entered tier's ACL decides too.
+                    "acl_out": _acl_rules(acl.egress, "daddr", "return") if acl else [],
+                    "acl_out_default": ("return" if acl.egress_default == "allow" else "drop") if acl else "return",
+                    "acl_in": _acl_rules(acl.ingress, "saddr", "accept") if acl else [],
+                    "acl_in_default": ("accept" if acl.ingress_default == "allow" else "drop") if acl else "accept",
                 }
             )
         return {
@@ -154,7 +181,7 @@ class NftablesService(Service):
                 static_out=[f"{s.private_ip} : {s.public_ip}" for s in nat.static_nat],
                 source_nat=[f"{tier_subnets[s.tier]} : {s.ip}" for s in nat.source_nat if s.tier in tier_subnets],
                 ingress=ingress,
-                egress=egress,
+                tiers=tiers,
             )
         }
 
@@ -181,6 +208,27 @@ class NftablesService(Service):
 
         rc, _, error = nftables.Nftables().cmd(f"list table {TABLE}")
         return None if rc == 0 else f"table {TABLE} is missing: {error.strip()}"
+
+
+def _acl_rules(rules: list[AclRule], address: str, allow: str) -> list[dict]:
+    """Numbered ACL entries in order: first match wins, so these stay ordered rules."""
+    result = []
+    for rule in sorted(rules, key=lambda r: r.number):
+        match = [f"ip {address} {{ {', '.join(str(c) for c in rule.cidrs)} }}"]
+        if isinstance(rule.protocol, int):
+            match.append(f"meta l4proto {rule.protocol}")
+        elif rule.protocol != "all":
+            match.append(f"meta l4proto {rule.protocol}")
+            if rule.ports is not None:
+                ports = rule.ports
+                span = str(ports.start) if ports.size == 1 else f"{ports.start}-{ports.end}"
+                match.append(f"{rule.protocol} dport {span}")
+            if rule.icmp_type is not None:
+                match.append(f"icmp type {rule.icmp_type}")
+        result.append(
+            {"number": rule.number, "match": " ".join(match), "verdict": allow if rule.action == "allow" else "drop"}
+        )
+    return result
 
 
 def _kind(rule: EgressRule | Any) -> str:
