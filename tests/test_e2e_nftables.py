@@ -34,13 +34,22 @@ def test_guests_leave_with_their_source_nat_ip(servers):
     assert lab.ask(lab.ns("g2"), "192.0.2.1", 7000) == "public host sees 192.0.2.11"  # its static NAT IP
 
 
+def firewall_hits(lab) -> dict[str, int]:
+    report = json.loads(lab.vr("status", "--json", "--firewall").stdout)
+    return {c["rule"]: c["packets"] for c in report["firewall"]}
+
+
 def test_public_reaches_guests_only_through_forwards_and_static_nat(servers):
     lab, pub = servers, servers.ns("pub")
+    assert firewall_hits(lab)["ingress allowed: tcp"] == 0
     assert lab.ask(pub, "192.0.2.10", 8080) == "web1 sees 192.0.2.1"
+    assert firewall_hits(lab)["ingress allowed: tcp"] == 1  # the SYN; the rest is established
     assert lab.ask(pub, "192.0.2.10", 5353, udp=True) == "web1 sees 192.0.2.1"
     assert lab.ask(pub, "192.0.2.11", 22) == "db1 sees 192.0.2.1"
     assert lab.ping(pub, "192.0.2.11")  # icmp echo opened on the static NAT IP
+    dropped = firewall_hits(lab)["ingress dropped: no rule"]
     assert lab.ask(pub, "192.0.2.10", 8081, timeout=1) is None  # no forward, no rule
+    assert firewall_hits(lab)["ingress dropped: no rule"] > dropped
     assert lab.ask(pub, "192.0.2.10", 80, timeout=1) is None
     assert lab.ask(pub, "10.1.1.10", 80, timeout=1) is None  # no way in but NAT
 

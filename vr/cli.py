@@ -77,7 +77,7 @@ def cmd_schema(args) -> int:
 def cmd_status(args) -> int:
     from vr.status import collect, render_text
 
-    report = collect(_settings(args))
+    report = collect(_settings(args), firewall=args.firewall)
     print(json.dumps(report, indent=2) if args.json else render_text(report))
     return 0 if report["healthy"] else 1
 
@@ -150,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("schema", help="print the JSON Schema of a payload").set_defaults(func=cmd_schema)
     p = sub.add_parser("status", help="generation, last apply, each service's health")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--firewall", action="store_true", help="also each firewall/NAT rule's hit counters")
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("events", help="print events (JSON lines)")
     p.add_argument("--resource", help="KIND or KIND:ID, e.g. vm:02:00:00:00:01:10 or service:dnsmasq")

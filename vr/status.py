@@ -8,7 +8,7 @@ from vr.files import read_json
 from vr.settings import Settings
 
 
-def collect(settings: Settings) -> dict:
+def collect(settings: Settings, firewall: bool = False) -> dict:
     from vr.pipeline import Pipeline
     from vr.services import SERVICES
 
@@ -39,7 +39,16 @@ def collect(settings: Settings) -> dict:
             )
         services.append(item)
     last = read_json(settings.last_apply_path)
+    counters = None
+    if firewall and doc is not None:
+        from vr.services.nftables import rule_counters
+
+        try:
+            counters = rule_counters()
+        except RuntimeError as error:
+            counters = [{"chain": "-", "rule": str(error), "packets": 0, "bytes": 0}]
     return {
+        "firewall": counters,
         "router": doc.router.name if doc else None,
         "generation": doc.generation if doc else None,
         "last_apply": last,
@@ -69,4 +78,7 @@ def render_text(report: dict) -> str:
         health = "ok" if s["healthy"] else f"FAILING: {s['reason']}"
         uptime = f"{s.get('uptime_s', 0)}s" if "state" in s else ""
         lines.append(f"{s['name']:<12}{s.get('state', '-'):<10}{s.get('pid') or '':>8}{uptime:>9}  {health}")
+    if report.get("firewall") is not None:
+        lines += ["", f"{'chain':<14}{'packets':>10}{'bytes':>12}  rule"]
+        lines += [f"{c['chain']:<14}{c['packets']:>10}{c['bytes']:>12}  {c['rule']}" for c in report["firewall"]]
     return "\n".join(lines)

@@ -210,6 +210,27 @@ class NftablesService(Service):
         return None if rc == 0 else f"table {TABLE} is missing: {error.strip()}"
 
 
+def rule_counters() -> list[dict]:
+    """Every commented rule of vr's table with its packet and byte counters."""
+    import json
+
+    import nftables
+
+    nft = nftables.Nftables()
+    nft.set_json_output(True)
+    rc, output, error = nft.cmd(f"list table {TABLE}")
+    if rc != 0:
+        raise RuntimeError(f"cannot list table {TABLE}: {error.strip()}")
+    result = []
+    for item in json.loads(output)["nftables"]:
+        rule = item.get("rule")
+        if not rule or "comment" not in rule:
+            continue
+        counter = next((e["counter"] for e in rule["expr"] if "counter" in e), {"packets": 0, "bytes": 0})
+        result.append({"chain": rule["chain"], "rule": rule["comment"], **counter})
+    return result
+
+
 def _acl_rules(rules: list[AclRule], address: str, allow: str) -> list[dict]:
     """Numbered ACL entries in order: first match wins, so these stay ordered rules."""
     result = []
