@@ -89,7 +89,11 @@ def test_egress_names_known_tiers_once(example):
 def test_ruleset_is_sets_and_maps_not_a_rule_per_item(example, tmp_path):
     text = ruleset(example, tmp_path)
     assert "set public_ips { type ipv4_addr; elements = { 192.0.2.10, 192.0.2.11 }; }" in text  # .20 is reserved
-    assert "0.0.0.0/0 . 192.0.2.10 . 8080 : 10.1.1.10 . 80" in text
+    assert (
+        "map pf_tcp { type ipv4_addr . inet_service : ipv4_addr . inet_service; elements = { 192.0.2.10 . 8080 : 10.1.1.10 . 80 }; }"
+        in text
+    )  # exact keys: a hash map
+    assert "set in_tcp { type ipv4_addr . inet_service; elements = { 192.0.2.10 . 8080, 192.0.2.11 . 22 }; }" in text
     assert "192.0.2.11 : 10.1.2.10" in text and "10.1.2.10 : 192.0.2.11" in text
     assert "10.1.1.0/24 : 192.0.2.10" in text
     before = text.count("\n")
@@ -107,7 +111,7 @@ def test_port_ranges_map_port_by_port_and_sources_are_kept(example, tmp_path):
     text = ruleset(example, tmp_path)
     for offset in range(3):
         assert f"203.0.113.0/24 . 192.0.2.10 . {8000 + offset} : 10.1.1.10 . {9000 + offset}" in text
-    assert "0.0.0.0/0 . 192.0.2.10 . 8000" not in text
+    assert "map pf_tcp { type ipv4_addr . inet_service : ipv4_addr . inet_service; }" in text  # all by source
 
 
 def test_egress_rules_are_exceptions_to_the_default(example, tmp_path):
@@ -153,3 +157,22 @@ def test_acl_entries_are_ordered_by_number_not_by_position(example, tmp_path):
     allow = text.index('ip saddr { 0.0.0.0/0 } meta l4proto tcp tcp dport 22 counter accept comment "ingress acl 20"')
     gre = text.index('meta l4proto 47 counter accept comment "ingress acl 30"')
     assert deny < allow < gre
+
+
+@pytest.mark.parametrize(
+    ("second", "conflict"),
+    [
+        ({"ports": 8080, "source_cidrs": ["10.0.0.0/8"]}, True),  # inside 0.0.0.0/0 on the same port
+        ({"ports": "8000-8090"}, True),
+        ({"ports": 8081}, False),
+        ({"ports": 8080, "protocol": "udp"}, False),
+    ],
+)
+def test_overlapping_ingress_rules_are_refused_with_both_paths(example, second, conflict):
+    rule = {"id": "second", "public_ip": "192.0.2.10", "protocol": "tcp", **second}
+    example["firewall"]["ingress"].append(rule)
+    found = problems(example)
+    if conflict:
+        assert "overlaps firewall.ingress[0]" in found["firewall.ingress[4]"]
+    else:
+        assert found == {}

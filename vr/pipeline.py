@@ -216,6 +216,7 @@ class Pipeline:
         write_atomic(self.settings.document_path, doc.model_dump_json().encode())
         stat = self.settings.document_path.stat()
         self._stored = ((stat.st_ino, stat.st_mtime_ns, stat.st_size), doc)
+        _settle_garbage_collector()
         _fault_point("committed")
         self._finish(txid)
         changed = [c.service for c in changes if c.paths]

@@ -13,8 +13,9 @@ and static NAT.
 
 from __future__ import annotations
 
+import re
 import subprocess
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,22 @@ class NftablesService(Service):
             ranges.append((rule.public_ports.start, rule.public_ports.end, n))
         for n, rule in enumerate(doc.firewall.ingress):
             need_assigned(f"firewall.ingress[{n}].public_ip", rule.public_ip)
+        problems += _conflicts(
+            (str(r.public_ip), r.protocol, source, *_span(r), f"firewall.ingress[{n}]")
+            for n, r in enumerate(doc.firewall.ingress)
+            for source in r.source_cidrs
+        )
+        problems += _conflicts(
+            (n, "sources", source, 0, 0, f"nat.port_forwarding[{n}]")
+            for n, r in enumerate(doc.nat.port_forwarding)
+            for source in r.source_cidrs
+        )
+        for e, egress in enumerate(doc.firewall.egress):
+            problems += _conflicts(
+                (egress.tier, r.protocol, destination, *_span(r), f"firewall.egress[{e}].rules[{n}]")
+                for n, r in enumerate(egress.rules)
+                for destination in r.destination_cidrs
+            )
         seen_tiers: dict[str, int] = {}
         for n, egress in enumerate(doc.firewall.egress):
             if egress.tier not in tiers:
@@ -130,18 +147,32 @@ class NftablesService(Service):
             return {}
         names = interface_names(doc)
         nat, firewall = doc.nat, doc.firewall
-        pf: dict[str, list[str]] = {"tcp": [], "udp": []}
+        # Exact keys (no source restriction, one port) go in hash maps and sets: the kernel
+        # loads those in linear time. Only the rest needs concatenated interval sets.
+        pf: dict[str, list[str]] = {"tcp": [], "udp": [], "tcp_from": [], "udp_from": []}
         for rule in nat.port_forwarding:
-            for source in rule.source_cidrs or [IPv4Network("0.0.0.0/0")]:
-                for offset in range(rule.public_ports.size):
-                    pf[rule.protocol].append(
-                        f"{source} . {rule.public_ip} . {rule.public_ports.start + offset} : "
-                        f"{rule.private_ip} . {rule.private_ports.start + offset}"
-                    )
-        ingress: dict[str, list[str]] = {"tcp": [], "udp": [], "icmp": [], "icmp_typed": [], "all": []}
+            for offset in range(rule.public_ports.size):
+                target = f"{rule.private_ip} . {rule.private_ports.start + offset}"
+                port = rule.public_ports.start + offset
+                if not rule.source_cidrs:
+                    pf[rule.protocol].append(f"{rule.public_ip} . {port} : {target}")
+                for source in rule.source_cidrs:
+                    pf[f"{rule.protocol}_from"].append(f"{source} . {rule.public_ip} . {port} : {target}")
+        ingress: dict[str, list[str]] = {
+            k: [] for k in ("tcp", "udp", "all", "tcp_from", "udp_from", "all_from", "icmp", "icmp_typed")
+        }
         for rule in firewall.ingress:
             for source in rule.source_cidrs:
-                ingress[_kind(rule)].append(_element(f"{source} . {rule.public_ip}", rule))
+                kind = _kind(rule)
+                exact = (
+                    source.prefixlen == 0 and kind in ("tcp", "udp", "all") and (kind == "all" or rule.ports.size == 1)
+                )
+                if exact:
+                    ingress[kind].append(_element(str(rule.public_ip), rule))
+                else:
+                    ingress[kind if kind.startswith("icmp") else f"{kind}_from"].append(
+                        _element(f"{source} . {rule.public_ip}", rule)
+                    )
         tier_subnets = {i.id: i.ipv4().network for i in doc.guest_interfaces()}
         egress_by_tier = {e.tier: e for e in firewall.egress}
         acl_by_tier = {a.tier: a for a in doc.network_acls}
@@ -188,8 +219,13 @@ class NftablesService(Service):
     def check(self, staged_dir: Path, change: Change, runtime: Runtime) -> None:
         if not (staged_dir / RULESET).exists():
             return
+        batch = staged_dir / RULESET
+        delta = _element_delta(change)
+        if delta is not None:  # check what will run: the element batch, against the live table
+            batch = staged_dir / "delta.nft"
+            batch.write_text(delta)
         result = subprocess.run(
-            ["nft", "-c", "-f", str(staged_dir / RULESET)], check=False, capture_output=True, text=True, timeout=60
+            ["nft", "-c", "-f", str(batch)], check=False, capture_output=True, text=True, timeout=60
         )
         if result.returncode != 0:
             raise CheckFailed("nft -c: " + result.stderr.strip().replace(str(staged_dir) + "/", ""))
@@ -198,16 +234,61 @@ class NftablesService(Service):
         ruleset = change.desired(RULESET)
         if ruleset is None:
             _nft(f"table {TABLE} {{}}\ndelete table {TABLE}\n")
-        else:
-            _nft(ruleset.decode())  # idempotent: also restores a table deleted by hand
+            return
+        delta = _element_delta(change)
+        # Only elements changed: touch only them. Otherwise (and to restore a table deleted
+        # by hand) replace the whole table; both are one transaction and end identical.
+        _nft(delta if delta is not None else ruleset.decode())
 
     def probe(self, doc: RouterDocument, runtime: Runtime) -> str | None:
         if doc.public_interface() is None:
             return None
-        import nftables
+        return None if _table_present() else f"table {TABLE} is missing"
 
-        rc, _, error = nftables.Nftables().cmd(f"list table {TABLE}")
-        return None if rc == 0 else f"table {TABLE} is missing: {error.strip()}"
+
+_SET_LINE = re.compile(r"  (?:set|map) (\w+) \{ (.*?;)(?: elements = \{ (.*) \};)? \}")
+
+
+def _split(ruleset: str) -> tuple[str, dict[str, list[str]]]:
+    """Our own rendering -> (the ruleset without element lists, set name -> elements)."""
+    skeleton, elements = [], {}
+    for line in ruleset.splitlines():
+        match = _SET_LINE.fullmatch(line)
+        if match:
+            name, definition, items = match.groups()
+            elements[name] = items.split(", ") if items else []
+            line = f"  set-or-map {name} {{ {definition} }}"
+        skeleton.append(line)
+    return "\n".join(skeleton), elements
+
+
+def _element_delta(change: Change) -> str | None:
+    """The add/delete element batch turning the live ruleset into the new one, when only
+    elements differ and the live table is there to receive it; None means replace it all."""
+    old, new = change.previous.get(RULESET), change.desired(RULESET)
+    if not old or not new or RULESET not in change.written or not _table_present():
+        return None
+    old_skeleton, old_elements = _split(old.decode())
+    new_skeleton, new_elements = _split(new.decode())
+    if old_skeleton != new_skeleton:
+        return None
+    commands = []
+    for name, wanted in new_elements.items():
+        before, after = set(old_elements[name]), set(wanted)
+        gone = sorted(e.split(" : ")[0] for e in before - after)
+        if gone:
+            commands.append(f"delete element {TABLE} {name} {{ {', '.join(gone)} }}")
+        added = sorted(after - before)
+        if added:
+            commands.append(f"add element {TABLE} {name} {{ {', '.join(added)} }}")
+    return "\n".join(commands) + "\n"
+
+
+def _table_present() -> bool:
+    import nftables
+
+    rc, output, _ = nftables.Nftables().cmd("list tables inet")  # not the whole table: it can be large
+    return rc == 0 and f"table {TABLE}\n" in output + "\n"
 
 
 def rule_counters() -> list[dict]:
@@ -250,6 +331,44 @@ def _acl_rules(rules: list[AclRule], address: str, allow: str) -> list[dict]:
             {"number": rule.number, "match": " ".join(match), "verdict": allow if rule.action == "allow" else "drop"}
         )
     return result
+
+
+def _span(rule: Any) -> tuple[int, int]:
+    """The ports (or ICMP type) a rule covers, as an inclusive range; -1..256 means all."""
+    if rule.ports is not None:
+        return rule.ports.start, rule.ports.end
+    if rule.icmp_type is not None:
+        return rule.icmp_type, rule.icmp_type
+    return -1, 256
+
+
+def _conflicts(items: Any) -> list[Problem]:
+    """Rules whose elements overlap (same group, overlapping ports and networks) would make
+    the kernel refuse the whole set; CloudStack refuses such conflicting rules too.
+    Sweep by port start per group, so disjoint rules cost no pairwise comparison."""
+    by_group: dict[tuple, list[tuple]] = {}
+    for order, (group, protocol, network, low, high, path) in enumerate(items):
+        by_group.setdefault((group, protocol), []).append((low, high, network, path, order))
+    problems: list[Problem] = []
+    reported: set[str] = set()
+    for (_, protocol), elements in by_group.items():
+        elements.sort(key=lambda e: e[0])
+        active: list[tuple] = []
+        for element in elements:
+            low, _, network, _, _ = element
+            active = [a for a in active if a[1] >= low]
+            for other in active:
+                if network.overlaps(other[2]):
+                    # Name the rule that comes later in the document: the one just added.
+                    later, earlier = (element, other) if element[4] > other[4] else (other, element)
+                    if later[3] not in reported:
+                        where = "itself" if later[3] == earlier[3] else earlier[3]
+                        problems.append(
+                            Problem(later[3], f"overlaps {where} ({protocol}, {later[2]} and {earlier[2]})")
+                        )
+                        reported.add(later[3])
+            active.append(element)
+    return problems
 
 
 def _kind(rule: EgressRule | Any) -> str:
