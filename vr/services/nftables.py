@@ -26,6 +26,7 @@ from vr.services.base import Change, CheckFailed, Service
 from vr.services.network import interface_names
 
 RULESET = "vr.nft"
+ELEMENT_BATCH_LIMIT = 500  # elements added + removed, above which the table is replaced whole
 TABLE = "inet vr"
 
 
@@ -272,16 +273,19 @@ def _element_delta(change: Change) -> str | None:
     new_skeleton, new_elements = _split(new.decode())
     if old_skeleton != new_skeleton:
         return None
-    commands = []
+    commands, moved = [], 0
     for name, wanted in new_elements.items():
         before, after = set(old_elements[name]), set(wanted)
         gone = sorted(e.split(" : ")[0] for e in before - after)
+        moved += len(gone) + len(after - before)
         if gone:
             commands.append(f"delete element {TABLE} {name} {{ {', '.join(gone)} }}")
         added = sorted(after - before)
         if added:
             commands.append(f"add element {TABLE} {name} {{ {', '.join(added)} }}")
-    return "\n".join(commands) + "\n"
+    # Mass changes are cheaper as a fresh table: deleting elements one by one from the
+    # concatenated interval sets costs far more than loading them anew.
+    return "\n".join(commands) + "\n" if moved <= ELEMENT_BATCH_LIMIT else None
 
 
 def _table_present() -> bool:
