@@ -15,6 +15,7 @@ test: deps
 
 bench: deps
 	$(VENV)/bin/python bench/apply_scale.py
+	$(VENV)/bin/python bench/firewall_scale.py
 
 deps: apt venv
 
