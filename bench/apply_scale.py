@@ -37,7 +37,8 @@ import sys
 import tempfile
 import time
 import xmlrpc.client
-from pathlib import Path
+
+from common import STEPS, STOP, check_stop, ms, namespace_inode, p90, steps_text, stray_pids, with_commit
 
 from vr import netns
 from vr.errors import VrError
@@ -53,24 +54,11 @@ BASE_NET = ipaddress.IPv4Address("10.64.0.0")  # guest tiers are carved from 10.
 HEADROOM = 64  # addresses per tier kept free beyond the initial VMs, for the incremental adds
 DNS_TRIES = 50  # bounded wait for a HUP'd dnsmasq to answer for a new name (x 10 ms)
 # Result.timings_ms steps; "commit" is ours: duration_ms minus their sum (document.json, events, clean-up).
-STEPS = ("validate", "render", "check", "switch", "reload", "health", "commit")
 
 
 # The signal that asked us to stop. Its handler raises SystemExit, but an exception raised
 # inside a gc callback is swallowed, and one inside an apply becomes ApplyFailed after the
 # rollback: so every loop also checks this.
-STOP: dict[str, int] = {}
-
-
-def check_stop() -> None:
-    if STOP:
-        raise SystemExit(128 + STOP["signum"])
-
-
-def with_commit(result) -> dict[str, float]:
-    timings = dict(result.timings_ms)
-    timings["commit"] = round(result.duration_ms - sum(timings.values()), 2)
-    return timings
 
 
 class GcClock:
@@ -177,35 +165,7 @@ def add_veths(name: str, ifnames: list[str]) -> None:
         run("ip", "netns", "exec", name, "ip", "link", "set", peer, "up")
 
 
-def namespace_inode() -> int:
-    return os.stat("/proc/self/ns/net").st_ino
-
-
-def stray_pids(ns_inode: int, root: str) -> list[int]:
-    """Processes left in our namespace that run from our temp root: only ever ours."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            if os.stat(f"/proc/{entry}/ns/net").st_ino != ns_inode:
-                continue
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if root in cmdline:
-            found.append(int(entry))
-    return found
-
-
 # ---------------------------------------------------------------------------- measuring
-def ms(since: float) -> float:
-    return (time.perf_counter() - since) * 1000
-
-
-def p90(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(0.9 * len(ordered)) - 1)]
 
 
 def resolve(name: str, server: str, timeout: float = 0.5) -> list[str]:
@@ -392,7 +352,7 @@ def table(f: dict) -> str:
                 "cold_apply_ms (push to healthy)",
                 f"{f['cold_apply_ms']:.1f}  target < {TARGET_COLD_MS:.0f}  met: {yes(f['cold_apply_met'])}",
             ),
-            ("  timings_ms", _steps(f["cold_apply_timings_ms"])),
+            ("  timings_ms", steps_text(f["cold_apply_timings_ms"])),
         ]
     if "validate_ms" in f:
         rows.append(("validate_ms (median)", f"{f['validate_ms']:.1f}"))
@@ -410,7 +370,7 @@ def table(f: dict) -> str:
                     f"target < {TARGET_INCREMENTAL_MS:.0f}  met: {yes(f[f'incremental_{kind}_met'])}"
                 ),
             ),
-            ("  timings_ms (median)", _steps(f[f"incremental_{kind}_timings_ms_median"])),
+            ("  timings_ms (median)", steps_text(f[f"incremental_{kind}_timings_ms_median"])),
             ("  services changed", ", ".join(f[f"incremental_{kind}_changed"]) or "none"),
             (
                 "  of which in Python's GC",
@@ -441,10 +401,6 @@ def table(f: dict) -> str:
     rows.append(("all targets met", yes(f["all_met"])))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
-
-
-def _steps(timings: dict) -> str:
-    return "  ".join(f"{k} {v:.1f}" for k, v in timings.items())
 
 
 # ---------------------------------------------------------------------------- main

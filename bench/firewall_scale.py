@@ -35,7 +35,6 @@ import argparse
 import gc
 import ipaddress
 import json
-import math
 import os
 import shutil
 import signal
@@ -46,6 +45,8 @@ import tempfile
 import time
 import xmlrpc.client
 from pathlib import Path
+
+from common import STEPS, STOP, check_stop, ms, namespace_inode, p90, steps_text, stray_pids, with_commit
 
 from vr import netns
 from vr.errors import VrError
@@ -74,27 +75,11 @@ INCREMENTAL_NOTE = "a change that only adds or removes elements is applied as on
 PF_SETS = ("pf_tcp", "pf_udp", "pf_tcp_from", "pf_udp_from")
 INGRESS_SETS = ("in_all", "in_tcp", "in_udp", "in_all_from", "in_tcp_from", "in_udp_from", "in_icmp", "in_icmp_typed")
 # Result.timings_ms steps; "commit" is ours: duration_ms minus their sum (document.json, events, clean-up).
-STEPS = ("validate", "render", "check", "switch", "reload", "health", "commit")
 LISTEN_TRIES = 300  # bounded wait for iperf3's server to listen (x 10 ms)
 
 # The signal that asked us to stop (its handler raises SystemExit; an apply turns that into a
 # rollback and re-raises it, but every loop checks this too).
-STOP: dict[str, int] = {}
 CHILDREN: list[subprocess.Popen] = []  # started processes (iperf3 servers), stopped by PID
-
-
-def check_stop() -> None:
-    if STOP:
-        raise SystemExit(128 + STOP["signum"])
-
-
-def ms(since: float) -> float:
-    return (time.perf_counter() - since) * 1000
-
-
-def p90(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(0.9 * len(ordered)) - 1)]
 
 
 def median_of(fn, runs: int) -> float:
@@ -105,12 +90,6 @@ def median_of(fn, runs: int) -> float:
         fn()
         times.append(ms(mark))
     return statistics.median(times)
-
-
-def with_commit(result) -> dict[str, float]:
-    timings = dict(result.timings_ms)
-    timings["commit"] = round(result.duration_ms - sum(timings.values()), 2)
-    return timings
 
 
 class GcClock:
@@ -126,7 +105,7 @@ class GcClock:
             self.total_ms += ms(self._start)
 
 
-def median_steps(series: list[dict[str, float]]) -> dict[str, float]:
+def mediansteps_text(series: list[dict[str, float]]) -> dict[str, float]:
     return {s: round(statistics.median(t.get(s, 0.0) for t in series), 2) for s in STEPS if series}
 
 
@@ -280,27 +259,6 @@ def build_lab(prefix: str, created: list[str]) -> dict[str, str]:
     run("ip", "-n", g1, "link", "set", "eth0", "up")
     run("ip", "-n", g1, "route", "add", "default", "via", "10.1.1.1")
     return names
-
-
-def namespace_inode() -> int:
-    return os.stat("/proc/self/ns/net").st_ino
-
-
-def stray_pids(ns_inode: int, root: str) -> list[int]:
-    """Processes left in our namespace that run from our temp root: only ever ours."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            if os.stat(f"/proc/{entry}/ns/net").st_ino != ns_inode:
-                continue
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if root in cmdline:
-            found.append(int(entry))
-    return found
 
 
 def stop_process(process: subprocess.Popen) -> None:
@@ -521,13 +479,13 @@ def measure(args, settings: Settings, names: dict[str, str], figures: dict, gc_c
         "full_apply_ms_min": round(min(full), 1),
         "full_apply_ms_max": round(max(full), 1),
         "full_apply_count": len(full),
-        "full_apply_timings_ms_median": median_steps(full_steps),
+        "full_apply_timings_ms_median": mediansteps_text(full_steps),
         "full_apply_gc_ms_median": round(statistics.median(full_gc), 1),
         "full_apply_met": statistics.median(full) < TARGET_FULL_MS,
     }
     if back:
         figures["full_apply_back_ms"] = round(statistics.median(back), 1)
-        figures["full_apply_back_timings_ms_median"] = median_steps(back_steps)
+        figures["full_apply_back_timings_ms_median"] = mediansteps_text(back_steps)
     if tput["0"] and tput["10k"]:
         zero, loaded = statistics.median(tput["0"]), statistics.median(tput["10k"])
         figures |= {
@@ -593,7 +551,7 @@ def measure(args, settings: Settings, names: dict[str, str], figures: dict, gc_c
             "incremental_apply_ms_p90": round(p90(series), 1),
             "incremental_apply_ms_max": round(max(series), 1),
             "incremental_apply_count": len(series),
-            "incremental_apply_timings_ms_median": median_steps(steps),
+            "incremental_apply_timings_ms_median": mediansteps_text(steps),
             "incremental_apply_gc_ms_median": round(statistics.median(gc_ms), 1),
             "incremental_apply_changed": sorted(changed),
             "incremental_apply_met": statistics.median(series) < TARGET_INCREMENTAL_MS,
@@ -662,14 +620,14 @@ def table(f: dict) -> str:
                     f"  target < {TARGET_FULL_MS:.0f}  met: {yes(f['full_apply_met'])}"
                 ),
             ),
-            ("  timings_ms (median)", _steps(f["full_apply_timings_ms_median"])),
+            ("  timings_ms (median)", steps_text(f["full_apply_timings_ms_median"])),
             ("  of which in Python's GC (median)", f"{f['full_apply_gc_ms_median']:.1f} ms"),
             ("  services changed", ", ".join(f["full_apply_changed"]) or "none"),
         ]
     if "full_apply_back_ms" in f:
         rows += [
             (f"apply back ({f['rules']} -> example)", f"median {f['full_apply_back_ms']:.1f}"),
-            ("  timings_ms (median)", _steps(f["full_apply_back_timings_ms_median"])),
+            ("  timings_ms (median)", steps_text(f["full_apply_back_timings_ms_median"])),
         ]
     if "incremental_apply_ms_median" in f:
         rows += [
@@ -681,7 +639,7 @@ def table(f: dict) -> str:
                     f"met: {yes(f['incremental_apply_met'])}"
                 ),
             ),
-            ("  timings_ms (median)", _steps(f["incremental_apply_timings_ms_median"])),
+            ("  timings_ms (median)", steps_text(f["incremental_apply_timings_ms_median"])),
             ("  of which in Python's GC (median)", f"{f['incremental_apply_gc_ms_median']:.1f} ms"),
             ("  services changed", ", ".join(f["incremental_apply_changed"]) or "none"),
             ("  note", f["note_incremental"]),
@@ -722,10 +680,6 @@ def table(f: dict) -> str:
     rows.append(("all targets met", yes(f["all_met"])))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
-
-
-def _steps(timings: dict) -> str:
-    return "  ".join(f"{k} {v:.1f}" for k, v in timings.items())
 
 
 # ---------------------------------------------------------------------------- main
