@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 import subprocess
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
@@ -83,20 +83,17 @@ class NftablesService(Service):
             ):
                 if seen.setdefault(value, n) != n:
                     problems.append(Problem(f"{path}.{key}", f"{value} already has a static NAT"))
-        claimed: dict[tuple[IPv4Address, str], list[tuple[int, int, int]]] = {}
         for n, rule in enumerate(doc.nat.port_forwarding):
             path = f"nat.port_forwarding[{n}]"
             need_assigned(f"{path}.public_ip", rule.public_ip)
             need_guest(f"{path}.private_ip", rule.private_ip)
             if rule.public_ip in static_public:
                 problems.append(Problem(f"{path}.public_ip", f"{rule.public_ip} is taken whole by a static NAT"))
-            ranges = claimed.setdefault((rule.public_ip, rule.protocol), [])
-            for start, end, other in ranges:
-                if rule.public_ports.start <= end and start <= rule.public_ports.end:
-                    problems.append(
-                        Problem(f"{path}.public_ports", f"overlaps nat.port_forwarding[{other}] on {rule.public_ip}")
-                    )
-            ranges.append((rule.public_ports.start, rule.public_ports.end, n))
+        problems += _conflicts(  # one public IP, protocol and port leads to one place
+            (r.protocol, r.protocol, IPv4Network(f"{r.public_ip}/32"), r.public_ports.start, r.public_ports.end,
+             f"nat.port_forwarding[{n}].public_ports")
+            for n, r in enumerate(doc.nat.port_forwarding)
+        )  # fmt: skip
         for n, rule in enumerate(doc.firewall.ingress):
             need_assigned(f"firewall.ingress[{n}].public_ip", rule.public_ip)
         problems += _conflicts(
