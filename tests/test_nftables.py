@@ -177,3 +177,8 @@ def test_overlapping_ingress_rules_are_refused_with_both_paths(example, second, 
         assert "overlaps firewall.ingress[0]" in found["firewall.ingress[4]"]
     else:
         assert found == {}
+
+
+def test_rule_ids_are_unique(example):
+    example["firewall"]["ingress"][1]["id"] = "http"
+    assert "'http' is already firewall.ingress[0]" in problems(example)["firewall.ingress[1].id"]

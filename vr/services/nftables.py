@@ -94,6 +94,15 @@ class NftablesService(Service):
              f"nat.port_forwarding[{n}].public_ports")
             for n, r in enumerate(doc.nat.port_forwarding)
         )  # fmt: skip
+        for section, rules in (
+            ("nat.port_forwarding", doc.nat.port_forwarding),
+            ("firewall.ingress", doc.firewall.ingress),
+        ):
+            first_by_id: dict[str, int] = {}
+            for n, rule in enumerate(rules):
+                first = first_by_id.setdefault(rule.id, n)
+                if first != n:
+                    problems.append(Problem(f"{section}[{n}].id", f"{rule.id!r} is already {section}[{first}]"))
         for n, rule in enumerate(doc.firewall.ingress):
             need_assigned(f"firewall.ingress[{n}].public_ip", rule.public_ip)
         problems += _conflicts(
