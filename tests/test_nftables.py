@@ -182,3 +182,23 @@ def test_overlapping_ingress_rules_are_refused_with_both_paths(example, second, 
 def test_rule_ids_are_unique(example):
     example["firewall"]["ingress"][1]["id"] = "http"
     assert "'http' is already firewall.ingress[0]" in problems(example)["firewall.ingress[1].id"]
+
+
+def test_single_rules_are_upserted_and_deleted_by_id(example):
+    from vr.pipeline import Pipeline
+
+    stored = Pipeline.validate(Pipeline.__new__(Pipeline), example, None)
+    payload = {
+        "generation": 2,
+        "port_forwarding_rules": {
+            "upsert": [{"id": "web-http", "public_ip": "192.0.2.10", "protocol": "tcp", "public_ports": 8443,
+                        "private_ip": "10.1.1.10", "private_ports": 443}],
+            "delete": ["web-udp"],
+        },
+        "ingress_rules": {"upsert": [{"id": "https", "public_ip": "192.0.2.10", "protocol": "tcp", "ports": 8443}]},
+    }  # fmt: skip
+    doc = Pipeline.validate(Pipeline.__new__(Pipeline), payload, stored)
+    assert [(f.id, f.public_ports.start) for f in doc.nat.port_forwarding] == [("web-http", 8443)]
+    assert [r.id for r in doc.firewall.ingress][-1] == "https" and len(doc.firewall.ingress) == 5
+    with pytest.raises(InvalidPayload, match="no entry with id nope"):
+        Pipeline.validate(Pipeline.__new__(Pipeline), {"generation": 3, "ingress_rules": {"delete": ["nope"]}}, doc)

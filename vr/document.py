@@ -304,6 +304,18 @@ class DhcpEntryChanges(Strict):
     delete: list[MacAddress] = Field(default_factory=list, max_length=65536)
 
 
+class PortForwardChanges(Strict):
+    """Per-rule changes by id: one rule changed without resending ten thousand."""
+
+    upsert: list[PortForward] = Field(default_factory=list, max_length=20000)
+    delete: list[Identifier] = Field(default_factory=list, max_length=20000)
+
+
+class IngressRuleChanges(Strict):
+    upsert: list[IngressRule] = Field(default_factory=list, max_length=20000)
+    delete: list[Identifier] = Field(default_factory=list, max_length=20000)
+
+
 class Payload(Strict):
     """What the manager pushes: any subset of sections, each replacing the stored one."""
 
@@ -317,6 +329,8 @@ class Payload(Strict):
     firewall: Firewall | None = None
     network_acls: list[TierAcl] | None = None
     dhcp_entries: DhcpEntryChanges | None = None
+    port_forwarding_rules: PortForwardChanges | None = None
+    ingress_rules: IngressRuleChanges | None = None
 
 
 SECTIONS = ("router", "interfaces", "routes", "dns", "dhcp", "nat", "firewall", "network_acls")
@@ -397,26 +411,36 @@ def merge(stored: RouterDocument | None, payload: Payload) -> RouterDocument:
         updates = {s: getattr(payload, s) for s in SECTIONS if getattr(payload, s) is not None}
         doc = stored.model_copy(update={**updates, "generation": payload.generation})
     if payload.dhcp_entries is not None:
-        entries = _apply_entry_changes(doc.dhcp.entries, payload.dhcp_entries)
+        entries = _apply_item_changes(doc.dhcp.entries, payload.dhcp_entries, "mac", "dhcp_entries")
         doc = doc.model_copy(update={"dhcp": doc.dhcp.model_copy(update={"entries": entries})})
+    if payload.port_forwarding_rules is not None:
+        rules = _apply_item_changes(
+            doc.nat.port_forwarding, payload.port_forwarding_rules, "id", "port_forwarding_rules"
+        )
+        doc = doc.model_copy(update={"nat": doc.nat.model_copy(update={"port_forwarding": rules})})
+    if payload.ingress_rules is not None:
+        rules = _apply_item_changes(doc.firewall.ingress, payload.ingress_rules, "id", "ingress_rules")
+        doc = doc.model_copy(update={"firewall": doc.firewall.model_copy(update={"ingress": rules})})
     return doc
 
 
-def _apply_entry_changes(entries: list[DhcpEntry], changes: DhcpEntryChanges) -> list[DhcpEntry]:
-    position = {e.mac: i for i, e in enumerate(entries)}
-    unknown = [(n, mac) for n, mac in enumerate(changes.delete) if mac not in position]
+def _apply_item_changes(items: list, changes: Any, key: str, where: str) -> list:
+    """Upsert and delete items of a big list by their key (a VM's MAC, a rule's id)."""
+    position = {getattr(item, key): i for i, item in enumerate(items)}
+    unknown = [(n, value) for n, value in enumerate(changes.delete) if value not in position]
     if unknown:
-        raise InvalidPayload([Problem(f"dhcp_entries.delete[{n}]", f"no entry with mac {mac}") for n, mac in unknown])
-    result = list(entries)
-    for entry in changes.upsert:
-        if entry.mac in position:
-            result[position[entry.mac]] = entry
+        raise InvalidPayload([Problem(f"{where}.delete[{n}]", f"no entry with {key} {v}") for n, v in unknown])
+    result = list(items)
+    for item in changes.upsert:
+        value = getattr(item, key)
+        if value in position:
+            result[position[value]] = item
         else:
-            position[entry.mac] = len(result)
-            result.append(entry)
+            position[value] = len(result)
+            result.append(item)
     if changes.delete:
         gone = set(changes.delete)
-        result = [e for e in result if e.mac not in gone]
+        result = [item for item in result if getattr(item, key) not in gone]
     return result
 
 
