@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 import subprocess
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +90,7 @@ class NftablesService(Service):
             if rule.public_ip in static_public:
                 problems.append(Problem(f"{path}.public_ip", f"{rule.public_ip} is taken whole by a static NAT"))
         problems += _conflicts(  # one public IP, protocol and port leads to one place
-            (r.protocol, r.protocol, IPv4Network(f"{r.public_ip}/32"), r.public_ports.start, r.public_ports.end,
+            (r.public_ip, r.protocol, None, r.public_ports.start, r.public_ports.end,
              f"nat.port_forwarding[{n}].public_ports")
             for n, r in enumerate(doc.nat.port_forwarding)
         )  # fmt: skip
@@ -358,24 +358,25 @@ def _conflicts(items: Any) -> list[Problem]:
     Sweep by port start per group, so disjoint rules cost no pairwise comparison."""
     by_group: dict[tuple, list[tuple]] = {}
     for order, (group, protocol, network, low, high, path) in enumerate(items):
-        by_group.setdefault((group, protocol), []).append((low, high, network, path, order))
+        # Networks as integer ranges (None: all addresses), compared without ipaddress objects.
+        span = (0, 2**32) if network is None else (int(network.network_address), int(network.broadcast_address))
+        by_group.setdefault((group, protocol), []).append((low, high, span, path, order, network))
     problems: list[Problem] = []
     reported: set[str] = set()
     for (_, protocol), elements in by_group.items():
         elements.sort(key=lambda e: e[0])
         active: list[tuple] = []
         for element in elements:
-            low, _, network, _, _ = element
+            low, _, (net_low, net_high), _, _, _ = element
             active = [a for a in active if a[1] >= low]
             for other in active:
-                if network.overlaps(other[2]):
+                if net_low <= other[2][1] and other[2][0] <= net_high:
                     # Name the rule that comes later in the document: the one just added.
                     later, earlier = (element, other) if element[4] > other[4] else (other, element)
                     if later[3] not in reported:
                         where = "itself" if later[3] == earlier[3] else earlier[3]
-                        problems.append(
-                            Problem(later[3], f"overlaps {where} ({protocol}, {later[2]} and {earlier[2]})")
-                        )
+                        what = f"{protocol}, {later[5]} and {earlier[5]}" if later[5] else f"{protocol} ports"
+                        problems.append(Problem(later[3], f"overlaps {where} ({what})"))
                         reported.add(later[3])
             active.append(element)
     return problems
