@@ -36,14 +36,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import xmlrpc.client
 
-from common import STEPS, STOP, check_stop, ms, namespace_inode, p90, steps_text, stray_pids, with_commit
+from common import STEPS, STOP, check_stop, ms, p90, steps_text, stop_router, with_commit
 
 from vr import netns
 from vr.errors import VrError
 from vr.pipeline import Pipeline
-from vr.runtime import Runtime
 from vr.settings import Settings
 
 TARGET_COLD_MS = 1000.0
@@ -454,17 +452,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def cleanup(settings: Settings, name: str, root: str, ns_created: bool, entered: bool) -> None:
     if entered:
-        inode = namespace_inode()
-        try:
-            Runtime(settings).supervisor.shutdown()  # stops dnsmasq through supervisord, then itself
-        except (OSError, ValueError, RuntimeError, xmlrpc.client.Error) as error:  # clean-up goes on
-            print(f"apply_scale: supervisord shutdown: {error}", file=sys.stderr)
-        for pid in stray_pids(inode, root):  # only if supervisord failed to stop its children
-            print(f"apply_scale: killing leftover pid {pid}", file=sys.stderr)
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        stop_router(settings, root, "apply_scale")
     if ns_created:
         subprocess.run(["ip", "netns", "del", name], check=False, timeout=20, capture_output=True)
     shutil.rmtree(root, ignore_errors=True)

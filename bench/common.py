@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import sys
 import time
+import xmlrpc.client
 from pathlib import Path
+
+from vr.runtime import Runtime
+from vr.settings import Settings
 
 STEPS = ("validate", "render", "check", "switch", "reload", "health", "commit")
 STOP: dict[str, int] = {}
@@ -54,3 +60,18 @@ def p90(values: list[float]) -> float:
 
 def steps_text(timings: dict) -> str:
     return "  ".join(f"{k} {v:.1f}" for k, v in timings.items())
+
+
+def stop_router(settings: Settings, root: str, label: str) -> None:
+    """Stop the bench router's daemons through supervisord; kill by PID only what it left."""
+    inode = namespace_inode()
+    try:
+        Runtime(settings).supervisor.shutdown()  # stops dnsmasq through supervisord, then itself
+    except (OSError, ValueError, RuntimeError, xmlrpc.client.Error) as error:  # clean-up goes on
+        print(f"{label}: supervisord shutdown: {error}", file=sys.stderr)
+    for pid in stray_pids(inode, root):  # only if supervisord failed to stop its children
+        print(f"{label}: killing leftover pid {pid}", file=sys.stderr)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

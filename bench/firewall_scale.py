@@ -43,15 +43,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import xmlrpc.client
 from pathlib import Path
 
-from common import STEPS, STOP, check_stop, ms, namespace_inode, p90, steps_text, stray_pids, with_commit
+from common import STEPS, STOP, check_stop, ms, p90, steps_text, stop_router, with_commit
 
 from vr import netns
 from vr.errors import VrError
 from vr.pipeline import Pipeline
-from vr.runtime import Runtime
 from vr.services.base import Change
 from vr.services.nftables import RULESET, NftablesService
 from vr.settings import Settings
@@ -740,17 +738,7 @@ def cleanup(settings: Settings, root: str, created: list[str], entered: bool) ->
         except (OSError, subprocess.SubprocessError) as error:
             print(f"firewall_scale: stopping pid {process.pid}: {error}", file=sys.stderr)
     if entered:
-        inode = namespace_inode()
-        try:
-            Runtime(settings).supervisor.shutdown()  # stops dnsmasq through supervisord, then itself
-        except (OSError, ValueError, RuntimeError, xmlrpc.client.Error) as error:  # clean-up goes on
-            print(f"firewall_scale: supervisord shutdown: {error}", file=sys.stderr)
-        for pid in stray_pids(inode, root):  # only if supervisord failed to stop its children
-            print(f"firewall_scale: killing leftover pid {pid}", file=sys.stderr)
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        stop_router(settings, root, "firewall_scale")
     for name in created:
         subprocess.run(["ip", "netns", "del", name], check=False, timeout=20, capture_output=True)
     shutil.rmtree(root, ignore_errors=True)
