@@ -6,6 +6,7 @@ cannot open a new directive, field or quote in any of the daemons' syntaxes.
 
 from __future__ import annotations
 
+import functools
 import re
 from ipaddress import (
     IPv4Address,
@@ -65,6 +66,34 @@ DhcpOptionName = Annotated[str, _pattern(r"[a-z][a-z0-9-]{0,39}", "DHCP option n
 # No comma, quote, space, '#' or control character: each is a separator or comment in dnsmasq.
 DhcpOptionValue = Annotated[str, _pattern(r"[A-Za-z0-9._:/@+=-]{1,255}", "DHCP option value")]
 IPAddress = IPv4Address | IPv6Address
+
+
+@functools.lru_cache(maxsize=65536)
+def _parse_ipv4(text: str) -> IPv4Address:
+    return IPv4Address(text)
+
+
+@functools.lru_cache(maxsize=65536)
+def _parse_ipv4_network(text: str) -> IPv4Network:
+    return IPv4Network(text)
+
+
+def _cached(parse, what: str):
+    """Addresses are immutable and repeat across thousands of rules: parse each text once."""
+
+    def validate(value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        try:
+            return parse(value)
+        except ValueError as error:
+            raise ValueError(f"not a valid {what}: {value!r} ({error})") from None
+
+    return BeforeValidator(validate)
+
+
+IPv4 = Annotated[IPv4Address, _cached(_parse_ipv4, "IPv4 address")]
+IPv4Net = Annotated[IPv4Network, _cached(_parse_ipv4_network, "IPv4 network")]
 IPInterface = IPv4Interface | IPv6Interface
 
 
@@ -96,7 +125,7 @@ class Interface(Strict):
 
 
 class Route(Strict):
-    destination: IPv4Network | IPv6Network
+    destination: IPv4Net | IPv6Network
     gateway: IPAddress
     metric: int = Field(0, ge=0, le=65535)
 
@@ -122,22 +151,22 @@ class DhcpOption(Strict):
 
 
 class DhcpRange(Strict):
-    start: IPv4Address
-    end: IPv4Address
+    start: IPv4
+    end: IPv4
 
 
 class DhcpTier(Strict):
     tier: Identifier
     range: DhcpRange | None = None
     lease_time: int = Field(86400, ge=120, le=31536000)
-    dns_servers: list[IPv4Address] = Field(default_factory=list, max_length=8)
+    dns_servers: list[IPv4] = Field(default_factory=list, max_length=8)
     options: list[DhcpOption] = Field(default_factory=list, max_length=64)
 
 
 class DhcpEntry(Strict):
     tier: Identifier
     mac: MacAddress
-    ip: IPv4Address
+    ip: IPv4
     hostname: Hostname
     default_gateway: bool = True
     options: list[DhcpOption] = Field(default_factory=list, max_length=32)
@@ -178,28 +207,28 @@ Ports = Annotated[PortRange, BeforeValidator(_port_range)]
 
 
 class PublicIp(Strict):
-    ip: IPv4Address
+    ip: IPv4
     reserved: bool = False  # held by the manager for later use: accepted, carries no rules
 
 
 class SourceNat(Strict):
     tier: Identifier
-    ip: IPv4Address
+    ip: IPv4
 
 
 class StaticNat(Strict):
-    public_ip: IPv4Address
-    private_ip: IPv4Address
+    public_ip: IPv4
+    private_ip: IPv4
 
 
 class PortForward(Strict):
     id: Identifier
-    public_ip: IPv4Address
+    public_ip: IPv4
     protocol: Literal["tcp", "udp"]
     public_ports: Ports
-    private_ip: IPv4Address
+    private_ip: IPv4
     private_ports: Ports
-    source_cidrs: list[IPv4Network] = Field(default_factory=list, max_length=256)
+    source_cidrs: list[IPv4Net] = Field(default_factory=list, max_length=256)
 
     @model_validator(mode="after")
     def _same_length(self) -> PortForward:
@@ -235,12 +264,12 @@ class IngressRule(_TrafficMatch):
     """Opens traffic to one public IP (the router itself, a port forward or a static NAT)."""
 
     id: Identifier
-    public_ip: IPv4Address
-    source_cidrs: list[IPv4Network] = Field(default_factory=lambda: [IPv4Network("0.0.0.0/0")], max_length=256)
+    public_ip: IPv4
+    source_cidrs: list[IPv4Net] = Field(default_factory=lambda: [IPv4Network("0.0.0.0/0")], max_length=256)
 
 
 class EgressRule(_TrafficMatch):
-    destination_cidrs: list[IPv4Network] = Field(default_factory=lambda: [IPv4Network("0.0.0.0/0")], max_length=256)
+    destination_cidrs: list[IPv4Net] = Field(default_factory=lambda: [IPv4Network("0.0.0.0/0")], max_length=256)
 
 
 class TierEgress(Strict):
@@ -263,7 +292,7 @@ class AclRule(_TrafficMatch):
     number: int = Field(ge=1, le=65535)
     action: Literal["allow", "deny"]
     protocol: Literal["tcp", "udp", "icmp", "all"] | Annotated[int, Field(ge=0, le=255)]
-    cidrs: list[IPv4Network] = Field(default_factory=lambda: [IPv4Network("0.0.0.0/0")], max_length=256)
+    cidrs: list[IPv4Net] = Field(default_factory=lambda: [IPv4Network("0.0.0.0/0")], max_length=256)
 
 
 class TierAcl(Strict):
