@@ -188,3 +188,12 @@ def test_diff_and_render_show_without_applying(lab, tmp_path):
     lab.vr("render", path, "--out", str(out))
     assert "newvm" in (out / "dnsmasq" / "hosts").read_text()
     assert status(lab)["generation"] == 1
+
+
+def test_removing_an_interface_removes_all_its_addresses(lab, tmp_path):
+    original = json.loads((EXAMPLES / "router.json").read_text())
+    assert "192.0.2.11/24" in router_ip(lab, "-o", "addr", "show", "eth1")  # a secondary (public IP)
+    without_public = [i for i in original["interfaces"] if i["role"] != "public"]
+    payload = {"generation": 2, "interfaces": without_public, "routes": [], "nat": {}, "firewall": {}}
+    lab.vr("apply", write_payload(tmp_path, payload))
+    assert "inet " not in router_ip(lab, "-o", "addr", "show", "eth1")  # primary and secondaries gone

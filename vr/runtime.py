@@ -18,8 +18,8 @@ if TYPE_CHECKING:
 @dataclass
 class Runtime:
     settings: Settings
-    # template -> {(id(item), setting): (item, rendered)}: chunks of the previous render_each pass
-    _chunks: dict[str, dict[tuple[int, Any], tuple[object, str]]] = field(default_factory=dict, repr=False)
+    # slot -> {(id(item), setting): (item, result)}: what the previous memoized pass computed
+    _chunks: dict[str, dict[tuple[int, Any], tuple[object, Any]]] = field(default_factory=dict, repr=False)
 
     @functools.cached_property
     def templates(self) -> jinja2.Environment:
@@ -40,22 +40,26 @@ class Runtime:
     def render_each(
         self, template: str, items: Iterable[tuple[object, Any]], values: Callable[[Any, Any], dict]
     ) -> bytes:
-        """One rendered chunk per item, concatenated. An item is an immutable object (a frozen
-        document model) with the setting it is rendered with; a chunk rendered for the same
-        pair in the previous pass is reused, so a one-VM change renders one line, not 4,000."""
+        """One rendered chunk per item, concatenated; a one-VM change renders one line."""
         compiled = self.templates.get_template(template)
-        previous = self._chunks.get(template, {})
-        current: dict[tuple[int, Any], tuple[object, str]] = {}
-        parts = []
+        chunks = self.memoized(template, items, lambda item, setting: compiled.render(**values(item, setting)))
+        return "".join(chunks).encode()
+
+    def memoized(self, slot: str, items: Iterable[tuple[object, Any]], compute: Callable[[Any, Any], Any]) -> list:
+        """compute(item, setting) for each pair, reusing the previous pass's result for the
+        same immutable object (a frozen document model) with the same setting."""
+        previous = self._chunks.get(slot, {})
+        current: dict[tuple[int, Any], tuple[object, Any]] = {}
+        results = []
         for item, setting in items:
             key = (id(item), setting)
             hit = previous.get(key)
             if hit is None or hit[0] is not item:
-                hit = (item, compiled.render(**values(item, setting)))
+                hit = (item, compute(item, setting))
             current[key] = hit
-            parts.append(hit[1])
-        self._chunks[template] = current
-        return "".join(parts).encode()
+            results.append(hit[1])
+        self._chunks[slot] = current
+        return results
 
     @functools.cached_property
     def supervisor(self) -> SupervisorClient:

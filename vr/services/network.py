@@ -7,6 +7,7 @@ routes it added, never the host's or another tool's.
 
 from __future__ import annotations
 
+import errno
 import json
 from collections import Counter
 from ipaddress import ip_interface
@@ -181,8 +182,15 @@ def _set_addresses(ipr, index: int, wanted: list[str]) -> None:
         if not (address.version == 6 and address.ip.is_link_local):
             current.add(address)
     want = {ip_interface(a) for a in wanted}
+    from pyroute2.netlink.exceptions import NetlinkError
+
     for address in current - want:
-        ipr.addr("del", index=index, address=str(address.ip), prefixlen=address.network.prefixlen)
+        try:
+            ipr.addr("del", index=index, address=str(address.ip), prefixlen=address.network.prefixlen)
+        except NetlinkError as error:
+            # Deleting a subnet's primary address makes the kernel drop its secondaries too.
+            if error.code != errno.EADDRNOTAVAIL:
+                raise
     for address in sorted(want - current, key=str):
         ipr.addr("add", index=index, address=str(address.ip), prefixlen=address.network.prefixlen)
 
