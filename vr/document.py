@@ -24,6 +24,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
     ValidationError,
     model_validator,
 )
@@ -92,8 +93,14 @@ def _cached(parse, what: str):
     return BeforeValidator(validate)
 
 
-IPv4 = Annotated[IPv4Address, _cached(_parse_ipv4, "IPv4 address")]
-IPv4Net = Annotated[IPv4Network, _cached(_parse_ipv4_network, "IPv4 network")]
+@functools.lru_cache(maxsize=65536)
+def _text(value: IPv4Address | IPv4Network) -> str:
+    return str(value)
+
+
+_AS_TEXT = PlainSerializer(_text, return_type=str, when_used="json")
+IPv4 = Annotated[IPv4Address, _cached(_parse_ipv4, "IPv4 address"), _AS_TEXT]
+IPv4Net = Annotated[IPv4Network, _cached(_parse_ipv4_network, "IPv4 network"), _AS_TEXT]
 IPInterface = IPv4Interface | IPv6Interface
 
 
