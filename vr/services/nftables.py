@@ -91,7 +91,7 @@ class NftablesService(Service):
                 problems.append(Problem(f"{path}.public_ip", f"{rule.public_ip} is taken whole by a static NAT"))
         problems += _conflicts(  # one public IP, protocol and port leads to one place
             (r.public_ip, r.protocol, None, r.public_ports.start, r.public_ports.end,
-             f"nat.port_forwarding[{n}].public_ports")
+             ("nat.port_forwarding[{}].public_ports", n))
             for n, r in enumerate(doc.nat.port_forwarding)
         )  # fmt: skip
         for section, rules in (
@@ -106,18 +106,18 @@ class NftablesService(Service):
         for n, rule in enumerate(doc.firewall.ingress):
             need_assigned(f"firewall.ingress[{n}].public_ip", rule.public_ip)
         problems += _conflicts(
-            (str(r.public_ip), r.protocol, source, *_span(r), f"firewall.ingress[{n}]")
+            (r.public_ip, r.protocol, source, *_span(r), ("firewall.ingress[{}]", n))
             for n, r in enumerate(doc.firewall.ingress)
             for source in r.source_cidrs
         )
         problems += _conflicts(
-            (n, "sources", source, 0, 0, f"nat.port_forwarding[{n}]")
+            (n, "sources", source, 0, 0, ("nat.port_forwarding[{}]", n))
             for n, r in enumerate(doc.nat.port_forwarding)
             for source in r.source_cidrs
         )
         for e, egress in enumerate(doc.firewall.egress):
             problems += _conflicts(
-                (egress.tier, r.protocol, destination, *_span(r), f"firewall.egress[{e}].rules[{n}]")
+                (egress.tier, r.protocol, destination, *_span(r), (f"firewall.egress[{e}].rules[{{}}]", n))
                 for n, r in enumerate(egress.rules)
                 for destination in r.destination_cidrs
             )
@@ -378,7 +378,7 @@ def _conflicts(items: Any) -> list[Problem]:
         span = (0, 2**32) if network is None else (int(network.network_address), int(network.broadcast_address))
         by_group.setdefault((group, protocol), []).append((low, high, span, path, order, network))
     problems: list[Problem] = []
-    reported: set[str] = set()
+    reported: set[tuple[str, int]] = set()
     for (_, protocol), elements in by_group.items():
         elements.sort(key=lambda e: e[0])
         active: list[tuple] = []
@@ -390,9 +390,10 @@ def _conflicts(items: Any) -> list[Problem]:
                     # Name the rule that comes later in the document: the one just added.
                     later, earlier = (element, other) if element[4] > other[4] else (other, element)
                     if later[3] not in reported:
-                        where = "itself" if later[3] == earlier[3] else earlier[3]
+                        # Paths are (format, index) pairs, formatted only for the rare conflict.
+                        where = "itself" if later[3] == earlier[3] else earlier[3][0].format(earlier[3][1])
                         what = f"{protocol}, {later[5]} and {earlier[5]}" if later[5] else f"{protocol} ports"
-                        problems.append(Problem(later[3], f"overlaps {where} ({what})"))
+                        problems.append(Problem(later[3][0].format(later[3][1]), f"overlaps {where} ({what})"))
                         reported.add(later[3])
             active.append(element)
     return problems
