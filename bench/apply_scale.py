@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 
-from common import STEPS, STOP, check_stop, ms, p90, steps_text, stop_router, with_commit
+from common import STEPS, STOP, aligned, check_stop, ms, p90, steps_text, stop_router, with_commit
 
 from vr import netns
 from vr.errors import VrError
@@ -394,11 +394,7 @@ def table(f: dict) -> str:
         rows.append(
             ("dnsmasq PID unchanged (incremental)", f"{yes(f['dnsmasq_pid_unchanged'])} (pid {f['dnsmasq_pid']})")
         )
-    if "error" in f:
-        rows.append(("ERROR", f["error"]))
-    rows.append(("all targets met", yes(f["all_met"])))
-    width = max(len(name) for name, _ in rows)
-    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+    return aligned(rows, f)
 
 
 # ---------------------------------------------------------------------------- main

@@ -75,3 +75,13 @@ def stop_router(settings: Settings, root: str, label: str) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def aligned(rows: list[tuple[str, str]], figures: dict) -> str:
+    """The table every bench prints: its rows, any error, and whether all targets were met."""
+    rows = list(rows)
+    if "error" in figures:
+        rows.append(("ERROR", figures["error"]))
+    rows.append(("all targets met", "yes" if figures["all_met"] else "NO"))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

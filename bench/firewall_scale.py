@@ -45,7 +45,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import STEPS, STOP, check_stop, ms, p90, steps_text, stop_router, with_commit
+from common import STEPS, STOP, aligned, check_stop, ms, p90, steps_text, stop_router, with_commit
 
 from vr import netns
 from vr.errors import VrError
@@ -674,11 +674,7 @@ def table(f: dict) -> str:
             ),
             ("  source NAT seen by the server", yes(f["throughput_source_nat_seen"])),
         ]
-    if "error" in f:
-        rows.append(("ERROR", f["error"]))
-    rows.append(("all targets met", yes(f["all_met"])))
-    width = max(len(name) for name, _ in rows)
-    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+    return aligned(rows, f)
 
 
 # ---------------------------------------------------------------------------- main
