@@ -7,6 +7,7 @@ The pipeline owns ordering, staging, rollback and events; a service owns only it
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,6 +16,15 @@ if TYPE_CHECKING:
     from vr.document import RouterDocument
     from vr.errors import Problem
     from vr.runtime import Runtime
+
+
+def repeats(values: Iterable[Hashable]) -> Iterator[tuple[int, int]]:
+    """(index, index of its first occurrence) for every value already seen: a list's duplicates."""
+    first: dict[Hashable, int] = {}
+    for n, value in enumerate(values):
+        earlier = first.setdefault(value, n)
+        if earlier != n:
+            yield n, earlier
 
 
 class CheckFailed(Exception):

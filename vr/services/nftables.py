@@ -1,8 +1,10 @@
-"""nftables: the router's one ruleset (table inet vr), replaced atomically in one transaction.
+"""nftables: the router's one ruleset (table inet vr), changed only in whole transactions.
 
-Matching is by sets and maps keyed on concatenations (source . public IP . port), so a
-lookup costs the same with ten rules or ten thousand. The batch creates, deletes and
-redefines the table in one kernel transaction: at no instant is the router without
+Matching is by sets and maps, so a lookup costs the same with ten rules or ten thousand:
+hash maps for exact keys (public IP . port), concatenated interval sets only where a rule
+has source CIDRs or port ranges. A change that only adds or removes a few elements is one
+add/delete element batch; anything else creates, deletes and redefines the table in one
+batch. Either way it is one kernel transaction: at no instant is the router without
 rules, and conntrack is never flushed (established flows through a removed port forward
 keep going; new ones are refused).
 
@@ -22,7 +24,7 @@ from typing import Any
 from vr.document import AclRule, EgressRule, IngressRule, PortForward, RouterDocument
 from vr.errors import Problem
 from vr.runtime import Runtime
-from vr.services.base import Change, CheckFailed, Service
+from vr.services.base import Change, CheckFailed, Service, repeats
 from vr.services.network import interface_names
 
 RULESET = "vr.nft"
@@ -45,15 +47,15 @@ class NftablesService(Service):
         public_subnets = [a.network for a in public.addresses if a.version == 4] if public else []
         tiers = {i.id: i.ipv4().network for i in doc.guest_interfaces()}
         assigned: set[IPv4Address] = set()
-        seen_public: dict[IPv4Address, int] = {}
         for n, item in enumerate(doc.nat.public_ips):
-            path = f"nat.public_ips[{n}].ip"
             if not any(item.ip in subnet for subnet in public_subnets):
-                problems.append(Problem(path, f"{item.ip} is not inside the public interface's subnets"))
-            if seen_public.setdefault(item.ip, n) != n:
-                problems.append(Problem(path, f"{item.ip} is listed twice"))
+                problems.append(
+                    Problem(f"nat.public_ips[{n}].ip", f"{item.ip} is not inside the public interface's subnets")
+                )
             if not item.reserved:
                 assigned.add(item.ip)
+        for n, _ in repeats(p.ip for p in doc.nat.public_ips):
+            problems.append(Problem(f"nat.public_ips[{n}].ip", f"{doc.nat.public_ips[n].ip} is listed twice"))
 
         def need_assigned(path: str, ip: IPv4Address) -> None:
             if ip not in assigned:
@@ -69,20 +71,17 @@ class NftablesService(Service):
                 problems.append(Problem(f"nat.source_nat[{n}].tier", f"{item.tier!r} is not a guest tier"))
             need_assigned(f"nat.source_nat[{n}].ip", item.ip)
             source_nat_ips.add(item.ip)
-        static_public: dict[IPv4Address, int] = {}
-        static_private: dict[IPv4Address, int] = {}
+        static_public = {item.public_ip for item in doc.nat.static_nat}
         for n, item in enumerate(doc.nat.static_nat):
             path = f"nat.static_nat[{n}]"
             need_assigned(f"{path}.public_ip", item.public_ip)
             need_guest(f"{path}.private_ip", item.private_ip)
             if item.public_ip in source_nat_ips:
                 problems.append(Problem(f"{path}.public_ip", f"{item.public_ip} is a source NAT IP"))
-            for key, value, seen in (
-                ("public_ip", item.public_ip, static_public),
-                ("private_ip", item.private_ip, static_private),
-            ):
-                if seen.setdefault(value, n) != n:
-                    problems.append(Problem(f"{path}.{key}", f"{value} already has a static NAT"))
+        for key in ("public_ip", "private_ip"):
+            for n, _ in repeats(getattr(item, key) for item in doc.nat.static_nat):
+                value = getattr(doc.nat.static_nat[n], key)
+                problems.append(Problem(f"nat.static_nat[{n}].{key}", f"{value} already has a static NAT"))
         for n, rule in enumerate(doc.nat.port_forwarding):
             path = f"nat.port_forwarding[{n}]"
             need_assigned(f"{path}.public_ip", rule.public_ip)
@@ -98,11 +97,8 @@ class NftablesService(Service):
             ("nat.port_forwarding", doc.nat.port_forwarding),
             ("firewall.ingress", doc.firewall.ingress),
         ):
-            first_by_id: dict[str, int] = {}
-            for n, rule in enumerate(rules):
-                first = first_by_id.setdefault(rule.id, n)
-                if first != n:
-                    problems.append(Problem(f"{section}[{n}].id", f"{rule.id!r} is already {section}[{first}]"))
+            for n, first in repeats(rule.id for rule in rules):
+                problems.append(Problem(f"{section}[{n}].id", f"{rules[n].id!r} is already {section}[{first}]"))
         for n, rule in enumerate(doc.firewall.ingress):
             need_assigned(f"firewall.ingress[{n}].public_ip", rule.public_ip)
         problems += _conflicts(
@@ -121,31 +117,28 @@ class NftablesService(Service):
                 for n, r in enumerate(egress.rules)
                 for destination in r.destination_cidrs
             )
-        seen_tiers: dict[str, int] = {}
         for n, egress in enumerate(doc.firewall.egress):
             if egress.tier not in tiers:
                 problems.append(Problem(f"firewall.egress[{n}].tier", f"{egress.tier!r} is not a guest tier"))
-            if seen_tiers.setdefault(egress.tier, n) != n:
-                problems.append(Problem(f"firewall.egress[{n}].tier", f"tier {egress.tier!r} is listed twice"))
+        for n, _ in repeats(e.tier for e in doc.firewall.egress):
+            tier = doc.firewall.egress[n].tier
+            problems.append(Problem(f"firewall.egress[{n}].tier", f"tier {tier!r} is listed twice"))
         if doc.network_acls and doc.router.type != "vpc":
             problems.append(Problem("network_acls", "network ACLs apply to VPC routers (router.type is isolated)"))
-        acl_tiers: dict[str, int] = {}
+        for n, _ in repeats(acl.tier for acl in doc.network_acls):
+            problems.append(Problem(f"network_acls[{n}].tier", f"tier {doc.network_acls[n].tier!r} has two ACLs"))
         for n, acl in enumerate(doc.network_acls):
             if acl.tier not in tiers:
                 problems.append(Problem(f"network_acls[{n}].tier", f"{acl.tier!r} is not a guest tier"))
-            if acl_tiers.setdefault(acl.tier, n) != n:
-                problems.append(Problem(f"network_acls[{n}].tier", f"tier {acl.tier!r} has two ACLs"))
             for direction in ("ingress", "egress"):
-                numbers: dict[int, int] = {}
-                for m, rule in enumerate(getattr(acl, direction)):
-                    first = numbers.setdefault(rule.number, m)
-                    if first != m:
-                        problems.append(
-                            Problem(
-                                f"network_acls[{n}].{direction}[{m}].number",
-                                f"{rule.number} is already used by network_acls[{n}].{direction}[{first}]",
-                            )
+                rules = getattr(acl, direction)
+                for m, first in repeats(rule.number for rule in rules):
+                    problems.append(
+                        Problem(
+                            f"network_acls[{n}].{direction}[{m}].number",
+                            f"{rules[m].number} is already used by network_acls[{n}].{direction}[{first}]",
                         )
+                    )
         return problems
 
     def generate(self, doc: RouterDocument, runtime: Runtime) -> dict[str, bytes]:
