@@ -416,7 +416,8 @@ def parse_payload(raw: object) -> Payload:
 
 
 def merge(stored: RouterDocument | None, payload: Payload) -> RouterDocument:
-    """Sections replace stored sections; dhcp_entries upserts/deletes by MAC.
+    """Sections replace stored sections; dhcp_entries, port_forwarding_rules and
+    ingress_rules upsert/delete single items (by MAC, by id).
 
     Sections arrive already validated (as part of the Payload), so the merged document is
     assembled from them without a second validation pass: a one-VM change costs one VM.
@@ -426,26 +427,17 @@ def merge(stored: RouterDocument | None, payload: Payload) -> RouterDocument:
             f"generation {payload.generation} is not newer than the applied generation "
             f"{stored.generation}: payload refused as stale"
         )
+    sections = {s: getattr(payload, s) for s in SECTIONS if getattr(payload, s) is not None}
     if stored is None:
-        missing = [s for s in ("router", "interfaces", "dns") if getattr(payload, s) is None]
+        required = [name for name, f in RouterDocument.model_fields.items() if f.is_required() and name in SECTIONS]
+        missing = [name for name in required if name not in sections]
         if missing:
             raise InvalidPayload(
                 [Problem(s, "required: the first payload must carry the whole router") for s in missing]
             )
-        doc = RouterDocument.model_construct(
-            generation=payload.generation,
-            router=payload.router,
-            interfaces=payload.interfaces,
-            routes=payload.routes or [],
-            dns=payload.dns,
-            dhcp=payload.dhcp or Dhcp(),
-            nat=payload.nat or Nat(),
-            firewall=payload.firewall or Firewall(),
-            network_acls=payload.network_acls or [],
-        )
+        doc = RouterDocument.model_construct(generation=payload.generation, **sections)  # absent: defaults
     else:
-        updates = {s: getattr(payload, s) for s in SECTIONS if getattr(payload, s) is not None}
-        doc = stored.model_copy(update={**updates, "generation": payload.generation})
+        doc = stored.model_copy(update={**sections, "generation": payload.generation})
     if payload.dhcp_entries is not None:
         entries = _apply_item_changes(doc.dhcp.entries, payload.dhcp_entries, "mac", "dhcp_entries")
         doc = doc.model_copy(update={"dhcp": doc.dhcp.model_copy(update={"entries": entries})})
@@ -480,19 +472,12 @@ def _apply_item_changes(items: list, changes: Any, key: str, where: str) -> list
     return result
 
 
-def build_document(merged: dict) -> RouterDocument:
+def build_document(raw: dict) -> RouterDocument:
+    """A whole document, validated as one (the pipeline merges payloads with `merge`)."""
     try:
-        return RouterDocument.model_validate(merged)
+        return RouterDocument.model_validate(raw)
     except ValidationError as error:
-        problems = _problems_from(error)
-        raise InvalidPayload(
-            [
-                Problem(p.path, p.reason + " (the first payload must carry the whole router)")
-                if p.reason == "Field required" and "." not in p.path
-                else p
-                for p in problems
-            ]
-        ) from None
+        raise InvalidPayload(_problems_from(error)) from None
 
 
 def json_schema() -> dict:
