@@ -222,9 +222,7 @@ class Lab:
 
 
 def dhclient_script() -> Path:
-    path = examples_dir().parent / "lab" / "dhclient-script"
-    os.chmod(path, 0o755)
-    return path
+    return examples_dir().parent / "lab" / "dhclient-script"  # executable in git and when installed
 
 
 def main(args) -> int:
