@@ -23,7 +23,8 @@ def collect(settings: Settings, firewall: bool = False) -> dict:
             continue
         programs = service.programs(doc, runtime)
         started = time.perf_counter()
-        reason = service.probe(doc, runtime) if supervisor_up or service.name == "network" else "supervisord is down"
+        # Only a service that runs programs depends on supervisord; the others probe as usual.
+        reason = "supervisord is down" if programs and not supervisor_up else service.probe(doc, runtime)
         item = {
             "name": service.name,
             "healthy": reason is None,
