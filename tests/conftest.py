@@ -46,7 +46,8 @@ def live_files(lab: Lab) -> dict[str, bytes]:
     """Every rendered file and the stored document, to prove a refused payload changed nothing."""
     config = lab.settings.config_dir
     files = {str(p.relative_to(config)): p.read_bytes() for p in config.rglob("*") if p.is_file()}
-    files["document.json"] = lab.settings.document_path.read_bytes()
+    for stored in (lab.settings.document_path, lab.settings.document_log_path):
+        files[stored.name] = stored.read_bytes() if stored.exists() else None
     return files
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import EXAMPLES, write_payload
+from tests.conftest import EXAMPLES, live_files, write_payload
 
 
 @pytest.fixture
@@ -175,3 +176,38 @@ def test_one_rule_change_updates_elements_and_ends_identical_to_a_full_apply(ser
     incremental = normalized_table(lab)
     lab.vr("start")  # a forced full replace of the same document
     assert normalized_table(lab) == incremental
+
+
+@pytest.mark.parametrize(
+    ("breakage", "step"),
+    [
+        # A rule nftables refuses: the dry run of the new table (check) catches it.
+        (lambda t: t + "add rule inet vr no_such_chain accept\n", "check failed for nftables"),
+        # An element it refuses (overlapping intervals): elements are not dry-run, so the
+        # batch is refused in apply, atomically, and the rollback restores the whole table.
+        (
+            lambda t: t.replace("elements(source_nat)", 'elements(source_nat + ["10.1.0.0/16 : 192.0.2.10"])'),
+            "apply failed for nftables",
+        ),
+    ],
+    ids=["rule", "element"],
+)
+def test_a_ruleset_nftables_refuses_is_rolled_back(servers, tmp_path, breakage, step):
+    lab = servers
+    templates = tmp_path / "templates"
+    shutil.copytree(lab.settings.template_dir, templates)
+    template = templates / "nftables" / "vr.nft.j2"
+    template.write_text(breakage(template.read_text()))
+    before, files = ruleset(lab), live_files(lab)
+    nat = json.loads((EXAMPLES / "router.json").read_text())["nat"]
+    nat["port_forwarding"].append(
+        {"id": "web-alt", "public_ip": "192.0.2.10", "protocol": "tcp", "public_ports": 8081,
+         "private_ip": "10.1.1.10", "private_ports": 80}
+    )  # fmt: skip
+    result = lab.vr(
+        "apply", write_payload(tmp_path, {"generation": 2, "nat": nat}), env={"VR_TEMPLATE_DIR": str(templates)},
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 4 and step in result.stderr
+    assert ruleset(lab) == before and live_files(lab) == files
+    assert lab.ask(lab.ns("pub"), "192.0.2.10", 8080) == "web1 sees 192.0.2.1"

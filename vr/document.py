@@ -69,20 +69,51 @@ DhcpOptionValue = Annotated[str, _pattern(r"[A-Za-z0-9._:/@+=-]{1,255}", "DHCP o
 IPAddress = IPv4Address | IPv6Address
 
 
-@functools.lru_cache(maxsize=65536)
-def _parse_ipv4(text: str) -> IPv4Address:
-    return IPv4Address(text)
+class _Address(IPv4Address):
+    """An IPv4 address that keeps its text: rendering 10,000 rules formats each address
+    several times, and ipaddress builds the string anew every time."""
+
+    __slots__ = ("_hash", "_text")
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self._text = super().__str__()
+        self._hash = super().__hash__()  # the same value, computed once
+
+    def __str__(self) -> str:
+        return self._text
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __format__(self, spec: str) -> str:
+        return self._text if not spec else super().__format__(spec)
 
 
-@functools.lru_cache(maxsize=65536)
-def _parse_ipv4_network(text: str) -> IPv4Network:
-    return IPv4Network(text)
+class _Network(IPv4Network):
+    """An IPv4 network that keeps its text and integer bounds (see _Address)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self._text = super().__str__()
+        self.bounds = (int(self.network_address), int(self.broadcast_address))
+
+    def __str__(self) -> str:
+        return self._text
+
+    def __format__(self, spec: str) -> str:
+        return self._text if not spec else super().__format__(spec)
+
+
+# Addresses are immutable and repeat across thousands of rules: parse each text once.
+_parse_ipv4 = functools.lru_cache(maxsize=65536)(_Address)
+_parse_ipv4_network = functools.lru_cache(maxsize=65536)(_Network)
 
 
 def _cached(parse, what: str):
-    """Addresses are immutable and repeat across thousands of rules: parse each text once."""
-
     def validate(value: object) -> object:
+        if isinstance(value, IPv4Address | IPv4Network):
+            value = str(value)  # defaults and programmatic values: the same cached objects
         if not isinstance(value, str):
             return value
         try:
@@ -93,12 +124,7 @@ def _cached(parse, what: str):
     return BeforeValidator(validate)
 
 
-@functools.lru_cache(maxsize=65536)
-def _text(value: IPv4Address | IPv4Network) -> str:
-    return str(value)
-
-
-_AS_TEXT = PlainSerializer(_text, return_type=str, when_used="json")
+_AS_TEXT = PlainSerializer(str, return_type=str, when_used="json")
 IPv4 = Annotated[IPv4Address, _cached(_parse_ipv4, "IPv4 address"), _AS_TEXT]
 IPv4Net = Annotated[IPv4Network, _cached(_parse_ipv4_network, "IPv4 network"), _AS_TEXT]
 IPInterface = IPv4Interface | IPv6Interface
@@ -272,11 +298,11 @@ class IngressRule(_TrafficMatch):
 
     id: Identifier
     public_ip: IPv4
-    source_cidrs: list[IPv4Net] = Field(default_factory=lambda: [IPv4Network("0.0.0.0/0")], max_length=256)
+    source_cidrs: list[IPv4Net] = Field(default_factory=lambda: [_parse_ipv4_network("0.0.0.0/0")], max_length=256)
 
 
 class EgressRule(_TrafficMatch):
-    destination_cidrs: list[IPv4Net] = Field(default_factory=lambda: [IPv4Network("0.0.0.0/0")], max_length=256)
+    destination_cidrs: list[IPv4Net] = Field(default_factory=lambda: [_parse_ipv4_network("0.0.0.0/0")], max_length=256)
 
 
 class TierEgress(Strict):
@@ -299,7 +325,7 @@ class AclRule(_TrafficMatch):
     number: int = Field(ge=1, le=65535)
     action: Literal["allow", "deny"]
     protocol: Literal["tcp", "udp", "icmp", "all"] | Annotated[int, Field(ge=0, le=255)]
-    cidrs: list[IPv4Net] = Field(default_factory=lambda: [IPv4Network("0.0.0.0/0")], max_length=256)
+    cidrs: list[IPv4Net] = Field(default_factory=lambda: [_parse_ipv4_network("0.0.0.0/0")], max_length=256)
 
 
 class TierAcl(Strict):

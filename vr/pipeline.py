@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import gc
 import os
 import shutil
 import signal
@@ -36,6 +35,7 @@ from vr.runtime import Runtime
 from vr.services import SERVICES, by_name
 from vr.services.base import Change, CheckFailed
 from vr.settings import Settings
+from vr.store import DocumentStore
 
 HEALTH_DEADLINE_S = 10.0
 STAGING, BACKUP = ".staging", ".backup"
@@ -60,30 +60,30 @@ class Pipeline:
         self.settings = settings
         self.runtime = Runtime(settings)
         self.events = EventLog(settings.events_path)
-        self._stored: tuple[tuple, RouterDocument] | None = None
+        self.store = DocumentStore(settings)
         settings.ensure_dirs()
 
     # ---------------------------------------------------------------- reading state
     def stored_document(self) -> RouterDocument | None:
-        """Last-known-good. A resident process (watcher, agent) parses it once, not per push."""
-        try:
-            stat = self.settings.document_path.stat()
-        except FileNotFoundError:
-            return None
-        key = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
-        if self._stored is None or self._stored[0] != key:
-            self._stored = (key, RouterDocument.model_validate(read_json(self.settings.document_path)))
-            _settle_garbage_collector()
-        return self._stored[1]
+        return self.store.load()
 
     def validate(self, raw: object, stored: RouterDocument | None) -> RouterDocument:
         """Payload -> merged, fully validated document. Raises before anything is touched."""
+        return self._validated(raw, stored)[1]
+
+    def _validated(self, raw: object, stored: RouterDocument | None) -> tuple[docmod.Payload, RouterDocument]:
         payload = docmod.parse_payload(raw)
         doc = docmod.merge(stored, payload)
-        problems = [p for service in SERVICES for p in service.verify(doc)]
+        # A service whose inputs are those of the stored document was verified with it.
+        problems = [
+            p
+            for service in SERVICES
+            if stored is None or service.read(doc) != service.read(stored)
+            for p in service.verify(doc)
+        ]
         if problems:
             raise InvalidPayload(problems)
-        return doc
+        return payload, doc
 
     # ---------------------------------------------------------------- entry points
     def apply(self, raw: object, wait: bool = False) -> Result:
@@ -92,7 +92,7 @@ class Pipeline:
             self._recover_locked()
             stored = self.stored_document()
             try:
-                doc = self.validate(raw, stored)
+                payload, doc = self._validated(raw, stored)
             except VrError as error:
                 generation = raw.get("generation") if isinstance(raw, dict) else None
                 name = stored.router.name if stored else "unknown"
@@ -100,7 +100,7 @@ class Pipeline:
                 self._record(generation, "rejected", str(error), started, [])
                 raise
             timings = {"validate": _ms(started)}
-            result = self._transaction(doc, stored, started, timings)
+            result = self._transaction(doc, stored, started, timings, payload=payload)
         return result
 
     def start(self) -> Result | None:
@@ -111,7 +111,7 @@ class Pipeline:
             stored = self.stored_document()
             if stored is None:
                 return None
-            return self._transaction(stored, stored, started, {}, force=True)
+            return self._transaction(stored, stored, started, {}, force=True, payload=None)
 
     def recover(self) -> bool:
         with self.lock():
@@ -152,7 +152,13 @@ class Pipeline:
 
     # ---------------------------------------------------------------- the transaction
     def _transaction(
-        self, doc: RouterDocument, old: RouterDocument | None, started: float, timings: dict, force: bool = False
+        self,
+        doc: RouterDocument,
+        old: RouterDocument | None,
+        started: float,
+        timings: dict,
+        payload: docmod.Payload | None,
+        force: bool = False,
     ) -> Result:
         mark = time.perf_counter()
         changes = self.plan(doc, old, force=force)
@@ -213,10 +219,8 @@ class Pipeline:
             self._fail(doc, resource, error, started, rolled_back=True)
             raise error from None
 
-        write_atomic(self.settings.document_path, doc.model_dump_json().encode())
-        stat = self.settings.document_path.stat()
-        self._stored = ((stat.st_ino, stat.st_mtime_ns, stat.st_size), doc)
-        _settle_garbage_collector()
+        if doc is not old:  # at start the stored document is re-applied: already there
+            self.store.commit(doc, payload)
         _fault_point("committed")
         self._finish(txid)
         changed = [c.service for c in changes if c.paths]
@@ -274,7 +278,7 @@ class Pipeline:
         reverse = []
         for change in changes:
             live_dir = self.settings.service_dir(change.service)
-            undo = Change(change.service)
+            undo = Change(change.service, restore=True)
             for relpath in change.paths:
                 previous = change.previous.get(relpath)
                 now = read_bytes_or_none(live_dir / relpath)
@@ -371,13 +375,6 @@ class Pipeline:
             },
             sync=False,
         )
-
-
-def _settle_garbage_collector() -> None:
-    """A large router is ~100k long-lived objects; a full GC pass over them costs ~50 ms.
-    Freeze what is loaded (it lives as long as the process) and collect less eagerly."""
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
 
 
 def _live_files(directory: Path) -> list[str]:

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from vr.memo import Memo
 from vr.settings import Settings
 
 if TYPE_CHECKING:
@@ -18,8 +19,7 @@ if TYPE_CHECKING:
 @dataclass
 class Runtime:
     settings: Settings
-    # slot -> {(id(item), setting): (item, result)}: what the previous memoized pass computed
-    _chunks: dict[str, dict[tuple[int, Any], tuple[object, Any]]] = field(default_factory=dict, repr=False)
+    memo: Memo = field(default_factory=Memo, repr=False)
 
     @functools.cached_property
     def templates(self) -> jinja2.Environment:
@@ -46,20 +46,8 @@ class Runtime:
         return "".join(chunks).encode()
 
     def memoized(self, slot: str, items: Iterable[tuple[object, Any]], compute: Callable[[Any, Any], Any]) -> list:
-        """compute(item, setting) for each pair, reusing the previous pass's result for the
-        same immutable object (a frozen document model) with the same setting."""
-        previous = self._chunks.get(slot, {})
-        current: dict[tuple[int, Any], tuple[object, Any]] = {}
-        results = []
-        for item, setting in items:
-            key = (id(item), setting)
-            hit = previous.get(key)
-            if hit is None or hit[0] is not item:
-                hit = (item, compute(item, setting))
-            current[key] = hit
-            results.append(hit[1])
-        self._chunks[slot] = current
-        return results
+        """Rendering results per unchanged document model (see Memo.map)."""
+        return self.memo.map(slot, items, compute)
 
     @functools.cached_property
     def supervisor(self) -> SupervisorClient:

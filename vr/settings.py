@@ -66,6 +66,10 @@ class Settings:
         return self.state_dir / "document.json"
 
     @property
+    def document_log_path(self) -> Path:
+        return self.state_dir / "document.log"
+
+    @property
     def journal_path(self) -> Path:
         return self.state_dir / "journal.json"
 

@@ -50,6 +50,9 @@ class Change:
     written: dict[str, bytes] = field(default_factory=dict)  # the subset that differs from live
     removed: list[str] = field(default_factory=list)
     previous: dict[str, bytes | None] = field(default_factory=dict)
+    # Rolling back: the daemon may run either version (the failed apply may have half
+    # happened, or not at all), so apply must make it match desired() whole, not by difference.
+    restore: bool = False
 
     @property
     def paths(self) -> list[str]:
@@ -69,7 +72,8 @@ class Service:
     name: str = ""
 
     def read(self, doc: RouterDocument) -> Any:
-        """The part of the document this service depends on (compared to plan an apply)."""
+        """Every part of the document that verify and generate use: an apply whose read()
+        equals the stored document's skips this service's verify and generate."""
         raise NotImplementedError
 
     def configured(self, doc: RouterDocument) -> bool:

@@ -15,14 +15,19 @@ and static NAT.
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import itertools
+import os
 import re
-import subprocess
-from ipaddress import IPv4Address
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
 from vr.document import AclRule, EgressRule, IngressRule, PortForward, RouterDocument
 from vr.errors import Problem
+from vr.memo import Memo
 from vr.runtime import Runtime
 from vr.services.base import Change, CheckFailed, Service, repeats
 from vr.services.network import interface_names
@@ -41,6 +46,13 @@ class NftablesService(Service):
     def configured(self, doc: RouterDocument) -> bool:
         return doc.public_interface() is not None
 
+    def __init__(self) -> None:
+        # Per-rule results and overlap-free groups of the last verify: merge keeps every
+        # unchanged rule object, so a one-rule change re-checks one rule and one group.
+        self._memo = Memo()
+        self._clean_groups: dict[str, dict[tuple, tuple]] = {}
+        self._scope: _Scope | None = None
+
     def verify(self, doc: RouterDocument) -> list[Problem]:
         problems: list[Problem] = []
         public = doc.public_interface()
@@ -56,67 +68,30 @@ class NftablesService(Service):
                 assigned.add(item.ip)
         for n, _ in repeats(p.ip for p in doc.nat.public_ips):
             problems.append(Problem(f"nat.public_ips[{n}].ip", f"{doc.nat.public_ips[n].ip} is listed twice"))
-
-        def need_assigned(path: str, ip: IPv4Address) -> None:
-            if ip not in assigned:
-                problems.append(Problem(path, f"{ip} is not an assigned public IP of this router (nat.public_ips)"))
-
-        def need_guest(path: str, ip: IPv4Address) -> None:
-            if not any(ip in subnet for subnet in tiers.values()):
-                problems.append(Problem(path, f"{ip} is not inside any guest tier"))
+        scope = self._intern(_Scope(frozenset(assigned), tuple(tiers.values()), frozenset(
+            s.public_ip for s in doc.nat.static_nat
+        )))  # fmt: skip
 
         source_nat_ips = set()
         for n, item in enumerate(doc.nat.source_nat):
             if item.tier not in tiers:
                 problems.append(Problem(f"nat.source_nat[{n}].tier", f"{item.tier!r} is not a guest tier"))
-            need_assigned(f"nat.source_nat[{n}].ip", item.ip)
+            problems += _found(f"nat.source_nat[{n}]", scope.need_assigned("ip", item.ip))
             source_nat_ips.add(item.ip)
-        static_public = {item.public_ip for item in doc.nat.static_nat}
         for n, item in enumerate(doc.nat.static_nat):
             path = f"nat.static_nat[{n}]"
-            need_assigned(f"{path}.public_ip", item.public_ip)
-            need_guest(f"{path}.private_ip", item.private_ip)
+            problems += _found(path, scope.need_assigned("public_ip", item.public_ip))
+            problems += _found(path, scope.need_guest("private_ip", item.private_ip))
             if item.public_ip in source_nat_ips:
                 problems.append(Problem(f"{path}.public_ip", f"{item.public_ip} is a source NAT IP"))
         for key in ("public_ip", "private_ip"):
             for n, _ in repeats(getattr(item, key) for item in doc.nat.static_nat):
                 value = getattr(doc.nat.static_nat[n], key)
                 problems.append(Problem(f"nat.static_nat[{n}].{key}", f"{value} already has a static NAT"))
-        for n, rule in enumerate(doc.nat.port_forwarding):
-            path = f"nat.port_forwarding[{n}]"
-            need_assigned(f"{path}.public_ip", rule.public_ip)
-            need_guest(f"{path}.private_ip", rule.private_ip)
-            if rule.public_ip in static_public:
-                problems.append(Problem(f"{path}.public_ip", f"{rule.public_ip} is taken whole by a static NAT"))
-        problems += _conflicts(  # one public IP, protocol and port leads to one place
-            (r.public_ip, r.protocol, None, r.public_ports.start, r.public_ports.end,
-             ("nat.port_forwarding[{}].public_ports", n))
-            for n, r in enumerate(doc.nat.port_forwarding)
-        )  # fmt: skip
-        for section, rules in (
-            ("nat.port_forwarding", doc.nat.port_forwarding),
-            ("firewall.ingress", doc.firewall.ingress),
-        ):
-            for n, first in repeats(rule.id for rule in rules):
-                problems.append(Problem(f"{section}[{n}].id", f"{rules[n].id!r} is already {section}[{first}]"))
-        for n, rule in enumerate(doc.firewall.ingress):
-            need_assigned(f"firewall.ingress[{n}].public_ip", rule.public_ip)
-        problems += _conflicts(
-            (r.public_ip, r.protocol, source, *_span(r), ("firewall.ingress[{}]", n))
-            for n, r in enumerate(doc.firewall.ingress)
-            for source in r.source_cidrs
-        )
-        problems += _conflicts(
-            (n, "sources", source, 0, 0, ("nat.port_forwarding[{}]", n))
-            for n, r in enumerate(doc.nat.port_forwarding)
-            for source in r.source_cidrs
-        )
+        problems += self._check_rules("nat.port_forwarding", doc.nat.port_forwarding, _forward_facts, scope)
+        problems += self._check_rules("firewall.ingress", doc.firewall.ingress, _ingress_facts, scope)
         for e, egress in enumerate(doc.firewall.egress):
-            problems += _conflicts(
-                (egress.tier, r.protocol, destination, *_span(r), (f"firewall.egress[{e}].rules[{{}}]", n))
-                for n, r in enumerate(egress.rules)
-                for destination in r.destination_cidrs
-            )
+            problems += self._check_rules(f"firewall.egress[{e}].rules", egress.rules, _egress_facts, scope)
         for n, egress in enumerate(doc.firewall.egress):
             if egress.tier not in tiers:
                 problems.append(Problem(f"firewall.egress[{n}].tier", f"{egress.tier!r} is not a guest tier"))
@@ -139,6 +114,41 @@ class NftablesService(Service):
                             f"{rules[m].number} is already used by network_acls[{n}].{direction}[{first}]",
                         )
                     )
+        return problems
+
+    def _intern(self, scope: _Scope) -> _Scope:
+        """The same scope object while public IPs, tiers and static NAT stay the same, so
+        per-rule results keyed by it stay valid."""
+        if self._scope is None or self._scope.values() != scope.values():
+            self._scope = scope
+        return self._scope
+
+    def _check_rules(self, section: str, rules: list, facts_of: Any, scope: _Scope) -> list[Problem]:
+        """One pass over a rule list: each rule's own problems (memoized per rule), repeated
+        ids, and overlaps. Overlapping elements (same group, overlapping ports and networks)
+        would make the kernel refuse the whole set; CloudStack refuses such rules too. Only
+        groups whose elements changed since the last clean verify are swept again."""
+        problems: list[Problem] = []
+        groups: dict[tuple, list[tuple[int, tuple]]] = {}
+        first_of: dict[str, int] = {}
+        facts = self._memo.map(section, ((r, scope) for r in rules), facts_of)
+        for n, (rule, (found, rule_id, spans)) in enumerate(zip(rules, facts, strict=True)):
+            if found:
+                problems += _found(f"{section}[{n}]", found)
+            if rule_id is not None and first_of.setdefault(rule_id, n) != n:
+                problems.append(Problem(f"{section}[{n}].id", f"{rule_id!r} is already {section}[{first_of[rule_id]}]"))
+            for span in spans:
+                groups.setdefault(span[0], []).append((n, span))
+        clean_before, clean_now = self._clean_groups.get(section, {}), {}
+        for group, members in groups.items():
+            signature = tuple(span for _, span in members)  # the spans are memoized: compared by identity
+            if clean_before.get(group) != signature:
+                found = _sweep(members, section + "[{}]" + (".public_ports" if group[1] == "forward" else ""))
+                if found:
+                    problems += found
+                    continue
+            clean_now[group] = signature
+        self._clean_groups[section] = clean_now
         return problems
 
     def generate(self, doc: RouterDocument, runtime: Runtime) -> dict[str, bytes]:
@@ -203,28 +213,32 @@ class NftablesService(Service):
         }
 
     def check(self, staged_dir: Path, change: Change, runtime: Runtime) -> None:
-        if not (staged_dir / RULESET).exists():
+        """libnftables' dry run of the new table: its chains, rules and sets, the sets
+        declared but not filled. Elements are built by vr from validated values and verify
+        has refused overlaps; loading 10,000 of them twice (here and in apply) would double
+        a full apply. An element-only change is not dry-run at all: a dry run costs the
+        kernel's abort path (8-16 ms) and the element batch is atomic anyway. Should the
+        kernel refuse anything in apply, nothing of the batch is applied and the pipeline
+        rolls back."""
+        staged = staged_dir / RULESET
+        if not staged.exists() or _element_delta(change) is not None:
             return
-        batch = staged_dir / RULESET
-        delta = _element_delta(change)
-        if delta is not None:  # check what will run: the element batch, against the live table
-            batch = staged_dir / "delta.nft"
-            batch.write_text(delta)
-        result = subprocess.run(
-            ["nft", "-c", "-f", str(batch)], check=False, capture_output=True, text=True, timeout=60
-        )
-        if result.returncode != 0:
-            raise CheckFailed("nft -c: " + result.stderr.strip().replace(str(staged_dir) + "/", ""))
+        rc, error = _nft(_without_elements(staged.read_text()), dry_run=True)
+        if rc != 0:
+            raise CheckFailed(f"nftables refused the ruleset: {error.strip()}")
 
     def apply(self, change: Change, doc: RouterDocument | None, runtime: Runtime) -> None:
         ruleset = change.desired(RULESET)
         if ruleset is None:
-            _nft(f"table {TABLE} {{}}\ndelete table {TABLE}\n")
-            return
-        delta = _element_delta(change)
-        # Only elements changed: touch only them. Otherwise (and to restore a table deleted
-        # by hand) replace the whole table; both are one transaction and end identical.
-        _nft(delta if delta is not None else ruleset.decode())
+            batch = f"table {TABLE} {{}}\ndelete table {TABLE}\n"
+        else:
+            # Only elements changed: touch only them. Otherwise (and to restore a table deleted
+            # by hand) replace the whole table; both are one transaction and end identical.
+            delta = _element_delta(change)
+            batch = delta if delta is not None else ruleset.decode()
+        rc, error = _nft(batch)
+        if rc != 0:
+            raise RuntimeError(f"nftables refused the ruleset: {error.strip()}")
 
     def probe(self, doc: RouterDocument, runtime: Runtime) -> str | None:
         if doc.public_interface() is None:
@@ -252,8 +266,13 @@ def _element_delta(change: Change) -> str | None:
     """The add/delete element batch turning the live ruleset into the new one, when only
     elements differ and the live table is there to receive it; None means replace it all."""
     old, new = change.previous.get(RULESET), change.desired(RULESET)
-    if not old or not new or RULESET not in change.written or not _table_present():
+    if change.restore or not old or not new or RULESET not in change.written or not _table_present():
         return None
+    return _delta_between(old, new)
+
+
+@functools.lru_cache(maxsize=2)  # check and apply ask for the same pair
+def _delta_between(old: bytes, new: bytes) -> str | None:
     old_skeleton, old_elements = _split(old.decode())
     new_skeleton, new_elements = _split(new.decode())
     if old_skeleton != new_skeleton:
@@ -273,12 +292,17 @@ def _element_delta(change: Change) -> str | None:
     return "\n".join(commands) + "\n" if moved <= ELEMENT_BATCH_LIMIT else None
 
 
-def _table_present() -> bool:
-    import nftables
+_ELEMENTS = re.compile(r" elements = \{ .* \};(?= \}$)", re.MULTILINE)
 
+
+def _without_elements(ruleset: str) -> str:
+    return _ELEMENTS.sub("", ruleset)
+
+
+def _table_present() -> bool:
     # One small set that every vr table defines: listing tables, chains or the table itself
     # makes libnftables fetch every element (tens of ms with 10k rules); this does not.
-    return nftables.Nftables().cmd(f"list set {TABLE} public_ips")[0] == 0
+    return _nft(f"list set {TABLE} public_ips")[0] == 0
 
 
 def rule_counters() -> list[dict]:
@@ -352,43 +376,93 @@ def _ingress_elements(rule: IngressRule, _: None) -> list[tuple[str, str]]:
     return result
 
 
-def _span(rule: Any) -> tuple[int, int]:
-    """The ports (or ICMP type) a rule covers, as an inclusive range; -1..256 means all."""
+@dataclass(frozen=True, eq=False)  # hashed by identity: a memo key costs nothing to hash
+class _Scope:
+    """What a single rule is checked against."""
+
+    assigned: frozenset[IPv4Address]
+    tier_subnets: tuple[IPv4Network, ...]
+    static_public: frozenset[IPv4Address]
+
+    def values(self) -> tuple:
+        return (self.assigned, self.tier_subnets, self.static_public)
+
+    def need_assigned(self, field: str, ip: IPv4Address) -> list[tuple[str, str]]:
+        if ip in self.assigned:
+            return []
+        return [(field, f"{ip} is not an assigned public IP of this router (nat.public_ips)")]
+
+    def need_guest(self, field: str, ip: IPv4Address) -> list[tuple[str, str]]:
+        if any(ip in subnet for subnet in self.tier_subnets):
+            return []
+        return [(field, f"{ip} is not inside any guest tier")]
+
+
+def _found(path: str, found: list[tuple[str, str]]) -> list[Problem]:
+    return [Problem(f"{path}.{field}" if field else path, message) for field, message in found]
+
+
+# Facts of one rule, memoized: (its own problems as (field, message), its id, its spans).
+# A span is (group, low port, high port, network as an integer range, network).
+
+
+def _forward_facts(rule: PortForward, scope: _Scope) -> tuple[list, str, list[tuple]]:
+    found = scope.need_assigned("public_ip", rule.public_ip) + scope.need_guest("private_ip", rule.private_ip)
+    if rule.public_ip in scope.static_public:
+        found.append(("public_ip", f"{rule.public_ip} is taken whole by a static NAT"))
+    ordered = sorted(rule.source_cidrs, key=lambda net: (int(net.network_address), -net.prefixlen))
+    for earlier, later in itertools.pairwise(ordered):
+        if later.overlaps(earlier):
+            found.append(("", f"overlaps itself (sources, {later} and {earlier})"))
+    # One public IP, protocol and port leads to one place, whatever the sources.
+    group = (int(rule.public_ip), "forward", rule.protocol)
+    return found, rule.id, [(group, rule.public_ports.start, rule.public_ports.end, _ALL, None)]
+
+
+def _ingress_facts(rule: IngressRule, scope: _Scope) -> tuple[list, str, list[tuple]]:
+    group = (int(rule.public_ip), rule.protocol)
+    return scope.need_assigned("public_ip", rule.public_ip), rule.id, _spans(group, rule, rule.source_cidrs)
+
+
+def _egress_facts(rule: EgressRule, _: _Scope) -> tuple[list, None, list[tuple]]:
+    return [], None, _spans((0, rule.protocol), rule, rule.destination_cidrs)
+
+
+_ALL = (0, 2**32 - 1)
+
+
+def _spans(group: tuple, rule: IngressRule | EgressRule, networks: list[IPv4Network]) -> list[tuple]:
+    """One span per network; ports, or the ICMP type as a one-value range (-1..256: all)."""
     if rule.ports is not None:
-        return rule.ports.start, rule.ports.end
-    if rule.icmp_type is not None:
-        return rule.icmp_type, rule.icmp_type
-    return -1, 256
+        low, high = rule.ports.start, rule.ports.end
+    elif rule.icmp_type is not None:
+        low = high = rule.icmp_type
+    else:
+        low, high = -1, 256
+    return [(group, low, high, net.bounds, net) for net in networks]
 
 
-def _conflicts(items: Any) -> list[Problem]:
-    """Rules whose elements overlap (same group, overlapping ports and networks) would make
-    the kernel refuse the whole set; CloudStack refuses such conflicting rules too.
-    Sweep by port start per group, so disjoint rules cost no pairwise comparison."""
-    by_group: dict[tuple, list[tuple]] = {}
-    for order, (group, protocol, network, low, high, path) in enumerate(items):
-        # Networks as integer ranges (None: all addresses), compared without ipaddress objects.
-        span = (0, 2**32) if network is None else (int(network.network_address), int(network.broadcast_address))
-        by_group.setdefault((group, protocol), []).append((low, high, span, path, order, network))
+def _sweep(members: list[tuple[int, tuple]], path: str) -> list[Problem]:
+    """Overlaps within one group, swept by port start so that disjoint rules cost no
+    pairwise comparison. The rule later in the document (the one just added) is named."""
+    members.sort(key=lambda m: m[1][1])
     problems: list[Problem] = []
-    reported: set[tuple[str, int]] = set()
-    for (_, protocol), elements in by_group.items():
-        elements.sort(key=lambda e: e[0])
-        active: list[tuple] = []
-        for element in elements:
-            low, _, (net_low, net_high), _, _, _ = element
-            active = [a for a in active if a[1] >= low]
-            for other in active:
-                if net_low <= other[2][1] and other[2][0] <= net_high:
-                    # Name the rule that comes later in the document: the one just added.
-                    later, earlier = (element, other) if element[4] > other[4] else (other, element)
-                    if later[3] not in reported:
-                        # Paths are (format, index) pairs, formatted only for the rare conflict.
-                        where = "itself" if later[3] == earlier[3] else earlier[3][0].format(earlier[3][1])
-                        what = f"{protocol}, {later[5]} and {earlier[5]}" if later[5] else f"{protocol} ports"
-                        problems.append(Problem(later[3][0].format(later[3][1]), f"overlaps {where} ({what})"))
-                        reported.add(later[3])
-            active.append(element)
+    reported: set[int] = set()
+    active: list[tuple[int, tuple]] = []
+    for n, span in members:
+        group, low, _, (net_low, net_high), network = span
+        protocol = group[-1]
+        active = [a for a in active if a[1][2] >= low]
+        for m, other in active:
+            if net_low <= other[3][1] and other[3][0] <= net_high:
+                mine, theirs = (n, network), (m, other[4])
+                (later, later_net), (earlier, earlier_net) = (mine, theirs) if n >= m else (theirs, mine)
+                if later not in reported:
+                    where = "itself" if later == earlier else path.format(earlier)
+                    what = f"{protocol}, {later_net} and {earlier_net}" if later_net else f"{protocol} ports"
+                    problems.append(Problem(path.format(later), f"overlaps {where} ({what})"))
+                    reported.add(later)
+        active.append((n, span))
     return problems
 
 
@@ -407,10 +481,22 @@ def _element(prefix: str, rule: Any) -> str:
     return prefix
 
 
-def _nft(commands: str) -> None:
-    """One libnftables call: the whole batch is one kernel transaction."""
+def _nft(commands: str, dry_run: bool = False) -> tuple[int, str]:
+    """One libnftables call, in this process: the whole batch is one kernel transaction
+    (a dry run sends it and aborts it). Returns (rc, error text)."""
+    # A context's netlink socket stays in the namespace it was opened in.
+    context = _context(dry_run, os.stat("/proc/self/ns/net").st_ino)
+    rc, _, error = context.cmd(commands)
+    return rc, error
+
+
+@functools.cache
+def _context(dry_run: bool, _namespace: int) -> Any:
     import nftables
 
-    rc, _, error = nftables.Nftables().cmd(commands)
-    if rc != 0:
-        raise RuntimeError(f"nftables refused the ruleset: {error.strip()}")
+    context = nftables.Nftables()
+    if dry_run:  # pip-nftables 1.0.2 has no set_dry_run; libnftables has had it since 0.9.1
+        library = ctypes.CDLL("libnftables.so.1")
+        library.nft_ctx_set_dry_run.argtypes = [ctypes.c_void_p, ctypes.c_bool]
+        library.nft_ctx_set_dry_run(context._Nftables__ctx, True)
+    return context
