@@ -23,7 +23,7 @@ setup(
         "watchdog>=3.0",
         "vici>=5.9",
         "pip-nftables>=1.0",
-        "cryptography>=41",  # load-balancer certificates: parse, match key, expiry
+        "cryptography>=42",  # load-balancer certificates: parse, match key, expiry
     ],
     data_files=configs,
     entry_points={"console_scripts": ["vr = vr.cli:entry"]},

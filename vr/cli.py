@@ -77,7 +77,7 @@ def cmd_schema(args) -> int:
 def cmd_status(args) -> int:
     from vr.status import collect, render_text
 
-    report = collect(_settings(args), firewall=args.firewall)
+    report = collect(_settings(args), firewall=args.firewall, lb=args.lb)
     print(json.dumps(report, indent=2) if args.json else render_text(report))
     return 0 if report["healthy"] else 1
 
@@ -151,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="generation, last apply, each service's health")
     p.add_argument("--json", action="store_true")
     p.add_argument("--firewall", action="store_true", help="also each firewall/NAT rule's hit counters")
+    p.add_argument("--lb", action="store_true", help="also each load-balancer rule's members, up or down")
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("events", help="print events (JSON lines)")
     p.add_argument("--resource", help="KIND or KIND:ID, e.g. vm:02:00:00:00:01:10 or service:dnsmasq")

@@ -33,7 +33,7 @@ from vr.errors import InvalidPayload, Problem, StalePayload
 
 # Sections a later vr release fills in. Present in a payload today, they are refused
 # with a message that says so rather than silently dropped.
-FUTURE_SECTIONS = ("load_balancer", "vpn", "ipv6", "monitor", "metadata")
+FUTURE_SECTIONS = ("vpn", "ipv6", "monitor", "metadata")
 
 
 def _pattern(regex: str, what: str):
@@ -338,6 +338,93 @@ class TierAcl(Strict):
     egress_default: Literal["allow", "deny"] = "allow"
 
 
+# Characters a PEM block may hold: base64, its armour lines and headers. The text goes to a
+# file of its own (never into a config line); cryptography parses it in verify.
+PemText = Annotated[str, Field(min_length=1, max_length=65536), _pattern(r"[A-Za-z0-9+/=:,.() \n\r-]+", "PEM text")]
+# An HTTP path for health checks: no space, quote or '#', which haproxy's config reads as syntax.
+HttpPath = Annotated[str, Field(max_length=255), _pattern(r"/[A-Za-z0-9._~/?=&%+:@!$*,;-]*", "HTTP path")]
+CookieName = Annotated[str, _pattern(r"[A-Za-z0-9_-]{1,64}", "cookie name (letters, digits, '_', '-')")]
+
+
+class LbMember(Strict):
+    ip: IPv4
+    port: int | None = Field(None, ge=1, le=65535)  # default: the rule's private_port
+    weight: int = Field(1, ge=0, le=256)  # 0: drained, takes no new connections
+
+
+class LbHealthCheck(Strict):
+    type: Literal["tcp", "http"] = "tcp"
+    path: HttpPath = "/"
+    expect_status: int = Field(200, ge=100, le=599)
+    interval_ms: int = Field(2000, ge=100, le=3_600_000)
+    rise: int = Field(2, ge=1, le=100)
+    fall: int = Field(3, ge=1, le=100)
+
+
+class LbStickiness(Strict):
+    """source: by client IP; cookie: haproxy inserts its own; app_cookie: follows the
+    application's cookie of that name."""
+
+    type: Literal["none", "source", "cookie", "app_cookie"] = "none"
+    cookie: CookieName | None = None
+
+    @model_validator(mode="after")
+    def _named(self) -> LbStickiness:
+        if self.type == "app_cookie" and self.cookie is None:
+            raise ValueError("app_cookie stickiness needs the cookie's name")
+        if self.type in ("none", "source") and self.cookie is not None:
+            raise ValueError(f"a cookie name does not apply to {self.type} stickiness")
+        return self
+
+
+class LbTimeouts(Strict):
+    connect_ms: int = Field(5000, ge=1, le=3_600_000)
+    client_ms: int = Field(50000, ge=1, le=86_400_000)
+    server_ms: int = Field(50000, ge=1, le=86_400_000)
+
+
+class LbCertificate(Strict):
+    certificate: PemText
+    key: PemText
+    chain: PemText | None = None
+
+
+class LbTls(Strict):
+    """Several certificates on one rule are chosen by SNI (their names); the first is the default."""
+
+    certificates: list[LbCertificate] = Field(min_length=1, max_length=32)
+
+
+class LbRule(Strict):
+    id: Identifier
+    public_ip: IPv4
+    public_port: int = Field(ge=1, le=65535)
+    private_port: int = Field(ge=1, le=65535)
+    protocol: Literal["tcp", "http", "https"] = "http"  # https: TLS terminated here, plain HTTP to members
+    algorithm: Literal["roundrobin", "leastconn", "source"] = "roundrobin"
+    members: list[LbMember] = Field(default_factory=list, max_length=256)
+    health_check: LbHealthCheck | None = None
+    stickiness: LbStickiness = Field(default_factory=LbStickiness)
+    max_connections: int | None = Field(None, ge=1, le=1_000_000)
+    timeouts: LbTimeouts = Field(default_factory=LbTimeouts)
+    source_cidrs: list[IPv4Net] = Field(default_factory=list, max_length=256)  # empty: from anywhere
+    tls: LbTls | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LbRule:
+        if (self.protocol == "https") != (self.tls is not None):
+            raise ValueError("tls (certificates) is required for https and applies to https only")
+        if self.stickiness.type in ("cookie", "app_cookie") and self.protocol == "tcp":
+            raise ValueError("cookie stickiness needs protocol http or https")
+        if self.health_check is not None and self.health_check.type == "http" and self.protocol == "tcp":
+            raise ValueError("an http health check needs protocol http or https")
+        return self
+
+
+class LoadBalancer(Strict):
+    rules: list[LbRule] = Field(default_factory=list, max_length=1000)
+
+
 class RouterDocument(Strict):
     generation: int = Field(ge=1)
     router: RouterIdentity
@@ -348,6 +435,7 @@ class RouterDocument(Strict):
     nat: Nat = Field(default_factory=Nat)
     firewall: Firewall = Field(default_factory=Firewall)
     network_acls: list[TierAcl] = Field(default_factory=list, max_length=64)
+    load_balancer: LoadBalancer = Field(default_factory=LoadBalancer)
 
     def interface(self, interface_id: str) -> Interface | None:
         return next((i for i in self.interfaces if i.id == interface_id), None)
@@ -390,12 +478,13 @@ class Payload(Strict):
     nat: Nat | None = None
     firewall: Firewall | None = None
     network_acls: list[TierAcl] | None = None
+    load_balancer: LoadBalancer | None = None
     dhcp_entries: DhcpEntryChanges | None = None
     port_forwarding_rules: PortForwardChanges | None = None
     ingress_rules: IngressRuleChanges | None = None
 
 
-SECTIONS = ("router", "interfaces", "routes", "dns", "dhcp", "nat", "firewall", "network_acls")
+SECTIONS = ("router", "interfaces", "routes", "dns", "dhcp", "nat", "firewall", "network_acls", "load_balancer")
 
 
 def json_path(loc: tuple[Any, ...]) -> str:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 class Problem:
     path: str
     reason: str
+    warning: bool = False  # reported in the event log; does not refuse the payload
 
     def __str__(self) -> str:
         return f"{self.path}: {self.reason}" if self.path else self.reason

@@ -185,11 +185,12 @@ class Lab:
             raise TimeoutError(f"no DNS answer from {server} in {namespace}: {result.stderr.strip().splitlines()[-1:]}")
         return result.stdout.split()
 
-    def serve(self, namespace: str, name: str, port: int) -> int:
-        """A TCP+UDP endpoint in a namespace that answers with its name and the peer it sees."""
+    def serve(self, namespace: str, name: str, port: int, http: bool = False) -> int:
+        """A TCP+UDP endpoint in a namespace that answers with its name and the peer it sees
+        (http: an HTTP server answering with its name)."""
         process = subprocess.Popen(
-            ["ip", "netns", "exec", namespace, sys.executable, "-m", "vr.labserver", "serve",
-             "--name", name, "--port", str(port)],
+            ["ip", "netns", "exec", namespace, sys.executable, "-m", "vr.labserver",
+             "serve-http" if http else "serve", "--name", name, "--port", str(port)],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         )  # fmt: skip
         process.stdout.readline()  # "ready"
@@ -215,6 +216,19 @@ class Lab:
                "--timeout", str(timeout)]  # fmt: skip
         result = _run(*cmd, *(["--udp"] if udp else []), check=False, timeout=timeout + 10)
         return result.stdout.strip() if result.returncode == 0 else None
+
+    def fetch(self, namespace: str, host: str, port: int, *options: str, wait: bool = True):
+        """Bounded HTTP(S) GETs from a namespace (labserver fetch); its JSON summary, or with
+        wait=False the running process (read its stdout when done)."""
+        cmd = ["ip", "netns", "exec", namespace, sys.executable, "-m", "vr.labserver", "fetch", host, str(port),
+               *options]  # fmt: skip
+        process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if not wait:
+            return process
+        out, err = process.communicate(timeout=120)
+        if process.returncode != 0:
+            raise RuntimeError(f"fetch failed: {err.strip()}")
+        return json.loads(out)
 
     def ping(self, namespace: str, address: str, count: int = 2) -> bool:
         return _run("ip", "netns", "exec", namespace, "ping", "-c", str(count), "-W", "1", "-i", "0.2", address,

@@ -71,19 +71,23 @@ class Pipeline:
         """Payload -> merged, fully validated document. Raises before anything is touched."""
         return self._validated(raw, stored)[1]
 
-    def _validated(self, raw: object, stored: RouterDocument | None) -> tuple[docmod.Payload, RouterDocument]:
+    def _validated(
+        self, raw: object, stored: RouterDocument | None
+    ) -> tuple[docmod.Payload, RouterDocument, list[Problem]]:
+        """(payload, merged document, warnings); raises on any problem that is not a warning."""
         payload = docmod.parse_payload(raw)
         doc = docmod.merge(stored, payload)
         # A service whose inputs are those of the stored document was verified with it.
-        problems = [
+        found = [
             p
             for service in SERVICES
             if stored is None or service.read(doc) != service.read(stored)
             for p in service.verify(doc)
         ]
+        problems = [p for p in found if not p.warning]
         if problems:
             raise InvalidPayload(problems)
-        return payload, doc
+        return payload, doc, [p for p in found if p.warning]
 
     # ---------------------------------------------------------------- entry points
     def apply(self, raw: object, wait: bool = False) -> Result:
@@ -92,7 +96,7 @@ class Pipeline:
             self._recover_locked()
             stored = self.stored_document()
             try:
-                payload, doc = self._validated(raw, stored)
+                payload, doc, warnings = self._validated(raw, stored)
             except VrError as error:
                 generation = raw.get("generation") if isinstance(raw, dict) else None
                 name = stored.router.name if stored else "unknown"
@@ -100,7 +104,7 @@ class Pipeline:
                 self._record(generation, "rejected", str(error), started, [])
                 raise
             timings = {"validate": _ms(started)}
-            result = self._transaction(doc, stored, started, timings, payload=payload)
+            result = self._transaction(doc, stored, started, timings, payload=payload, warnings=warnings)
         return result
 
     def start(self) -> Result | None:
@@ -159,6 +163,7 @@ class Pipeline:
         timings: dict,
         payload: docmod.Payload | None,
         force: bool = False,
+        warnings: tuple[Problem, ...] | list[Problem] = (),
     ) -> Result:
         mark = time.perf_counter()
         changes = self.plan(doc, old, force=force)
@@ -229,6 +234,7 @@ class Pipeline:
             [event("apply", resource, "ok", f"services changed: {', '.join(changed) or 'none'}", doc.generation)]
             + [event("service", f"service:{name}", "applied", "", doc.generation) for name in changed]
             + _vm_events(doc, old)
+            + [event("warning", resource, "warning", str(w), doc.generation) for w in warnings]
         )
         self._record(doc.generation, "ok", "", started, changed, timings)
         return result
@@ -385,7 +391,7 @@ def _live_files(directory: Path) -> list[str]:
 
 
 def _mode(relpath: str) -> int:
-    return 0o644
+    return 0o600 if relpath.endswith(".pem") else 0o644  # certificates with their private keys
 
 
 def _ms(since: float) -> float:

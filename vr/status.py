@@ -8,7 +8,7 @@ from vr.files import read_json
 from vr.settings import Settings
 
 
-def collect(settings: Settings, firewall: bool = False) -> dict:
+def collect(settings: Settings, firewall: bool = False, lb: bool = False) -> dict:
     from vr.pipeline import Pipeline
     from vr.services import SERVICES
 
@@ -48,8 +48,12 @@ def collect(settings: Settings, firewall: bool = False) -> dict:
             counters = rule_counters()
         except RuntimeError as error:
             counters = [{"chain": "-", "rule": str(error), "packets": 0, "bytes": 0}]
+    members = None
+    if lb and doc is not None:
+        members = _lb_members(doc, runtime)
     return {
         "firewall": counters,
+        "lb": members,
         "router": doc.router.name if doc else None,
         "generation": doc.generation if doc else None,
         "last_apply": last,
@@ -57,6 +61,25 @@ def collect(settings: Settings, firewall: bool = False) -> dict:
         "services": services,
         "healthy": doc is not None and all(s["healthy"] for s in services),
     }
+
+
+def _lb_members(doc, runtime) -> list[dict]:
+    """Each rule's members with haproxy's view of them (UP, DOWN, MAINT, no check)."""
+    from vr.services.haproxy import server_states
+
+    try:
+        states = server_states(runtime) if doc.load_balancer.rules else {}
+        error = None
+    except OSError as failure:
+        states, error = {}, f"haproxy's stats socket does not answer: {failure}"
+    rows = []
+    for rule in doc.load_balancer.rules:
+        for member in rule.members:
+            address = f"{member.ip}:{member.port or rule.private_port}"
+            state = states.get(rule.id, {}).get(address, error or "unknown")
+            rows.append({"rule": rule.id, "listen": f"{rule.public_ip}:{rule.public_port}", "member": address,
+                         "weight": member.weight, "state": state})  # fmt: skip
+    return rows
 
 
 def render_text(report: dict) -> str:
@@ -82,4 +105,9 @@ def render_text(report: dict) -> str:
     if report.get("firewall") is not None:
         lines += ["", f"{'chain':<14}{'packets':>10}{'bytes':>12}  rule"]
         lines += [f"{c['chain']:<14}{c['packets']:>10}{c['bytes']:>12}  {c['rule']}" for c in report["firewall"]]
+    if report.get("lb") is not None:
+        lines += ["", f"{'rule':<16}{'listen':<22}{'member':<22}{'weight':>6}  state"]
+        lines += [
+            f"{m['rule']:<16}{m['listen']:<22}{m['member']:<22}{m['weight']:>6}  {m['state']}" for m in report["lb"]
+        ]
     return "\n".join(lines)

@@ -1,11 +1,12 @@
 """The services, in the order the pipeline applies them (network first, daemons last)."""
 
 from vr.services.dnsmasq import DnsmasqService
+from vr.services.haproxy import HaproxyService
 from vr.services.network import NetworkService
 from vr.services.nftables import NftablesService
 from vr.services.supervisor import SupervisorService
 
-SERVICES = (NetworkService(), NftablesService(), SupervisorService(), DnsmasqService())
+SERVICES = (NetworkService(), NftablesService(), SupervisorService(), DnsmasqService(), HaproxyService())
 
 
 def by_name(name: str):

@@ -25,7 +25,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
-from vr.document import AclRule, EgressRule, IngressRule, PortForward, RouterDocument
+from vr.document import AclRule, EgressRule, IngressRule, LbRule, PortForward, RouterDocument
 from vr.errors import Problem
 from vr.memo import Memo
 from vr.runtime import Runtime
@@ -41,7 +41,7 @@ class NftablesService(Service):
     name = "nftables"
 
     def read(self, doc: RouterDocument) -> Any:
-        return (doc.router, doc.interfaces, doc.nat, doc.firewall, doc.network_acls)
+        return (doc.router, doc.interfaces, doc.nat, doc.firewall, doc.network_acls, doc.load_balancer)
 
     def configured(self, doc: RouterDocument) -> bool:
         return doc.public_interface() is not None
@@ -92,6 +92,7 @@ class NftablesService(Service):
         problems += self._check_rules("firewall.ingress", doc.firewall.ingress, _ingress_facts, scope)
         for e, egress in enumerate(doc.firewall.egress):
             problems += self._check_rules(f"firewall.egress[{e}].rules", egress.rules, _egress_facts, scope)
+        problems += self._check_rules("load_balancer.rules", doc.load_balancer.rules, _lb_facts, scope)
         for n, egress in enumerate(doc.firewall.egress):
             if egress.tier not in tiers:
                 problems.append(Problem(f"firewall.egress[{n}].tier", f"{egress.tier!r} is not a guest tier"))
@@ -208,6 +209,7 @@ class NftablesService(Service):
                 static_out=[f"{s.private_ip} : {s.public_ip}" for s in nat.static_nat],
                 source_nat=[f"{tier_subnets[s.tier]} : {s.ip}" for s in nat.source_nat if s.tier in tier_subnets],
                 ingress=ingress,
+                lb=_lb_elements(doc.load_balancer.rules),
                 tiers=tiers,
             )
         }
@@ -361,6 +363,13 @@ def _forward_elements(rule: PortForward, _: None) -> list[tuple[str, str]]:
     return result
 
 
+def _lb_elements(rules: list[LbRule]) -> dict[str, list[str]]:
+    """The load balancers' listening ports, open on their public IPs (to their sources only)."""
+    exact = [f"{r.public_ip} . {r.public_port}" for r in rules if not r.source_cidrs]
+    by_source = [f"{net} . {r.public_ip} . {r.public_port}" for r in rules for net in r.source_cidrs]
+    return {"exact": exact, "from": by_source}
+
+
 def _ingress_elements(rule: IngressRule, _: None) -> list[tuple[str, str]]:
     """(set, element) pairs of one ingress rule: from anywhere to one port is an exact key."""
     result = []
@@ -426,6 +435,12 @@ def _ingress_facts(rule: IngressRule, scope: _Scope) -> tuple[list, str, list[tu
 
 def _egress_facts(rule: EgressRule, _: _Scope) -> tuple[list, None, list[tuple]]:
     return [], None, _spans((0, rule.protocol), rule, rule.destination_cidrs)
+
+
+def _lb_facts(rule: LbRule, _: _Scope) -> tuple[list, None, list[tuple]]:
+    """A load balancer's sources must not overlap (its other checks are haproxy's verify)."""
+    group = (int(rule.public_ip), "lb", "tcp")
+    return [], None, [(group, rule.public_port, rule.public_port, net.bounds, net) for net in rule.source_cidrs]
 
 
 _ALL = (0, 2**32 - 1)

@@ -1,0 +1,287 @@
+"""haproxy: load-balancer rules (public IP:port -> guest members), with TLS termination.
+
+haproxy runs in master-worker mode under supervisord. A config change is one SIGUSR2 to
+the master: it re-executes itself, takes the listening sockets over from the old worker
+through the stats socket (`expose-fd listeners`), and the old worker finishes its
+connections (bounded by hard-stop-after). No listener is ever closed, so no client is
+refused. Member states (up/down from health checks) are saved to the server-state file
+just before a reload and loaded by the new worker, so a reload does not send traffic to
+a member known to be down.
+
+Certificates and keys go to files of their own (cert-<rule>-<n>.pem, mode 0600), named
+by relative path: haproxy runs with -C <its config dir>, and the checker with -C <the
+staged dir>, so `haproxy -c` loads exactly the certificates that will be switched in.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import io
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from vr.document import LbCertificate, LbRule, RouterDocument
+from vr.errors import Problem
+from vr.memo import Memo
+from vr.runtime import Runtime
+from vr.services.base import Change, CheckFailed, Program, Service, repeats
+
+PROGRAM = "haproxy"
+CONFIG = "haproxy.cfg"
+HARD_STOP_AFTER_S = 30  # an old worker's connections get this long after a reload
+GLOBAL_MAXCONN = 8000  # haproxy needs ~2 fds per connection; this machine class allows 20k fds
+
+
+class HaproxyService(Service):
+    name = "haproxy"
+
+    def __init__(self) -> None:
+        self._memo = Memo()  # certificate checks, per rule object
+
+    def read(self, doc: RouterDocument) -> Any:
+        return (doc.router.name, doc.interfaces, doc.nat, doc.load_balancer)
+
+    def configured(self, doc: RouterDocument) -> bool:
+        return bool(doc.load_balancer.rules)
+
+    def verify(self, doc: RouterDocument) -> list[Problem]:
+        problems: list[Problem] = []
+        rules = doc.load_balancer.rules
+        assigned = {p.ip for p in doc.nat.public_ips if not p.reserved}
+        static = {s.public_ip for s in doc.nat.static_nat}
+        tiers = [i.ipv4().network for i in doc.guest_interfaces()]
+        forwards = [(f.public_ip, f.public_ports.start, f.public_ports.end) for f in doc.nat.port_forwarding
+                    if f.protocol == "tcp"]  # fmt: skip
+        for n, rule in enumerate(rules):
+            path = f"load_balancer.rules[{n}]"
+            if rule.public_ip not in assigned:
+                problems.append(Problem(f"{path}.public_ip", f"{rule.public_ip} is not an assigned public IP"))
+            elif rule.public_ip in static:
+                problems.append(Problem(f"{path}.public_ip", f"{rule.public_ip} is taken whole by a static NAT"))
+            for ip, low, high in forwards:
+                if ip == rule.public_ip and low <= rule.public_port <= high:
+                    problems.append(
+                        Problem(f"{path}.public_port", f"tcp {ip}:{rule.public_port} is already a port forward")
+                    )
+            for m, member in enumerate(rule.members):
+                if not any(member.ip in subnet for subnet in tiers):
+                    problems.append(Problem(f"{path}.members[{m}].ip", f"{member.ip} is not inside any guest tier"))
+            for m, first in repeats((member.ip, member.port or rule.private_port) for member in rule.members):
+                problems.append(Problem(f"{path}.members[{m}]", f"the same member as members[{first}]"))
+        for n, first in repeats(rule.id for rule in rules):
+            problems.append(Problem(f"load_balancer.rules[{n}].id", f"{rules[n].id!r} is already rules[{first}]"))
+        for n, first in repeats((rule.public_ip, rule.public_port) for rule in rules):
+            rule = rules[n]
+            problems.append(
+                Problem(
+                    f"load_balancer.rules[{n}].public_port",
+                    f"{rule.public_ip}:{rule.public_port} is already load_balancer.rules[{first}]",
+                )
+            )
+        for n, found in enumerate(self._memo.map("tls", ((r, None) for r in rules), _certificate_problems)):
+            problems += [Problem(f"load_balancer.rules[{n}].tls.{p.path}", p.reason, p.warning) for p in found]
+        return problems
+
+    def generate(self, doc: RouterDocument, runtime: Runtime) -> dict[str, bytes]:
+        rules = doc.load_balancer.rules
+        if not rules:
+            return {}
+        settings = runtime.settings
+        files: dict[str, bytes] = {}
+        values = []
+        for rule in rules:
+            certificates = []
+            for n, cert in enumerate(rule.tls.certificates if rule.tls else []):
+                name = f"cert-{rule.id}-{n}.pem"
+                files[name] = _pem_bundle(cert)
+                certificates.append(name)
+            values.append(_rule_values(rule, certificates))
+        files[CONFIG] = runtime.render(
+            "haproxy/haproxy.cfg.j2",
+            router=doc.router.name,
+            stats_socket=stats_socket(runtime),
+            state_file=settings.state_dir / "haproxy.state",
+            hard_stop_after_s=HARD_STOP_AFTER_S,
+            global_maxconn=GLOBAL_MAXCONN,
+            rules=values,
+        )
+        return files
+
+    def check(self, staged_dir: Path, change: Change, runtime: Runtime) -> None:
+        if not (staged_dir / CONFIG).exists():
+            return
+        result = subprocess.run(
+            ["haproxy", "-c", "-q", "-C", str(staged_dir), "-f", str(staged_dir / CONFIG)],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if result.returncode != 0:
+            message = (result.stderr or result.stdout).strip().replace(str(staged_dir) + "/", "")
+            raise CheckFailed(f"haproxy -c: {message}")
+
+    def programs(self, doc: RouterDocument, runtime: Runtime) -> list[Program]:
+        if not doc.load_balancer.rules:
+            return []
+        settings = runtime.settings
+        here = settings.service_dir(self.name)
+        # -W: master-worker; -db: stay in the foreground for supervisord.
+        command = ["haproxy", "-W", "-db", "-C", str(here), "-f", str(here / CONFIG),
+                   "-p", str(settings.run_dir / "haproxy.pid")]  # fmt: skip
+        return [Program(PROGRAM, command, stop_signal="USR1")]  # USR1: finish connections, then exit
+
+    def apply(self, change: Change, doc: RouterDocument | None, runtime: Runtime) -> None:
+        client = runtime.supervisor
+        if doc is None or not doc.load_balancer.rules:
+            return  # supervisor removed the program with its config
+        if client.state(PROGRAM) != "RUNNING":
+            state_file = runtime.settings.state_dir / "haproxy.state"
+            if not state_file.exists():
+                state_file.write_text("")  # nothing to restore yet; saves haproxy a warning
+            client.start(PROGRAM)
+        elif change.paths:
+            _save_server_state(runtime)
+            client.signal(PROGRAM, "USR2")
+
+    def probe(self, doc: RouterDocument, runtime: Runtime) -> str | None:
+        if not doc.load_balancer.rules:
+            return None
+        state = runtime.supervisor.state(PROGRAM)
+        if state != "RUNNING":
+            return f"haproxy is {state or 'not configured in supervisord'}"
+        try:
+            stats = server_states(runtime)
+        except OSError as error:
+            return f"haproxy's stats socket does not answer: {error}"
+        missing = [r.id for r in doc.load_balancer.rules if r.id not in stats]
+        return f"haproxy does not serve rules {', '.join(missing)} yet" if missing else None
+
+
+def stats_socket(runtime: Runtime) -> Path:
+    return runtime.settings.run_dir / "haproxy.sock"
+
+
+def ask(runtime: Runtime, command: str, timeout: float = 1.0) -> str:
+    """One command on haproxy's stats socket (the runtime API)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+        connection.settimeout(timeout)
+        connection.connect(str(stats_socket(runtime)))
+        connection.sendall(command.encode() + b"\n")
+        chunks = []
+        while chunk := connection.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks).decode()
+
+
+def server_states(runtime: Runtime) -> dict[str, dict[str, str]]:
+    """rule id -> {member "ip:port": status (UP, DOWN, MAINT, no check...)}, from `show stat`."""
+    text = ask(runtime, "show stat").lstrip("# ")
+    result: dict[str, dict[str, str]] = {}
+    for row in csv.DictReader(io.StringIO(text)):
+        proxy = row.get("pxname", "")
+        if not proxy.startswith("be_"):
+            continue
+        members = result.setdefault(proxy.removeprefix("be_"), {})
+        if row["svname"] not in ("BACKEND", "FRONTEND"):
+            members[row["svname"].replace("_", ":")] = row["status"]
+    return result
+
+
+def _save_server_state(runtime: Runtime) -> None:
+    """Member states survive the reload only through this file (`load-server-state-from-file`)."""
+    try:
+        state = ask(runtime, "show servers state")
+    except OSError:
+        return  # nothing to keep: the new worker starts from its checks
+    path = runtime.settings.state_dir / "haproxy.state"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(state)
+    tmp.replace(path)
+
+
+def _rule_values(rule: LbRule, certificates: list[str]) -> dict:
+    mode = "tcp" if rule.protocol == "tcp" else "http"
+    backend = []
+    check = rule.health_check
+    options = ""
+    if check is not None:
+        options = f" check inter {check.interval_ms}ms rise {check.rise} fall {check.fall}"
+        if check.type == "http":
+            backend += [f"option httpchk GET {check.path}", f"http-check expect status {check.expect_status}"]
+    sticky = rule.stickiness
+    if sticky.type == "source":
+        backend += ["stick-table type ip size 200k expire 30m", "stick on src"]
+    elif sticky.type == "cookie":
+        backend.append(f"cookie {sticky.cookie or 'SERVERID'} insert indirect nocache")
+    elif sticky.type == "app_cookie":
+        backend += [
+            "stick-table type string len 64 size 200k expire 30m",
+            f"stick on req.cook({sticky.cookie})",
+            f"stick store-response res.cook({sticky.cookie})",
+        ]
+    servers = []
+    for member in rule.members:
+        port = member.port or rule.private_port
+        name = f"{member.ip}_{port}"  # stable across changes: the server-state file matches by name
+        cookie = f" cookie {name}" if sticky.type == "cookie" else ""
+        servers.append({"name": name, "address": f"{member.ip}:{port}", "weight": member.weight,
+                        "options": options + cookie})  # fmt: skip
+    return {
+        "id": rule.id,
+        "mode": mode,
+        "bind": f"{rule.public_ip}:{rule.public_port}",
+        "certificates": certificates,
+        "algorithm": rule.algorithm,
+        "max_connections": rule.max_connections,
+        "timeouts": rule.timeouts,
+        "backend_lines": backend,
+        "servers": servers,
+    }
+
+
+def _pem_bundle(cert: LbCertificate) -> bytes:
+    """haproxy's crt file: the certificate, its chain, then the key."""
+    parts = [cert.certificate, cert.chain or "", cert.key]
+    return "".join(p if p.endswith("\n") or not p else p + "\n" for p in parts).encode()
+
+
+def _certificate_problems(rule: LbRule, _: None) -> list[Problem]:
+    """Each certificate parses, its key is the certificate's key, the chain parses; an
+    expired certificate is a warning (the manager may be about to replace it)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    if rule.tls is None:
+        return []
+    problems = []
+    now = datetime.datetime.now(datetime.UTC)
+    for n, item in enumerate(rule.tls.certificates):
+        path = f"certificates[{n}]"
+        try:
+            cert = x509.load_pem_x509_certificate(item.certificate.encode())
+        except ValueError as error:
+            problems.append(Problem(f"{path}.certificate", f"not a PEM certificate ({error})"))
+            continue
+        try:
+            key = serialization.load_pem_private_key(item.key.encode(), password=None)
+        except (ValueError, TypeError) as error:
+            problems.append(Problem(f"{path}.key", f"not an unencrypted PEM private key ({error})"))
+            continue
+        public = serialization.PublicFormat.SubjectPublicKeyInfo
+        encoding = serialization.Encoding.DER
+        if key.public_key().public_bytes(encoding, public) != cert.public_key().public_bytes(encoding, public):
+            problems.append(Problem(f"{path}.key", "does not match the certificate's public key"))
+        if item.chain is not None:
+            try:
+                x509.load_pem_x509_certificates(item.chain.encode())
+            except ValueError as error:
+                problems.append(Problem(f"{path}.chain", f"not PEM certificates ({error})"))
+        if cert.not_valid_after_utc < now:
+            problems.append(
+                Problem(f"{path}.certificate", f"expired on {cert.not_valid_after_utc:%Y-%m-%d}", warning=True)
+            )
+    return problems
