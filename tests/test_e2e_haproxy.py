@@ -1,0 +1,199 @@
+"""Load balancing end to end: haproxy in the router namespace, HTTP servers in the guests,
+a public client. Certificates are made by the test (its own CA)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import signal
+
+import pytest
+
+from tests.conftest import EXAMPLES, write_payload
+
+LB_IP = "192.0.2.12"
+MEMBERS = [{"ip": "10.1.1.10"}, {"ip": "10.1.2.10"}]  # web1 (g1), db1 (g2)
+
+
+@pytest.fixture
+def backends(lab):
+    pids = {"web1": lab.serve(lab.ns("g1"), "web1", 8000, http=True),
+            "db1": lab.serve(lab.ns("g2"), "db1", 8000, http=True)}  # fmt: skip
+    lab.backend_pids = pids
+    return lab
+
+
+def nat_with_lb_ip() -> dict:
+    nat = json.loads((EXAMPLES / "router.json").read_text())["nat"]
+    nat["public_ips"].append({"ip": LB_IP})
+    return nat
+
+
+def lb_rule(**overrides) -> dict:
+    rule = {"id": "web", "public_ip": LB_IP, "public_port": 80, "private_port": 8000, "members": MEMBERS,
+            "health_check": {"type": "http", "interval_ms": 200, "rise": 1, "fall": 2}}  # fmt: skip
+    return rule | overrides
+
+
+def apply_lb(lab, tmp_path, generation: int, *rules: dict, check: bool = True):
+    payload = {"generation": generation, "nat": nat_with_lb_ip(), "load_balancer": {"rules": list(rules)}}
+    return lab.vr("apply", write_payload(tmp_path, payload, f"lb{generation}.json"), check=check)
+
+
+def fetch(lab, *options: str, port: int = 80) -> dict:
+    return lab.fetch(lab.ns("pub"), LB_IP, port, "--timeout", "3", *options)
+
+
+def until_members_up(lab) -> None:
+    for _ in range(50):  # bounded: health checks bring members up within a second or two
+        states = lb_states(lab)
+        if states and all(state == "UP" for state in states.values()):
+            return
+    raise AssertionError(f"load-balancer members never all came up: {lb_states(lab)}")
+
+
+def lb_states(lab) -> dict[str, str]:
+    report = json.loads(lab.vr("status", "--json", "--lb").stdout)
+    return {m["member"]: m["state"] for m in report["lb"]}
+
+
+def test_roundrobin_serves_both_members_and_only_the_listening_port_is_open(backends, tmp_path):
+    lab = backends
+    apply_lb(lab, tmp_path, 3, lb_rule())
+    until_members_up(lab)
+    result = fetch(lab, "--count", "6")
+    assert result["failed"] == 0 and result["answers"] == {"web1": 3, "db1": 3}
+    assert fetch(lab, "--count", "1", "--timeout", "1", port=81)["failed"] == 1  # dropped by nftables
+    assert lb_states(lab) == {"10.1.1.10:8000": "UP", "10.1.2.10:8000": "UP"}
+
+
+@pytest.mark.parametrize(
+    ("stickiness", "options"),
+    [
+        ({"type": "source"}, []),
+        ({"type": "cookie"}, ["--cookies"]),
+        ({"type": "app_cookie", "cookie": "app"}, ["--cookies"]),
+    ],
+    ids=["source", "cookie", "app_cookie"],
+)
+def test_stickiness_keeps_a_client_on_one_member(backends, tmp_path, stickiness, options):
+    lab = backends
+    apply_lb(lab, tmp_path, 3, lb_rule(stickiness=stickiness))
+    until_members_up(lab)
+    result = fetch(lab, "--count", "8", *options)
+    assert result["failed"] == 0 and len(result["answers"]) == 1, result
+
+
+def test_a_member_whose_server_stops_is_marked_down_and_no_longer_served(backends, tmp_path):
+    lab = backends
+    apply_lb(lab, tmp_path, 3, lb_rule())
+    until_members_up(lab)
+    os.kill(lab.backend_pids["db1"], signal.SIGTERM)
+    os.waitpid(lab.backend_pids["db1"], 0)
+    for _ in range(50):  # bounded: fall 2 x 200 ms
+        if lb_states(lab)["10.1.2.10:8000"].startswith("DOWN"):
+            break
+    assert lb_states(lab)["10.1.2.10:8000"].startswith("DOWN")
+    result = fetch(lab, "--count", "6")
+    assert result["failed"] == 0 and result["answers"] == {"web1": 6}
+
+
+def test_reloads_under_load_fail_no_request(backends, tmp_path):
+    lab = backends
+    apply_lb(lab, tmp_path, 3, lb_rule())
+    until_members_up(lab)
+    # 2 x 1,000 requests over 4 s, with and without keep-alive, while the config changes 5 times.
+    clients = [lab.fetch(lab.ns("pub"), LB_IP, 80, "--count", "1000", "--seconds", "4", *keep, wait=False)
+               for keep in (["--keepalive"], [])]  # fmt: skip
+    for n in range(5):
+        members = [MEMBERS[0] | {"weight": 2 + (n % 2)}, MEMBERS[1]]
+        result = apply_lb(lab, tmp_path, 4 + n, lb_rule(members=members))
+        assert "haproxy" in result.stdout
+    outcomes = [json.loads(client.communicate(timeout=60)[0]) for client in clients]
+    for outcome in outcomes:
+        assert outcome["sent"] == 1000 and outcome["failed"] == 0, outcome["errors"]
+        assert set(outcome["answers"]) == {"web1", "db1"}
+
+
+def test_a_change_outside_the_lb_sections_does_not_touch_haproxy(backends, tmp_path):
+    lab = backends
+    apply_lb(lab, tmp_path, 3, lb_rule())
+    pid = json.loads(lab.vr("status", "--json").stdout)
+    before = next(s["pid"] for s in pid["services"] if s["name"] == "haproxy")
+    vm = {"tier": "tier1", "mac": "02:00:00:00:01:99", "ip": "10.1.1.99", "hostname": "web9"}
+    result = lab.vr("apply", write_payload(tmp_path, {"generation": 4, "dhcp_entries": {"upsert": [vm]}}))
+    assert "changed: dnsmasq" in result.stdout and "haproxy" not in result.stdout
+    after = json.loads(lab.vr("status", "--json").stdout)
+    assert next(s["pid"] for s in after["services"] if s["name"] == "haproxy") == before
+
+
+# ---------------------------------------------------------------- TLS termination
+def make_ca_and_certificate(tmp_path, name: str, days: int = 30):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def build(subject: str, key, issuer_name, issuer_key, ca: bool, start, end):
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(issuer_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(end)
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(subject)]), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vr test CA")])
+    ca = build(
+        "vr test CA", ca_key, ca_name, ca_key, True, now - datetime.timedelta(days=1), now + datetime.timedelta(days=30)
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    start = now - datetime.timedelta(days=60) if days < 0 else now - datetime.timedelta(days=1)
+    cert = build(name, key, ca_name, ca_key, False, start, now + datetime.timedelta(days=days))
+    pem = serialization.Encoding.PEM
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_bytes(ca.public_bytes(pem))
+    key_pem = key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return str(ca_file), {"certificate": cert.public_bytes(pem).decode(), "key": key_pem.decode()}
+
+
+def https_rule(*certificates: dict) -> dict:
+    return lb_rule(id="secure", public_port=443, protocol="https", tls={"certificates": list(certificates)})
+
+
+def test_https_is_terminated_with_the_uploaded_certificate(backends, tmp_path):
+    lab = backends
+    ca_file, certificate = make_ca_and_certificate(tmp_path, "lb.example.test")
+    apply_lb(lab, tmp_path, 3, https_rule(certificate))
+    pem_files = list((lab.settings.config_dir / "haproxy").glob("*.pem"))
+    assert pem_files and all(p.stat().st_mode & 0o777 == 0o600 for p in pem_files)
+    options = ["--scheme", "https", "--cafile", ca_file, "--sni", "lb.example.test"]
+    until_members_up(lab)
+    result = fetch(lab, "--count", "4", *options, port=443)
+    assert result["failed"] == 0 and result["answers"] == {"web1": 2, "db1": 2}
+    wrong_name = fetch(lab, "--count", "1", "--scheme", "https", "--cafile", ca_file, "--sni", "other.test", port=443)
+    assert wrong_name["failed"] == 1 and "certificate" in wrong_name["errors"][0].lower()
+
+
+def test_a_key_that_does_not_match_is_refused_and_an_expired_certificate_is_a_warning(backends, tmp_path):
+    lab = backends
+    _, good = make_ca_and_certificate(tmp_path, "lb.example.test")
+    _, other = make_ca_and_certificate(tmp_path, "other.example.test")
+    result = apply_lb(lab, tmp_path, 3, https_rule(good | {"key": other["key"]}), check=False)
+    assert result.returncode == 2
+    assert "load_balancer.rules[0].tls.certificates[0].key: does not match" in result.stderr
+    _, expired = make_ca_and_certificate(tmp_path, "old.example.test", days=-1)
+    apply_lb(lab, tmp_path, 3, https_rule(expired))
+    events = [json.loads(line) for line in lab.vr("events").stdout.splitlines()]
+    warnings = [e for e in events if e["type"] == "warning"]
+    assert warnings and "certificates[0].certificate: expired on" in warnings[-1]["message"]
