@@ -284,6 +284,7 @@ def show(lab: Lab) -> None:
     reached = "ok" if lab.ping(lab.ns("g1"), "192.0.2.1") else "FAILED"
     print(f"  guest {lab.ns('g1')} pings the public host 192.0.2.1 through the router: {reached}")
     show_nat(lab)
+    show_lb(lab)
     print()
     print(lab.vr("status", check=False).stdout)
 
@@ -305,4 +306,28 @@ def show_nat(lab: Lab) -> None:
     for label, namespace, host, port, udp in checks:
         answer = lab.ask(namespace, host, port, udp=udp, timeout=1.0)
         print(f"  {label}: {answer or 'no answer (dropped)'}")
+    lab.stop_servers()
+
+
+def show_lb(lab: Lab) -> None:
+    """The lab's load-balancer rule (configs/lab/load-balancer.json) on a third public IP:
+    HTTP servers in both guests, a public client served by both in turn."""
+    lab.serve(lab.ns("g1"), "web1", 8000, http=True)
+    lab.serve(lab.ns("g2"), "db1", 8000, http=True)
+    stored = json.loads(lab.vr("status", "--json").stdout)["generation"]
+    lb = json.loads((examples_dir().parent / "lab" / "load-balancer.json").read_text())["load_balancer"]
+    nat = json.loads((examples_dir() / "router.json").read_text())["nat"]
+    nat["public_ips"].append({"ip": lb["rules"][0]["public_ip"]})
+    payload = lab.dir / "load-balancer.json"
+    payload.write_text(json.dumps({"generation": stored + 1, "nat": nat, "load_balancer": lb}))
+    print(f"router: {lab.vr('apply', str(payload)).stdout.strip()}")
+    for _ in range(20):  # bounded: the health checks bring both members up within a second
+        states = [m["state"] for m in json.loads(lab.vr("status", "--json", "--lb").stdout)["lb"]]
+        if states and all(state == "UP" for state in states):
+            break
+        time.sleep(0.25)
+    result = lab.fetch(lab.ns("pub"), "192.0.2.12", 80, "--count", "6")
+    answers = ", ".join(f"{name} x{count}" for name, count in sorted(result["answers"].items())) or "none"
+    print(f"  public -> 192.0.2.12 tcp/80 (load balancer, 6 requests): {answers}; failed {result['failed']}")
+    print("\n".join("  " + line for line in lab.vr("status", "--lb").stdout.splitlines()[-3:]))
     lab.stop_servers()
