@@ -45,27 +45,14 @@ def fetch(lab, *options: str, port: int = 80) -> dict:
     return lab.fetch(lab.ns("pub"), LB_IP, port, "--timeout", "3", *options)
 
 
-def until_members_up(lab) -> None:
-    for _ in range(50):  # bounded: health checks bring members up within a second or two
-        states = lb_states(lab)
-        if states and all(state == "UP" for state in states.values()):
-            return
-    raise AssertionError(f"load-balancer members never all came up: {lb_states(lab)}")
-
-
-def lb_states(lab) -> dict[str, str]:
-    report = json.loads(lab.vr("status", "--json", "--lb").stdout)
-    return {m["member"]: m["state"] for m in report["lb"]}
-
-
 def test_roundrobin_serves_both_members_and_only_the_listening_port_is_open(backends, tmp_path):
     lab = backends
     apply_lb(lab, tmp_path, 3, lb_rule())
-    until_members_up(lab)
+    assert lab.wait_lb_up(), lab.lb_states()
     result = fetch(lab, "--count", "6")
     assert result["failed"] == 0 and result["answers"] == {"web1": 3, "db1": 3}
     assert fetch(lab, "--count", "1", "--timeout", "1", port=81)["failed"] == 1  # dropped by nftables
-    assert lb_states(lab) == {"10.1.1.10:8000": "UP", "10.1.2.10:8000": "UP"}
+    assert lab.lb_states() == {"10.1.1.10:8000": "UP", "10.1.2.10:8000": "UP"}
 
 
 @pytest.mark.parametrize(
@@ -80,7 +67,7 @@ def test_roundrobin_serves_both_members_and_only_the_listening_port_is_open(back
 def test_stickiness_keeps_a_client_on_one_member(backends, tmp_path, stickiness, options):
     lab = backends
     apply_lb(lab, tmp_path, 3, lb_rule(stickiness=stickiness))
-    until_members_up(lab)
+    assert lab.wait_lb_up(), lab.lb_states()
     result = fetch(lab, "--count", "8", *options)
     assert result["failed"] == 0 and len(result["answers"]) == 1, result
 
@@ -88,13 +75,13 @@ def test_stickiness_keeps_a_client_on_one_member(backends, tmp_path, stickiness,
 def test_a_member_whose_server_stops_is_marked_down_and_no_longer_served(backends, tmp_path):
     lab = backends
     apply_lb(lab, tmp_path, 3, lb_rule())
-    until_members_up(lab)
+    assert lab.wait_lb_up(), lab.lb_states()
     os.kill(lab.backend_pids["db1"], signal.SIGTERM)
     os.waitpid(lab.backend_pids["db1"], 0)
     for _ in range(50):  # bounded: fall 2 x 200 ms
-        if lb_states(lab)["10.1.2.10:8000"].startswith("DOWN"):
+        if lab.lb_states()["10.1.2.10:8000"].startswith("DOWN"):
             break
-    assert lb_states(lab)["10.1.2.10:8000"].startswith("DOWN")
+    assert lab.lb_states()["10.1.2.10:8000"].startswith("DOWN")
     result = fetch(lab, "--count", "6")
     assert result["failed"] == 0 and result["answers"] == {"web1": 6}
 
@@ -102,7 +89,7 @@ def test_a_member_whose_server_stops_is_marked_down_and_no_longer_served(backend
 def test_reloads_under_load_fail_no_request(backends, tmp_path):
     lab = backends
     apply_lb(lab, tmp_path, 3, lb_rule())
-    until_members_up(lab)
+    assert lab.wait_lb_up(), lab.lb_states()
     # 2 x 1,000 requests over 4 s, with and without keep-alive, while the config changes 5 times.
     clients = [lab.fetch(lab.ns("pub"), LB_IP, 80, "--count", "1000", "--seconds", "4", *keep, wait=False)
                for keep in (["--keepalive"], [])]  # fmt: skip
@@ -178,7 +165,7 @@ def test_https_is_terminated_with_the_uploaded_certificate(backends, tmp_path):
     pem_files = list((lab.settings.config_dir / "haproxy").glob("*.pem"))
     assert pem_files and all(p.stat().st_mode & 0o777 == 0o600 for p in pem_files)
     options = ["--scheme", "https", "--cafile", ca_file, "--sni", "lb.example.test"]
-    until_members_up(lab)
+    assert lab.wait_lb_up(), lab.lb_states()
     result = fetch(lab, "--count", "4", *options, port=443)
     assert result["failed"] == 0 and result["answers"] == {"web1": 2, "db1": 2}
     wrong_name = fetch(lab, "--count", "1", "--scheme", "https", "--cafile", ca_file, "--sni", "other.test", port=443)

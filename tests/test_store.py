@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from vr import document as docmod
 from vr.settings import Settings
 from vr.store import LOG_LIMIT, DocumentStore
@@ -26,6 +28,17 @@ def fresh(settings: Settings) -> DocumentStore:
     return DocumentStore(settings)  # a new process: nothing cached
 
 
+@pytest.fixture
+def stored(tmp_path, example) -> tuple[Settings, DocumentStore, docmod.RouterDocument]:
+    """A store holding the example router, written whole."""
+    settings = Settings.under_root(tmp_path)
+    settings.ensure_dirs()
+    store = DocumentStore(settings)
+    doc = docmod.merge(None, docmod.parse_payload(example))
+    store.commit(doc, None)
+    return settings, store, doc
+
+
 def test_a_rule_change_is_appended_and_a_new_process_reads_the_same_document(tmp_path, example):
     settings = Settings.under_root(tmp_path)
     settings.ensure_dirs()
@@ -41,12 +54,8 @@ def test_a_rule_change_is_appended_and_a_new_process_reads_the_same_document(tmp
     assert [r.id for r in loaded.firewall.ingress][-3:] == ["r20000", "r20001", "r20002"]
 
 
-def test_the_log_is_compacted_into_the_document_when_full_or_when_a_section_changes(tmp_path, example):
-    settings = Settings.under_root(tmp_path)
-    settings.ensure_dirs()
-    store = DocumentStore(settings)
-    doc = docmod.merge(None, docmod.parse_payload(example))
-    store.commit(doc, None)
+def test_the_log_is_compacted_into_the_document_when_full_or_when_a_section_changes(stored, example):
+    settings, store, doc = stored
     doc = commit_rules(store, doc, LOG_LIMIT + 2)  # LOG_LIMIT appended, one compaction, one appended
     assert len(settings.document_log_path.read_bytes().splitlines()) == 1
     section = docmod.parse_payload({"generation": doc.generation + 1, "dns": example["dns"] | {"cache_size": 300}})
@@ -57,12 +66,8 @@ def test_the_log_is_compacted_into_the_document_when_full_or_when_a_section_chan
     assert fresh(settings).load() == doc
 
 
-def test_a_torn_last_line_was_never_committed_and_is_not_appended_to(tmp_path, example):
-    settings = Settings.under_root(tmp_path)
-    settings.ensure_dirs()
-    store = DocumentStore(settings)
-    doc = docmod.merge(None, docmod.parse_payload(example))
-    store.commit(doc, None)
+def test_a_torn_last_line_was_never_committed_and_is_not_appended_to(stored):
+    settings, store, doc = stored
     doc = commit_rules(store, doc, 2)
     with settings.document_log_path.open("ab") as log:
         log.write(b'{"generation": 99, "ingress_rules": {"ups')  # a crash in the middle of an append
@@ -72,13 +77,9 @@ def test_a_torn_last_line_was_never_committed_and_is_not_appended_to(tmp_path, e
     assert fresh(settings).load() == doc
 
 
-def test_log_entries_the_document_already_holds_are_skipped(tmp_path, example):
+def test_log_entries_the_document_already_holds_are_skipped(stored):
     """A crash between writing the compacted document and removing the log."""
-    settings = Settings.under_root(tmp_path)
-    settings.ensure_dirs()
-    store = DocumentStore(settings)
-    doc = docmod.merge(None, docmod.parse_payload(example))
-    store.commit(doc, None)
+    settings, store, doc = stored
     doc = commit_rules(store, doc, 2)
     log = settings.document_log_path.read_bytes()
     store.commit(doc, None)  # compaction

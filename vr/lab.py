@@ -230,6 +230,20 @@ class Lab:
             raise RuntimeError(f"fetch failed: {err.strip()}")
         return json.loads(out)
 
+    def lb_states(self) -> dict[str, str]:
+        """Each load-balancer member ("ip:port") and its state as haproxy sees it (vr status --lb)."""
+        report = json.loads(self.vr("status", "--json", "--lb").stdout)
+        return {m["member"]: m["state"] for m in report["lb"] or []}
+
+    def wait_lb_up(self, tries: int = 40) -> bool:
+        """Bounded wait until every member is UP (health checks need rise x interval)."""
+        for _ in range(tries):
+            states = self.lb_states()
+            if states and all(state == "UP" for state in states.values()):
+                return True
+            time.sleep(0.1)
+        return False
+
     def ping(self, namespace: str, address: str, count: int = 2) -> bool:
         return _run("ip", "netns", "exec", namespace, "ping", "-c", str(count), "-W", "1", "-i", "0.2", address,
                     check=False).returncode == 0  # fmt: skip
@@ -321,11 +335,7 @@ def show_lb(lab: Lab) -> None:
     payload = lab.dir / "load-balancer.json"
     payload.write_text(json.dumps({"generation": stored + 1, "nat": nat, "load_balancer": lb}))
     print(f"router: {lab.vr('apply', str(payload)).stdout.strip()}")
-    for _ in range(20):  # bounded: the health checks bring both members up within a second
-        states = [m["state"] for m in json.loads(lab.vr("status", "--json", "--lb").stdout)["lb"]]
-        if states and all(state == "UP" for state in states):
-            break
-        time.sleep(0.25)
+    lab.wait_lb_up()
     result = lab.fetch(lab.ns("pub"), "192.0.2.12", 80, "--count", "6")
     answers = ", ".join(f"{name} x{count}" for name, count in sorted(result["answers"].items())) or "none"
     print(f"  public -> 192.0.2.12 tcp/80 (load balancer, 6 requests): {answers}; failed {result['failed']}")

@@ -65,7 +65,7 @@ def collect(settings: Settings, firewall: bool = False, lb: bool = False) -> dic
 
 def _lb_members(doc, runtime) -> list[dict]:
     """Each rule's members with haproxy's view of them (UP, DOWN, MAINT, no check)."""
-    from vr.services.haproxy import server_states
+    from vr.services.haproxy import member_address, server_states
 
     try:
         states = server_states(runtime) if doc.load_balancer.rules else {}
@@ -75,7 +75,7 @@ def _lb_members(doc, runtime) -> list[dict]:
     rows = []
     for rule in doc.load_balancer.rules:
         for member in rule.members:
-            address = f"{member.ip}:{member.port or rule.private_port}"
+            address = member_address(rule, member)
             state = states.get(rule.id, {}).get(address, error or "unknown")
             rows.append({"rule": rule.id, "listen": f"{rule.public_ip}:{rule.public_port}", "member": address,
                          "weight": member.weight, "state": state})  # fmt: skip

@@ -51,23 +51,22 @@ class DocumentStore:
     def commit(self, doc: RouterDocument, payload: Payload | None) -> None:
         """Make doc the last-known-good, durably. payload is what merge applied to the
         stored document to make doc (None: doc is written whole)."""
-        lines = self._log_lines()
+        log = self._read_log()
         small = payload is not None and payload.model_fields_set <= ITEM_CHANGES
-        if small and self.path.exists() and len(lines) < LOG_LIMIT and self._log_is_whole():
-            self._append(payload.model_dump_json(exclude_unset=True).encode() + b"\n")
+        entries = log or b""
+        torn = bool(entries) and not entries.endswith(b"\n")  # never append after a torn line
+        appendable = not torn and entries.count(b"\n") < LOG_LIMIT
+        if small and appendable and self.path.exists():
+            self._append(payload.model_dump_json(exclude_unset=True).encode() + b"\n", created=log is None)
         else:
             write_atomic(self.path, doc.model_dump_json().encode())
-            if lines or self.log_path.exists():
+            if log is not None:
                 self.log_path.unlink(missing_ok=True)
                 fsync_dir(self.log_path.parent)
         self._cached = (self._key(), doc)
         settle_garbage_collector()
 
-    def files(self) -> list[Path]:
-        return [self.path, self.log_path]
-
-    def _append(self, line: bytes) -> None:
-        created = not self.log_path.exists()
+    def _append(self, line: bytes, created: bool) -> None:
         fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             view = memoryview(line)
@@ -79,23 +78,15 @@ class DocumentStore:
         if created:
             fsync_dir(self.log_path.parent)
 
-    def _log_lines(self) -> list[bytes]:
+    def _read_log(self) -> bytes | None:
         try:
-            data = self.log_path.read_bytes()
+            return self.log_path.read_bytes()
         except FileNotFoundError:
-            return []
-        return data.split(b"\n")[:-1]  # whatever follows the last newline was never committed
+            return None
 
-    def _log_is_whole(self) -> bool:
-        try:
-            size = self.log_path.stat().st_size
-        except FileNotFoundError:
-            return True
-        if size == 0:
-            return True
-        with self.log_path.open("rb") as log:
-            log.seek(size - 1)
-            return log.read(1) == b"\n"
+    def _log_lines(self) -> list[bytes]:
+        # Whatever follows the last newline was never committed.
+        return (self._read_log() or b"").split(b"\n")[:-1]
 
     def _key(self) -> tuple:
         return (_stat_key(self.path), _stat_key(self.log_path))

@@ -7,6 +7,7 @@ The pipeline owns ordering, staging, rollback and events; a service owns only it
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,15 @@ def repeats(values: Iterable[Hashable]) -> Iterator[tuple[int, int]]:
 
 class CheckFailed(Exception):
     """The daemon's checker refused a staged file; the message is the checker's own."""
+
+
+def run_checker(label: str, command: list[str], staged_dir: Path) -> None:
+    """Run a daemon's own config checker; its complaint, with staging paths made relative
+    (they mean nothing to an operator), becomes CheckFailed."""
+    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=30)
+    if result.returncode != 0:
+        message = (result.stderr or result.stdout).strip().replace(str(staged_dir) + "/", "")
+        raise CheckFailed(f"{label}: {message}")
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import Any
 from vr.document import DhcpEntry, DhcpOption, RouterDocument
 from vr.errors import Problem
 from vr.runtime import Runtime
-from vr.services.base import Change, CheckFailed, Program, Service
+from vr.services.base import Change, CheckFailed, Program, Service, run_checker
 from vr.services.network import interface_names
 
 PROGRAM = "dnsmasq"
@@ -152,16 +152,7 @@ class DnsmasqService(Service):
         if not (staged_dir / MAIN).exists() or (change.written and MAIN not in change.written):
             return  # `dnsmasq --test` reads only the main file; the host files are ours, validated
         _check_readable_after_privilege_drop(runtime.settings.service_dir(self.name))
-        result = subprocess.run(
-            ["dnsmasq", "--test", f"--conf-file={staged_dir / MAIN}"],
-            check=False,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        if result.returncode != 0:
-            message = (result.stderr or result.stdout).strip().replace(str(staged_dir) + "/", "")
-            raise CheckFailed(f"dnsmasq --test: {message}")
+        run_checker("dnsmasq --test", ["dnsmasq", "--test", f"--conf-file={staged_dir / MAIN}"], staged_dir)
 
     def programs(self, doc: RouterDocument, runtime: Runtime) -> list[Program]:
         if not doc.guest_interfaces():

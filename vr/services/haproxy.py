@@ -19,15 +19,14 @@ import csv
 import datetime
 import io
 import socket
-import subprocess
 from pathlib import Path
 from typing import Any
 
-from vr.document import LbCertificate, LbRule, RouterDocument
+from vr.document import LbCertificate, LbMember, LbRule, RouterDocument
 from vr.errors import Problem
 from vr.memo import Memo
 from vr.runtime import Runtime
-from vr.services.base import Change, CheckFailed, Program, Service, repeats
+from vr.services.base import Change, Program, Service, repeats, run_checker
 
 PROGRAM = "haproxy"
 CONFIG = "haproxy.cfg"
@@ -69,7 +68,7 @@ class HaproxyService(Service):
             for m, member in enumerate(rule.members):
                 if not any(member.ip in subnet for subnet in tiers):
                     problems.append(Problem(f"{path}.members[{m}].ip", f"{member.ip} is not inside any guest tier"))
-            for m, first in repeats((member.ip, member.port or rule.private_port) for member in rule.members):
+            for m, first in repeats(member_address(rule, member) for member in rule.members):
                 problems.append(Problem(f"{path}.members[{m}]", f"the same member as members[{first}]"))
         for n, first in repeats(rule.id for rule in rules):
             problems.append(Problem(f"load_balancer.rules[{n}].id", f"{rules[n].id!r} is already rules[{first}]"))
@@ -113,16 +112,8 @@ class HaproxyService(Service):
     def check(self, staged_dir: Path, change: Change, runtime: Runtime) -> None:
         if not (staged_dir / CONFIG).exists():
             return
-        result = subprocess.run(
-            ["haproxy", "-c", "-q", "-C", str(staged_dir), "-f", str(staged_dir / CONFIG)],
-            check=False,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        if result.returncode != 0:
-            message = (result.stderr or result.stdout).strip().replace(str(staged_dir) + "/", "")
-            raise CheckFailed(f"haproxy -c: {message}")
+        command = ["haproxy", "-c", "-q", "-C", str(staged_dir), "-f", str(staged_dir / CONFIG)]
+        run_checker("haproxy -c", command, staged_dir)
 
     def programs(self, doc: RouterDocument, runtime: Runtime) -> list[Program]:
         if not doc.load_balancer.rules:
@@ -187,8 +178,23 @@ def server_states(runtime: Runtime) -> dict[str, dict[str, str]]:
             continue
         members = result.setdefault(proxy.removeprefix("be_"), {})
         if row["svname"] not in ("BACKEND", "FRONTEND"):
-            members[row["svname"].replace("_", ":")] = row["status"]
+            members[_address_of(row["svname"])] = row["status"]
     return result
+
+
+def member_address(rule: LbRule, member: LbMember) -> str:
+    """ "ip:port" of a member: its own port, or the rule's private port."""
+    return f"{member.ip}:{member.port or rule.private_port}"
+
+
+def _server_name(address: str) -> str:
+    # Stable across changes (the server-state file matches servers by name); ':' is not
+    # allowed in a server name.
+    return address.replace(":", "_")
+
+
+def _address_of(server_name: str) -> str:
+    return server_name.replace("_", ":")
 
 
 def _save_server_state(runtime: Runtime) -> None:
@@ -225,11 +231,10 @@ def _rule_values(rule: LbRule, certificates: list[str]) -> dict:
         ]
     servers = []
     for member in rule.members:
-        port = member.port or rule.private_port
-        name = f"{member.ip}_{port}"  # stable across changes: the server-state file matches by name
+        address = member_address(rule, member)
+        name = _server_name(address)
         cookie = f" cookie {name}" if sticky.type == "cookie" else ""
-        servers.append({"name": name, "address": f"{member.ip}:{port}", "weight": member.weight,
-                        "options": options + cookie})  # fmt: skip
+        servers.append({"name": name, "address": address, "weight": member.weight, "options": options + cookie})
     return {
         "id": rule.id,
         "mode": mode,
