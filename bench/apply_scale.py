@@ -30,14 +30,26 @@ import json
 import math
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-from common import STEPS, STOP, aligned, check_stop, ms, p90, steps_text, stop_router, with_commit
+from common import (
+    STEPS,
+    aligned,
+    check_stop,
+    guarded,
+    median_of,
+    ms,
+    p90,
+    report,
+    steps_text,
+    stop_router,
+    with_commit,
+    yes,
+)
 
 from vr import netns
 from vr.errors import VrError
@@ -191,15 +203,6 @@ def wait_resolves(name: str, server: str, want: str | None) -> tuple[bool, int]:
     return False, DNS_TRIES
 
 
-def median_of(fn, runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        mark = time.perf_counter()
-        fn()
-        times.append(ms(mark))
-    return statistics.median(times)
-
-
 def bench(args, settings: Settings) -> dict:
     """All the figures; an apply that fails is recorded under "error" and ends the run."""
     raw, layout = build_document(args.vms, args.tiers)
@@ -337,9 +340,6 @@ def profile_one(pipeline: Pipeline, layout: list[dict], generation: int, k: int)
 
 # ---------------------------------------------------------------------------- output
 def table(f: dict) -> str:
-    def yes(value: bool) -> str:
-        return "yes" if value else "NO"
-
     rows = [
         ("router", f"{f['vms']} VMs in {f['tiers']} tiers, document {f['document_bytes'] / 1024:.0f} KiB"),
         ("cpus available", str(f["cpus"])),
@@ -418,12 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.under_root(root, netns=name)
     ns_created = entered = False
 
-    def on_signal(signum, _frame):
-        STOP["signum"] = signum
-        raise SystemExit(128 + signum)
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    try:
+    def work() -> dict:
+        nonlocal ns_created, entered
         if os.path.exists(f"/run/netns/{name}"):
             raise SystemExit(f"apply_scale: namespace {name} already exists; not touching it")
         ns_created = True  # from here on it is ours, even if 'ip netns add' is interrupted half-way
@@ -431,19 +427,10 @@ def main(argv: list[str] | None = None) -> int:
         add_veths(name, ["eth0", "eth1"] + [f"eth{n + 2}" for n in range(args.tiers)])
         netns.enter(name)  # before any thread exists: daemons and probes all live in there
         entered = True
-        figures = bench(args, settings)
-        check_stop()
-    finally:
-        for s in previous:
-            signal.signal(s, signal.SIG_IGN)  # let the clean-up finish
-        cleanup(settings, name, root, ns_created, entered)
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        return bench(args, settings)
 
-    print(table(figures))
-    if args.json:
-        print(json.dumps(figures, sort_keys=True))
-    return 1 if "error" in figures else 0
+    figures = guarded(work, lambda: cleanup(settings, name, root, ns_created, entered))
+    return report(table(figures), figures, args.json)
 
 
 def cleanup(settings: Settings, name: str, root: str, ns_created: bool, entered: bool) -> None:

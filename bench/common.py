@@ -1,13 +1,17 @@
-"""Helpers the benches share: timing, step breakdowns, and finding our own stray processes."""
+"""Helpers the benches share: timing, step breakdowns, signals and clean-up, stray processes, output."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
+import statistics
+import subprocess
 import sys
 import time
 import xmlrpc.client
+from collections.abc import Callable
 from pathlib import Path
 
 from vr.runtime import Runtime
@@ -85,3 +89,66 @@ def aligned(rows: list[tuple[str, str]], figures: dict) -> str:
     rows.append(("all targets met", "yes" if figures["all_met"] else "NO"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def yes(value: bool) -> str:
+    return "yes" if value else "NO"
+
+
+def median_of(fn, runs: int) -> float:
+    """Median wall time of fn() over runs (ms); stops between runs if we were asked to."""
+    times = []
+    for _ in range(runs):
+        check_stop()
+        mark = time.perf_counter()
+        fn()
+        times.append(ms(mark))
+    return statistics.median(times)
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    """Stop one process we started, by its PID: TERM, then KILL if it lingers."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+
+
+def stop_processes(processes: list[subprocess.Popen], label: str) -> None:
+    for process in processes:
+        try:
+            stop_process(process)
+        except (OSError, subprocess.SubprocessError) as error:  # clean-up goes on
+            print(f"{label}: stopping pid {process.pid}: {error}", file=sys.stderr)
+
+
+def guarded(work: Callable[[], dict], cleanup: Callable[[], None]) -> dict:
+    """work()'s figures. SIGINT, SIGTERM and SIGHUP end it (as SystemExit, recorded in STOP
+    for the loops' check_stop); cleanup() always runs, with those signals held off."""
+
+    def on_signal(signum, _frame):
+        STOP["signum"] = signum
+        raise SystemExit(128 + signum)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        figures = work()
+        check_stop()
+    finally:
+        for s in previous:
+            signal.signal(s, signal.SIG_IGN)  # let the clean-up finish
+        cleanup()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return figures
+
+
+def report(table: str, figures: dict, as_json: bool) -> int:
+    """Print the table (and the figures as the last line, one JSON object); the exit code."""
+    print(table)
+    if as_json:
+        print(json.dumps(figures, sort_keys=True))
+    return 1 if "error" in figures else 0

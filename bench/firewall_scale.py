@@ -37,7 +37,6 @@ import ipaddress
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -45,7 +44,22 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import STEPS, STOP, aligned, check_stop, ms, p90, steps_text, stop_router, with_commit
+from common import (
+    STEPS,
+    aligned,
+    check_stop,
+    guarded,
+    median_of,
+    ms,
+    p90,
+    report,
+    steps_text,
+    stop_process,
+    stop_processes,
+    stop_router,
+    with_commit,
+    yes,
+)
 
 from vr import netns
 from vr.errors import VrError
@@ -78,16 +92,6 @@ LISTEN_TRIES = 300  # bounded wait for iperf3's server to listen (x 10 ms)
 # The signal that asked us to stop (its handler raises SystemExit; an apply turns that into a
 # rollback and re-raises it, but every loop checks this too).
 CHILDREN: list[subprocess.Popen] = []  # started processes (iperf3 servers), stopped by PID
-
-
-def median_of(fn, runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        check_stop()
-        mark = time.perf_counter()
-        fn()
-        times.append(ms(mark))
-    return statistics.median(times)
 
 
 class GcClock:
@@ -257,16 +261,6 @@ def build_lab(prefix: str, created: list[str]) -> dict[str, str]:
     run("ip", "-n", g1, "link", "set", "eth0", "up")
     run("ip", "-n", g1, "route", "add", "default", "via", "10.1.1.1")
     return names
-
-
-def stop_process(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
 
 
 # ---------------------------------------------------------------------------- throughput
@@ -581,9 +575,6 @@ def measure(args, settings: Settings, names: dict[str, str], figures: dict, gc_c
 
 # ---------------------------------------------------------------------------- output
 def table(f: dict) -> str:
-    def yes(value: bool) -> str:
-        return "yes" if value else "NO"
-
     rows = [
         (
             "rules",
@@ -701,38 +692,20 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.under_root(root, netns=f"{prefix}-r")
     created: list[str] = []
     entered = False
-    figures: dict = {}
 
-    def on_signal(signum, _frame):
-        STOP["signum"] = signum
-        raise SystemExit(128 + signum)
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    try:
+    def work() -> dict:
+        nonlocal entered
         names = build_lab(prefix, created)
         netns.enter(names["r"])  # before any thread exists: daemons, probes and nft all live in there
         entered = True
-        figures = bench(args, settings, names)
-        check_stop()
-    finally:
-        for s in previous:
-            signal.signal(s, signal.SIG_IGN)  # let the clean-up finish
-        cleanup(settings, root, created, entered)
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        return bench(args, settings, names)
 
-    print(table(figures))
-    if args.json:
-        print(json.dumps(figures, sort_keys=True))
-    return 1 if "error" in figures else 0
+    figures = guarded(work, lambda: cleanup(settings, root, created, entered))
+    return report(table(figures), figures, args.json)
 
 
 def cleanup(settings: Settings, root: str, created: list[str], entered: bool) -> None:
-    for process in CHILDREN:
-        try:
-            stop_process(process)
-        except (OSError, subprocess.SubprocessError) as error:
-            print(f"firewall_scale: stopping pid {process.pid}: {error}", file=sys.stderr)
+    stop_processes(CHILDREN, "firewall_scale")
     if entered:
         stop_router(settings, root, "firewall_scale")
     for name in created:

@@ -31,7 +31,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -39,7 +38,22 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import STEPS, STOP, aligned, check_stop, ms, namespace_inode, p90, steps_text, stop_router, with_commit
+from common import (
+    STEPS,
+    aligned,
+    check_stop,
+    guarded,
+    ms,
+    namespace_inode,
+    p90,
+    report,
+    steps_text,
+    stop_process,
+    stop_processes,
+    stop_router,
+    with_commit,
+    yes,
+)
 
 from vr import netns
 from vr.errors import VrError
@@ -77,16 +91,6 @@ def lb_payload(generation: int, web1_weight: int, interval_ms: int) -> dict:
 
 
 # ---------------------------------------------------------------------------- processes
-def stop_process(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
-
-
 def haproxy_processes(inode: int) -> int:
     """haproxy processes in the router namespace: the master, its worker and old workers draining."""
     count = 0
@@ -322,9 +326,6 @@ def haproxy_version() -> str:
 
 # ---------------------------------------------------------------------------- output
 def table(f: dict) -> str:
-    def yes(value: bool) -> str:
-        return "yes" if value else "NO"
-
     def latency(value) -> str:
         return "-" if value is None else f"{value:.2f}"
 
@@ -437,38 +438,20 @@ def main(argv: list[str] | None = None) -> int:
     os.chmod(root, 0o755)  # dnsmasq drops privileges and must still read its files
     lab = Lab(root, prefix=f"vrlbb{os.getpid() % 100000}")
     entered = False
-    figures: dict = {}
 
-    def on_signal(signum, _frame):
-        STOP["signum"] = signum
-        raise SystemExit(128 + signum)
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    try:
+    def work() -> dict:
+        nonlocal entered
         lab.up()  # removes what it made if it fails
         netns.enter(lab.router_ns)  # before any thread exists: supervisord and its daemons live in there
         entered = True
-        figures = bench(args, lab)
-        check_stop()
-    finally:
-        for s in previous:
-            signal.signal(s, signal.SIG_IGN)  # let the clean-up finish
-        cleanup(lab, root, entered)
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        return bench(args, lab)
 
-    print(table(figures))
-    if args.json:
-        print(json.dumps(figures, sort_keys=True))
-    return 1 if "error" in figures else 0
+    figures = guarded(work, lambda: cleanup(lab, root, entered))
+    return report(table(figures), figures, args.json)
 
 
 def cleanup(lab: Lab, root: str, entered: bool) -> None:
-    for process in CHILDREN:
-        try:
-            stop_process(process)
-        except (OSError, subprocess.SubprocessError) as error:
-            print(f"lb_reload: stopping pid {process.pid}: {error}", file=sys.stderr)
+    stop_processes(CHILDREN, "lb_reload")
     if entered:
         stop_router(lab.settings, root, "lb_reload")  # supervisord, haproxy (old workers too), dnsmasq
     try:
