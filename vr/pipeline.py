@@ -16,7 +16,7 @@ import shutil
 import signal
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,7 +163,7 @@ class Pipeline:
         timings: dict,
         payload: docmod.Payload | None,
         force: bool = False,
-        warnings: tuple[Problem, ...] | list[Problem] = (),
+        warnings: Sequence[Problem] = (),
     ) -> Result:
         mark = time.perf_counter()
         changes = self.plan(doc, old, force=force)
