@@ -1,9 +1,10 @@
 """Bench: 10,000 firewall and NAT rules in vr's one nftables table, in throwaway namespaces.
 
-The rules are a mix of port forwards (half of --rules: single ports, tcp and udp, spread over
-16 public IPs) and ingress firewall rules (the other half: single ports and ranges, one to three
-source CIDRs each; half of them open a port forward, the rest open the public IPs themselves).
-ACL rules (network_acls) are not included yet.
+The rules are a mix, on a VPC router: one in ten is a network ACL entry of the guest tier
+(half ingress, half egress: allow and deny, tcp/udp/icmp/all, two CIDRs each, numbered, each
+list ending in an allow-all); of the rest, half are port forwards (single ports, tcp and udp,
+spread over 16 public IPs) and half ingress firewall rules (single ports and ranges, one to
+three source CIDRs each; half of them open a port forward, the rest the public IPs themselves).
 
 Measured in-process, in the router's namespace:
 
@@ -82,7 +83,8 @@ PF_PORT_BASE = 10000  # port forwards: 10000.. per (public IP, protocol)
 FW_PORT_BASE = 30000  # ingress rules that do not open a port forward: 30000.. per (public IP, protocol)
 INC_PORT_BASE = 60000  # the incremental adds
 IPERF_PORT = "5201"
-ACL_NOTE = "ACL rules (network_acls) are not included yet"
+ACL_SHARE = 10  # one rule in ten is an ACL entry
+ACL_LIST_MAX = 2000  # entries per ACL list (document limit)
 INCREMENTAL_NOTE = "a change that only adds or removes elements is applied as one add/delete element batch"
 PF_SETS = ("pf_tcp", "pf_udp", "pf_tcp_from", "pf_udp_from")
 INGRESS_SETS = ("in_all", "in_tcp", "in_udp", "in_all_from", "in_tcp_from", "in_udp_from", "in_icmp", "in_icmp_typed")
@@ -114,10 +116,9 @@ def median_steps(series: list[dict[str, float]]) -> dict[str, float]:
 # ---------------------------------------------------------------------------- the document
 def base_document() -> dict:
     """The router (one guest tier, as configs/examples/router.json minus tier2), example-size rules."""
-    nat, firewall = baseline_sections()
     return {
         "generation": 1,
-        "router": {"name": ROUTER, "type": "isolated"},
+        "router": {"name": ROUTER, "type": "vpc"},
         "interfaces": [
             {"id": "control", "role": "control", "name": "eth0", "addresses": ["169.254.0.10/16"]},
             {
@@ -137,8 +138,7 @@ def base_document() -> dict:
                 {"tier": "tier1", "mac": "02:00:00:00:01:11", "ip": "10.1.1.11", "hostname": "web2"},
             ],
         },
-        "nat": nat,
-        "firewall": firewall,
+        **baseline_sections(),
     }
 
 
@@ -156,8 +156,33 @@ def firewall_section(ingress: list[dict]) -> dict:
     return {"ingress": ingress, "egress": [{"tier": "tier1", "default": "allow"}]}
 
 
-def baseline_sections() -> tuple[dict, dict]:
-    """The example's rules ("0 rules"): two port forwards, their two ingress rules, source NAT."""
+def acl_section(entries: int) -> list[dict]:
+    """tier1's ACL with this many entries: ingress and egress alternately, each list ending in
+    an allow-all (so that port forwards still reach the guest and the guest reaches the public
+    host); no other entry matches that traffic (their CIDRs are elsewhere)."""
+    lists: dict[str, list[dict]] = {"ingress": [], "egress": []}
+    for k in range(max(0, entries - 2)):
+        side = lists[("ingress", "egress")[k % 2]]
+        protocol = ("tcp", "udp", "icmp", "all")[k % 4]
+        entry = {"number": len(side) + 1, "action": ("deny", "allow")[k % 3 == 0], "protocol": protocol,
+                 "cidrs": [f"198.18.{k // 256 % 256}.{k % 256}/32", f"100.{64 + k % 64}.{k % 256}.0/24"]}  # fmt: skip
+        if protocol in ("tcp", "udp"):
+            entry["ports"] = 1000 + k % 5000
+        elif protocol == "icmp":
+            entry["icmp_type"] = 8
+        side.append(entry)
+    for side in lists.values():
+        side.append({"number": len(side) + 1, "action": "allow", "protocol": "all"})
+    return [{"tier": "tier1", **lists, "ingress_default": "deny", "egress_default": "allow"}]
+
+
+def acl_count(sections: dict) -> int:
+    return sum(len(acl["ingress"]) + len(acl["egress"]) for acl in sections["network_acls"])
+
+
+def baseline_sections() -> dict:
+    """The example's rules ("0 rules"): two port forwards, their two ingress rules, source NAT,
+    tier1's ACL with its two allow-alls."""
     ip = PUBLIC_IPS[0]
     forwards = [
         {"id": "web-http", "public_ip": ip, "protocol": "tcp", "public_ports": 8080,
@@ -169,7 +194,7 @@ def baseline_sections() -> tuple[dict, dict]:
         {"id": "http", "public_ip": ip, "protocol": "tcp", "ports": 8080, "source_cidrs": ["0.0.0.0/0"]},
         {"id": "udp", "public_ip": ip, "protocol": "udp", "ports": 5353},
     ]
-    return nat_section(forwards), firewall_section(ingress)
+    return {"nat": nat_section(forwards), "firewall": firewall_section(ingress), "network_acls": acl_section(2)}
 
 
 def sources_for(k: int) -> list[str]:
@@ -184,10 +209,12 @@ def sources_for(k: int) -> list[str]:
     return [f"172.{16 + k % 16}.{k % 256}.0/24", f"100.{64 + k % 64}.0.0/16", "192.0.2.0/28"]
 
 
-def scale_sections(rules: int) -> tuple[dict, dict]:
-    """rules // 2 port forwards and the rest ingress rules; every (public IP, protocol, port) is
-    claimed once, so no two elements of a set overlap."""
-    n_pf, n_in = rules // 2, rules - rules // 2
+def scale_sections(rules: int) -> dict:
+    """rules // 10 ACL entries; of the rest, half port forwards and half ingress rules. Every
+    (public IP, protocol, port) is claimed once, so no two elements of a set overlap."""
+    n_acl = min(max(2, rules // ACL_SHARE), 2 * ACL_LIST_MAX)
+    n_pf = (rules - n_acl) // 2
+    n_in = rules - n_acl - n_pf
     nips = len(PUBLIC_IPS)
     forwards = []
     for k in range(n_pf):
@@ -216,7 +243,7 @@ def scale_sections(rules: int) -> tuple[dict, dict]:
         ingress.append(
             {"id": f"in-{k}", "public_ip": ip, "protocol": protocol, "ports": ports, "source_cidrs": sources_for(k)}
         )
-    return nat_section(forwards), firewall_section(ingress)
+    return {"nat": nat_section(forwards), "firewall": firewall_section(ingress), "network_acls": acl_section(n_acl)}
 
 
 def incremental_rules(j: int) -> tuple[dict, dict]:
@@ -228,10 +255,12 @@ def incremental_rules(j: int) -> tuple[dict, dict]:
     return forward, rule
 
 
-def element_count(nat: dict, firewall: dict) -> dict[str, int]:
-    forwards = sum(1 for _ in nat["port_forwarding"])  # single ports, no source CIDRs: one element each
-    ingress = sum(len(r.get("source_cidrs", ["0.0.0.0/0"])) for r in firewall["ingress"])
-    return {"pf": forwards, "ingress": ingress}
+def element_count(sections: dict) -> dict[str, int]:
+    """Elements the live table must hold (an ACL entry: one per CIDR; the bench's never nest)."""
+    forwards = len(sections["nat"]["port_forwarding"])  # single ports, no source CIDRs: one element each
+    ingress = sum(len(r.get("source_cidrs", ["0.0.0.0/0"])) for r in sections["firewall"]["ingress"])
+    acl = sum(len(e.get("cidrs", ["0.0.0.0/0"])) for a in sections["network_acls"] for e in a["ingress"] + a["egress"])
+    return {"pf": forwards, "ingress": ingress, "acl": acl}
 
 
 # ---------------------------------------------------------------------------- namespaces
@@ -304,25 +333,41 @@ def iperf(names: dict[str, str], seconds: int) -> dict:
 
 
 # ---------------------------------------------------------------------------- rule by rule
-def naive_commands(nat: dict, firewall: dict, count: int) -> list[list[str]]:
+def naive_commands(sections: dict, count: int) -> list[list[str]]:
     """One `nft add rule` per rule, as routers that script their firewall do: a dnat rule per port
-    forward, an accept rule per ingress rule (its sources as an anonymous set), interleaved."""
-    total = len(nat["port_forwarding"]) + len(firewall["ingress"])
+    forward, an accept rule per ingress rule (its sources as an anonymous set), a forward rule
+    per ACL entry; interleaved, in the mix's proportions."""
+    nat, firewall = sections["nat"], sections["firewall"]
+    acl = [
+        (direction, e) for a in sections["network_acls"] for direction in ("ingress", "egress") for e in a[direction]
+    ]
+    total = len(nat["port_forwarding"]) + len(firewall["ingress"]) + len(acl)
     n_pf = round(count * len(nat["port_forwarding"]) / total)
+    n_acl = round(count * len(acl) / total)
     dnat = []
     for pf in nat["port_forwarding"][:n_pf]:
         dnat.append(["add", "rule", "ip", "naive", "prerouting", "iifname", "eth1", "ip", "daddr", pf["public_ip"],
                      pf["protocol"], "dport", str(pf["public_ports"]),
                      "dnat", "to", f"{pf['private_ip']}:{pf['private_ports']}"])  # fmt: skip
     accept = []
-    for rule in firewall["ingress"][: count - n_pf]:
+    for rule in firewall["ingress"][: count - n_pf - n_acl]:
         sources = rule["source_cidrs"]
         saddr = [] if sources == ["0.0.0.0/0"] else ["ip", "saddr", "{ " + ", ".join(sources) + " }"]
         accept.append(["add", "rule", "ip", "naive", "public_in", "iifname", "eth1", *saddr,
                        "ip", "daddr", rule["public_ip"], rule["protocol"], "dport", str(rule["ports"]), "accept"])  # fmt: skip
+    forward = []
+    for direction, entry in acl[:n_acl]:
+        where = ["oifname", "eth2", "ip", "saddr"] if direction == "ingress" else ["iifname", "eth2", "ip", "daddr"]
+        match = ["{ " + ", ".join(entry.get("cidrs", ["0.0.0.0/0"])) + " }"]
+        if entry["protocol"] in ("tcp", "udp"):
+            match += [entry["protocol"], "dport", str(entry["ports"])]
+        elif entry["protocol"] == "icmp":
+            match += ["icmp", "type", str(entry["icmp_type"])]
+        verdict = "accept" if entry["action"] == "allow" else "drop"
+        forward.append(["add", "rule", "ip", "naive", "forward", *where, *match, verdict])
     out = []
-    for n in range(max(len(dnat), len(accept))):
-        out += dnat[n : n + 1] + accept[n : n + 1]
+    for n in range(max(len(dnat), len(accept), len(forward))):
+        out += dnat[n : n + 1] + accept[n : n + 1] + forward[n : n + 1]
     return out
 
 
@@ -330,6 +375,7 @@ NAIVE_TABLE = """\
 table ip naive {
   chain prerouting { type nat hook prerouting priority dstnat; policy accept; }
   chain public_in { type filter hook prerouting priority mangle; policy accept; ct state established,related accept; }
+  chain forward { type filter hook forward priority filter; policy accept; ct state established,related accept; }
 }
 """
 
@@ -348,8 +394,9 @@ def rule_by_rule(naive_ns: str, commands: list[list[str]]) -> list[float]:
         times.append(ms(mark))
     listed = run("ip", "netns", "exec", naive_ns, "nft", "-a", "list", "table", "ip", "naive").stdout.splitlines()
     rules = [line for line in listed if "# handle" in line and not line.lstrip().startswith(("table ", "chain "))]
-    if len(rules) - 1 != len(commands):  # minus the chain's own 'ct state established,related accept'
-        raise RuntimeError(f"rule by rule: {len(commands)} rules added, {len(rules) - 1} listed")
+    own = NAIVE_TABLE.count("ct state established,related accept")  # the chains' own first rules
+    if len(rules) - own != len(commands):
+        raise RuntimeError(f"rule by rule: {len(commands)} rules added, {len(rules) - own} listed")
     return times
 
 
@@ -375,10 +422,6 @@ def bench(args, settings: Settings, names: dict[str, str]) -> dict:
     """All the figures; a step that fails is recorded under "error" and ends the run."""
     figures: dict = {
         "rules": args.rules,
-        "port_forwards": args.rules // 2,
-        "ingress_rules": args.rules - args.rules // 2,
-        "acl_rules": 0,
-        "note_acls": ACL_NOTE,
         "note_incremental": INCREMENTAL_NOTE,
         "public_ips": len(PUBLIC_IPS),
         "runs": args.runs,
@@ -408,11 +451,14 @@ def bench(args, settings: Settings, names: dict[str, str]) -> dict:
 
 def measure(args, settings: Settings, names: dict[str, str], figures: dict, gc_clock: GcClock) -> None:
     raw = base_document()
-    big_nat, big_firewall = scale_sections(args.rules)
-    small_nat, small_firewall = raw["nat"], raw["firewall"]
-    expected = element_count(big_nat, big_firewall)
+    big = scale_sections(args.rules)
+    small = {name: raw[name] for name in big}
+    expected = element_count(big)
+    figures["port_forwards"] = len(big["nat"]["port_forwarding"])
+    figures["ingress_rules"] = len(big["firewall"]["ingress"])
+    figures["acl_rules"] = acl_count(big)
     figures["ingress_elements"] = expected["ingress"]
-    figures["document_bytes"] = len(json.dumps({"nat": big_nat, "firewall": big_firewall}))
+    figures["document_bytes"] = len(json.dumps(big))
 
     figures["_phase"] = "cold apply"
     pipeline = Pipeline(settings)
@@ -438,7 +484,7 @@ def measure(args, settings: Settings, names: dict[str, str], figures: dict, gc_c
         generation += 1
         gc_before = gc_clock.total_ms
         mark = time.perf_counter()
-        result = pipeline.apply({"generation": generation, "nat": big_nat, "firewall": big_firewall})
+        result = pipeline.apply({"generation": generation, **big})
         full.append(ms(mark))
         full_gc.append(gc_clock.total_ms - gc_before)
         full_steps.append(with_commit(result))
@@ -450,6 +496,7 @@ def measure(args, settings: Settings, names: dict[str, str], figures: dict, gc_c
             want = {
                 "pf": sum(counts.get(s, 0) for s in PF_SETS),
                 "ingress": sum(counts.get(s, 0) for s in INGRESS_SETS),
+                "acl": sum(n for name, n in counts.items() if name.startswith("acl_")),
             }
             figures["loaded_elements_ok"] = want == expected
             if want != expected:
@@ -463,7 +510,7 @@ def measure(args, settings: Settings, names: dict[str, str], figures: dict, gc_c
             figures["_phase"] = f"apply back to example-size rules #{cycle + 1}"
             generation += 1
             mark = time.perf_counter()
-            result = pipeline.apply({"generation": generation, "nat": small_nat, "firewall": small_firewall})
+            result = pipeline.apply({"generation": generation, **small})
             back.append(ms(mark))
             back_steps.append(with_commit(result))
     figures |= {
@@ -520,7 +567,7 @@ def measure(args, settings: Settings, names: dict[str, str], figures: dict, gc_c
 
     # Incremental: one port forward and its ingress rule, on top of the 10k (cumulative).
     series, steps, gc_ms, changed = [], [], [], set()
-    forwards, ingress = list(big_nat["port_forwarding"]), list(big_firewall["ingress"])
+    forwards, ingress = list(big["nat"]["port_forwarding"]), list(big["firewall"]["ingress"])
     for j in range(args.repeat):
         check_stop()
         figures["_phase"] = f"incremental apply #{j + 1}"
@@ -555,7 +602,7 @@ def measure(args, settings: Settings, names: dict[str, str], figures: dict, gc_c
 
     # Rule by rule, in the naive namespace.
     figures["_phase"] = "rule by rule"
-    commands = naive_commands(big_nat, big_firewall, min(args.naive_rules, args.rules))
+    commands = naive_commands(big, min(args.naive_rules, args.rules))
     if commands:
         times = rule_by_rule(names["naive"], commands)
         measured = sum(times)
@@ -579,12 +626,11 @@ def table(f: dict) -> str:
         (
             "rules",
             (
-                f"{f['rules']}: {f['port_forwards']} port forwards (tcp+udp, single ports, "
-                f"{f['public_ips']} public IPs), {f['ingress_rules']} ingress rules "
-                f"({f.get('ingress_elements', '?')} source/port elements)"
+                f"{f['rules']}: {f.get('port_forwards', '?')} port forwards (tcp+udp, single ports, "
+                f"{f['public_ips']} public IPs), {f.get('ingress_rules', '?')} ingress rules "
+                f"({f.get('ingress_elements', '?')} source/port elements), {f.get('acl_rules', '?')} ACL entries"
             ),
         ),
-        ("ACLs", f["note_acls"]),
         ("cpus available / kernel", f"{f['cpus']} / {f['kernel']}"),
     ]
     if "cold_apply_ms" in f:

@@ -186,7 +186,9 @@ def test_one_rule_change_updates_elements_and_ends_identical_to_a_full_apply(ser
         # An element it refuses (overlapping intervals): elements are not dry-run, so the
         # batch is refused in apply, atomically, and the rollback restores the whole table.
         (
-            lambda t: t.replace("elements(source_nat)", 'elements(source_nat + ["10.1.0.0/16 : 192.0.2.10"])'),
+            lambda t: t.replace(
+                "elements(sets.source_nat)", 'elements(sets.source_nat + ["10.1.0.0/16 : 192.0.2.10"])'
+            ),
             "apply failed for nftables",
         ),
     ],
@@ -197,7 +199,9 @@ def test_a_ruleset_nftables_refuses_is_rolled_back(servers, tmp_path, breakage, 
     templates = tmp_path / "templates"
     shutil.copytree(lab.settings.template_dir, templates)
     template = templates / "nftables" / "vr.nft.j2"
-    template.write_text(breakage(template.read_text()))
+    broken = breakage(template.read_text())
+    assert broken != template.read_text()
+    template.write_text(broken)
     before, files = ruleset(lab), live_files(lab)
     nat = json.loads((EXAMPLES / "router.json").read_text())["nat"]
     nat["port_forwarding"].append(

@@ -149,14 +149,51 @@ def test_acls_are_for_vpc_routers_with_unique_numbers(example):
 def test_acl_entries_are_ordered_by_number_not_by_position(example, tmp_path):
     rules = [
         {"number": 20, "action": "allow", "protocol": "tcp", "ports": 22},
-        {"number": 10, "action": "deny", "protocol": "tcp", "ports": 22, "cidrs": ["10.1.1.0/24"]},
+        {"number": 10, "action": "deny", "protocol": "tcp", "ports": 22, "cidrs": ["10.1.1.0/24", "10.9.0.0/16"]},
         {"number": 30, "action": "allow", "protocol": 47},
     ]
     text = ruleset(vpc_acl(example, rules), tmp_path)
-    deny = text.index('ip saddr { 10.1.1.0/24 } meta l4proto tcp tcp dport 22 counter drop comment "ingress acl 10"')
-    allow = text.index('ip saddr { 0.0.0.0/0 } meta l4proto tcp tcp dport 22 counter accept comment "ingress acl 20"')
-    gre = text.index('meta l4proto 47 counter accept comment "ingress acl 30"')
-    assert deny < allow < gre
+    # 10 and 20 both match tcp/22 from 10.1.1.0/24: 10 goes in a block looked up first.
+    assert (
+        "acl_in_tier2_0_ports { type ipv4_addr . inet_proto . inet_service : verdict; flags interval; "
+        "elements = { 10.1.1.0/24 . tcp . 22 : drop, 10.9.0.0/16 . tcp . 22 : drop }; }" in text
+    )
+    # 20 and 30 never match the same packet: one block, two maps.
+    assert (
+        "acl_in_tier2_1_ports { type ipv4_addr . inet_proto . inet_service : verdict; flags interval; "
+        "elements = { 0.0.0.0/0 . tcp . 22 : accept }; }" in text
+    )
+    assert (
+        "acl_in_tier2_1_proto { type ipv4_addr . inet_proto : verdict; flags interval; "
+        "elements = { 0.0.0.0/0 . 47 : accept }; }" in text
+    )
+    chain = text[text.index("chain in_tier2 {") :]
+    assert chain.index("vmap @acl_in_tier2_0_ports") < chain.index("vmap @acl_in_tier2_1_ports")
+    assert "acl_in_tier2_2" not in text
+
+
+def test_acl_blocks_split_only_where_entries_overlap():
+    from vr.document import AclRule
+    from vr.services.nftables import _blocks
+
+    def entry(number: int, **match) -> AclRule:
+        return AclRule.model_validate({"number": number, "action": "deny", **match})
+
+    disjoint = [
+        entry(n, protocol="tcp", ports=1000 + n, cidrs=[f"198.18.{n // 256}.{n % 256}/32"]) for n in range(1, 501)
+    ]
+    assert len(_blocks(disjoint, "accept")) == 1
+    overlapping = [
+        entry(1, protocol="tcp", ports="20-30", cidrs=["10.0.0.0/8"]),
+        entry(2, protocol="udp", ports=25, cidrs=["10.1.0.0/16"]),  # another protocol: same block
+        entry(3, protocol="all", cidrs=["10.1.2.0/24"]),  # inside 1's network, any port: a new block
+        entry(4, protocol="icmp", icmp_type=8, cidrs=["192.0.2.0/24"]),
+        entry(5, protocol="icmp", cidrs=["192.0.2.128/25"]),  # any icmp type covers type 8: new block
+        entry(6, protocol="tcp", ports=80, cidrs=["10.0.0.0/8", "10.5.0.0/16"]),  # nested: one element
+    ]
+    blocks = _blocks(overlapping, "accept")
+    assert [b.numbers for b in blocks] == [[1, 2], [3, 4], [5, 6]]
+    assert blocks[2]["ports"] == ["10.0.0.0/8 . tcp . 80 : drop"]
 
 
 @pytest.mark.parametrize(
@@ -201,3 +238,40 @@ def test_single_rules_are_upserted_and_deleted_by_id(example):
     assert [r.id for r in doc.firewall.ingress][-1] == "https" and len(doc.firewall.ingress) == 5
     with pytest.raises(InvalidPayload, match="no entry with id nope"):
         Pipeline.validate(Pipeline.__new__(Pipeline), {"generation": 3, "ingress_rules": {"delete": ["nope"]}}, doc)
+
+
+def test_a_verify_that_remembers_the_last_one_finds_what_a_fresh_one_finds(example):
+    """The pipeline keeps one service and verifies each payload's merged document with it;
+    after clean documents it looks only at the rules that came or went."""
+    service = NftablesService()
+
+    def found(doc) -> dict[str, str]:
+        mine = {p.path: p.reason for p in service.verify(doc)}
+        assert mine == {p.path: p.reason for p in NftablesService().verify(doc)}
+        return mine
+
+    def merged(doc, generation: int, **items) -> docmod.RouterDocument:
+        return docmod.merge(doc, docmod.parse_payload({"generation": generation, **items}))
+
+    stored = docmod.build_document(example)
+    assert found(stored) == {}
+    inside_http = {"id": "inside", "public_ip": "192.0.2.10", "protocol": "tcp", "ports": 8080,
+                   "source_cidrs": ["10.0.0.0/8"]}  # fmt: skip
+    refused = merged(stored, 2, ingress_rules={"upsert": [inside_http]})
+    assert "overlaps firewall.ingress[0]" in found(refused)["firewall.ingress[4]"]
+    # After a refusal the stored document is the base again, and it is still clean.
+    assert found(stored) == {}
+    replaced = merged(stored, 2, ingress_rules={"upsert": [inside_http], "delete": ["http"]})
+    assert found(replaced) == {}
+    assert [r.id for r in replaced.firewall.ingress] == ["udp", "db-ssh", "db-ping", "inside"]
+    twice = {"ingress": [*example["firewall"]["ingress"], {**inside_http, "id": "udp", "ports": 9000}],
+             "egress": example["firewall"]["egress"]}  # fmt: skip
+    assert (
+        "'udp' is already firewall.ingress[1]" in found(merged(replaced, 3, firewall=twice))["firewall.ingress[4].id"]
+    )
+    moved = {"id": "web-http", "public_ip": "192.0.2.10", "protocol": "tcp", "public_ports": 5353,
+             "private_ip": "10.1.1.10", "private_ports": 80}  # fmt: skip
+    assert found(merged(replaced, 3, port_forwarding_rules={"upsert": [moved]})) == {}  # tcp 5353 is free
+    udp = {**moved, "id": "other", "protocol": "udp"}
+    clash = found(merged(replaced, 3, port_forwarding_rules={"upsert": [udp]}))
+    assert "overlaps nat.port_forwarding[1].public_ports (udp ports)" in clash["nat.port_forwarding[2].public_ports"]

@@ -325,7 +325,9 @@ class AclRule(_TrafficMatch):
     number: int = Field(ge=1, le=65535)
     action: Literal["allow", "deny"]
     protocol: Literal["tcp", "udp", "icmp", "all"] | Annotated[int, Field(ge=0, le=255)]
-    cidrs: list[IPv4Net] = Field(default_factory=lambda: [_parse_ipv4_network("0.0.0.0/0")], max_length=256)
+    cidrs: list[IPv4Net] = Field(
+        default_factory=lambda: [_parse_ipv4_network("0.0.0.0/0")], min_length=1, max_length=256
+    )
 
 
 class TierAcl(Strict):
@@ -567,9 +569,19 @@ def merge(stored: RouterDocument | None, payload: Payload) -> RouterDocument:
     return doc
 
 
+# The position index of the list each item payload kind last produced: the next payload of
+# that kind usually merges into that very list (the stored document's), so a one-rule upsert
+# does not index ten thousand rules again.
+_last_positions: dict[str, tuple[list, dict]] = {}
+
+
 def _apply_item_changes(items: list, changes: Any, key: str, where: str) -> list:
     """Upsert and delete items of a big list by their key (a VM's MAC, a rule's id)."""
-    position = {getattr(item, key): i for i, item in enumerate(items)}
+    cached = _last_positions.get(where)
+    if cached is not None and cached[0] is items:
+        position = dict(cached[1])
+    else:
+        position = {getattr(item, key): i for i, item in enumerate(items)}
     unknown = [(n, value) for n, value in enumerate(changes.delete) if value not in position]
     if unknown:
         raise InvalidPayload([Problem(f"{where}.delete[{n}]", f"no entry with {key} {v}") for n, v in unknown])
@@ -584,6 +596,9 @@ def _apply_item_changes(items: list, changes: Any, key: str, where: str) -> list
     if changes.delete:
         gone = set(changes.delete)
         result = [item for item in result if getattr(item, key) not in gone]
+        _last_positions.pop(where, None)
+    else:
+        _last_positions[where] = (result, position)
     return result
 
 

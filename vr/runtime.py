@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -38,16 +38,18 @@ class Runtime:
         return self.templates.get_template(template).render(**values).encode()
 
     def render_each(
-        self, template: str, items: Iterable[tuple[object, Any]], values: Callable[[Any, Any], dict]
+        self, template: str, items: Sequence[object], values: Callable[[Any, Any], dict], setting: Any = None
     ) -> bytes:
         """One rendered chunk per item, concatenated; a one-VM change renders one line."""
         compiled = self.templates.get_template(template)
-        chunks = self.memoized(template, items, lambda item, setting: compiled.render(**values(item, setting)))
+        chunks = self.memoized(template, items, lambda item, s: compiled.render(**values(item, s)), setting)
         return "".join(chunks).encode()
 
-    def memoized(self, slot: str, items: Iterable[tuple[object, Any]], compute: Callable[[Any, Any], Any]) -> list:
+    def memoized(
+        self, slot: str, items: Sequence[object], compute: Callable[[Any, Any], Any], setting: Any = None
+    ) -> list:
         """Rendering results per unchanged document model (see Memo.map)."""
-        return self.memo.map(slot, items, compute)
+        return self.memo.map(slot, items, compute, setting)
 
     @functools.cached_property
     def supervisor(self) -> SupervisorClient:

@@ -30,6 +30,7 @@ PROGRAM = "dnsmasq"
 MAIN = "dnsmasq.conf"
 HOSTS = "dhcp-hosts"
 NAMES = "hosts"
+DEFAULT_LEASE_TIME = 86400  # seconds, for an entry whose tier has no dhcp.tiers item
 
 
 class DnsmasqService(Service):
@@ -115,16 +116,15 @@ class DnsmasqService(Service):
         lease_times = {t.tier: t.lease_time for t in doc.dhcp.tiers}
         plain_hosts, tagged_hosts = [], []
         for entry in doc.dhcp.entries:
-            lease_time = lease_times.get(entry.tier, 86400)
             options = [_option(o) for o in entry.options]
             if not entry.default_gateway:
                 # An empty router option: a VM's second NIC must not install a second default route.
                 options.insert(0, "option:router")
             if options:
                 tag = "vm" + entry.mac.replace(":", "")
-                tagged_hosts.append({**_host_values(entry, lease_time), "tag": tag, "options": options})
+                tagged_hosts.append({**_host_values(entry, lease_times), "tag": tag, "options": options})
             else:
-                plain_hosts.append((entry, lease_time))
+                plain_hosts.append(entry)
         router_names = b"".join(
             runtime.render("dnsmasq/host-name.j2", ip=iface.ipv4().ip, hostname=doc.router.name)
             for iface in doc.guest_interfaces()
@@ -143,9 +143,8 @@ class DnsmasqService(Service):
                 tiers=[_tier_values(doc, t) for t in doc.dhcp.tiers],
                 tagged_hosts=tagged_hosts,
             ),
-            HOSTS: runtime.render_each("dnsmasq/dhcp-host.j2", plain_hosts, _host_values),
-            NAMES: router_names
-            + runtime.render_each("dnsmasq/host-name.j2", ((e, None) for e in doc.dhcp.entries), _name_values),
+            HOSTS: runtime.render_each("dnsmasq/dhcp-host.j2", plain_hosts, _host_values, lease_times),
+            NAMES: router_names + runtime.render_each("dnsmasq/host-name.j2", doc.dhcp.entries, _name_values),
         }
 
     def check(self, staged_dir: Path, change: Change, runtime: Runtime) -> None:
@@ -247,7 +246,8 @@ def _check_readable_after_privilege_drop(directory: Path) -> None:
             )
 
 
-def _host_values(entry: DhcpEntry, lease_time: int) -> dict:
+def _host_values(entry: DhcpEntry, lease_times: dict[str, int]) -> dict:
+    lease_time = lease_times.get(entry.tier, DEFAULT_LEASE_TIME)
     return {"mac": entry.mac, "ip": entry.ip, "hostname": entry.hostname, "lease_time": lease_time}
 
 

@@ -52,6 +52,8 @@ class HaproxyService(Service):
         assigned = {p.ip for p in doc.nat.public_ips if not p.reserved}
         static = {s.public_ip for s in doc.nat.static_nat}
         tiers = [i.ipv4().network for i in doc.guest_interfaces()]
+        if not rules:
+            return problems  # nothing of ours; not even a pass over the port forwards
         forwards = [(f.public_ip, f.public_ports.start, f.public_ports.end) for f in doc.nat.port_forwarding
                     if f.protocol == "tcp"]  # fmt: skip
         for n, rule in enumerate(rules):
@@ -80,7 +82,7 @@ class HaproxyService(Service):
                     f"{rule.public_ip}:{rule.public_port} is already load_balancer.rules[{first}]",
                 )
             )
-        for n, found in enumerate(self._memo.map("tls", ((r, None) for r in rules), _certificate_problems)):
+        for n, found in enumerate(self._memo.map("tls", rules, _certificate_problems)):
             problems += [Problem(f"load_balancer.rules[{n}].tls.{p.path}", p.reason, p.warning) for p in found]
         return problems
 

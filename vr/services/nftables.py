@@ -15,6 +15,7 @@ and static NAT.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import functools
 import itertools
@@ -22,12 +23,12 @@ import os
 import re
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
+from itertools import filterfalse
 from pathlib import Path
 from typing import Any
 
 from vr.document import AclRule, EgressRule, IngressRule, LbRule, PortForward, RouterDocument
 from vr.errors import Problem
-from vr.memo import Memo
 from vr.runtime import Runtime
 from vr.services.base import Change, CheckFailed, Service, repeats
 from vr.services.network import interface_names
@@ -47,10 +48,9 @@ class NftablesService(Service):
         return doc.public_interface() is not None
 
     def __init__(self) -> None:
-        # Per-rule results and overlap-free groups of the last verify: merge keeps every
-        # unchanged rule object, so a one-rule change re-checks one rule and one group.
-        self._memo = Memo()
-        self._clean_groups: dict[str, dict[tuple, tuple]] = {}
+        # What the last verify found, per rule list: merge keeps every unchanged rule
+        # object, so a one-rule change re-checks one rule and the group it falls in.
+        self._indexes: dict[str, _RuleIndex] = {}
         self._scope: _Scope | None = None
 
     def verify(self, doc: RouterDocument) -> list[Problem]:
@@ -125,94 +125,73 @@ class NftablesService(Service):
         return self._scope
 
     def _check_rules(self, section: str, rules: list, facts_of: Any, scope: _Scope) -> list[Problem]:
-        """One pass over a rule list: each rule's own problems (memoized per rule), repeated
-        ids, and overlaps. Overlapping elements (same group, overlapping ports and networks)
-        would make the kernel refuse the whole set; CloudStack refuses such rules too. Only
-        groups whose elements changed since the last clean verify are swept again."""
-        problems: list[Problem] = []
-        groups: dict[tuple, list[tuple[int, tuple]]] = {}
-        first_of: dict[str, int] = {}
-        facts = self._memo.map(section, ((r, scope) for r in rules), facts_of)
-        for n, (rule, (found, rule_id, spans)) in enumerate(zip(rules, facts, strict=True)):
-            if found:
-                problems += _found(f"{section}[{n}]", found)
-            if rule_id is not None and first_of.setdefault(rule_id, n) != n:
-                problems.append(Problem(f"{section}[{n}].id", f"{rule_id!r} is already {section}[{first_of[rule_id]}]"))
-            for span in spans:
-                groups.setdefault(span[0], []).append((n, span))
-        clean_before, clean_now = self._clean_groups.get(section, {}), {}
-        for group, members in groups.items():
-            signature = tuple(span for _, span in members)  # the spans are memoized: compared by identity
-            if clean_before.get(group) != signature:
-                found = _sweep(members, section + "[{}]" + (".public_ports" if group[1] == "forward" else ""))
-                if found:
-                    problems += found
-                    continue
-            clean_now[group] = signature
-        self._clean_groups[section] = clean_now
-        return problems
+        index = self._indexes.get(section)
+        if index is None:
+            index = self._indexes[section] = _RuleIndex(section, facts_of)
+        return index.check(rules, scope)
 
     def generate(self, doc: RouterDocument, runtime: Runtime) -> dict[str, bytes]:
         public = doc.public_interface()
         if public is None:
             return {}
         names = interface_names(doc)
-        nat, firewall = doc.nat, doc.firewall
-        # Exact keys (no source restriction, one port) go in hash maps and sets: the kernel
-        # loads those in linear time. Only the rest needs concatenated interval sets.
-        pf: dict[str, list[str]] = {"tcp": [], "udp": [], "tcp_from": [], "udp_from": []}
-        for elements in runtime.memoized("nftables.pf", ((r, None) for r in nat.port_forwarding), _forward_elements):
-            for kind, element in elements:
-                pf[kind].append(element)
-        ingress: dict[str, list[str]] = {
-            k: [] for k in ("tcp", "udp", "all", "tcp_from", "udp_from", "all_from", "icmp", "icmp_typed")
-        }
-        for elements in runtime.memoized("nftables.in", ((r, None) for r in firewall.ingress), _ingress_elements):
-            for kind, element in elements:
-                ingress[kind].append(element)
+        nat = doc.nat
+        # Elements by set name. Exact keys (no source restriction, one port) go in hash maps
+        # and sets, which the kernel loads in linear time; only the rest needs interval sets.
+        sets: dict[str, list[str]] = {name: [] for name in _SETS}
+        for elements in runtime.memoized("nftables.pf", nat.port_forwarding, _forward_elements):
+            for name, element in elements:
+                sets[name].append(element)
+        for elements in runtime.memoized("nftables.in", doc.firewall.ingress, _ingress_elements):
+            for name, element in elements:
+                sets[name].append(element)
+        sets["public_ips"] = sorted(str(p.ip) for p in nat.public_ips if not p.reserved)
+        sets["static_in"] = [f"{s.public_ip} : {s.private_ip}" for s in nat.static_nat]
+        sets["static_out"] = [f"{s.private_ip} : {s.public_ip}" for s in nat.static_nat]
         tier_subnets = {i.id: i.ipv4().network for i in doc.guest_interfaces()}
-        egress_by_tier = {e.tier: e for e in firewall.egress}
-        acl_by_tier = {a.tier: a for a in doc.network_acls}
+        sets["source_nat"] = [f"{tier_subnets[s.tier]} : {s.ip}" for s in nat.source_nat if s.tier in tier_subnets]
+        sets["lb"] = [f"{r.public_ip} . {r.public_port}" for r in doc.load_balancer.rules if not r.source_cidrs]
+        sets["lb_from"] = [f"{net} . {r.public_ip} . {r.public_port}" for r in doc.load_balancer.rules
+                           for net in r.source_cidrs]  # fmt: skip
+        egress_by_tier = {e.tier: e for e in doc.firewall.egress}
+        acl_by_tier = dict(zip((a.tier for a in doc.network_acls),
+                               runtime.memoized("nftables.acl", doc.network_acls, _acl_blocks), strict=True))  # fmt: skip
         tiers = []
         for iface in doc.guest_interfaces():
+            chain = iface.id.replace("-", "_")
             policy = egress_by_tier.get(iface.id)
-            rules = policy.rules if policy else []
             default = policy.default if policy else "allow"
-            sets: dict[str, list[str]] = {"tcp": [], "udp": [], "icmp": [], "icmp_typed": [], "all": []}
-            for rule in rules:
+            for kind in ("all", "tcp", "udp", "icmp", "icmp_typed"):
+                sets[f"egress_{chain}_{kind}"] = []
+            for rule in policy.rules if policy else []:
                 for destination in rule.destination_cidrs:
-                    sets[_kind(rule)].append(_element(str(destination), rule))
-            acl = acl_by_tier.get(iface.id)
+                    sets[f"egress_{chain}_{_kind(rule)}"].append(_element(str(destination), rule))
+            acl = next((a for a in doc.network_acls if a.tier == iface.id), None)
+            blocks = {"out": [], "in": []}
+            for direction, compiled in acl_by_tier.get(iface.id, {}).items():
+                for n, block in enumerate(compiled):
+                    name = f"acl_{direction}_{chain}_{n}"
+                    blocks[direction].append({"name": name, "first": block.numbers[0], "last": block.numbers[1]})
+                    for shape, elements in block.items():
+                        sets[f"{name}_{shape}"] = elements
             tiers.append(
                 {
-                    "chain": iface.id.replace("-", "_"),
+                    "chain": chain,
                     "ifname": names[iface.id],
                     "default": "accept" if default == "allow" else "drop",
                     "exception": "drop" if default == "allow" else "accept",
-                    "sets": sets,
                     "acl": acl is not None,
                     # ACL verdicts: leaving a tier, 'allow' returns so the entered tier's ACL decides too.
-                    "acl_out": _acl_rules(acl.egress, "daddr", "return") if acl else [],
+                    "acl_out": blocks["out"],
                     "acl_out_default": ("return" if acl.egress_default == "allow" else "drop") if acl else "return",
-                    "acl_in": _acl_rules(acl.ingress, "saddr", "accept") if acl else [],
+                    "acl_in": blocks["in"],
                     "acl_in_default": ("accept" if acl.ingress_default == "allow" else "drop") if acl else "accept",
                 }
             )
-        return {
-            RULESET: runtime.render(
-                "nftables/vr.nft.j2",
-                router=doc.router.name,
-                public_if=names[public.id],
-                public_ips=sorted(p.ip for p in nat.public_ips if not p.reserved),
-                pf=pf,
-                static_in=[f"{s.public_ip} : {s.private_ip}" for s in nat.static_nat],
-                static_out=[f"{s.private_ip} : {s.public_ip}" for s in nat.static_nat],
-                source_nat=[f"{tier_subnets[s.tier]} : {s.ip}" for s in nat.source_nat if s.tier in tier_subnets],
-                ingress=ingress,
-                lb=_lb_elements(doc.load_balancer.rules),
-                tiers=tiers,
-            )
-        }
+        ruleset = runtime.render(
+            "nftables/vr.nft.j2", router=doc.router.name, public_if=names[public.id], tiers=tiers, sets=sets
+        )
+        return {RULESET: ruleset}
 
     def check(self, staged_dir: Path, change: Change, runtime: Runtime) -> None:
         """libnftables' dry run of the new table: its chains, rules and sets, the sets
@@ -248,20 +227,22 @@ class NftablesService(Service):
         return None if _table_present() else f"table {TABLE} is missing"
 
 
-_SET_LINE = re.compile(r"  (?:set|map) (\w+) \{ (.*?;)(?: elements = \{ (.*) \};)? \}")
-
-
 def _split(ruleset: str) -> tuple[str, dict[str, list[str]]]:
     """Our own rendering -> (the ruleset without element lists, set name -> elements)."""
     skeleton, elements = [], {}
-    for line in ruleset.splitlines():
-        match = _SET_LINE.fullmatch(line)
-        if match:
-            name, definition, items = match.groups()
-            elements[name] = items.split(", ") if items else []
-            line = f"  set-or-map {name} {{ {definition} }}"
+    for line in ruleset.split("\n"):
+        if line.startswith(("  set ", "  map ")):  # "  set NAME { DEFINITION;[ elements = { A, B };] }"
+            head, listed, items = line.partition(" elements = { ")
+            elements[head.split(" ", 4)[3]] = items.removesuffix(" }; }").split(", ") if listed else []
+            line = "  set-or-map" + (head + " }" if listed else line)[5:]
         skeleton.append(line)
     return "\n".join(skeleton), elements
+
+
+# The sets every table has (the egress sets are per tier); see configs/nftables/vr.nft.j2.
+_SETS = ("public_ips", "pf_tcp", "pf_udp", "pf_tcp_from", "pf_udp_from", "static_in", "static_out", "source_nat",
+         "in_all", "in_tcp", "in_udp", "in_all_from", "in_tcp_from", "in_udp_from", "in_icmp", "in_icmp_typed",
+         "lb", "lb_from")  # fmt: skip
 
 
 def _element_delta(change: Change) -> str | None:
@@ -273,14 +254,21 @@ def _element_delta(change: Change) -> str | None:
     return _delta_between(old, new)
 
 
+@functools.lru_cache(maxsize=3)  # the ruleset being applied is the live one of the next change
+def _parts(ruleset: bytes) -> tuple[str, dict[str, list[str]]]:
+    return _split(ruleset.decode())
+
+
 @functools.lru_cache(maxsize=2)  # check and apply ask for the same pair
 def _delta_between(old: bytes, new: bytes) -> str | None:
-    old_skeleton, old_elements = _split(old.decode())
-    new_skeleton, new_elements = _split(new.decode())
+    old_skeleton, old_elements = _parts(old)
+    new_skeleton, new_elements = _parts(new)
     if old_skeleton != new_skeleton:
         return None
     commands, moved = [], 0
     for name, wanted in new_elements.items():
+        if old_elements[name] == wanted:
+            continue
         before, after = set(old_elements[name]), set(wanted)
         gone = sorted(e.split(" : ")[0] for e in before - after)
         moved += len(gone) + len(after - before)
@@ -328,25 +316,100 @@ def rule_counters() -> list[dict]:
     return result
 
 
-def _acl_rules(rules: list[AclRule], address: str, allow: str) -> list[dict]:
-    """Numbered ACL entries in order: first match wins, so these stay ordered rules."""
-    result = []
+class _AclBlock(dict):
+    """Consecutive ACL entries (by number) of which no two match the same packet, so their
+    order within the block does not matter: each is one element of a verdict map, and the
+    block is three map lookups however many entries it holds. Blocks stay in number order,
+    so the first matching entry still decides. Elements by key shape:
+      ports  address . protocol . port range (tcp and udp entries)
+      proto  address . protocol range (all, protocol numbers, icmp of any type)
+      icmp   address . icmp type"""
+
+    def __init__(self) -> None:
+        super().__init__(ports=[], proto=[], icmp=[])
+        self.numbers: list[int] = []  # first and last entry number
+        self._spans: list[tuple] = []  # (net low, net high, prefix length, protocol, port, type ranges), by net low
+        self._nets: dict[tuple[int, int], list[tuple]] = {}  # (prefix length, network) -> its spans
+        self._lengths: set[int] = set()
+
+    def admits(self, spans: list[tuple]) -> bool:
+        return not any(self._overlaps(span) for span in spans)
+
+    def add(self, number: int, spans: list[tuple], elements: list[tuple[str, str]]) -> None:
+        self.numbers = [self.numbers[0] if self.numbers else number, number]
+        for span in spans:
+            bisect.insort(self._spans, span)
+            self._nets.setdefault((span[2], span[0]), []).append(span)
+            self._lengths.add(span[2])
+        for shape, element in elements:
+            self[shape].append(element)
+
+    def _overlaps(self, span: tuple) -> bool:
+        low, high, length = span[:3]
+        # CIDRs nest or are disjoint: the block's networks that contain this one, then the
+        # ones inside it (a start within its range).
+        candidates = [s for n in self._lengths if n <= length
+                      for s in self._nets.get((n, low & _mask(n)), ())]  # fmt: skip
+        start = bisect.bisect_left(self._spans, (low,))
+        candidates += itertools.takewhile(lambda s: s[0] <= high, self._spans[start:])
+        return any(all(a[0] <= b[1] and b[0] <= a[1] for a, b in zip(span[3:], other[3:])) for other in candidates)
+
+
+def _ports_text(ports: Any) -> str:
+    return str(ports.start) if ports.size == 1 else f"{ports.start}-{ports.end}"
+
+
+def _outermost(networks: list[IPv4Network]) -> list[IPv4Network]:
+    """An entry's own CIDRs may nest; the outer one says it all (and elements must not overlap)."""
+    if len(networks) == 1:
+        return networks
+    kept: list[IPv4Network] = []
+    for net in sorted(networks, key=lambda n: (n.bounds[0], -n.bounds[1])):
+        if not kept or net.bounds[0] > kept[-1].bounds[1]:
+            kept.append(net)
+    return kept
+
+
+def _mask(length: int) -> int:
+    return (2**32 - 1) ^ (2 ** (32 - length) - 1)
+
+
+_PROTOCOLS = {"icmp": 1, "tcp": 6, "udp": 17}
+_ANY_PORT, _ANY_TYPE = (0, 65535), (0, 255)
+
+
+def _acl_blocks(acl: Any, _: None) -> dict[str, list[_AclBlock]]:
+    """A tier's ACL, each direction as blocks (see _AclBlock). Leaving a tier, 'allow'
+    returns so that the entered tier's ACL decides too."""
+    return {"out": _blocks(acl.egress, "return"), "in": _blocks(acl.ingress, "accept")}
+
+
+def _blocks(rules: list[AclRule], allow: str) -> list[_AclBlock]:
+    blocks: list[_AclBlock] = []
     for rule in sorted(rules, key=lambda r: r.number):
-        match = [f"ip {address} {{ {', '.join(str(c) for c in rule.cidrs)} }}"]
-        if isinstance(rule.protocol, int):
-            match.append(f"meta l4proto {rule.protocol}")
-        elif rule.protocol != "all":
-            match.append(f"meta l4proto {rule.protocol}")
+        verdict = allow if rule.action == "allow" else "drop"
+        if rule.protocol == "all":
+            protocol, shape, key = (0, 255), "proto", "0-255"
+        elif isinstance(rule.protocol, int):
+            protocol, shape, key = (rule.protocol, rule.protocol), "proto", str(rule.protocol)
+        else:
+            number = _PROTOCOLS[rule.protocol]
+            protocol = (number, number)
             if rule.ports is not None:
-                ports = rule.ports
-                span = str(ports.start) if ports.size == 1 else f"{ports.start}-{ports.end}"
-                match.append(f"{rule.protocol} dport {span}")
-            if rule.icmp_type is not None:
-                match.append(f"icmp type {rule.icmp_type}")
-        result.append(
-            {"number": rule.number, "match": " ".join(match), "verdict": allow if rule.action == "allow" else "drop"}
-        )
-    return result
+                shape, key = "ports", f"{rule.protocol} . {_ports_text(rule.ports)}"
+            elif rule.icmp_type is not None:
+                shape, key = "icmp", str(rule.icmp_type)
+            else:
+                shape, key = "proto", str(number)
+        ports = (rule.ports.start, rule.ports.end) if rule.ports is not None else _ANY_PORT
+        types = (rule.icmp_type, rule.icmp_type) if rule.icmp_type is not None else _ANY_TYPE
+        networks = _outermost(rule.cidrs)
+        spans = [(*net.bounds, net.prefixlen, protocol, ports, types) for net in networks]
+        elements = [(shape, f"{net} . {key} : {verdict}") for net in networks]
+        if not blocks or not blocks[-1].admits(spans):
+            blocks.append(_AclBlock())
+        blocks[-1].add(rule.number, spans, elements)
+    return blocks
 
 
 def _forward_elements(rule: PortForward, _: None) -> list[tuple[str, str]]:
@@ -357,17 +420,10 @@ def _forward_elements(rule: PortForward, _: None) -> list[tuple[str, str]]:
         target = f"{rule.private_ip} . {rule.private_ports.start + offset}"
         port = rule.public_ports.start + offset
         if not rule.source_cidrs:
-            result.append((rule.protocol, f"{rule.public_ip} . {port} : {target}"))
+            result.append((f"pf_{rule.protocol}", f"{rule.public_ip} . {port} : {target}"))
         for source in rule.source_cidrs:
-            result.append((f"{rule.protocol}_from", f"{source} . {rule.public_ip} . {port} : {target}"))
+            result.append((f"pf_{rule.protocol}_from", f"{source} . {rule.public_ip} . {port} : {target}"))
     return result
-
-
-def _lb_elements(rules: list[LbRule]) -> dict[str, list[str]]:
-    """The load balancers' listening ports, open on their public IPs (to their sources only)."""
-    exact = [f"{r.public_ip} . {r.public_port}" for r in rules if not r.source_cidrs]
-    by_source = [f"{net} . {r.public_ip} . {r.public_port}" for r in rules for net in r.source_cidrs]
-    return {"exact": exact, "from": by_source}
 
 
 def _ingress_elements(rule: IngressRule, _: None) -> list[tuple[str, str]]:
@@ -377,12 +433,116 @@ def _ingress_elements(rule: IngressRule, _: None) -> list[tuple[str, str]]:
     for source in rule.source_cidrs:
         exact = source.prefixlen == 0 and kind in ("tcp", "udp", "all") and (kind == "all" or rule.ports.size == 1)
         if exact:
-            result.append((kind, _element(str(rule.public_ip), rule)))
+            result.append((f"in_{kind}", _element(str(rule.public_ip), rule)))
         else:
-            result.append(
-                (kind if kind.startswith("icmp") else f"{kind}_from", _element(f"{source} . {rule.public_ip}", rule))
-            )
+            name = f"in_{kind}" if kind.startswith("icmp") else f"in_{kind}_from"
+            result.append((name, _element(f"{source} . {rule.public_ip}", rule)))
     return result
+
+
+class _RuleIndex:
+    """One rule list as the last verify saw it: each rule's facts (keyed by object, as
+    merge keeps every unchanged rule object), how often each id is used, and each overlap
+    group's spans. When the last verify was clean and the scope is the same, only the
+    rules that came or went are looked at: a removed rule cannot create a problem, an
+    added one can only clash with its id or within its groups. Anything else is a full
+    pass, which still reuses each unchanged rule's facts."""
+
+    def __init__(self, section: str, facts_of: Any) -> None:
+        self.section = section
+        self.facts_of = facts_of
+        self.scope: _Scope | None = None
+        self.clean = False
+        self.facts: dict[int, tuple[object, tuple]] = {}  # id(rule) -> (rule, facts)
+        self.id_count: dict[str, int] = {}
+        self.groups: dict[tuple, dict[int, list[tuple]]] = {}  # group -> id(rule) -> its spans
+
+    def check(self, rules: list, scope: _Scope) -> list[Problem]:
+        keys = list(map(id, rules))
+        if not (self.clean and scope is self.scope):
+            return self._full(rules, keys, scope)
+        added = set(filterfalse(self.facts.__contains__, keys))
+        if len(self.facts) + len(added) != len(keys):  # rules went away (validation never repeats an object)
+            for key in self.facts.keys() - set(keys):
+                self._forget(key)
+        if not added:
+            return []
+        touched: set[tuple] = set()
+        problems: list[tuple[object, str, str]] = []  # (rule, field, message), placed below
+        for rule in itertools.compress(rules, map(added.__contains__, keys)):
+            found, rule_id, group, spans = self._learn(rule, scope)
+            problems += [(rule, field, message) for field, message in found]
+            if rule_id is not None and self.id_count[rule_id] > 1:
+                problems.append((rule, "id", ""))
+            if spans:
+                touched.add(group)
+        overlaps = [
+            g for g in touched if _sweep(g, [(0, span) for spans in self.groups[g].values() for span in spans], "")
+        ]
+        if not problems and not overlaps:
+            return []
+        # Rare: name the places. Positions cost a pass over the list, paid only here.
+        self.clean = False
+        position = {key: n for n, key in enumerate(keys)}
+        result = []
+        for rule, field, message in problems:
+            n = position[id(rule)]
+            if field == "id":
+                first = next(m for m, other in enumerate(rules) if other.id == rule.id)
+                result.append(Problem(f"{self.section}[{n}].id", f"{rule.id!r} is already {self.section}[{first}]"))
+            else:
+                result += _found(f"{self.section}[{n}]", [(field, message)])
+        for group in overlaps:
+            result += self._sweep_group(group, position)
+        return result
+
+    def _full(self, rules: list, keys: list[int], scope: _Scope) -> list[Problem]:
+        previous = self.facts if scope is self.scope else {}
+        self.scope, self.facts, self.id_count, self.groups = scope, {}, {}, {}
+        problems: list[Problem] = []
+        first_of: dict[str, int] = {}
+        for n, (rule, key) in enumerate(zip(rules, keys, strict=True)):
+            hit = previous.get(key)
+            found, rule_id, _, _ = self._learn(rule, scope, hit[1] if hit and hit[0] is rule else None)
+            if found:
+                problems += _found(f"{self.section}[{n}]", found)
+            if rule_id is not None and first_of.setdefault(rule_id, n) != n:
+                message = f"{rule_id!r} is already {self.section}[{first_of[rule_id]}]"
+                problems.append(Problem(f"{self.section}[{n}].id", message))
+        position = {key: n for n, key in enumerate(keys)}
+        for group in self.groups:
+            problems += self._sweep_group(group, position)
+        self.clean = not problems
+        return problems
+
+    def _learn(self, rule: object, scope: _Scope, facts: tuple | None = None) -> tuple:
+        if facts is None:
+            facts = self.facts_of(rule, scope)
+        key = id(rule)
+        self.facts[key] = (rule, facts)
+        _, rule_id, group, spans = facts
+        if rule_id is not None:
+            self.id_count[rule_id] = self.id_count.get(rule_id, 0) + 1
+        if spans:
+            members = self.groups.get(group)
+            if members is None:
+                members = self.groups[group] = {}
+            members[key] = spans
+        return facts
+
+    def _forget(self, key: int) -> None:
+        _, (_, rule_id, group, spans) = self.facts.pop(key)
+        if rule_id is not None:
+            self.id_count[rule_id] -= 1
+        if spans:
+            members = self.groups[group]
+            del members[key]
+            if not members:
+                del self.groups[group]
+
+    def _sweep_group(self, group: tuple, position: dict[int, int]) -> list[Problem]:
+        members = [(position[key], span) for key, spans in self.groups[group].items() for span in spans]
+        return _sweep(group, members, self.section + "[{}]" + (".public_ports" if group[1] == "forward" else ""))
 
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: a memo key costs nothing to hash
@@ -401,8 +561,13 @@ class _Scope:
             return []
         return [(field, f"{ip} is not an assigned public IP of this router (nat.public_ips)")]
 
+    @functools.cached_property
+    def _tier_bounds(self) -> tuple[tuple[int, int], ...]:
+        return tuple((int(net.network_address), int(net.broadcast_address)) for net in self.tier_subnets)
+
     def need_guest(self, field: str, ip: IPv4Address) -> list[tuple[str, str]]:
-        if any(ip in subnet for subnet in self.tier_subnets):
+        value = int(ip)
+        if any(low <= value <= high for low, high in self._tier_bounds):
             return []
         return [(field, f"{ip} is not inside any guest tier")]
 
@@ -411,42 +576,42 @@ def _found(path: str, found: list[tuple[str, str]]) -> list[Problem]:
     return [Problem(f"{path}.{field}" if field else path, message) for field, message in found]
 
 
-# Facts of one rule, memoized: (its own problems as (field, message), its id, its spans).
-# A span is (group, low port, high port, network as an integer range, network).
+# Facts of one rule: (its own problems as (field, message), its id, the group its spans
+# fall in, its spans). A span is (low port, high port, network as an integer range, network).
 
 
-def _forward_facts(rule: PortForward, scope: _Scope) -> tuple[list, str, list[tuple]]:
+def _forward_facts(rule: PortForward, scope: _Scope) -> tuple[list, str, tuple, list[tuple]]:
     found = scope.need_assigned("public_ip", rule.public_ip) + scope.need_guest("private_ip", rule.private_ip)
     if rule.public_ip in scope.static_public:
         found.append(("public_ip", f"{rule.public_ip} is taken whole by a static NAT"))
     ordered = sorted(rule.source_cidrs, key=lambda net: (int(net.network_address), -net.prefixlen))
-    for earlier, later in itertools.pairwise(ordered):
+    for earlier, later in itertools.pairwise(ordered) if len(ordered) > 1 else ():
         if later.overlaps(earlier):
             found.append(("", f"overlaps itself (sources, {later} and {earlier})"))
     # One public IP, protocol and port leads to one place, whatever the sources.
     group = (int(rule.public_ip), "forward", rule.protocol)
-    return found, rule.id, [(group, rule.public_ports.start, rule.public_ports.end, _ALL, None)]
+    return found, rule.id, group, [(rule.public_ports.start, rule.public_ports.end, _ALL, None)]
 
 
-def _ingress_facts(rule: IngressRule, scope: _Scope) -> tuple[list, str, list[tuple]]:
+def _ingress_facts(rule: IngressRule, scope: _Scope) -> tuple[list, str, tuple, list[tuple]]:
     group = (int(rule.public_ip), rule.protocol)
-    return scope.need_assigned("public_ip", rule.public_ip), rule.id, _spans(group, rule, rule.source_cidrs)
+    return scope.need_assigned("public_ip", rule.public_ip), rule.id, group, _spans(rule, rule.source_cidrs)
 
 
-def _egress_facts(rule: EgressRule, _: _Scope) -> tuple[list, None, list[tuple]]:
-    return [], None, _spans((0, rule.protocol), rule, rule.destination_cidrs)
+def _egress_facts(rule: EgressRule, _: _Scope) -> tuple[list, None, tuple, list[tuple]]:
+    return [], None, (0, rule.protocol), _spans(rule, rule.destination_cidrs)
 
 
-def _lb_facts(rule: LbRule, _: _Scope) -> tuple[list, None, list[tuple]]:
+def _lb_facts(rule: LbRule, _: _Scope) -> tuple[list, None, tuple, list[tuple]]:
     """A load balancer's sources must not overlap (its other checks are haproxy's verify)."""
     group = (int(rule.public_ip), "lb", "tcp")
-    return [], None, [(group, rule.public_port, rule.public_port, net.bounds, net) for net in rule.source_cidrs]
+    return [], None, group, [(rule.public_port, rule.public_port, net.bounds, net) for net in rule.source_cidrs]
 
 
 _ALL = (0, 2**32 - 1)
 
 
-def _spans(group: tuple, rule: IngressRule | EgressRule, networks: list[IPv4Network]) -> list[tuple]:
+def _spans(rule: IngressRule | EgressRule, networks: list[IPv4Network]) -> list[tuple]:
     """One span per network; ports, or the ICMP type as a one-value range (-1..256: all)."""
     if rule.ports is not None:
         low, high = rule.ports.start, rule.ports.end
@@ -454,23 +619,23 @@ def _spans(group: tuple, rule: IngressRule | EgressRule, networks: list[IPv4Netw
         low = high = rule.icmp_type
     else:
         low, high = -1, 256
-    return [(group, low, high, net.bounds, net) for net in networks]
+    return [(low, high, net.bounds, net) for net in networks]
 
 
-def _sweep(members: list[tuple[int, tuple]], path: str) -> list[Problem]:
+def _sweep(group: tuple, members: list[tuple[int, tuple]], path: str) -> list[Problem]:
     """Overlaps within one group, swept by port start so that disjoint rules cost no
     pairwise comparison. The rule later in the document (the one just added) is named."""
-    members.sort(key=lambda m: m[1][1])
+    members.sort(key=lambda m: m[1][0])
+    protocol = group[-1]
     problems: list[Problem] = []
     reported: set[int] = set()
     active: list[tuple[int, tuple]] = []
     for n, span in members:
-        group, low, _, (net_low, net_high), network = span
-        protocol = group[-1]
-        active = [a for a in active if a[1][2] >= low]
+        low, _, (net_low, net_high), network = span
+        active = [a for a in active if a[1][1] >= low]
         for m, other in active:
-            if net_low <= other[3][1] and other[3][0] <= net_high:
-                mine, theirs = (n, network), (m, other[4])
+            if net_low <= other[2][1] and other[2][0] <= net_high:
+                mine, theirs = (n, network), (m, other[3])
                 (later, later_net), (earlier, earlier_net) = (mine, theirs) if n >= m else (theirs, mine)
                 if later not in reported:
                     where = "itself" if later == earlier else path.format(earlier)
@@ -489,8 +654,7 @@ def _kind(rule: EgressRule | Any) -> str:
 
 def _element(prefix: str, rule: Any) -> str:
     if rule.protocol in ("tcp", "udp"):
-        ports = rule.ports
-        return f"{prefix} . {ports.start}" if ports.size == 1 else f"{prefix} . {ports.start}-{ports.end}"
+        return f"{prefix} . {_ports_text(rule.ports)}"
     if rule.protocol == "icmp" and rule.icmp_type is not None:
         return f"{prefix} . {rule.icmp_type}"
     return prefix
