@@ -85,3 +85,11 @@ def test_log_entries_the_document_already_holds_are_skipped(stored):
     store.commit(doc, None)  # compaction
     settings.document_log_path.write_bytes(log)  # ... as if the crash came before the unlink
     assert fresh(settings).load() == doc
+
+
+def test_only_root_reads_the_stored_document(stored):
+    """It holds TLS keys, pre-shared keys and VPN passwords."""
+    settings, store, doc = stored
+    commit_rules(store, doc, 1)
+    for path in (settings.document_path, settings.document_log_path):
+        assert path.stat().st_mode & 0o777 == 0o600, path

@@ -33,7 +33,7 @@ from vr.errors import InvalidPayload, Problem, StalePayload
 
 # Sections a later vr release fills in. Present in a payload today, they are refused
 # with a message that says so rather than silently dropped.
-FUTURE_SECTIONS = ("vpn", "ipv6", "monitor", "metadata")
+FUTURE_SECTIONS = ("ipv6", "monitor", "metadata")
 
 
 def _pattern(regex: str, what: str):
@@ -427,6 +427,121 @@ class LoadBalancer(Strict):
     rules: list[LbRule] = Field(default_factory=list, max_length=1000)
 
 
+def _secret(what: str, min_length: int):
+    """A PSK or password: long enough, printable, at most 255 characters. The messages never
+    repeat the value (they reach the event log and the manager)."""
+
+    def check(value: str) -> str:
+        if len(value) < min_length:
+            raise ValueError(f"a {what} needs at least {min_length} characters")
+        if len(value) > 255:
+            raise ValueError(f"a {what} has at most 255 characters")
+        if any(ord(c) < 32 or ord(c) == 127 for c in value):
+            raise ValueError(f"a {what} may not contain control characters")
+        return value
+
+    return AfterValidator(check)
+
+
+PreSharedKey = Annotated[str, _secret("pre-shared key", 16)]
+Password = Annotated[str, _secret("password", 8)]
+VpnUsername = Annotated[str, _pattern(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}", "VPN user name (letters, digits, ._@-)")]
+
+# strongSwan proposal keywords (strongSwan's IKEv2 cipher suites), joined by '-': at least one
+# encryption algorithm, then integrity, PRF and DH groups as the protocol needs.
+_ENCRYPTION = {"aes128", "aes192", "aes256", "aes128gcm16", "aes192gcm16", "aes256gcm16", "aes128gcm12",
+               "aes256gcm12", "aes128ccm16", "aes256ccm16", "chacha20poly1305", "3des", "camellia128",
+               "camellia256"}  # fmt: skip
+_INTEGRITY = {"sha1", "sha256", "sha384", "sha512", "md5", "aesxcbc", "aescmac"}
+_PRF = {"prfsha1", "prfsha256", "prfsha384", "prfsha512", "prfmd5", "prfaesxcbc", "prfaescmac"}
+_DH = {"modp1024", "modp1536", "modp2048", "modp3072", "modp4096", "modp6144", "modp8192", "ecp256",
+       "ecp384", "ecp521", "ecp224", "ecp192", "curve25519", "x25519", "curve448", "x448"}  # fmt: skip
+_ESN = {"esn", "noesn"}
+
+
+def _proposal(kind: str):
+    allowed = _ENCRYPTION | _INTEGRITY | _DH | (_PRF if kind == "ike" else _ESN)
+
+    def check(value: str) -> str:
+        words = value.split("-")
+        unknown = [w for w in words if w not in allowed]
+        if unknown or len(value) > 200:
+            raise ValueError(f"unknown {kind.upper()} proposal keyword {unknown[0] if unknown else value!r}"[:240])
+        if not _ENCRYPTION & set(words):
+            raise ValueError(f"an {kind.upper()} proposal needs an encryption algorithm (e.g. aes256)")
+        return value
+
+    return AfterValidator(check)
+
+
+IkeProposal = Annotated[str, _proposal("ike")]
+EspProposal = Annotated[str, _proposal("esp")]
+
+
+class SiteToSite(Strict):
+    """A tunnel to another site (another router of this cloud, e.g. VPC to VPC, or a customer
+    gateway). Traffic between local_subnets and peer_subnets goes through it, unNATed."""
+
+    id: Identifier
+    local_ip: IPv4  # one of this router's assigned public IPs
+    peer_ip: IPv4
+    local_subnets: list[IPv4Net] = Field(min_length=1, max_length=32)
+    peer_subnets: list[IPv4Net] = Field(min_length=1, max_length=32)
+    ike_version: Literal[1, 2] = 2
+    ike_proposals: list[IkeProposal] = Field(default_factory=lambda: ["aes256-sha256-modp2048"], min_length=1,
+                                              max_length=16)  # fmt: skip
+    esp_proposals: list[EspProposal] = Field(default_factory=lambda: ["aes256-sha256"], min_length=1, max_length=16)
+    ike_lifetime_s: int = Field(28800, ge=300, le=86400)
+    esp_lifetime_s: int = Field(3600, ge=120, le=86400)
+    dpd_action: Literal["restart", "clear", "trap", "none"] = "restart"
+    dpd_interval_s: int = Field(30, ge=0, le=3600)  # 0: no dead peer detection
+    psk: PreSharedKey
+    passive: bool = False  # responder only: never initiates
+    enabled: bool = True
+
+    @model_validator(mode="after")
+    def _lifetimes(self) -> SiteToSite:
+        if self.esp_lifetime_s > self.ike_lifetime_s:
+            raise ValueError("esp_lifetime_s may not exceed ike_lifetime_s")
+        return self
+
+
+class VpnUser(Strict):
+    username: VpnUsername
+    password: Password
+
+
+class ServerCertificate(Strict):
+    certificate: PemText
+    key: PemText
+
+
+class RemoteAccess(Strict):
+    """Users dial in with IKEv2 and EAP-MSCHAPv2 (what Windows, macOS, iOS and Android speak
+    natively); the router proves itself to them with a certificate or a pre-shared key."""
+
+    enabled: bool = True
+    public_ip: IPv4
+    pool: IPv4Net  # client addresses; may not overlap any tier or peer subnet
+    dns: list[IPv4] = Field(default_factory=list, max_length=4)
+    psk: PreSharedKey | None = None
+    certificate: ServerCertificate | None = None
+    users: list[VpnUser] = Field(default_factory=list, max_length=1000)
+
+    @model_validator(mode="after")
+    def _one_server_identity(self) -> RemoteAccess:
+        if (self.psk is None) == (self.certificate is None):
+            raise ValueError("give the router's identity to clients: psk or certificate, one of them")
+        if self.pool.prefixlen > 30:
+            raise ValueError("pool: a /30 or larger is needed")
+        return self
+
+
+class Vpn(Strict):
+    site_to_site: list[SiteToSite] = Field(default_factory=list, max_length=256)
+    remote_access: RemoteAccess | None = None
+
+
 class RouterDocument(Strict):
     generation: int = Field(ge=1)
     router: RouterIdentity
@@ -438,6 +553,7 @@ class RouterDocument(Strict):
     firewall: Firewall = Field(default_factory=Firewall)
     network_acls: list[TierAcl] = Field(default_factory=list, max_length=64)
     load_balancer: LoadBalancer = Field(default_factory=LoadBalancer)
+    vpn: Vpn = Field(default_factory=Vpn)
 
     def interface(self, interface_id: str) -> Interface | None:
         return next((i for i in self.interfaces if i.id == interface_id), None)
@@ -481,12 +597,15 @@ class Payload(Strict):
     firewall: Firewall | None = None
     network_acls: list[TierAcl] | None = None
     load_balancer: LoadBalancer | None = None
+    vpn: Vpn | None = None
     dhcp_entries: DhcpEntryChanges | None = None
     port_forwarding_rules: PortForwardChanges | None = None
     ingress_rules: IngressRuleChanges | None = None
 
 
-SECTIONS = ("router", "interfaces", "routes", "dns", "dhcp", "nat", "firewall", "network_acls", "load_balancer")
+SECTIONS = (
+    "router", "interfaces", "routes", "dns", "dhcp", "nat", "firewall", "network_acls", "load_balancer", "vpn"
+)  # fmt: skip
 
 
 def json_path(loc: tuple[Any, ...]) -> str:

@@ -392,7 +392,8 @@ def _live_files(directory: Path) -> list[str]:
 
 
 def _mode(relpath: str) -> int:
-    return 0o600 if relpath.endswith(".pem") else 0o644  # certificates with their private keys
+    # Certificates with their private keys, pre-shared keys, passwords.
+    return 0o600 if relpath.endswith((".pem", ".secrets")) else 0o644
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ from vr.document import Payload, RouterDocument
 from vr.files import fsync_dir, write_atomic
 from vr.settings import Settings
 
+SECRET_MODE = 0o600  # the document holds TLS keys, pre-shared keys and VPN passwords
 LOG_LIMIT = 32  # entries: bounds the replay a freshly started process does
 ITEM_CHANGES = frozenset({"generation", "dhcp_entries", "port_forwarding_rules", "ingress_rules"})
 
@@ -59,7 +60,7 @@ class DocumentStore:
         if small and appendable and self.path.exists():
             self._append(payload.model_dump_json(exclude_unset=True).encode() + b"\n", created=log is None)
         else:
-            write_atomic(self.path, doc.model_dump_json().encode())
+            write_atomic(self.path, doc.model_dump_json().encode(), mode=SECRET_MODE)
             if log is not None:
                 self.log_path.unlink(missing_ok=True)
                 fsync_dir(self.log_path.parent)
@@ -67,7 +68,7 @@ class DocumentStore:
         settle_garbage_collector()
 
     def _append(self, line: bytes, created: bool) -> None:
-        fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, SECRET_MODE)
         try:
             view = memoryview(line)
             while view:

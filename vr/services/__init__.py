@@ -4,9 +4,17 @@ from vr.services.dnsmasq import DnsmasqService
 from vr.services.haproxy import HaproxyService
 from vr.services.network import NetworkService
 from vr.services.nftables import NftablesService
+from vr.services.strongswan import StrongswanService
 from vr.services.supervisor import SupervisorService
 
-SERVICES = (NetworkService(), NftablesService(), SupervisorService(), DnsmasqService(), HaproxyService())
+SERVICES = (
+    NetworkService(),
+    NftablesService(),
+    SupervisorService(),
+    DnsmasqService(),
+    HaproxyService(),
+    StrongswanService(),
+)
 
 
 def by_name(name: str):

@@ -16,12 +16,12 @@ staged dir>, so `haproxy -c` loads exactly the certificates that will be switche
 from __future__ import annotations
 
 import csv
-import datetime
 import io
 import socket
 from pathlib import Path
 from typing import Any
 
+from vr.certificates import pem_problems, under
 from vr.document import LbCertificate, LbMember, LbRule, RouterDocument
 from vr.errors import Problem
 from vr.memo import Memo
@@ -257,38 +257,9 @@ def _pem_bundle(cert: LbCertificate) -> bytes:
 
 
 def _certificate_problems(rule: LbRule, _: None) -> list[Problem]:
-    """Each certificate parses, its key is the certificate's key, the chain parses; an
-    expired certificate is a warning (the manager may be about to replace it)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
-
     if rule.tls is None:
         return []
     problems = []
-    now = datetime.datetime.now(datetime.UTC)
     for n, item in enumerate(rule.tls.certificates):
-        path = f"certificates[{n}]"
-        try:
-            cert = x509.load_pem_x509_certificate(item.certificate.encode())
-        except ValueError as error:
-            problems.append(Problem(f"{path}.certificate", f"not a PEM certificate ({error})"))
-            continue
-        try:
-            key = serialization.load_pem_private_key(item.key.encode(), password=None)
-        except (ValueError, TypeError) as error:
-            problems.append(Problem(f"{path}.key", f"not an unencrypted PEM private key ({error})"))
-            continue
-        public = serialization.PublicFormat.SubjectPublicKeyInfo
-        encoding = serialization.Encoding.DER
-        if key.public_key().public_bytes(encoding, public) != cert.public_key().public_bytes(encoding, public):
-            problems.append(Problem(f"{path}.key", "does not match the certificate's public key"))
-        if item.chain is not None:
-            try:
-                x509.load_pem_x509_certificates(item.chain.encode())
-            except ValueError as error:
-                problems.append(Problem(f"{path}.chain", f"not PEM certificates ({error})"))
-        if cert.not_valid_after_utc < now:
-            problems.append(
-                Problem(f"{path}.certificate", f"expired on {cert.not_valid_after_utc:%Y-%m-%d}", warning=True)
-            )
+        problems += under(f"certificates[{n}]", pem_problems(item.certificate, item.key, item.chain))
     return problems

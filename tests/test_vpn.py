@@ -1,0 +1,110 @@
+"""The vpn section: what the document accepts, and that secrets never come back in a message."""
+
+from __future__ import annotations
+
+import pytest
+
+from vr import document as docmod
+from vr.errors import InvalidPayload
+from vr.services.strongswan import StrongswanService
+
+PSK = "correct-horse-battery-staple"
+
+
+def tunnel(**changes) -> dict:
+    base = {"id": "site-b", "local_ip": "192.0.2.10", "peer_ip": "198.51.100.2",
+            "local_subnets": ["10.1.0.0/16"], "peer_subnets": ["10.20.0.0/16"], "psk": PSK}  # fmt: skip
+    return {**base, **changes}
+
+
+def access(**changes) -> dict:
+    base = {"public_ip": "192.0.2.11", "pool": "10.99.0.0/24", "dns": ["10.1.1.1"], "psk": PSK,
+            "users": [{"username": "alice", "password": "alice-secret-1"}]}  # fmt: skip
+    return {**base, **changes}
+
+
+def problems(example: dict, vpn: dict) -> dict[str, str]:
+    """Every refusal: the document's own, then strongSwan's verify (without its 'not yet')."""
+    example["vpn"] = vpn
+    try:
+        doc = docmod.build_document(example)
+    except InvalidPayload as error:
+        return {p.path: p.reason for p in error.problems}
+    return {p.path: p.reason for p in StrongswanService().verify(doc) if p.path != "vpn"}
+
+
+def test_a_tunnel_and_remote_access_are_valid(example):
+    assert problems(example, {"site_to_site": [tunnel()], "remote_access": access()}) == {}
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "reason"),
+    [
+        ("ike_proposals", ["aes256-sha256-modp2047"], "unknown IKE proposal keyword 'modp2047'"),
+        ("esp_proposals", ["sha256-modp2048"], "needs an encryption algorithm"),
+        ("ike_version", 3, "Input should be 1 or 2"),
+        ("esp_lifetime_s", 90000, "less than or equal to 86400"),
+        ("dpd_action", "explode", "Input should be"),
+        ("local_subnets", [], "at least 1 item"),
+    ],
+)
+def test_tunnel_settings_are_checked(example, field, value, reason):
+    found = problems(example, {"site_to_site": [tunnel(**{field: value})]})
+    assert any(reason in message for path, message in found.items() if path.startswith(f"vpn.site_to_site[0].{field}"))
+
+
+@pytest.mark.parametrize(
+    ("secret", "reason"),
+    [("short-psk", "at least 16 characters"), ("a-long-enough-key\nwith-newline", "control characters")],
+)
+def test_secrets_are_checked_and_never_repeated(example, secret, reason):
+    found = problems(example, {"site_to_site": [tunnel(psk=secret)],
+                               "remote_access": access(users=[{"username": "bob", "password": secret[:7]}])})  # fmt: skip
+    assert reason in found["vpn.site_to_site[0].psk"]
+    assert "at least 8 characters" in found["vpn.remote_access.users[0].password"]
+    assert not any(secret[:7] in message for message in found.values())
+
+
+def test_gateways_must_be_ours_and_free_for_ike(example):
+    example["nat"]["port_forwarding"].append(
+        {"id": "ike", "public_ip": "192.0.2.11", "protocol": "udp", "public_ports": "400-600",
+         "private_ip": "10.1.1.10", "private_ports": "400-600"}
+    )  # fmt: skip
+    found = problems(example, {"site_to_site": [tunnel(local_ip="192.0.2.20", peer_ip="192.0.2.10")],
+                               "remote_access": access()})  # fmt: skip
+    assert "not an assigned public IP" in found["vpn.site_to_site[0].local_ip"]  # 192.0.2.20 is reserved
+    assert "this router's own address" in found["vpn.site_to_site[0].peer_ip"]
+    assert "udp 192.0.2.11:500 is a port forward" in found["vpn.remote_access.public_ip"]
+
+
+def test_subnets_and_pool_do_not_collide(example):
+    tunnels = [
+        tunnel(peer_subnets=["10.1.2.0/25"]),  # inside tier2
+        tunnel(id="site-c", peer_ip="198.51.100.3", local_subnets=["172.16.0.0/12"], peer_subnets=["10.20.5.0/24"]),
+        tunnel(id="site-c", peer_ip="198.51.100.3", peer_subnets=["10.99.0.0/16"]),
+    ]
+    found = problems(example, {"site_to_site": tunnels, "remote_access": access(pool="10.1.1.0/24")})
+    assert "overlaps the guest tier 10.1.2.0/24" in found["vpn.site_to_site[0].peer_subnets[0]"]
+    assert "holds none of the guest tiers" in found["vpn.site_to_site[1].local_subnets[0]"]
+    assert "already vpn.site_to_site[1]" in found["vpn.site_to_site[2].id"]
+    assert "the same gateways as vpn.site_to_site[1]" in found["vpn.site_to_site[2].peer_ip"]
+    assert "overlaps the guest tier 10.1.1.0/24" in found["vpn.remote_access.pool"]
+    other = problems(example, {"site_to_site": tunnels[1:2] + [tunnel(peer_subnets=["10.20.0.0/16"])]})
+    assert "overlaps vpn.site_to_site[0].peer_subnets[0]" in other["vpn.site_to_site[1].peer_subnets[0]"]
+
+
+def test_remote_access_needs_one_server_identity_and_unique_users(example):
+    found = problems(example, {"remote_access": access(psk=None)})
+    assert "psk or certificate" in found["vpn.remote_access"]
+    user = {"username": "alice", "password": "another-secret"}
+    found = problems(example, {"remote_access": access(users=[user, user])})
+    assert "already users[0]" in found["vpn.remote_access.users[1].username"]
+    found = problems(example, {"remote_access": access(users=[{"username": "al ice", "password": "x" * 8}])})
+    assert "not a valid VPN user name" in found["vpn.remote_access.users[0].username"]
+
+
+def test_a_valid_vpn_is_refused_until_strongswan_runs(example):
+    """Accepting it would tell the manager 'applied' with no tunnel up."""
+    example["vpn"] = {"site_to_site": [tunnel()]}
+    found = {p.path: p.reason for p in StrongswanService().verify(docmod.build_document(example))}
+    assert found == {"vpn": "valid, but this version of vr does not run strongSwan yet"}
