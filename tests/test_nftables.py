@@ -192,7 +192,7 @@ def test_acl_blocks_split_only_where_entries_overlap():
         entry(6, protocol="tcp", ports=80, cidrs=["10.0.0.0/8", "10.5.0.0/16"]),  # nested: one element
     ]
     blocks = _blocks(overlapping, "accept")
-    assert [b.numbers for b in blocks] == [[1, 2], [3, 4], [5, 6]]
+    assert [(b.first, b.last) for b in blocks] == [(1, 2), (3, 4), (5, 6)]
     assert blocks[2]["ports"] == ["10.0.0.0/8 . tcp . 80 : drop"]
 
 

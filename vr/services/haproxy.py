@@ -83,7 +83,7 @@ class HaproxyService(Service):
                 )
             )
         for n, found in enumerate(self._memo.map("tls", rules, _certificate_problems)):
-            problems += [Problem(f"load_balancer.rules[{n}].tls.{p.path}", p.reason, p.warning) for p in found]
+            problems += under(f"load_balancer.rules[{n}].tls", found)
         return problems
 
     def generate(self, doc: RouterDocument, runtime: Runtime) -> dict[str, bytes]:

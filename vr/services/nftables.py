@@ -154,8 +154,8 @@ class NftablesService(Service):
         sets["lb_from"] = [f"{net} . {r.public_ip} . {r.public_port}" for r in doc.load_balancer.rules
                            for net in r.source_cidrs]  # fmt: skip
         egress_by_tier = {e.tier: e for e in doc.firewall.egress}
-        acl_by_tier = dict(zip((a.tier for a in doc.network_acls),
-                               runtime.memoized("nftables.acl", doc.network_acls, _acl_blocks), strict=True))  # fmt: skip
+        compiled = runtime.memoized("nftables.acl", doc.network_acls, _acl_blocks)
+        acl_by_tier = {acl.tier: (acl, blocks) for acl, blocks in zip(doc.network_acls, compiled, strict=True)}
         tiers = []
         for iface in doc.guest_interfaces():
             chain = iface.id.replace("-", "_")
@@ -166,12 +166,12 @@ class NftablesService(Service):
             for rule in policy.rules if policy else []:
                 for destination in rule.destination_cidrs:
                     sets[f"egress_{chain}_{_kind(rule)}"].append(_element(str(destination), rule))
-            acl = next((a for a in doc.network_acls if a.tier == iface.id), None)
+            acl, acl_blocks = acl_by_tier.get(iface.id, (None, {}))
             blocks = {"out": [], "in": []}
-            for direction, compiled in acl_by_tier.get(iface.id, {}).items():
-                for n, block in enumerate(compiled):
+            for direction, in_order in acl_blocks.items():
+                for n, block in enumerate(in_order):
                     name = f"acl_{direction}_{chain}_{n}"
-                    blocks[direction].append({"name": name, "first": block.numbers[0], "last": block.numbers[1]})
+                    blocks[direction].append({"name": name, "first": block.first, "last": block.last})
                     for shape, elements in block.items():
                         sets[f"{name}_{shape}"] = elements
             tiers.append(
@@ -327,7 +327,8 @@ class _AclBlock(dict):
 
     def __init__(self) -> None:
         super().__init__(ports=[], proto=[], icmp=[])
-        self.numbers: list[int] = []  # first and last entry number
+        self.first: int | None = None  # entry numbers
+        self.last: int | None = None
         self._spans: list[tuple] = []  # (net low, net high, prefix length, protocol, port, type ranges), by net low
         self._nets: dict[tuple[int, int], list[tuple]] = {}  # (prefix length, network) -> its spans
         self._lengths: set[int] = set()
@@ -336,7 +337,8 @@ class _AclBlock(dict):
         return not any(self._overlaps(span) for span in spans)
 
     def add(self, number: int, spans: list[tuple], elements: list[tuple[str, str]]) -> None:
-        self.numbers = [self.numbers[0] if self.numbers else number, number]
+        self.first = number if self.first is None else self.first
+        self.last = number
         for span in spans:
             bisect.insort(self._spans, span)
             self._nets.setdefault((span[2], span[0]), []).append(span)
@@ -476,9 +478,7 @@ class _RuleIndex:
                 problems.append((rule, "id", ""))
             if spans:
                 touched.add(group)
-        overlaps = [
-            g for g in touched if _sweep(g, [(0, span) for spans in self.groups[g].values() for span in spans], "")
-        ]
+        overlaps = [group for group in touched if self._sweep_group(group)]  # positions only if one is found
         if not problems and not overlaps:
             return []
         # Rare: name the places. Positions cost a pass over the list, paid only here.
@@ -540,8 +540,10 @@ class _RuleIndex:
             if not members:
                 del self.groups[group]
 
-    def _sweep_group(self, group: tuple, position: dict[int, int]) -> list[Problem]:
-        members = [(position[key], span) for key, spans in self.groups[group].items() for span in spans]
+    def _sweep_group(self, group: tuple, position: dict[int, int] | None = None) -> list[Problem]:
+        """The group's overlaps, named by position; without positions, only whether there are any."""
+        members = [(position[key] if position else 0, span) for key, spans in self.groups[group].items()
+                   for span in spans]  # fmt: skip
         return _sweep(group, members, self.section + "[{}]" + (".public_ports" if group[1] == "forward" else ""))
 
 
