@@ -40,3 +40,18 @@ def pem_problems(certificate: str, key: str, chain: str | None = None) -> list[P
 
 def under(prefix: str, problems: list[Problem]) -> list[Problem]:
     return [Problem(f"{prefix}.{p.path}", p.reason, p.warning) for p in problems]
+
+
+def subject_name(certificate: str) -> str | None:
+    """The certificate's first DNS (else IP) subject alternative name: what IKEv2 clients
+    (Windows, macOS, iOS, Android) match against the server they dialled. None if it has none."""
+    from cryptography import x509
+
+    try:
+        names = x509.load_pem_x509_certificate(certificate.encode()).extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        )
+    except (ValueError, x509.ExtensionNotFound):
+        return None
+    found = names.value.get_values_for_type(x509.DNSName) or names.value.get_values_for_type(x509.IPAddress)
+    return str(found[0]) if found else None

@@ -50,6 +50,7 @@ def cmd_render(args) -> int:
 def cmd_diff(args) -> int:
     import difflib
 
+    from vr.files import is_secret
     from vr.pipeline import Pipeline
 
     pipeline = Pipeline(_settings(args))
@@ -58,6 +59,10 @@ def cmd_diff(args) -> int:
     changes = pipeline.plan(doc, stored)
     for change in changes:
         for relpath in change.paths:
+            if is_secret(relpath):
+                print(f"secret file {change.service}/{relpath} {'removed' if relpath in change.removed else 'changed'}"
+                      " (content not shown)")  # fmt: skip
+                continue
             before = (change.previous.get(relpath) or b"").decode().splitlines(keepends=True)
             after = change.written.get(relpath, b"").decode().splitlines(keepends=True)
             name = f"{change.service}/{relpath}"
@@ -77,7 +82,7 @@ def cmd_schema(args) -> int:
 def cmd_status(args) -> int:
     from vr.status import collect, render_text
 
-    report = collect(_settings(args), firewall=args.firewall, lb=args.lb)
+    report = collect(_settings(args), firewall=args.firewall, lb=args.lb, vpn=args.vpn)
     print(json.dumps(report, indent=2) if args.json else render_text(report))
     return 0 if report["healthy"] else 1
 
@@ -152,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--firewall", action="store_true", help="also each firewall/NAT rule's hit counters")
     p.add_argument("--lb", action="store_true", help="also each load-balancer rule's members, up or down")
+    p.add_argument("--vpn", action="store_true", help="also each VPN connection: state, bytes, users connected")
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("events", help="print events (JSON lines)")
     p.add_argument("--resource", help="KIND or KIND:ID, e.g. vm:02:00:00:00:01:10 or service:dnsmasq")

@@ -541,6 +541,21 @@ class Vpn(Strict):
     site_to_site: list[SiteToSite] = Field(default_factory=list, max_length=256)
     remote_access: RemoteAccess | None = None
 
+    def gateways(self) -> tuple[IPv4Address, ...]:
+        """This router's public IPs that speak IKE (the firewall opens IKE, NAT-T and ESP on them)."""
+        ips = {t.local_ip for t in self.site_to_site if t.enabled}
+        if self.remote_access is not None and self.remote_access.enabled:
+            ips.add(self.remote_access.public_ip)
+        return tuple(sorted(ips))
+
+    def remote_networks(self) -> tuple[IPv4Network, ...]:
+        """What lies at the far end of a tunnel (peer subnets, the remote-access pool): never
+        source-NATed, and not the public side for the firewall."""
+        nets = {n for t in self.site_to_site if t.enabled for n in t.peer_subnets}
+        if self.remote_access is not None and self.remote_access.enabled:
+            nets.add(self.remote_access.pool)
+        return tuple(sorted(nets))
+
 
 class RouterDocument(Strict):
     generation: int = Field(ge=1)

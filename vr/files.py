@@ -51,3 +51,20 @@ def read_bytes_or_none(path: Path) -> bytes | None:
         return path.read_bytes()
     except FileNotFoundError:
         return None
+
+
+def listed_files(directory: Path) -> list[str]:
+    """The names of a service directory's files (dot-files are vr's temporaries)."""
+    try:
+        return sorted(e.name for e in os.scandir(directory) if e.is_file() and not e.name.startswith("."))
+    except FileNotFoundError:
+        return []
+
+
+def is_secret(relpath: str) -> bool:
+    """Certificates with their private keys, pre-shared keys, passwords: mode 0600, never shown."""
+    return relpath.endswith((".pem", ".secrets"))
+
+
+def mode_for(relpath: str) -> int:
+    return 0o600 if is_secret(relpath) else 0o644

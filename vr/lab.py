@@ -7,6 +7,13 @@ Topology (all names carry one unique prefix, all addresses live only inside them
     <p>-g1    eth0 (DHCP)         ── eth2 (tier1)    │        instance under DIR/router
     <p>-g2    eth0 (DHCP)         ── eth3 (tier2)    ┘
 
+With vpn=True, a second site and a road warrior join the "internet" (<p>-pub forwards):
+
+    <p>-pub   eth1 198.51.100.1/24 ── eth1 of <p>-rb: router B (198.51.100.10), its own vr
+                                      under DIR/router-b, configs/lab/site-b.json
+    <p>-rb    eth2 10.2.1.1/24     ── eth0 of <p>-gb: B's guest, 10.2.1.10
+    <p>-pub   eth2 203.0.113.1/24  ── eth0 of <p>-rw: a road warrior, 203.0.113.10
+
 Guests run a real `dhclient` with their own lease file, pid file and script, so nothing
 on the host (resolv.conf, leases) is touched. Everything started is stopped by PID.
 """
@@ -51,19 +58,30 @@ def examples_dir() -> Path:
     return Settings().template_dir / "examples"
 
 
+# (namespace, interface, address, peer namespace, peer interface, peer address, peer's default route)
+VPN_LINKS = [
+    ("pub", "eth1", "198.51.100.1/24", "rb", "eth1", None, None),
+    ("rb", "eth2", None, "gb", "eth0", "10.2.1.10/24", "10.2.1.1"),
+    ("pub", "eth2", "203.0.113.1/24", "rw", "eth0", "203.0.113.10/24", "203.0.113.1"),
+]
+
+
 class Lab:
-    def __init__(self, directory: Path | str, prefix: str | None = None):
+    def __init__(self, directory: Path | str, prefix: str | None = None, vpn: bool = False):
         self.dir = Path(directory).resolve()
         self.prefix = prefix or "vrl" + hashlib.sha1(str(self.dir).encode()).hexdigest()[:6]
         self.router_ns = f"{self.prefix}-r"
         self.settings = Settings.under_root(self.dir / "router", netns=self.router_ns)
+        self.vpn = vpn
+        self.site_b = Settings.under_root(self.dir / "router-b", netns=self.ns("rb"))
 
     def ns(self, suffix: str) -> str:
         return f"{self.prefix}-{suffix}"
 
     @property
     def namespaces(self) -> list[str]:
-        return [self.router_ns, *(self.ns(peer) for _, peer, _ in LINKS)]
+        names = [self.router_ns, *(self.ns(peer) for _, peer, _ in LINKS)]
+        return names + ([self.ns(n) for n in ("rb", "gb", "rw")] if self.vpn else [])
 
     # ------------------------------------------------------------ build and tear down
     def up(self) -> None:
@@ -85,29 +103,47 @@ class Lab:
                     _run("ip", "-n", peer_ns, "addr", "add", address, "dev", "eth0")
                 _run("ip", "-n", peer_ns, "link", "set", "eth0", "up")
             _run("ip", "-n", self.ns("pub"), "route", "add", "10.1.0.0/16", "via", "192.0.2.10")
+            if self.vpn:
+                self._vpn_links()
         except BaseException:
             self.down()
             raise
+
+    def _vpn_links(self) -> None:
+        _run("ip", "netns", "exec", self.ns("pub"), "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        for namespace, ifname, address, peer, peer_if, peer_address, gateway in VPN_LINKS:
+            _run("ip", "link", "add", ifname, "netns", self.ns(namespace), "type", "veth",
+                 "peer", "name", peer_if, "netns", self.ns(peer))  # fmt: skip
+            for where, name, ip in ((namespace, ifname, address), (peer, peer_if, peer_address)):
+                if ip:
+                    _run("ip", "-n", self.ns(where), "addr", "add", ip, "dev", name)
+                _run("ip", "-n", self.ns(where), "link", "set", name, "up")
+            if gateway:
+                _run("ip", "-n", self.ns(peer), "route", "add", "default", "via", gateway)
 
     def down(self) -> None:
         self.stop_servers()
         for guest in GUEST_MACS:
             self.stop_dhclient(guest)
-        if self.settings.supervisor_socket.exists() or (self.settings.run_dir / "supervisord.pid").exists():
-            from vr.runtime import Runtime
+        self.stop_road_warrior()
+        for settings in (self.settings, self.site_b):
+            if settings.supervisor_socket.exists() or (settings.run_dir / "supervisord.pid").exists():
+                from vr.runtime import Runtime
 
-            try:
-                Runtime(self.settings).supervisor.shutdown()
-            except OSError:
-                pass
+                try:
+                    Runtime(settings).supervisor.shutdown()
+                except OSError:
+                    pass
         existing = _run("ip", "netns", "list", check=False).stdout
         for name in self.namespaces:
             if re.search(rf"^{re.escape(name)}\b", existing, re.MULTILINE):
                 _run("ip", "netns", "del", name, check=False)
 
     # ------------------------------------------------------------ the router's vr
-    def vr(self, *args: str, input: str | None = None, env: dict | None = None, check: bool = True):
-        cmd = [sys.executable, "-m", "vr", "--root", str(self.settings.state_dir.parent), "--netns", self.router_ns]
+    def vr(self, *args: str, input: str | None = None, env: dict | None = None, check: bool = True,
+           site: str = "a"):  # fmt: skip
+        settings = self.site_b if site == "b" else self.settings
+        cmd = [sys.executable, "-m", "vr", "--root", str(settings.state_dir.parent), "--netns", settings.netns]
         result = subprocess.run(
             [*cmd, *args],
             check=False,
@@ -124,6 +160,70 @@ class Lab:
     def apply_examples(self) -> list[str]:
         payloads = sorted(examples_dir().glob("*.json"), key=lambda p: json.loads(p.read_text())["generation"])
         return [self.vr("apply", str(p)).stdout.strip() for p in payloads]
+
+    # ------------------------------------------------------------ VPN peers
+    def apply_site_b(self) -> str:
+        """Router B: its own vr and payload; its tunnel to A is passive (A initiates)."""
+        return self.vr("apply", str(examples_dir().parent / "lab" / "site-b.json"), site="b").stdout.strip()
+
+    def apply_vpn(self, extra: dict | None = None) -> str:
+        """Router A's tunnel to B (configs/lab/vpn.json), as the next generation."""
+        stored = json.loads(self.vr("status", "--json", check=False).stdout)["generation"]
+        payload = json.loads((examples_dir().parent / "lab" / "vpn.json").read_text())
+        payload.update(extra or {}, generation=stored + 1)
+        path = self.dir / f"vpn-{stored + 1}.json"
+        path.write_text(json.dumps(payload))
+        return self.vr("apply", str(path)).stdout.strip()
+
+    def wait_tunnel(self, connection: str = "s2s-site-b", site: str = "a", timeout: float = 15) -> dict | None:
+        """Bounded wait until charon reports the connection ESTABLISHED; its status row."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            report = json.loads(self.vr("status", "--json", "--vpn", site=site, check=False).stdout)
+            row = next((r for r in report.get("vpn") or [] if r["connection"] == connection), None)
+            if row and row["state"] == "ESTABLISHED":
+                return row
+            time.sleep(0.2)
+        return None
+
+    def start_road_warrior(self) -> Path:
+        """A client charon in <p>-rw (the test loads its credentials over VICI); its socket."""
+        from vr.runtime import Runtime
+        from vr.services.strongswan import CHARON, client_conf
+
+        directory = self.dir / "rw"
+        directory.mkdir(exist_ok=True)
+        socket_path = directory / "charon.vici"
+        conf = directory / "strongswan.conf"
+        conf.write_bytes(client_conf(Runtime(self.settings), socket_path))
+        with open(directory / "charon.log", "ab") as log:
+            process = subprocess.Popen(["ip", "netns", "exec", self.ns("rw"), CHARON], stdin=subprocess.DEVNULL,
+                                       stdout=log, stderr=subprocess.STDOUT,
+                                       env={**os.environ, "STRONGSWAN_CONF": str(conf)})  # fmt: skip
+        (directory / "charon.pid").write_text(str(process.pid))
+        for _ in range(250):
+            if socket_path.exists():
+                break
+            time.sleep(0.02)
+        return socket_path
+
+    def stop_road_warrior(self) -> None:
+        pid_file = self.dir / "rw" / "charon.pid"
+        if not pid_file.exists():
+            return
+        pid = int(pid_file.read_text())
+        try:
+            os.kill(pid, signal.SIGTERM)
+            for _ in range(250):
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    break
+                time.sleep(0.02)
+            else:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        pid_file.unlink()
 
     # ------------------------------------------------------------ guests
     def dhcp(self, guest: str, timeout: float = 30) -> dict:

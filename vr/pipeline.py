@@ -27,6 +27,8 @@ from vr.errors import ApplyFailed, Busy, InvalidPayload, Problem, VrError
 from vr.events import EventLog, event
 from vr.files import (
     fsync_dir,
+    listed_files,
+    mode_for,
     read_bytes_or_none,
     read_json,
     write_atomic,
@@ -129,7 +131,7 @@ class Pipeline:
         for service in SERVICES:
             files = service.generate(doc, self.runtime)
             for relpath, content in files.items():
-                write_atomic(out_dir / service.name / relpath, content, sync=False)
+                write_atomic(out_dir / service.name / relpath, content, mode=mode_for(relpath), sync=False)
             written[service.name] = sorted(files)
         return written
 
@@ -147,7 +149,7 @@ class Pipeline:
                 if current != content:
                     change.written[relpath] = content
                     change.previous[relpath] = current
-            for relpath in _live_files(live_dir):
+            for relpath in listed_files(live_dir):
                 if relpath not in files:
                     change.removed.append(relpath)
                     change.previous[relpath] = (live_dir / relpath).read_bytes()
@@ -246,7 +248,7 @@ class Pipeline:
         for change in changes:
             for relpath, content in change.generated.items():
                 sync = relpath in change.written
-                write_atomic(staging / change.service / relpath, content, mode=_mode(relpath), sync=sync)
+                write_atomic(staging / change.service / relpath, content, mode=mode_for(relpath), sync=sync)
 
     def _backup(self, changes: list[Change], backup: Path) -> None:
         """Hard links keep the old inodes alive for the price of a directory entry."""
@@ -294,7 +296,7 @@ class Pipeline:
                     (live_dir / relpath).unlink(missing_ok=True)
                     undo.removed.append(relpath)
                 else:
-                    write_atomic(live_dir / relpath, previous, mode=_mode(relpath))
+                    write_atomic(live_dir / relpath, previous, mode=mode_for(relpath))
                     undo.written[relpath] = previous
             reverse.append(undo)
         for undo in reverse:  # with old None (first apply), each service removes what it made
@@ -382,18 +384,6 @@ class Pipeline:
             },
             sync=False,
         )
-
-
-def _live_files(directory: Path) -> list[str]:
-    try:
-        return sorted(e.name for e in os.scandir(directory) if e.is_file() and not e.name.startswith("."))
-    except FileNotFoundError:
-        return []
-
-
-def _mode(relpath: str) -> int:
-    # Certificates with their private keys, pre-shared keys, passwords.
-    return 0o600 if relpath.endswith((".pem", ".secrets")) else 0o644
 
 
 @contextlib.contextmanager

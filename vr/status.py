@@ -8,7 +8,7 @@ from vr.files import read_json
 from vr.settings import Settings
 
 
-def collect(settings: Settings, firewall: bool = False, lb: bool = False) -> dict:
+def collect(settings: Settings, firewall: bool = False, lb: bool = False, vpn: bool = False) -> dict:
     from vr.pipeline import Pipeline
     from vr.services import SERVICES
 
@@ -51,7 +51,11 @@ def collect(settings: Settings, firewall: bool = False, lb: bool = False) -> dic
     members = None
     if lb and doc is not None:
         members = _lb_members(doc, runtime)
+    tunnels = None
+    if vpn and doc is not None:
+        tunnels = _vpn(doc, runtime)
     return {
+        "vpn": tunnels,
         "firewall": counters,
         "lb": members,
         "router": doc.router.name if doc else None,
@@ -82,6 +86,18 @@ def _lb_members(doc, runtime) -> list[dict]:
     return rows
 
 
+def _vpn(doc, runtime) -> list[dict]:
+    from vr.services.strongswan import StrongswanService, vpn_report
+
+    if not StrongswanService().configured(doc):
+        return []
+    try:
+        return vpn_report(doc, runtime)
+    except OSError as error:
+        return [{"connection": "-", "state": f"charon's VICI socket does not answer: {error}", "established_s": None,
+                 "bytes_in": 0, "bytes_out": 0, "users": []}]  # fmt: skip
+
+
 def render_text(report: dict) -> str:
     if report["router"] is None:
         return "no configuration applied yet"
@@ -110,4 +126,12 @@ def render_text(report: dict) -> str:
         lines += [
             f"{m['rule']:<16}{m['listen']:<22}{m['member']:<22}{m['weight']:>6}  {m['state']}" for m in report["lb"]
         ]
+    if report.get("vpn") is not None:
+        lines += ["", f"{'connection':<20}{'state':<13}{'up':>8}{'bytes in':>12}{'bytes out':>12}  users"]
+        for c in report["vpn"]:
+            up = f"{c['established_s']}s" if c["established_s"] is not None else "-"
+            users = ", ".join(f"{u['user']} ({u['address']})" for u in c["users"])
+            lines.append(
+                f"{c['connection']:<20}{c['state']:<13}{up:>8}{c['bytes_in']:>12}{c['bytes_out']:>12}  {users}"
+            )
     return "\n".join(lines)

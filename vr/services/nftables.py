@@ -42,7 +42,8 @@ class NftablesService(Service):
     name = "nftables"
 
     def read(self, doc: RouterDocument) -> Any:
-        return (doc.router, doc.interfaces, doc.nat, doc.firewall, doc.network_acls, doc.load_balancer)
+        vpn = (doc.vpn.gateways(), doc.vpn.remote_networks())
+        return (doc.router, doc.interfaces, doc.nat, doc.firewall, doc.network_acls, doc.load_balancer, vpn)
 
     def configured(self, doc: RouterDocument) -> bool:
         return doc.public_interface() is not None
@@ -153,6 +154,8 @@ class NftablesService(Service):
         sets["lb"] = [f"{r.public_ip} . {r.public_port}" for r in doc.load_balancer.rules if not r.source_cidrs]
         sets["lb_from"] = [f"{net} . {r.public_ip} . {r.public_port}" for r in doc.load_balancer.rules
                            for net in r.source_cidrs]  # fmt: skip
+        sets["vpn_gateways"] = [str(ip) for ip in doc.vpn.gateways()]
+        sets["vpn_remote"] = [str(net) for net in doc.vpn.remote_networks()]
         egress_by_tier = {e.tier: e for e in doc.firewall.egress}
         compiled = runtime.memoized("nftables.acl", doc.network_acls, _acl_blocks)
         acl_by_tier = {acl.tier: (acl, blocks) for acl, blocks in zip(doc.network_acls, compiled, strict=True)}
@@ -242,7 +245,7 @@ def _split(ruleset: str) -> tuple[str, dict[str, list[str]]]:
 # The sets every table has (the egress sets are per tier); see configs/nftables/vr.nft.j2.
 _SETS = ("public_ips", "pf_tcp", "pf_udp", "pf_tcp_from", "pf_udp_from", "static_in", "static_out", "source_nat",
          "in_all", "in_tcp", "in_udp", "in_all_from", "in_tcp_from", "in_udp_from", "in_icmp", "in_icmp_typed",
-         "lb", "lb_from")  # fmt: skip
+         "lb", "lb_from", "vpn_gateways", "vpn_remote")  # fmt: skip
 
 
 def _element_delta(change: Change) -> str | None:

@@ -1,21 +1,54 @@
 """strongSwan: site-to-site tunnels and remote-access VPN (IKEv2, EAP-MSCHAPv2 users).
 
-This release validates the `vpn` section; charon under supervisord and loading through
-VICI come next. Until then a router whose document asks for a tunnel or remote access is
-refused with a message that says so, rather than told "applied" with no tunnel.
+charon runs under supervisord with its own strongswan.conf (STRONGSWAN_CONF) and VICI
+socket in the router's run dir. vr renders one swanctl.conf fragment per connection, per
+secret and per user, and loads only the fragments that changed through VICI: load-conn of
+an unchanged connection is never sent, so every other tunnel keeps its SAs. Whatever the
+fragments no longer name is unloaded and its SAs terminated (unload-conn alone leaves a
+responder's SAs up); a removed user's sessions are terminated too.
+
+The checker is a second charon, alone in an empty network namespace (`unshare --net`):
+the changed fragments are loaded into it and unloaded again, so charon's own parser
+judges them before anything live does. swanctl cannot do this (see vr/swanctl.py).
+
+Kernels without ESP (some cloud kernels are built without it) get charon's userspace
+ESP (kernel-libipsec: a TUN device, ESP in UDP 4500); a probe decides at render time.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
+import os
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
 from ipaddress import IPv4Network
+from pathlib import Path
 from typing import Any
 
-from vr.certificates import pem_problems, under
-from vr.document import RouterDocument
+from vr import swanctl
+from vr.certificates import pem_problems, subject_name, under
+from vr.document import RemoteAccess, RouterDocument, SiteToSite
 from vr.errors import Problem
-from vr.services.base import Service, repeats
+from vr.files import listed_files
+from vr.runtime import Runtime
+from vr.services.base import Change, CheckFailed, Program, Service, repeats
 
+PROGRAM, CHECKER = "charon", "charon-check"
+LIVE_CONF, CHECK_CONF = "strongswan.conf", "strongswan-check.conf"
+CHARON = "/usr/sbin/charon-systemd"  # foreground, no pid file: one per namespace side by side
 IKE_PORTS = (500, 4500)  # IKE, and IKE/ESP in UDP behind NAT
+REMOTE_ACCESS = "remote-access"  # its connection, child and pool; tunnels are "s2s-<id>"
+_PLUGINS = "random nonce openssl pem pkcs1 pkcs8 x509 revocation constraints pubkey kdf hmac {kernel} " \
+    "socket-default vici eap-identity eap-mschapv2"  # fmt: skip
+# What IKEv2 clients offer out of the box: Windows still proposes SHA1 with MODP1024.
+_RA_IKE = ["aes256-sha256-ecp256", "aes256-sha256-modp2048", "aes256-sha1-modp1024", "default"]
+_RA_ESP = ["aes256gcm16", "aes256-sha256", "aes256-sha1", "default"]
+VICI_TIMEOUT_S = 5.0
 
 
 class StrongswanService(Service):
@@ -37,9 +70,13 @@ class StrongswanService(Service):
                      for port in IKE_PORTS if f.public_ports.start <= port <= f.public_ports.end}  # fmt: skip
         pool = vpn.remote_access.pool if vpn.remote_access else None
 
+        static = {s.public_ip for s in doc.nat.static_nat}
+
         def gateway_problems(path: str, ip: Any) -> list[Problem]:
             if ip not in assigned:
                 return [Problem(path, f"{ip} is not an assigned public IP of this router (nat.public_ips)")]
+            if ip in static:
+                return [Problem(path, f"{ip} is taken whole by a static NAT")]
             taken = [port for port in IKE_PORTS if (ip, port) in forwarded]
             if taken:
                 return [Problem(path, f"udp {ip}:{taken[0]} is a port forward; IKE needs it")]
@@ -84,6 +121,415 @@ class StrongswanService(Service):
             if access.certificate is not None:
                 found = pem_problems(access.certificate.certificate, access.certificate.key)
                 problems += under("vpn.remote_access.certificate", found)
-        if self.configured(doc) and not any(p for p in problems if not p.warning):
-            problems.append(Problem("vpn", "valid, but this version of vr does not run strongSwan yet"))
+                usable = not any(not p.warning for p in found)
+                identity = subject_name(access.certificate.certificate) if usable else None
+                if usable and (identity is None or not swanctl.is_plain(identity)):
+                    problems.append(Problem("vpn.remote_access.certificate.certificate",
+                                            "needs a DNS or IP subject alternative name (letters, digits, '.-')"
+                                            " for clients to match"))  # fmt: skip
         return problems
+
+    def generate(self, doc: RouterDocument, runtime: Runtime) -> dict[str, bytes]:
+        if not self.configured(doc):
+            return {}
+        run_dir = runtime.settings.run_dir
+        files = {
+            LIVE_CONF: runtime.render(
+                "strongswan/strongswan.conf.j2",
+                purpose=f"charon of router {doc.router.name}",
+                plugins=_PLUGINS.format(kernel=_kernel_plugins()),
+                install_routes="yes",
+                install_virtual_ip="no",
+                socket=run_dir / "charon.vici",
+            ),
+            CHECK_CONF: _checker_conf(runtime, run_dir / "charon-check.vici"),
+        }
+        tunnels = [t for t in doc.vpn.site_to_site if t.enabled]
+        for rendered in runtime.memoized("strongswan/s2s", tunnels, lambda t, _: _tunnel_files(t, runtime)):
+            files.update(rendered)
+        access = doc.vpn.remote_access
+        if access is not None and access.enabled:
+            tiers = [str(i.ipv4().network) for i in doc.guest_interfaces() if i.ipv4()]
+            files.update(_remote_access_files(access, tiers, runtime))
+            for user in access.users:
+                secrets = {f"eap-{_digest(user.username)}": {"secret": swanctl.secret(user.password),
+                                                             "id": user.username}}  # fmt: skip
+                files[f"user-{user.username}.secrets"] = _fragment(runtime, {"secrets": secrets})
+        return files
+
+    def check(self, staged_dir: Path, change: Change, runtime: Runtime) -> None:
+        names = [p for p in change.written if _is_fragment(p)]
+        if not names:
+            return
+        loaded = _read_fragments(staged_dir, names)  # raises CheckFailed on a fragment vr cannot read
+        try:
+            with _checker(runtime) as session:
+                _load(session, loaded)
+                for name in loaded.conns:
+                    session.unload_conn({"name": name})
+                for name in loaded.pools:
+                    session.unload_pool({"name": name})
+        except _vici_errors() as error:
+            raise CheckFailed(f"charon refused the configuration: {error}") from None
+
+    def programs(self, doc: RouterDocument, runtime: Runtime) -> list[Program]:
+        if not self.configured(doc):
+            return []
+        here = runtime.settings.service_dir(self.name)
+        return [
+            Program(PROGRAM, [CHARON], environment={"STRONGSWAN_CONF": str(here / LIVE_CONF)}),
+            Program(CHECKER, ["unshare", "--net", CHARON], environment={"STRONGSWAN_CONF": str(here / CHECK_CONF)}),
+        ]
+
+    def apply(self, change: Change, doc: RouterDocument | None, runtime: Runtime) -> None:
+        if doc is None or not self.configured(doc):
+            return  # supervisord stopped charon with the program (TERM: it sends DELETE for every SA)
+        client = runtime.supervisor
+        fresh = False
+        for program, conf in ((CHECKER, CHECK_CONF), (PROGRAM, LIVE_CONF)):
+            if client.state(program) != "RUNNING":
+                client.start(program)
+            elif conf in change.written:  # plugins or socket: only a restart reads strongswan.conf
+                client.restart(program)
+            else:
+                continue
+            fresh = fresh or program == PROGRAM
+        here = runtime.settings.service_dir(self.name)
+        every = [p for p in listed_files(here) if _is_fragment(p)]
+        wanted = _read_fragments(here, every)
+        # A restarted charon, or a rollback (charon may hold either version), loads everything.
+        changed = every if fresh or change.restore else [p for p in change.written if _is_fragment(p)]
+        with _session(live_socket(runtime), wait_s=VICI_TIMEOUT_S) as session:
+            _load(session, _read_fragments(here, changed))
+            _unload_unwanted(session, wanted)
+            gone = _read_removed(change)
+            _terminate_users(session, [o for s in gone.shared.values() if s["type"] == "EAP" for o in s["owners"]])
+
+    def probe(self, doc: RouterDocument, runtime: Runtime) -> str | None:
+        if not self.configured(doc):
+            return None
+        state = runtime.supervisor.state(PROGRAM)
+        if state != "RUNNING":
+            return f"charon is {state or 'not configured in supervisord'}"
+        try:
+            with _session(live_socket(runtime), wait_s=0) as session:
+                session.stats()
+                loaded = {n.decode() for n in session.get_conns()["conns"]}
+        except (OSError, *_vici_errors()) as error:
+            return f"charon's VICI socket does not answer: {error}"
+        missing = sorted(set(connection_names(doc)) - loaded)
+        return f"charon has not loaded {', '.join(missing)}" if missing else None
+
+
+def connection_names(doc: RouterDocument) -> list[str]:
+    names = [f"s2s-{t.id}" for t in doc.vpn.site_to_site if t.enabled]
+    access = doc.vpn.remote_access
+    return names + ([REMOTE_ACCESS] if access is not None and access.enabled else [])
+
+
+def live_socket(runtime: Runtime) -> Path:
+    return runtime.settings.run_dir / "charon.vici"
+
+
+@functools.cache
+def kernel_has_esp() -> bool:
+    """Whether this kernel can hold an ESP state; tried in a namespace of its own, so nothing
+    live is touched (a kernel with ESP as a module loads it here)."""
+    key = "0x" + "00" * 16
+    command = ["unshare", "--net", "ip", "xfrm", "state", "add", "src", "192.0.2.1", "dst", "192.0.2.2",
+               "proto", "esp", "spi", "0x100", "mode", "tunnel", "enc", "cbc(aes)", key,
+               "auth", "hmac(sha256)", key + "00" * 16]  # fmt: skip
+    return subprocess.run(command, capture_output=True, check=False, timeout=10).returncode == 0
+
+
+def _kernel_plugins() -> str:
+    return "kernel-netlink" if kernel_has_esp() else "kernel-libipsec kernel-netlink"
+
+
+def vpn_report(doc: RouterDocument, runtime: Runtime) -> list[dict]:
+    """Each connection as charon sees it: state, time up, bytes, and remote-access users.
+    Secrets are never part of what VICI returns."""
+    rows: dict[str, dict] = {
+        name: {"connection": name, "state": "DOWN", "established_s": None, "bytes_in": 0, "bytes_out": 0, "users": []}
+        for name in connection_names(doc)
+    }
+    with _session(live_socket(runtime), wait_s=0) as session:
+        for item in session.list_sas():
+            for name, sa in item.items():
+                row = rows.get(name)
+                if row is None:
+                    continue
+                state = sa["state"].decode()
+                if row["state"] != "ESTABLISHED":
+                    row["state"] = state
+                if state == "ESTABLISHED" and row["established_s"] is None:
+                    row["established_s"] = int(sa.get("established", b"0"))
+                for child in sa.get("child-sas", {}).values():
+                    row["bytes_in"] += int(child.get("bytes-in", b"0"))
+                    row["bytes_out"] += int(child.get("bytes-out", b"0"))
+                if name == REMOTE_ACCESS and state == "ESTABLISHED":
+                    user = (sa.get("remote-eap-id") or sa.get("remote-id") or b"?").decode()
+                    addresses = [v.decode() for v in sa.get("remote-vips", [])]
+                    row["users"].append({"user": user, "address": ", ".join(addresses)})
+    return list(rows.values())
+
+
+# ------------------------------------------------------------------------ rendering
+def _fragment(runtime: Runtime, tree: dict) -> bytes:
+    return runtime.render("strongswan/swanctl.conf.j2", tree=_plain(tree))
+
+
+def _plain(tree: dict) -> dict:
+    """Every key and value made safe for swanctl.conf, or refused (never escaped into syntax)."""
+    out = {}
+    for key, item in tree.items():
+        swanctl.value(key)
+        out[key] = _plain(item) if isinstance(item, dict) else swanctl.value(item)
+    return out
+
+
+def _checker_conf(runtime: Runtime, vici_socket: Path) -> bytes:
+    return runtime.render(
+        "strongswan/strongswan.conf.j2",
+        purpose="the checker: alone in an empty network namespace, it only parses what vr loads into it",
+        plugins=_PLUGINS.format(kernel="kernel-netlink"),
+        install_routes="no",
+        install_virtual_ip="no",
+        socket=vici_socket,
+    )
+
+
+def client_conf(runtime: Runtime, vici_socket: Path) -> bytes:
+    """A road warrior's charon (the lab's and the tests' client): it takes a virtual IP."""
+    return runtime.render(
+        "strongswan/strongswan.conf.j2",
+        purpose="a remote-access client (lab and tests)",
+        plugins=_PLUGINS.format(kernel=_kernel_plugins()),
+        install_routes="yes",
+        install_virtual_ip="yes",
+        socket=vici_socket,
+    )
+
+
+def _tunnel_files(tunnel: SiteToSite, runtime: Runtime) -> dict[str, bytes]:
+    name = f"s2s-{tunnel.id}"
+    active = not tunnel.passive
+    child = {
+        "local_ts": tunnel.local_subnets,
+        "remote_ts": tunnel.peer_subnets,
+        "esp_proposals": tunnel.esp_proposals,
+        "rekey_time": f"{tunnel.esp_lifetime_s}s",
+        "dpd_action": tunnel.dpd_action,
+        "start_action": "start" if active else "none",
+    }
+    conn = {
+        "version": tunnel.ike_version,
+        "local_addrs": tunnel.local_ip,
+        "remote_addrs": tunnel.peer_ip,
+        "proposals": tunnel.ike_proposals,
+        "rekey_time": f"{tunnel.ike_lifetime_s}s",
+        "dpd_delay": f"{tunnel.dpd_interval_s}s",
+        "keyingtries": 0 if active else 1,  # an active tunnel keeps trying until its peer answers
+        "mobike": "no",  # a gateway does not move; MOBIKE would tell the peer every tier address
+        "local": {"auth": "psk", "id": tunnel.local_ip},
+        "remote": {"auth": "psk", "id": tunnel.peer_ip},
+        "children": {name: child},
+    }
+    secret = {"secret": swanctl.secret(tunnel.psk), "id-local": tunnel.local_ip, "id-remote": tunnel.peer_ip}
+    return {
+        f"{name}.conf": _fragment(runtime, {"connections": {name: conn}}),
+        f"{name}.secrets": _fragment(runtime, {"secrets": {f"ike-{name}": secret}}),
+    }
+
+
+def _remote_access_files(access: RemoteAccess, tiers: list[str], runtime: Runtime) -> dict[str, bytes]:
+    files: dict[str, bytes] = {}
+    conn: dict[str, Any] = {
+        "version": 2,
+        "local_addrs": access.public_ip,
+        "remote_addrs": "%any",
+        "pools": REMOTE_ACCESS,
+        "unique": "replace",  # a user who dials in again replaces their stale session
+        "proposals": _RA_IKE,
+        "dpd_delay": "30s",
+        "remote": {"auth": "eap-mschapv2", "eap_id": "%any"},
+        "children": {REMOTE_ACCESS: {"local_ts": tiers, "esp_proposals": _RA_ESP, "dpd_action": "clear"}},
+    }
+    if access.certificate is not None:
+        # Named by content: a new certificate changes the fragment, so the connection reloads.
+        cert, key = access.certificate.certificate.encode(), access.certificate.key.encode()
+        cert_file = f"{REMOTE_ACCESS}-cert-{_digest(cert)}.pem"
+        key_file = f"{REMOTE_ACCESS}-key-{_digest(key)}.pem"
+        files[cert_file], files[key_file] = cert, key
+        conn["send_cert"] = "always"
+        identity = subject_name(access.certificate.certificate)
+        conn["local"] = {"auth": "pubkey", "certs": cert_file, "id": identity}
+        secrets = {f"private-{REMOTE_ACCESS}": {"file": key_file}}
+    else:
+        conn["local"] = {"auth": "psk", "id": access.public_ip}
+        secrets = {f"ike-{REMOTE_ACCESS}": {"secret": swanctl.secret(access.psk or ""), "id": access.public_ip}}
+    pool: dict[str, Any] = {"addrs": access.pool}
+    if access.dns:
+        pool["dns"] = access.dns
+    files[f"{REMOTE_ACCESS}.conf"] = _fragment(
+        runtime, {"connections": {REMOTE_ACCESS: conn}, "pools": {REMOTE_ACCESS: pool}}
+    )
+    files[f"{REMOTE_ACCESS}.secrets"] = _fragment(runtime, {"secrets": secrets})
+    return files
+
+
+def _digest(data: str | bytes) -> str:
+    """A short stable name for a user's secret or a certificate file (user names may hold '.')."""
+    return hashlib.blake2b(data.encode() if isinstance(data, str) else data, digest_size=6).hexdigest()
+
+
+# ------------------------------------------------------------------------ loading over VICI
+def _is_fragment(relpath: str) -> bool:
+    return relpath.endswith((".conf", ".secrets")) and relpath not in (LIVE_CONF, CHECK_CONF)
+
+
+def _read_fragments(directory: Path, names: list[str]) -> swanctl.Messages:
+    total = swanctl.Messages()
+    for name in names:
+        part = _messages(name, (directory / name).read_bytes(), directory)
+        total.conns.update(part.conns)
+        total.pools.update(part.pools)
+        total.shared.update(part.shared)
+        total.keys += part.keys
+    return total
+
+
+def _messages(name: str, content: bytes, directory: Path | None) -> swanctl.Messages:
+    def read_file(relpath: str) -> bytes:
+        if directory is None or "/" in relpath:
+            raise swanctl.SwanctlError(f"{relpath}: not a file of this service")
+        return (directory / relpath).read_bytes()
+
+    try:
+        return swanctl.messages(swanctl.parse(content.decode()), read_file)
+    except (swanctl.SwanctlError, UnicodeDecodeError, OSError) as error:
+        raise CheckFailed(f"strongswan {name}: {error}") from None
+
+
+def _read_removed(change: Change) -> swanctl.Messages:
+    """What the removed fragments had loaded (their content before this change)."""
+    total = swanctl.Messages()
+    for name in change.removed:
+        content = change.previous.get(name)
+        if _is_fragment(name) and name.endswith(".secrets") and content:
+            total.shared.update(_messages(name, content, None).shared)
+    return total
+
+
+def _load(session: Any, messages: swanctl.Messages) -> None:
+    """Secrets and keys before connections: a connection that starts at once needs them."""
+    for key in messages.keys:
+        session.load_key(key)
+    for shared in messages.shared.values():
+        session.load_shared(shared)
+    for name, pool in messages.pools.items():
+        session.load_pool({name: pool})
+    for name, conn in messages.conns.items():
+        session.load_conn({name: conn})
+
+
+def _unload_unwanted(session: Any, wanted: swanctl.Messages) -> None:
+    for name in {n.decode() for n in session.get_conns()["conns"]} - set(wanted.conns):
+        session.unload_conn({"name": name})
+        # A responder's SAs outlive their unloaded connection: close them explicitly.
+        with contextlib.suppress(*_vici_errors()):
+            list(session.terminate({"ike": name, "force": "yes", "timeout": "1000"}))
+    for secret_id in {n.decode() for n in session.get_shared()["keys"]} - set(wanted.shared):
+        session.unload_shared({"id": secret_id})
+    for name in set(session.get_pools()) - set(wanted.pools):
+        session.unload_pool({"name": name})
+
+
+def _terminate_users(session: Any, users: list[str]) -> None:
+    """A removed user's sessions end now, not at their next rekey."""
+    if not users:
+        return
+    for item in session.list_sas({"ike": REMOTE_ACCESS}):
+        for sa in item.values():
+            identity = (sa.get("remote-eap-id") or sa.get("remote-id") or b"").decode()
+            if identity in users:
+                with contextlib.suppress(*_vici_errors()):
+                    list(session.terminate({"ike-id": sa["uniqueid"].decode(), "force": "yes", "timeout": "1000"}))
+
+
+def _vici_errors() -> tuple[type[Exception], ...]:
+    from vici.exception import CommandException, SessionException
+
+    return (CommandException, SessionException)
+
+
+def _connect(path: Path, wait_s: float) -> socket.socket:
+    """charon's VICI socket, waiting up to wait_s for a charon just started."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        connection.settimeout(VICI_TIMEOUT_S)
+        try:
+            connection.connect(str(path))
+            return connection
+        except OSError:
+            connection.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def _session(path: Path | socket.socket, wait_s: float = 0) -> Iterator[Any]:
+    import vici
+
+    connection = path if isinstance(path, socket.socket) else _connect(path, wait_s)
+    try:
+        yield vici.Session(connection)
+    finally:
+        connection.close()
+
+
+@contextlib.contextmanager
+def _checker(runtime: Runtime) -> Iterator[Any]:
+    """The standing checker, or, before supervisord runs it (a first apply), one of our own."""
+    run_dir = runtime.settings.run_dir
+    try:
+        standing = _connect(run_dir / "charon-check.vici", wait_s=0)
+    except OSError:
+        standing = None
+    if standing is not None:
+        with _session(standing) as session:
+            yield session
+        return
+    conf, vici_socket = run_dir / "charon-check-once.conf", run_dir / "charon-check-once.vici"
+    conf.write_bytes(_checker_conf(runtime, vici_socket))
+    environment = {**os.environ, "STRONGSWAN_CONF": str(conf)}
+    with tempfile.TemporaryFile() as log:  # a pipe nobody reads would fill and block charon
+        process = subprocess.Popen(["unshare", "--net", CHARON], env=environment, stdin=subprocess.DEVNULL,
+                                   stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        try:
+            try:
+                connection = _connect(vici_socket, wait_s=VICI_TIMEOUT_S)
+            except OSError:
+                _stop(process)
+                log.seek(0)
+                message = log.read().decode(errors="replace").strip()
+                raise CheckFailed(f"the checker charon did not start: {message[-300:]}") from None
+            with _session(connection) as session:
+                yield session
+        finally:
+            _stop(process)
+            conf.unlink(missing_ok=True)
+            vici_socket.unlink(missing_ok=True)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
