@@ -1,7 +1,8 @@
 # Each target installs what it needs: Debian packages (as root) and a virtualenv in .venv.
 VENV := .venv
 APT_PACKAGES := dnsmasq-base dnsmasq-utils nftables haproxy strongswan-swanctl charon-systemd \
-	libcharon-extra-plugins radvd isc-dhcp-client ndisc6 iproute2 iputils-ping iperf3 python3-venv make
+	libcharon-extra-plugins libcharon-extauth-plugins libstrongswan-standard-plugins radvd \
+	isc-dhcp-client ndisc6 iproute2 iputils-ping iperf3 util-linux python3-venv make
 DEMO_DIR := /tmp/vr-demo-$(shell echo $$PPID)
 
 .PHONY: demo test deps apt venv lint bench clean

@@ -4,6 +4,7 @@ and tear it down (namespaces deleted, daemons stopped by PID) whatever the outco
 from __future__ import annotations
 
 import copy
+import datetime
 import itertools
 import json
 import os
@@ -55,3 +56,41 @@ def write_payload(tmp_path: Path, payload: dict, name: str = "payload.json") -> 
     path = tmp_path / name
     path.write_text(json.dumps(payload))
     return str(path)
+
+
+def make_ca_and_certificate(tmp_path, name: str, days: int = 30):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def build(subject: str, key, issuer_name, issuer_key, ca: bool, start, end):
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(issuer_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(end)
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(subject)]), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vr test CA")])
+    ca = build(
+        "vr test CA", ca_key, ca_name, ca_key, True, now - datetime.timedelta(days=1), now + datetime.timedelta(days=30)
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    start = now - datetime.timedelta(days=60) if days < 0 else now - datetime.timedelta(days=1)
+    cert = build(name, key, ca_name, ca_key, False, start, now + datetime.timedelta(days=days))
+    pem = serialization.Encoding.PEM
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_bytes(ca.public_bytes(pem))
+    key_pem = key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return str(ca_file), {"certificate": cert.public_bytes(pem).decode(), "key": key_pem.decode()}

@@ -3,14 +3,13 @@ a public client. Certificates are made by the test (its own CA)."""
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import signal
 
 import pytest
 
-from tests.conftest import EXAMPLES, write_payload
+from tests.conftest import EXAMPLES, make_ca_and_certificate, write_payload
 
 LB_IP = "192.0.2.12"
 MEMBERS = [{"ip": "10.1.1.10"}, {"ip": "10.1.2.10"}]  # web1 (g1), db1 (g2)
@@ -116,44 +115,6 @@ def test_a_change_outside_the_lb_sections_does_not_touch_haproxy(backends, tmp_p
 
 
 # ---------------------------------------------------------------- TLS termination
-def make_ca_and_certificate(tmp_path, name: str, days: int = 30):
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-
-    def build(subject: str, key, issuer_name, issuer_key, ca: bool, start, end):
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-            .issuer_name(issuer_name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(start)
-            .not_valid_after(end)
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        )
-        if not ca:
-            builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(subject)]), critical=False)
-        return builder.sign(issuer_key, hashes.SHA256())
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vr test CA")])
-    ca = build(
-        "vr test CA", ca_key, ca_name, ca_key, True, now - datetime.timedelta(days=1), now + datetime.timedelta(days=30)
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    start = now - datetime.timedelta(days=60) if days < 0 else now - datetime.timedelta(days=1)
-    cert = build(name, key, ca_name, ca_key, False, start, now + datetime.timedelta(days=days))
-    pem = serialization.Encoding.PEM
-    ca_file = tmp_path / "ca.pem"
-    ca_file.write_bytes(ca.public_bytes(pem))
-    key_pem = key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    return str(ca_file), {"certificate": cert.public_bytes(pem).decode(), "key": key_pem.decode()}
-
-
 def https_rule(*certificates: dict) -> dict:
     return lb_rule(id="secure", public_port=443, protocol="https", tls={"certificates": list(certificates)})
 

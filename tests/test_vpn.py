@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from vr import document as docmod
+from vr import swanctl
 from vr.errors import InvalidPayload
+from vr.runtime import Runtime
+from vr.services.base import Change, CheckFailed
 from vr.services.strongswan import StrongswanService
+from vr.settings import Settings
 
 PSK = "correct-horse-battery-staple"
 
@@ -18,19 +24,20 @@ def tunnel(**changes) -> dict:
 
 
 def access(**changes) -> dict:
-    base = {"public_ip": "192.0.2.11", "pool": "10.99.0.0/24", "dns": ["10.1.1.1"], "psk": PSK,
+    base = {"public_ip": "192.0.2.13", "pool": "10.99.0.0/24", "dns": ["10.1.1.1"], "psk": PSK,
             "users": [{"username": "alice", "password": "alice-secret-1"}]}  # fmt: skip
     return {**base, **changes}
 
 
 def problems(example: dict, vpn: dict) -> dict[str, str]:
-    """Every refusal: the document's own, then strongSwan's verify (without its 'not yet')."""
+    """Every refusal: the document's own, then strongSwan's verify."""
     example["vpn"] = vpn
+    example["nat"]["public_ips"].append({"ip": "192.0.2.13"})
     try:
         doc = docmod.build_document(example)
     except InvalidPayload as error:
         return {p.path: p.reason for p in error.problems}
-    return {p.path: p.reason for p in StrongswanService().verify(doc) if p.path != "vpn"}
+    return {p.path: p.reason for p in StrongswanService().verify(doc)}
 
 
 def test_a_tunnel_and_remote_access_are_valid(example):
@@ -67,14 +74,14 @@ def test_secrets_are_checked_and_never_repeated(example, secret, reason):
 
 def test_gateways_must_be_ours_and_free_for_ike(example):
     example["nat"]["port_forwarding"].append(
-        {"id": "ike", "public_ip": "192.0.2.11", "protocol": "udp", "public_ports": "400-600",
+        {"id": "ike", "public_ip": "192.0.2.13", "protocol": "udp", "public_ports": "400-600",
          "private_ip": "10.1.1.10", "private_ports": "400-600"}
     )  # fmt: skip
     found = problems(example, {"site_to_site": [tunnel(local_ip="192.0.2.20", peer_ip="192.0.2.10")],
                                "remote_access": access()})  # fmt: skip
     assert "not an assigned public IP" in found["vpn.site_to_site[0].local_ip"]  # 192.0.2.20 is reserved
     assert "this router's own address" in found["vpn.site_to_site[0].peer_ip"]
-    assert "udp 192.0.2.11:500 is a port forward" in found["vpn.remote_access.public_ip"]
+    assert "udp 192.0.2.13:500 is a port forward" in found["vpn.remote_access.public_ip"]
 
 
 def test_subnets_and_pool_do_not_collide(example):
@@ -103,8 +110,66 @@ def test_remote_access_needs_one_server_identity_and_unique_users(example):
     assert "not a valid VPN user name" in found["vpn.remote_access.users[0].username"]
 
 
-def test_a_valid_vpn_is_refused_until_strongswan_runs(example):
-    """Accepting it would tell the manager 'applied' with no tunnel up."""
-    example["vpn"] = {"site_to_site": [tunnel()]}
-    found = {p.path: p.reason for p in StrongswanService().verify(docmod.build_document(example))}
-    assert found == {"vpn": "valid, but this version of vr does not run strongSwan yet"}
+def test_a_gateway_may_not_be_a_static_nat_ip(example):
+    found = problems(example, {"site_to_site": [tunnel(local_ip="192.0.2.11")]})  # static NAT to 10.1.2.10
+    assert "taken whole by a static NAT" in found["vpn.site_to_site[0].local_ip"]
+
+
+def rendered(example: dict, vpn: dict, tmp_path: Path) -> dict[str, bytes]:
+    example["vpn"] = vpn
+    example["nat"]["public_ips"].append({"ip": "192.0.2.13"})
+    doc = docmod.build_document(example)
+    return StrongswanService().generate(doc, Runtime(Settings.under_root(tmp_path)))
+
+
+def test_fragments_read_back_as_the_vici_messages_charon_gets(example, tmp_path):
+    files = rendered(example, {"site_to_site": [tunnel(passive=True)], "remote_access": access()}, tmp_path)
+    assert sorted(files) == ["remote-access.conf", "remote-access.secrets", "s2s-site-b.conf", "s2s-site-b.secrets",
+                             "strongswan-check.conf", "strongswan.conf", "user-alice.secrets"]  # fmt: skip
+    conn = swanctl.messages(swanctl.parse(files["s2s-site-b.conf"].decode()), None).conns["s2s-site-b"]
+    assert conn["remote_addrs"] == ["198.51.100.2"] and conn["local"] == {"auth": "psk", "id": "192.0.2.10"}
+    assert conn["children"]["s2s-site-b"]["remote_ts"] == ["10.20.0.0/16"]
+    assert conn["children"]["s2s-site-b"]["start_action"] == "none"  # passive: waits for the peer
+    secrets = swanctl.messages(swanctl.parse(files["s2s-site-b.secrets"].decode()), None).shared
+    assert secrets == {"ike-s2s-site-b": {"id": "ike-s2s-site-b", "type": "IKE", "data": PSK.encode(),
+                                          "owners": ["192.0.2.10", "198.51.100.2"]}}  # fmt: skip
+    assert PSK not in files["s2s-site-b.secrets"].decode()  # written as 0s<base64>: nothing to escape
+    pools = swanctl.messages(swanctl.parse(files["remote-access.conf"].decode()), None).pools
+    assert pools == {"remote-access": {"addrs": "10.99.0.0/24", "dns": ["10.1.1.1"]}}
+
+
+def test_a_psk_with_syntax_characters_stays_a_secret(example, tmp_path):
+    hostile = r'k"} \n connections { evil { } } # = , {'
+    files = rendered(example, {"site_to_site": [tunnel(psk=hostile)]}, tmp_path)
+    shared = swanctl.messages(swanctl.parse(files["s2s-site-b.secrets"].decode()), None).shared
+    assert shared["ike-s2s-site-b"]["data"] == hostile.encode()
+
+
+def test_the_reader_refuses_what_vr_never_writes_without_quoting_it():
+    with pytest.raises(swanctl.SwanctlError, match="line 2") as error:
+        swanctl.parse('secrets {\n  ike-x { secret = "hunter2-hunter2" }\n}\n')
+    assert "hunter2" not in str(error.value)
+    with pytest.raises(swanctl.SwanctlError, match="not closed"):
+        swanctl.parse("connections {\n  a {\n}\n")
+    with pytest.raises(swanctl.SwanctlError):
+        swanctl.value("10.0.0.0/8\nconnections {")
+
+
+def test_charon_itself_checks_what_is_loaded(example, tmp_path):
+    """The checker is a real charon in an empty network namespace; a proposal it does not
+    know fails the check, with charon's own words, before anything live is touched."""
+    runtime = Runtime(Settings.under_root(tmp_path))
+    runtime.settings.ensure_dirs()
+    files = rendered(example, {"site_to_site": [tunnel()]}, tmp_path)
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    files["s2s-site-b.conf"] = files["s2s-site-b.conf"].replace(b"aes256-sha256-modp2048", b"aes256-sha256-modp2047")
+    for name, content in files.items():
+        (staged / name).write_bytes(content)
+    change = Change("strongswan", generated=files, written=dict(files))
+    with pytest.raises(CheckFailed, match="invalid value for: proposals"):
+        StrongswanService().check(staged, change, runtime)
+    files["s2s-site-b.conf"] = files["s2s-site-b.conf"].replace(b"modp2047", b"modp2048")
+    (staged / "s2s-site-b.conf").write_bytes(files["s2s-site-b.conf"])
+    StrongswanService().check(staged, change, runtime)  # the good one passes
+    assert not any(runtime.settings.run_dir.iterdir())  # the one-off checker left nothing behind

@@ -130,6 +130,15 @@ def cmd_recover(args) -> int:
     return 0
 
 
+def cmd_vpn_load(args) -> int:
+    from vr.runtime import Runtime
+    from vr.services.strongswan import load_live
+
+    load_live(Runtime(_settings(args)))
+    print("loaded the VPN configuration into charon")
+    return 0
+
+
 def cmd_lab(args) -> int:
     from vr import lab
 
@@ -169,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("start", help="bring services up from last-known-good (boot)").set_defaults(func=cmd_start)
     sub.add_parser("stop", help="stop supervisord and every daemon of this router").set_defaults(func=cmd_stop)
     sub.add_parser("recover", help="finish or roll back an interrupted apply").set_defaults(func=cmd_recover)
+    sub.add_parser(
+        "vpn-load", help="load the live VPN files into charon (charon runs this when it starts)"
+    ).set_defaults(func=cmd_vpn_load)
     p = sub.add_parser("lab", help="a lab router with guests in network namespaces")
     p.add_argument("action", choices=["up", "down", "status", "demo"])
     p.add_argument("--dir", default="/tmp/vr-lab", help="where the lab keeps its state")

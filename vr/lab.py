@@ -354,7 +354,7 @@ def dhclient_script() -> Path:
 
 
 def main(args) -> int:
-    lab = Lab(args.dir, args.prefix)
+    lab = Lab(args.dir, args.prefix, vpn=True)
     if args.action == "up":
         lab.up()
         for line in lab.apply_examples():
@@ -399,6 +399,7 @@ def show(lab: Lab) -> None:
     print(f"  guest {lab.ns('g1')} pings the public host 192.0.2.1 through the router: {reached}")
     show_nat(lab)
     show_lb(lab)
+    show_vpn(lab)
     print()
     print(lab.vr("status", check=False).stdout)
 
@@ -441,3 +442,15 @@ def show_lb(lab: Lab) -> None:
     print(f"  public -> 192.0.2.12 tcp/80 (load balancer, 6 requests): {answers}; failed {result['failed']}")
     print("\n".join("  " + line for line in lab.vr("status", "--lb").stdout.splitlines()[-3:]))
     lab.stop_servers()
+
+
+def show_vpn(lab: Lab) -> None:
+    """Router B (its own vr) and a site-to-site tunnel from A: guests ping across it."""
+    if not (lab.site_b.state_dir / "document.json").exists():
+        print(f"router B: {lab.apply_site_b()}")
+        print(f"router: {lab.apply_vpn()}")
+    row = lab.wait_tunnel()
+    print(f"  tunnel s2s-site-b (192.0.2.10 <-> 198.51.100.10): {row['state'] if row else 'NOT UP'}")
+    reached = "ok" if lab.ping(lab.ns("g1"), "10.2.1.10", count=3) else "FAILED"
+    print(f"  guest {lab.ns('g1')} (10.1.1.10) pings router B's guest 10.2.1.10 through the tunnel: {reached}")
+    print("\n".join("  " + line for line in lab.vr("status", "--vpn").stdout.splitlines()[-2:]))

@@ -56,6 +56,12 @@ class Settings:
                 overrides[name] = Path(os.environ[env])
         return base if not overrides else cls(**{**base.__dict__, **overrides})
 
+    def environment(self) -> dict[str, str]:
+        """These settings as VR_* variables: for a vr command that a daemon runs (from_env reads them)."""
+        return {"VR_CONFIG_DIR": str(self.config_dir), "VR_STATE_DIR": str(self.state_dir),
+                "VR_RUN_DIR": str(self.run_dir), "VR_LOG_DIR": str(self.log_dir),
+                "VR_TEMPLATE_DIR": str(self.template_dir)}  # fmt: skip
+
     def ensure_dirs(self) -> None:
         for directory in (self.config_dir, self.state_dir, self.run_dir, self.log_dir):
             directory.mkdir(parents=True, exist_ok=True, mode=0o755)

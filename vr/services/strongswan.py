@@ -23,9 +23,10 @@ import hashlib
 import os
 import socket
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,7 @@ class StrongswanService(Service):
                 install_routes="yes",
                 install_virtual_ip="no",
                 socket=run_dir / "charon.vici",
+                start_script=swanctl.value(f"{sys.executable} -m vr vpn-load"),
             ),
             CHECK_CONF: _checker_conf(runtime, run_dir / "charon-check.vici"),
         }
@@ -176,8 +178,9 @@ class StrongswanService(Service):
         if not self.configured(doc):
             return []
         here = runtime.settings.service_dir(self.name)
+        live = {"STRONGSWAN_CONF": str(here / LIVE_CONF), **runtime.settings.environment()}  # for vpn-load
         return [
-            Program(PROGRAM, [CHARON], environment={"STRONGSWAN_CONF": str(here / LIVE_CONF)}),
+            Program(PROGRAM, [CHARON], environment=live),
             Program(CHECKER, ["unshare", "--net", CHARON], environment={"STRONGSWAN_CONF": str(here / CHECK_CONF)}),
         ]
 
@@ -194,16 +197,11 @@ class StrongswanService(Service):
             else:
                 continue
             fresh = fresh or program == PROGRAM
-        here = runtime.settings.service_dir(self.name)
-        every = [p for p in listed_files(here) if _is_fragment(p)]
-        wanted = _read_fragments(here, every)
         # A restarted charon, or a rollback (charon may hold either version), loads everything.
-        changed = every if fresh or change.restore else [p for p in change.written if _is_fragment(p)]
-        with _session(live_socket(runtime), wait_s=VICI_TIMEOUT_S) as session:
-            _load(session, _read_fragments(here, changed))
-            _unload_unwanted(session, wanted)
-            gone = _read_removed(change)
-            _terminate_users(session, [o for s in gone.shared.values() if s["type"] == "EAP" for o in s["owners"]])
+        changed = None if fresh or change.restore else [p for p in change.written if _is_fragment(p)]
+        gone = _read_removed(change)
+        removed_users = [o for s in gone.shared.values() if s["type"] == "EAP" for o in s["owners"]]
+        load_live(runtime, changed, removed_users)
 
     def probe(self, doc: RouterDocument, runtime: Runtime) -> str | None:
         if not self.configured(doc):
@@ -212,13 +210,27 @@ class StrongswanService(Service):
         if state != "RUNNING":
             return f"charon is {state or 'not configured in supervisord'}"
         try:
-            with _session(live_socket(runtime), wait_s=0) as session:
+            with vici_session(live_socket(runtime), wait_s=0) as session:
                 session.stats()
                 loaded = {n.decode() for n in session.get_conns()["conns"]}
         except (OSError, *_vici_errors()) as error:
             return f"charon's VICI socket does not answer: {error}"
         missing = sorted(set(connection_names(doc)) - loaded)
         return f"charon has not loaded {', '.join(missing)}" if missing else None
+
+
+def load_live(runtime: Runtime, changed: list[str] | None = None, removed_users: Sequence[str] = ()) -> None:
+    """Make the live charon hold what the live fragments say: load the changed ones (None:
+    all of them), unload what none of them names, end removed users' sessions. Also what
+    charon runs at its own start (`vr vpn-load`), so a charon restarted after a crash is
+    not left empty."""
+    here = runtime.settings.service_dir(StrongswanService.name)
+    every = [p for p in listed_files(here) if _is_fragment(p)]
+    wanted = _read_fragments(here, every)
+    with vici_session(live_socket(runtime), wait_s=VICI_TIMEOUT_S) as session:
+        _load(session, wanted if changed is None else _read_fragments(here, changed))
+        _unload_unwanted(session, wanted)
+        _terminate_users(session, removed_users)
 
 
 def connection_names(doc: RouterDocument) -> list[str]:
@@ -253,7 +265,7 @@ def vpn_report(doc: RouterDocument, runtime: Runtime) -> list[dict]:
         name: {"connection": name, "state": "DOWN", "established_s": None, "bytes_in": 0, "bytes_out": 0, "users": []}
         for name in connection_names(doc)
     }
-    with _session(live_socket(runtime), wait_s=0) as session:
+    with vici_session(live_socket(runtime), wait_s=0) as session:
         for item in session.list_sas():
             for name, sa in item.items():
                 row = rows.get(name)
@@ -296,6 +308,7 @@ def _checker_conf(runtime: Runtime, vici_socket: Path) -> bytes:
         install_routes="no",
         install_virtual_ip="no",
         socket=vici_socket,
+        start_script=None,
     )
 
 
@@ -308,6 +321,7 @@ def client_conf(runtime: Runtime, vici_socket: Path) -> bytes:
         install_routes="yes",
         install_virtual_ip="yes",
         socket=vici_socket,
+        start_script=None,
     )
 
 
@@ -449,12 +463,13 @@ def _terminate_users(session: Any, users: list[str]) -> None:
     """A removed user's sessions end now, not at their next rekey."""
     if not users:
         return
-    for item in session.list_sas({"ike": REMOTE_ACCESS}):
-        for sa in item.values():
-            identity = (sa.get("remote-eap-id") or sa.get("remote-id") or b"").decode()
-            if identity in users:
-                with contextlib.suppress(*_vici_errors()):
-                    list(session.terminate({"ike-id": sa["uniqueid"].decode(), "force": "yes", "timeout": "1000"}))
+    # The listing streams over the session: finish it before asking anything else.
+    sas = [sa for item in session.list_sas({"ike": REMOTE_ACCESS}) for sa in item.values()]
+    for sa in sas:
+        identity = (sa.get("remote-eap-id") or sa.get("remote-id") or b"").decode()
+        if identity in users:
+            with contextlib.suppress(*_vici_errors()):
+                list(session.terminate({"ike-id": sa["uniqueid"].decode(), "force": "yes", "timeout": "1000"}))
 
 
 def _vici_errors() -> tuple[type[Exception], ...]:
@@ -480,7 +495,7 @@ def _connect(path: Path, wait_s: float) -> socket.socket:
 
 
 @contextlib.contextmanager
-def _session(path: Path | socket.socket, wait_s: float = 0) -> Iterator[Any]:
+def vici_session(path: Path | socket.socket, wait_s: float = 0) -> Iterator[Any]:
     import vici
 
     connection = path if isinstance(path, socket.socket) else _connect(path, wait_s)
@@ -499,7 +514,7 @@ def _checker(runtime: Runtime) -> Iterator[Any]:
     except OSError:
         standing = None
     if standing is not None:
-        with _session(standing) as session:
+        with vici_session(standing) as session:
             yield session
         return
     conf, vici_socket = run_dir / "charon-check-once.conf", run_dir / "charon-check-once.vici"
@@ -516,7 +531,7 @@ def _checker(runtime: Runtime) -> Iterator[Any]:
                 log.seek(0)
                 message = log.read().decode(errors="replace").strip()
                 raise CheckFailed(f"the checker charon did not start: {message[-300:]}") from None
-            with _session(connection) as session:
+            with vici_session(connection) as session:
                 yield session
         finally:
             _stop(process)
