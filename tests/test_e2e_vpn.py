@@ -143,6 +143,20 @@ def test_adding_and_removing_a_tunnel_leaves_the_first_one_alone(vpn_lab):
     assert "s2s-site-c" not in sa_ids(lab)
 
 
+def test_an_apply_killed_after_loading_is_rolled_back_in_charon_too(vpn_lab, tmp_path):
+    lab = vpn_lab
+    files, before = live_files(lab), sa_ids(lab)["s2s-site-b"]
+    second = {**SITE_B, "id": "site-c", "peer_ip": "198.51.100.20", "peer_subnets": ["10.3.0.0/24"]}
+    generation = json.loads(lab.vr("status", "--json").stdout)["generation"] + 1
+    payload = tmp_path / "killed.json"
+    payload.write_text(json.dumps({"generation": generation, "vpn": {"site_to_site": [SITE_B, second]}}))
+    killed = lab.vr("apply", str(payload), env={"VR_FAULT_AT": "applied"}, check=False)
+    assert killed.returncode == -signal.SIGKILL and loaded_conns(lab) == ["s2s-site-b", "s2s-site-c"]
+    assert lab.vr("recover").stdout.strip() == "recovered an interrupted apply"
+    assert loaded_conns(lab) == ["s2s-site-b"] and live_files(lab) == files
+    assert sa_ids(lab)["s2s-site-b"] == before
+
+
 def test_a_bad_vpn_section_changes_nothing(vpn_lab):
     lab = vpn_lab
     files, sas, conns = live_files(lab), sa_ids(lab), loaded_conns(lab)

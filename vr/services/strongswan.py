@@ -138,7 +138,7 @@ class StrongswanService(Service):
             LIVE_CONF: runtime.render(
                 "strongswan/strongswan.conf.j2",
                 purpose=f"charon of router {doc.router.name}",
-                plugins=_PLUGINS.format(kernel=_kernel_plugins()),
+                plugins=_PLUGINS.format(kernel=_kernel_plugins(runtime)),
                 install_routes="yes",
                 install_virtual_ip="no",
                 socket=run_dir / "charon.vici",
@@ -254,8 +254,16 @@ def kernel_has_esp() -> bool:
     return subprocess.run(command, capture_output=True, check=False, timeout=10).returncode == 0
 
 
-def _kernel_plugins() -> str:
-    return "kernel-netlink" if kernel_has_esp() else "kernel-libipsec kernel-netlink"
+def _kernel_plugins(runtime: Runtime) -> str:
+    """The probe's answer is kept in the run dir: it holds until the next boot."""
+    known = runtime.settings.run_dir / "kernel-esp"
+    try:
+        esp = known.read_text() == "yes"
+    except FileNotFoundError:
+        esp = kernel_has_esp()
+        with contextlib.suppress(OSError):  # no run dir (a dry render): just not kept
+            known.write_text("yes" if esp else "no")
+    return "kernel-netlink" if esp else "kernel-libipsec kernel-netlink"
 
 
 def vpn_report(doc: RouterDocument, runtime: Runtime) -> list[dict]:
@@ -317,7 +325,7 @@ def client_conf(runtime: Runtime, vici_socket: Path) -> bytes:
     return runtime.render(
         "strongswan/strongswan.conf.j2",
         purpose="a remote-access client (lab and tests)",
-        plugins=_PLUGINS.format(kernel=_kernel_plugins()),
+        plugins=_PLUGINS.format(kernel=_kernel_plugins(runtime)),
         install_routes="yes",
         install_virtual_ip="yes",
         socket=vici_socket,
