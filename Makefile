@@ -17,6 +17,8 @@ test: deps
 bench: deps
 	$(VENV)/bin/python bench/apply_scale.py
 	$(VENV)/bin/python bench/firewall_scale.py
+	$(VENV)/bin/python bench/lb_reload.py
+	$(VENV)/bin/python bench/vpn_scale.py
 
 deps: apt venv
 

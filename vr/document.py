@@ -689,6 +689,9 @@ def merge(stored: RouterDocument | None, payload: Payload) -> RouterDocument:
         doc = RouterDocument.model_construct(generation=payload.generation, **sections)  # absent: defaults
     else:
         doc = stored.model_copy(update={**sections, "generation": payload.generation})
+    if stored is not None and payload.vpn is not None:
+        tunnels = _reuse_equal(payload.vpn.site_to_site, stored.vpn.site_to_site)
+        doc = doc.model_copy(update={"vpn": doc.vpn.model_copy(update={"site_to_site": tunnels})})
     if payload.dhcp_entries is not None:
         entries = _apply_item_changes(doc.dhcp.entries, payload.dhcp_entries, "mac", "dhcp_entries")
         doc = doc.model_copy(update={"dhcp": doc.dhcp.model_copy(update={"entries": entries})})
@@ -701,6 +704,13 @@ def merge(stored: RouterDocument | None, payload: Payload) -> RouterDocument:
         rules = _apply_item_changes(doc.firewall.ingress, payload.ingress_rules, "id", "ingress_rules")
         doc = doc.model_copy(update={"firewall": doc.firewall.model_copy(update={"ingress": rules})})
     return doc
+
+
+def _reuse_equal(new: list, old: list) -> list:
+    """The stored object for each item equal to it (matched by id): a section sent whole
+    then hits every per-item cache (rendering, verify) except for the items that changed."""
+    stored = {item.id: item for item in old}
+    return [stored[item.id] if stored.get(item.id) == item else item for item in new]
 
 
 # The position index of the list each item payload kind last produced: the next payload of

@@ -243,12 +243,20 @@ class Pipeline:
         return result
 
     def _stage(self, changes: list[Change], staging: Path) -> None:
-        """Stage each changed service's whole file set, so its checker sees a complete config;
-        only the changed files are fsynced, as only they will be switched in."""
+        """Stage each changed service's whole file set, so its checker sees a complete config.
+        Only the changed files are written (and fsynced: only they will be switched in); the
+        unchanged ones are hard links to the live files, which plan found identical."""
         for change in changes:
+            live_dir, staged_dir = self.settings.service_dir(change.service), staging / change.service
+            staged_dir.mkdir(parents=True, exist_ok=True)
             for relpath, content in change.generated.items():
-                sync = relpath in change.written
-                write_atomic(staging / change.service / relpath, content, mode=mode_for(relpath), sync=sync)
+                if relpath not in change.written:
+                    try:
+                        os.link(live_dir / relpath, staged_dir / relpath)
+                        continue
+                    except OSError:
+                        pass  # gone meanwhile, or another filesystem: write it
+                write_atomic(staged_dir / relpath, content, mode=mode_for(relpath), sync=relpath in change.written)
 
     def _backup(self, changes: list[Change], backup: Path) -> None:
         """Hard links keep the old inodes alive for the price of a directory entry."""
