@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -169,7 +170,7 @@ def test_a_bad_vpn_section_changes_nothing(vpn_lab):
     assert live_files(lab) == files and sa_ids(lab) == sas and loaded_conns(lab) == conns
 
 
-def test_secrets_are_0600_and_never_in_status_or_events(vpn_lab):
+def test_secrets_are_0600_and_never_in_status_events_or_diff(vpn_lab, tmp_path):
     lab = vpn_lab
     here = lab.settings.service_dir("strongswan")
     modes = {p.name: p.stat().st_mode & 0o777 for p in here.iterdir()}
@@ -177,6 +178,13 @@ def test_secrets_are_0600_and_never_in_status_or_events(vpn_lab):
     assert SITE_B["psk"] not in (here / "s2s-site-b.secrets").read_text()  # base64 (0s), not spelled out
     shown = lab.vr("status", "--vpn", "--json").stdout + lab.vr("events").stdout
     assert SITE_B["psk"] not in shown
+    new_key = "a-brand-new-pre-shared-key"
+    generation = json.loads(lab.vr("status", "--json").stdout)["generation"] + 1
+    payload = tmp_path / "diff.json"
+    payload.write_text(json.dumps({"generation": generation, "vpn": {"site_to_site": [{**SITE_B, "psk": new_key}]}}))
+    diff = lab.vr("diff", str(payload)).stdout
+    assert "secret file strongswan/s2s-site-b.secrets changed (content not shown)" in diff
+    assert new_key not in diff and base64.b64encode(new_key.encode()).decode() not in diff
 
 
 def charon_pid(lab: Lab) -> int | None:

@@ -125,7 +125,7 @@ def rendered(example: dict, vpn: dict, tmp_path: Path) -> dict[str, bytes]:
 def test_fragments_read_back_as_the_vici_messages_charon_gets(example, tmp_path):
     files = rendered(example, {"site_to_site": [tunnel(passive=True)], "remote_access": access()}, tmp_path)
     assert sorted(files) == ["remote-access.conf", "remote-access.secrets", "s2s-site-b.conf", "s2s-site-b.secrets",
-                             "strongswan-check.conf", "strongswan.conf", "user-alice.secrets"]  # fmt: skip
+                             "strongswan-check.conf", "strongswan.conf", "user-alice.secrets", "vpn-load.sh"]  # fmt: skip
     conn = swanctl.messages(swanctl.parse(files["s2s-site-b.conf"].decode()), None).conns["s2s-site-b"]
     assert conn["remote_addrs"] == ["198.51.100.2"] and conn["local"] == {"auth": "psk", "id": "192.0.2.10"}
     assert conn["children"]["s2s-site-b"]["remote_ts"] == ["10.20.0.0/16"]

@@ -21,6 +21,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -41,6 +42,7 @@ from vr.services.base import Change, CheckFailed, Program, Service, repeats
 
 PROGRAM, CHECKER = "charon", "charon-check"
 LIVE_CONF, CHECK_CONF = "strongswan.conf", "strongswan-check.conf"
+LOAD_SCRIPT = "vpn-load.sh"  # what charon runs when it starts
 CHARON = "/usr/sbin/charon-systemd"  # foreground, no pid file: one per namespace side by side
 IKE_PORTS = (500, 4500)  # IKE, and IKE/ESP in UDP behind NAT
 REMOTE_ACCESS = "remote-access"  # its connection, child and pool; tunnels are "s2s-<id>"
@@ -140,8 +142,11 @@ class StrongswanService(Service):
                 install_routes="yes",
                 install_virtual_ip="no",
                 socket=run_dir / "charon.vici",
-                start_script=swanctl.value(f"{sys.executable} -m vr vpn-load"),
+                # A script of its own: a new vr release (a patch) rewrites it, not strongswan.conf,
+                # so charon (and every SA) is not restarted for it.
+                start_script=swanctl.value(f"/bin/sh {runtime.settings.service_dir(self.name) / LOAD_SCRIPT}"),
             ),
+            LOAD_SCRIPT: _load_script(runtime),
             CHECK_CONF: _checker_conf(runtime, run_dir / "charon-check.vici"),
         }
         tunnels = [t for t in doc.vpn.site_to_site if t.enabled]
@@ -171,14 +176,15 @@ class StrongswanService(Service):
                     session.unload_pool({"name": name})
         except _vici_errors() as error:
             raise CheckFailed(f"charon refused the configuration: {error}") from None
+        except OSError as error:
+            raise CheckFailed(f"the checker charon does not answer: {error}") from None
 
     def programs(self, doc: RouterDocument, runtime: Runtime) -> list[Program]:
         if not self.configured(doc):
             return []
         here = runtime.settings.service_dir(self.name)
-        live = {"STRONGSWAN_CONF": str(here / LIVE_CONF), **runtime.settings.environment()}  # for vpn-load
         return [
-            Program(PROGRAM, [CHARON], environment=live),
+            Program(PROGRAM, [CHARON], environment={"STRONGSWAN_CONF": str(here / LIVE_CONF)}),
             Program(CHECKER, ["unshare", "--net", CHARON], environment={"STRONGSWAN_CONF": str(here / CHECK_CONF)}),
         ]
 
@@ -321,6 +327,11 @@ def _plain(tree: dict) -> dict:
         swanctl.value(key)
         out[key] = _plain(item) if isinstance(item, dict) else swanctl.value(item)
     return out
+
+
+def _load_script(runtime: Runtime) -> bytes:
+    variables = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(runtime.settings.environment().items()))
+    return runtime.render("strongswan/vpn-load.sh.j2", variables=variables, python=shlex.quote(sys.executable))
 
 
 def _checker_conf(runtime: Runtime, vici_socket: Path) -> bytes:
