@@ -101,11 +101,11 @@ def test_dhcp_option_values_cannot_split_or_quote(example, value):
 
 def test_unknown_keys_and_future_sections_are_errors(example):
     example["dhcp"]["entries"][0]["colour"] = "blue"
-    example["ipv6"] = {"tiers": []}
+    example["monitor"] = {"services": []}
     example["vpn"] = {"tunnels": []}
     found = problems_of(example)
     assert found["dhcp.entries[0].colour"] == "unknown field"
-    assert found["ipv6"] == "section not supported by this version of vr"
+    assert found["monitor"] == "section not supported by this version of vr"
     assert found["vpn.tunnels"] == "unknown field"
 
 

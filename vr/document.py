@@ -33,7 +33,7 @@ from vr.errors import InvalidPayload, Problem, StalePayload
 
 # Sections a later vr release fills in. Present in a payload today, they are refused
 # with a message that says so rather than silently dropped.
-FUTURE_SECTIONS = ("ipv6", "monitor", "metadata")
+FUTURE_SECTIONS = ("monitor", "metadata")
 
 
 def _pattern(regex: str, what: str):
@@ -67,6 +67,11 @@ DhcpOptionName = Annotated[str, _pattern(r"[a-z][a-z0-9-]{0,39}", "DHCP option n
 # No comma, quote, space, '#' or control character: each is a separator or comment in dnsmasq.
 DhcpOptionValue = Annotated[str, _pattern(r"[A-Za-z0-9._:/@+=-]{1,255}", "DHCP option value")]
 IPAddress = IPv4Address | IPv6Address
+Duid = Annotated[
+    str,
+    BeforeValidator(lambda v: v.lower() if isinstance(v, str) else v),
+    _pattern(r"[0-9a-f]{2}(?::[0-9a-f]{2}){3,129}", "DUID (colon-separated hex octets)"),
+]
 
 
 class _Address(IPv4Address):
@@ -156,6 +161,10 @@ class Interface(Strict):
     def ipv4(self) -> IPv4Interface | None:
         return next((a for a in self.addresses if isinstance(a, IPv4Interface)), None)
 
+    def ipv6(self) -> IPv6Interface | None:
+        """The interface's global IPv6 address (a guest tier's: the router's address in its /64)."""
+        return next((a for a in self.addresses if isinstance(a, IPv6Interface)), None)
+
 
 class Route(Strict):
     destination: IPv4Net | IPv6Network
@@ -201,6 +210,8 @@ class DhcpEntry(Strict):
     mac: MacAddress
     ip: IPv4
     hostname: Hostname
+    ipv6: IPv6Address | None = None  # its address on a DHCPv6 (stateful) tier, served with an AAAA name
+    duid: Duid | None = None  # the DHCPv6 client's id; without it dnsmasq matches the MAC
     default_gateway: bool = True
     options: list[DhcpOption] = Field(default_factory=list, max_length=32)
 
@@ -537,6 +548,70 @@ class RemoteAccess(Strict):
         return self
 
 
+class RouterAdvertisements(Strict):
+    """radvd's settings for one tier; the M and O flags follow from the tier's mode."""
+
+    interval_s: int = Field(200, ge=4, le=1800)  # MaxRtrAdvInterval; the minimum is a third of it
+    router_lifetime_s: int = Field(1800, ge=0, le=9000)
+    valid_lifetime_s: int = Field(86400, ge=0, le=4294967294)
+    preferred_lifetime_s: int = Field(14400, ge=0, le=4294967294)
+    mtu: int | None = Field(None, ge=1280, le=9216)  # advertised link MTU; default: the tier's MTU
+
+    @model_validator(mode="after")
+    def _lifetimes(self) -> RouterAdvertisements:
+        if self.preferred_lifetime_s > self.valid_lifetime_s:
+            raise ValueError("preferred_lifetime_s may not exceed valid_lifetime_s")
+        if 0 < self.router_lifetime_s < self.interval_s:
+            raise ValueError("router_lifetime_s must be 0 or at least interval_s")
+        return self
+
+
+class Ipv6Tier(Strict):
+    """A tier's routed /64 is the prefix of its interface's IPv6 address (the router's own).
+    slaac: guests make their addresses (radvd's prefix, autonomous); dhcpv6: dnsmasq gives
+    each VM its configured address (dhcp.entries[].ipv6), radvd sets the M and O flags."""
+
+    tier: Identifier
+    mode: Literal["slaac", "dhcpv6"] = "slaac"
+    ra: RouterAdvertisements = Field(default_factory=RouterAdvertisements)
+    dns: list[IPv6Address] = Field(default_factory=list, max_length=3)  # RDNSS; default: the router
+    search: list[DomainName] = Field(default_factory=list, max_length=6)  # DNSSL; default: dns.domain
+    lease_time: int = Field(86400, ge=120, le=31536000)  # DHCPv6 (dhcpv6 mode)
+
+
+class Ipv6IngressRule(_TrafficMatch):
+    """Opens traffic from the public side to guest addresses (no NAT in IPv6: the address is
+    the guest's own). protocol "icmp" means ICMPv6 here."""
+
+    id: Identifier
+    destination: IPv6Network  # a guest address (/128) or a range inside a tier's prefix
+    source_cidrs: list[IPv6Network] = Field(default_factory=lambda: [IPv6Network("::/0")], max_length=256)
+
+
+class Ipv6EgressRule(_TrafficMatch):
+    destination_cidrs: list[IPv6Network] = Field(default_factory=lambda: [IPv6Network("::/0")], max_length=256)
+
+
+class Ipv6TierEgress(Strict):
+    """As firewall.egress, for IPv6: `default` for what no rule matches, rules are exceptions."""
+
+    tier: Identifier
+    default: Literal["allow", "deny"] = "allow"
+    rules: list[Ipv6EgressRule] = Field(default_factory=list, max_length=10000)
+
+
+class Ipv6Firewall(Strict):
+    """Inbound from the public side is denied by default, but for the ICMPv6 that IPv6 needs."""
+
+    ingress: list[Ipv6IngressRule] = Field(default_factory=list, max_length=20000)
+    egress: list[Ipv6TierEgress] = Field(default_factory=list, max_length=64)
+
+
+class Ipv6(Strict):
+    tiers: list[Ipv6Tier] = Field(default_factory=list, max_length=64)
+    firewall: Ipv6Firewall = Field(default_factory=Ipv6Firewall)
+
+
 class Vpn(Strict):
     site_to_site: list[SiteToSite] = Field(default_factory=list, max_length=256)
     remote_access: RemoteAccess | None = None
@@ -569,6 +644,7 @@ class RouterDocument(Strict):
     network_acls: list[TierAcl] = Field(default_factory=list, max_length=64)
     load_balancer: LoadBalancer = Field(default_factory=LoadBalancer)
     vpn: Vpn = Field(default_factory=Vpn)
+    ipv6: Ipv6 = Field(default_factory=Ipv6)
 
     def interface(self, interface_id: str) -> Interface | None:
         return next((i for i in self.interfaces if i.id == interface_id), None)
@@ -613,13 +689,15 @@ class Payload(Strict):
     network_acls: list[TierAcl] | None = None
     load_balancer: LoadBalancer | None = None
     vpn: Vpn | None = None
+    ipv6: Ipv6 | None = None
     dhcp_entries: DhcpEntryChanges | None = None
     port_forwarding_rules: PortForwardChanges | None = None
     ingress_rules: IngressRuleChanges | None = None
 
 
 SECTIONS = (
-    "router", "interfaces", "routes", "dns", "dhcp", "nat", "firewall", "network_acls", "load_balancer", "vpn"
+    "router", "interfaces", "routes", "dns", "dhcp", "nat", "firewall", "network_acls", "load_balancer", "vpn",
+    "ipv6",
 )  # fmt: skip
 
 

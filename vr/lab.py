@@ -93,6 +93,8 @@ class Lab:
             for name in self.namespaces:
                 _run("ip", "netns", "add", name)
                 _run("ip", "-n", name, "link", "set", "lo", "up")
+                # Fresh links would hold their IPv6 addresses tentative for a second or two.
+                _run("ip", "netns", "exec", name, "sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0")
             for router_if, peer, address in LINKS:
                 peer_ns = self.ns(peer)
                 _run("ip", "link", "add", router_if, "netns", self.router_ns, "type", "veth",
@@ -103,6 +105,9 @@ class Lab:
                     _run("ip", "-n", peer_ns, "addr", "add", address, "dev", "eth0")
                 _run("ip", "-n", peer_ns, "link", "set", "eth0", "up")
             _run("ip", "-n", self.ns("pub"), "route", "add", "10.1.0.0/16", "via", "192.0.2.10")
+            # The public side's IPv6: routes the tiers' /64s (configs/lab/ipv6.json) to the router.
+            _run("ip", "-n", self.ns("pub"), "addr", "add", "2001:db8:ffff::1/64", "dev", "eth0", "nodad")
+            _run("ip", "-n", self.ns("pub"), "route", "add", "2001:db8:1::/48", "via", "2001:db8:ffff::10")
             if self.vpn:
                 self._vpn_links()
         except BaseException:
@@ -234,6 +239,19 @@ class Lab:
              "-sf", str(dhclient_script()), "eth0", timeout=timeout)  # fmt: skip
         return self.guest_lease(guest)
 
+    def dhcp6(self, guest: str, timeout: float = 30) -> str | None:
+        """A real `dhclient -6` in the guest (stateful DHCPv6); the address it configured."""
+        lease_file, pid_file = self.dir / f"{guest}.leases6", self.dir / f"{guest}.dhclient6.pid"
+        _run("ip", "netns", "exec", self.ns(guest), "dhclient", "-6", "-1", "-v",
+             "-cf", str(self.dir / "dhclient.conf"), "-lf", str(lease_file), "-pf", str(pid_file),
+             "-sf", str(dhclient_script()), "eth0", timeout=timeout)  # fmt: skip
+        return self.global_ipv6(guest)
+
+    def global_ipv6(self, guest: str) -> str | None:
+        shown = _run("ip", "-n", self.ns(guest), "-6", "-o", "addr", "show", "dev", "eth0", "scope", "global").stdout
+        found = re.findall(r"inet6 ([0-9a-f:]+)/", shown)
+        return found[0] if found else None
+
     def set_guest_mac(self, guest: str, mac: str) -> None:
         _run("ip", "-n", self.ns(guest), "-4", "addr", "flush", "dev", "eth0")
         _run("ip", "-n", self.ns(guest), "link", "set", "eth0", "address", mac)
@@ -256,31 +274,32 @@ class Lab:
         }
 
     def stop_dhclient(self, guest: str) -> None:
-        pid_file = self.dir / f"{guest}.dhclient.pid"
-        try:
-            pid = int(pid_file.read_text().strip())
-        except (FileNotFoundError, ValueError):
-            return
-        try:
-            os.kill(pid, signal.SIGTERM)
-            for _ in range(100):
-                os.kill(pid, 0)
-                time.sleep(0.02)
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        pid_file.unlink(missing_ok=True)
+        for pid_file in (self.dir / f"{guest}.dhclient.pid", self.dir / f"{guest}.dhclient6.pid"):
+            try:
+                pid = int(pid_file.read_text().strip())
+            except (FileNotFoundError, ValueError):
+                continue
+            try:
+                os.kill(pid, signal.SIGTERM)
+                for _ in range(100):
+                    os.kill(pid, 0)
+                    time.sleep(0.02)
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            pid_file.unlink(missing_ok=True)
 
-    def resolve(self, namespace: str, name: str, server: str, timeout: float = 2.0) -> list[str]:
+    def resolve(self, namespace: str, name: str, server: str, timeout: float = 2.0, rdtype: str = "A") -> list[str]:
         """A DNS query made from inside a namespace, as a guest's resolver would."""
         code = (
             "import sys, dns.message, dns.query, dns.rdatatype\n"
-            "q = dns.message.make_query(sys.argv[1], dns.rdatatype.A)\n"
+            "t = dns.rdatatype.from_text(sys.argv[4])\n"
+            "q = dns.message.make_query(sys.argv[1], t)\n"
             "r = dns.query.udp(q, sys.argv[2], timeout=float(sys.argv[3]))\n"
-            "print(' '.join(str(x) for s in r.answer for x in s if s.rdtype == dns.rdatatype.A))\n"
+            "print(' '.join(str(x) for s in r.answer for x in s if s.rdtype == t))\n"
         )
         result = _run("ip", "netns", "exec", namespace, sys.executable, "-c", code, name, server, str(timeout),
-                      check=False, timeout=timeout + 10)  # fmt: skip
+                      rdtype, check=False, timeout=timeout + 10)  # fmt: skip
         if result.returncode != 0:
             raise TimeoutError(f"no DNS answer from {server} in {namespace}: {result.stderr.strip().splitlines()[-1:]}")
         return result.stdout.split()

@@ -10,11 +10,26 @@ import socketserver
 import sys
 
 
+def _peer(address: str) -> str:
+    """The peer as the client knows itself: an IPv4 client on a dual-stack socket is ::ffff:a.b.c.d."""
+    return address.removeprefix("::ffff:")
+
+
+class _DualStackTcp(socketserver.ThreadingTCPServer):
+    address_family = socket.AF_INET6  # with IPV6_V6ONLY off (Linux's default): IPv4 and IPv6
+    allow_reuse_address = True
+    daemon_threads = True
+
+
+class _DualStackUdp(socketserver.UDPServer):
+    address_family = socket.AF_INET6
+
+
 def serve(name: str, port: int, seconds: float) -> None:
     class TcpHandler(socketserver.BaseRequestHandler):
         def handle(self) -> None:
             self.request.settimeout(30)
-            self.request.sendall(f"{name} sees {self.client_address[0]}\n".encode())
+            self.request.sendall(f"{name} sees {_peer(self.client_address[0])}\n".encode())
             try:  # keep the connection open until the client closes it (long-lived flow tests)
                 while self.request.recv(1024):
                     self.request.sendall(f"{name} still here\n".encode())
@@ -23,12 +38,10 @@ def serve(name: str, port: int, seconds: float) -> None:
 
     class UdpHandler(socketserver.BaseRequestHandler):
         def handle(self) -> None:
-            self.request[1].sendto(f"{name} sees {self.client_address[0]}\n".encode(), self.client_address)
+            self.request[1].sendto(f"{name} sees {_peer(self.client_address[0])}\n".encode(), self.client_address)
 
-    socketserver.ThreadingTCPServer.allow_reuse_address = True
-    socketserver.ThreadingTCPServer.daemon_threads = True
-    tcp = socketserver.ThreadingTCPServer(("0.0.0.0", port), TcpHandler)
-    udp = socketserver.UDPServer(("0.0.0.0", port), UdpHandler)
+    tcp = _DualStackTcp(("::", port), TcpHandler)
+    udp = _DualStackUdp(("::", port), UdpHandler)
     import threading
 
     for server in (tcp, udp):
@@ -132,7 +145,8 @@ def fetch(args: argparse.Namespace) -> dict:
 
 def ask(host: str, port: int, udp: bool, timeout: float) -> str:
     if udp:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
             sock.settimeout(timeout)
             sock.sendto(b"hello\n", (host, port))
             return sock.recv(1024).decode().strip()

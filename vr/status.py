@@ -54,7 +54,10 @@ def collect(settings: Settings, firewall: bool = False, lb: bool = False, vpn: b
     tunnels = None
     if vpn and doc is not None:
         tunnels = _vpn(doc, runtime)
+    from vr.services.radvd import tier_mode
+
     return {
+        "ipv6": tier_mode(doc) if doc is not None else [],
         "vpn": tunnels,
         "firewall": counters,
         "lb": members,
@@ -118,6 +121,9 @@ def render_text(report: dict) -> str:
         health = "ok" if s["healthy"] else f"FAILING: {s['reason']}"
         uptime = f"{s.get('uptime_s', 0)}s" if "state" in s else ""
         lines.append(f"{s['name']:<12}{s.get('state', '-'):<10}{s.get('pid') or '':>8}{uptime:>9}  {health}")
+    if report.get("ipv6"):
+        lines += ["", f"{'ipv6 tier':<12}{'prefix':<24}mode"]
+        lines += [f"{t['tier']:<12}{t['prefix'] or '-':<24}{t['mode']}" for t in report["ipv6"]]
     if report.get("firewall") is not None:
         lines += ["", f"{'chain':<14}{'packets':>10}{'bytes':>12}  rule"]
         lines += [f"{c['chain']:<14}{c['packets']:>10}{c['bytes']:>12}  {c['rule']}" for c in report["firewall"]]

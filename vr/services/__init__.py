@@ -4,6 +4,7 @@ from vr.services.dnsmasq import DnsmasqService
 from vr.services.haproxy import HaproxyService
 from vr.services.network import NetworkService
 from vr.services.nftables import NftablesService
+from vr.services.radvd import RadvdService
 from vr.services.strongswan import StrongswanService
 from vr.services.supervisor import SupervisorService
 
@@ -12,6 +13,7 @@ SERVICES = (
     NftablesService(),
     SupervisorService(),
     DnsmasqService(),
+    RadvdService(),
     HaproxyService(),
     StrongswanService(),
 )

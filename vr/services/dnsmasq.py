@@ -20,7 +20,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
-from vr.document import DhcpEntry, DhcpOption, RouterDocument
+from vr.document import DhcpEntry, DhcpOption, Ipv6Tier, RouterDocument
 from vr.errors import Problem
 from vr.runtime import Runtime
 from vr.services.base import Change, CheckFailed, Program, Service, run_checker
@@ -37,7 +37,7 @@ class DnsmasqService(Service):
     name = "dnsmasq"
 
     def read(self, doc: RouterDocument) -> Any:
-        return (doc.router.name, doc.guest_interfaces(), doc.dns, doc.dhcp)
+        return (doc.router.name, doc.guest_interfaces(), doc.dns, doc.dhcp, doc.ipv6.tiers)
 
     def configured(self, doc: RouterDocument) -> bool:
         return bool(doc.guest_interfaces())
@@ -74,6 +74,8 @@ class DnsmasqService(Service):
         seen_name: dict[tuple[str, str], int] = {}
         macs: dict[str, int] = {}
         router_name = doc.router.name.lower()
+        prefixes = {t.tier: guests[t.tier].ipv6() for t in doc.ipv6.tiers if t.tier in guests}
+        seen_ipv6: dict[object, int] = {}
         for n, entry in enumerate(doc.dhcp.entries):
             tier = bounds.get(entry.tier)
             if tier is None:
@@ -106,6 +108,8 @@ class DnsmasqService(Service):
                     )
             if hostname == router_name:
                 problems.append(Problem(f"dhcp.entries[{n}].hostname", "is the router's own name"))
+            if entry.ipv6 is not None or entry.duid is not None:
+                problems += _ipv6_entry_problems(n, entry, prefixes, seen_ipv6)
         return problems
 
     def generate(self, doc: RouterDocument, runtime: Runtime) -> dict[str, bytes]:
@@ -125,15 +129,22 @@ class DnsmasqService(Service):
                 tagged_hosts.append({**_host_values(entry, lease_times), "tag": tag, "options": options})
             else:
                 plain_hosts.append(entry)
+        ipv6_tiers = {t.tier: t for t in doc.ipv6.tiers}
+        routed = [i for i in doc.guest_interfaces() if i.id in ipv6_tiers and i.ipv6()]  # IPv6 tiers
         router_names = b"".join(
-            runtime.render("dnsmasq/host-name.j2", ip=iface.ipv4().ip, hostname=doc.router.name)
+            runtime.render(
+                "dnsmasq/host-name.j2",
+                ip=iface.ipv4().ip,
+                hostname=doc.router.name,
+                ipv6=iface.ipv6().ip if iface in routed else None,
+            )
             for iface in doc.guest_interfaces()
         )
         return {
             MAIN: runtime.render(
                 "dnsmasq/dnsmasq.conf.j2",
                 router=doc.router.name,
-                listen=[i.ipv4().ip for i in doc.guest_interfaces()],
+                listen=[i.ipv4().ip for i in doc.guest_interfaces()] + [i.ipv6().ip for i in routed],
                 cache_size=doc.dns.cache_size,
                 domain=doc.dns.domain,
                 upstream=doc.dns.upstream,
@@ -141,6 +152,9 @@ class DnsmasqService(Service):
                 hosts_file=here / HOSTS,
                 lease_file=self.lease_file(runtime),
                 tiers=[_tier_values(doc, t) for t in doc.dhcp.tiers],
+                dhcpv6_tiers=[
+                    _dhcpv6_values(doc, ipv6_tiers[i.id], i) for i in routed if ipv6_tiers[i.id].mode == "dhcpv6"
+                ],
                 tagged_hosts=tagged_hosts,
             ),
             HOSTS: runtime.render_each("dnsmasq/dhcp-host.j2", plain_hosts, _host_values, lease_times),
@@ -246,13 +260,44 @@ def _check_readable_after_privilege_drop(directory: Path) -> None:
             )
 
 
+def _ipv6_entry_problems(n: int, entry: DhcpEntry, prefixes: dict, seen: dict) -> list[Problem]:
+    """A VM's IPv6 address: inside its tier's /64, not the router's, not another VM's."""
+    path = f"dhcp.entries[{n}]"
+    own = prefixes.get(entry.tier)
+    if own is None:
+        return [Problem(f"{path}.ipv6", f"tier {entry.tier} has no IPv6 (ipv6.tiers)")]
+    if entry.ipv6 is None:
+        return [Problem(f"{path}.duid", "a DUID without an ipv6 address has nothing to hand out")]
+    if entry.ipv6 not in own.network:
+        return [Problem(f"{path}.ipv6", f"{entry.ipv6} is outside tier {entry.tier} prefix {own.network}")]
+    if entry.ipv6 == own.ip:
+        return [Problem(f"{path}.ipv6", f"{entry.ipv6} is the router's own address")]
+    first = seen.setdefault(entry.ipv6, n)
+    if first != n:
+        return [Problem(f"{path}.ipv6", f"{entry.ipv6} is already used by dhcp.entries[{first}]")]
+    return []
+
+
 def _host_values(entry: DhcpEntry, lease_times: dict[str, int]) -> dict:
     lease_time = lease_times.get(entry.tier, DEFAULT_LEASE_TIME)
-    return {"mac": entry.mac, "ip": entry.ip, "hostname": entry.hostname, "lease_time": lease_time}
+    return {"mac": entry.mac, "ip": entry.ip, "hostname": entry.hostname, "lease_time": lease_time,
+            "ipv6": entry.ipv6, "duid": entry.duid}  # fmt: skip
 
 
 def _name_values(entry: DhcpEntry, _: None) -> dict:
-    return {"ip": entry.ip, "hostname": entry.hostname}
+    return {"ip": entry.ip, "hostname": entry.hostname, "ipv6": entry.ipv6}
+
+
+def _dhcpv6_values(doc: RouterDocument, tier: Ipv6Tier, iface) -> dict:
+    own = iface.ipv6()
+    return {
+        "id": tier.tier,
+        "tag": f"tier6_{tier.tier}",
+        "prefix": own.network.network_address,
+        "lease_time": tier.lease_time,
+        "dns": ",".join(f"[{a}]" for a in tier.dns or [own.ip]),
+        "search": ",".join(tier.search or [doc.dns.domain]),
+    }
 
 
 def _tier_values(doc: RouterDocument, tier) -> dict:

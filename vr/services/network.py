@@ -24,7 +24,9 @@ STATE_FILE = "network.json"
 SYSCTLS = {
     "net/ipv4/ip_forward": "1",
     "net/ipv6/conf/all/forwarding": "1",
+    "net/ipv6/conf/default/accept_ra": "0",  # the router makes advertisements; it never takes them
 }
+IFA_F_NODAD = 0x02  # the router's own IPv6 addresses are usable at once (radvd, dnsmasq bind them)
 
 
 class NetworkService(Service):
@@ -102,6 +104,9 @@ class NetworkService(Service):
                     raise RuntimeError(f"interface {iface['id']} disappeared during the apply")
                 ipr.link("set", index=index, mtu=iface["mtu"], state="up")
                 _set_addresses(ipr, index, iface["addresses"])
+                accept_ra = Path("/proc/sys/net/ipv6/conf", _name_of(ipr, index), "accept_ra")
+                if accept_ra.exists():
+                    accept_ra.write_text("0")
             _set_routes(ipr, new["routes"])
         for key, value in SYSCTLS.items():
             Path("/proc/sys", key).write_text(value)
@@ -192,7 +197,12 @@ def _set_addresses(ipr, index: int, wanted: list[str]) -> None:
             if error.code != errno.EADDRNOTAVAIL:
                 raise
     for address in sorted(want - current, key=str):
-        ipr.addr("add", index=index, address=str(address.ip), prefixlen=address.network.prefixlen)
+        flags = {"flags": IFA_F_NODAD} if address.version == 6 else {}
+        ipr.addr("add", index=index, address=str(address.ip), prefixlen=address.network.prefixlen, **flags)
+
+
+def _name_of(ipr, index: int) -> str:
+    return ipr.get_links(index)[0].get("ifname")
 
 
 def _set_routes(ipr, wanted: list[dict]) -> None:

@@ -43,7 +43,8 @@ class NftablesService(Service):
 
     def read(self, doc: RouterDocument) -> Any:
         vpn = (doc.vpn.gateways(), doc.vpn.remote_networks())
-        return (doc.router, doc.interfaces, doc.nat, doc.firewall, doc.network_acls, doc.load_balancer, vpn)
+        ipv6 = (tuple(t.tier for t in doc.ipv6.tiers), doc.ipv6.firewall)
+        return (doc.router, doc.interfaces, doc.nat, doc.firewall, doc.network_acls, doc.load_balancer, vpn, ipv6)
 
     def configured(self, doc: RouterDocument) -> bool:
         return doc.public_interface() is not None
@@ -100,6 +101,7 @@ class NftablesService(Service):
         for n, _ in repeats(e.tier for e in doc.firewall.egress):
             tier = doc.firewall.egress[n].tier
             problems.append(Problem(f"firewall.egress[{n}].tier", f"tier {tier!r} is listed twice"))
+        problems += _ipv6_problems(doc)
         if doc.network_acls and doc.router.type != "vpc":
             problems.append(Problem("network_acls", "network ACLs apply to VPC routers (router.type is isolated)"))
         for n, _ in repeats(acl.tier for acl in doc.network_acls):
@@ -154,6 +156,12 @@ class NftablesService(Service):
         sets["lb"] = [f"{r.public_ip} . {r.public_port}" for r in doc.load_balancer.rules if not r.source_cidrs]
         sets["lb_from"] = [f"{net} . {r.public_ip} . {r.public_port}" for r in doc.load_balancer.rules
                            for net in r.source_cidrs]  # fmt: skip
+        for kind in ("all", "tcp", "udp", "icmp", "icmp_typed"):
+            sets[f"in6_{kind}"] = []
+        for rule in doc.ipv6.firewall.ingress:
+            for source in rule.source_cidrs:
+                sets[f"in6_{_kind(rule)}"].append(_element(f"{source} . {rule.destination}", rule))
+        egress6_by_tier = {e.tier: e for e in doc.ipv6.firewall.egress}
         sets["vpn_gateways"] = [str(ip) for ip in doc.vpn.gateways()]
         sets["vpn_remote"] = [str(net) for net in doc.vpn.remote_networks()]
         egress_by_tier = {e.tier: e for e in doc.firewall.egress}
@@ -164,11 +172,16 @@ class NftablesService(Service):
             chain = iface.id.replace("-", "_")
             policy = egress_by_tier.get(iface.id)
             default = policy.default if policy else "allow"
+            policy6 = egress6_by_tier.get(iface.id)
+            default6 = policy6.default if policy6 else "allow"
             for kind in ("all", "tcp", "udp", "icmp", "icmp_typed"):
                 sets[f"egress_{chain}_{kind}"] = []
-            for rule in policy.rules if policy else []:
-                for destination in rule.destination_cidrs:
-                    sets[f"egress_{chain}_{_kind(rule)}"].append(_element(str(destination), rule))
+                sets[f"egress6_{chain}_{kind}"] = []
+            for family, rules in (("egress", policy.rules if policy else []),
+                                  ("egress6", policy6.rules if policy6 else [])):  # fmt: skip
+                for rule in rules:
+                    for destination in rule.destination_cidrs:
+                        sets[f"{family}_{chain}_{_kind(rule)}"].append(_element(str(destination), rule))
             acl, acl_blocks = acl_by_tier.get(iface.id, (None, {}))
             blocks = {"out": [], "in": []}
             for direction, in_order in acl_blocks.items():
@@ -183,6 +196,8 @@ class NftablesService(Service):
                     "ifname": names[iface.id],
                     "default": "accept" if default == "allow" else "drop",
                     "exception": "drop" if default == "allow" else "accept",
+                    "default6": "accept" if default6 == "allow" else "drop",
+                    "exception6": "drop" if default6 == "allow" else "accept",
                     "acl": acl is not None,
                     # ACL verdicts: leaving a tier, 'allow' returns so the entered tier's ACL decides too.
                     "acl_out": blocks["out"],
@@ -245,7 +260,7 @@ def _split(ruleset: str) -> tuple[str, dict[str, list[str]]]:
 # The sets every table has (the egress sets are per tier); see configs/nftables/vr.nft.j2.
 _SETS = ("public_ips", "pf_tcp", "pf_udp", "pf_tcp_from", "pf_udp_from", "static_in", "static_out", "source_nat",
          "in_all", "in_tcp", "in_udp", "in_all_from", "in_tcp_from", "in_udp_from", "in_icmp", "in_icmp_typed",
-         "lb", "lb_from", "vpn_gateways", "vpn_remote")  # fmt: skip
+         "lb", "lb_from", "vpn_gateways", "vpn_remote", "in6_all", "in6_tcp", "in6_udp", "in6_icmp", "in6_icmp_typed")  # fmt: skip
 
 
 def _element_delta(change: Change) -> str | None:
@@ -429,6 +444,58 @@ def _forward_elements(rule: PortForward, _: None) -> list[tuple[str, str]]:
         for source in rule.source_cidrs:
             result.append((f"pf_{rule.protocol}_from", f"{source} . {rule.public_ip} . {port} : {target}"))
     return result
+
+
+def _ipv6_problems(doc: RouterDocument) -> list[Problem]:
+    """IPv6 firewall rules: on IPv6 tiers, unique ids, and no two rules of one set that
+    overlap (an interval set refuses overlapping elements, and the whole apply with it)."""
+    problems: list[Problem] = []
+    prefixes = {}
+    for tier in doc.ipv6.tiers:
+        iface = doc.interface(tier.tier)
+        if iface is not None and iface.ipv6() is not None:
+            prefixes[tier.tier] = iface.ipv6().network
+    firewall = doc.ipv6.firewall
+    for n, rule in enumerate(firewall.ingress):
+        if not any(rule.destination.subnet_of(p) for p in prefixes.values()):
+            problems.append(Problem(f"ipv6.firewall.ingress[{n}].destination",
+                                    f"{rule.destination} is inside no IPv6 tier's prefix"))  # fmt: skip
+    for n, first in repeats(r.id for r in firewall.ingress):
+        problems.append(Problem(f"ipv6.firewall.ingress[{n}].id", f"already ipv6.firewall.ingress[{first}]"))
+    problems += _overlapping6("ipv6.firewall.ingress", firewall.ingress,
+                              lambda r: [(s, r.destination) for s in r.source_cidrs])  # fmt: skip
+    for n, egress in enumerate(firewall.egress):
+        if egress.tier not in prefixes:
+            problems.append(Problem(f"ipv6.firewall.egress[{n}].tier", f"{egress.tier!r} is not an IPv6 tier"))
+        problems += _overlapping6(f"ipv6.firewall.egress[{n}].rules", egress.rules,
+                                  lambda r: [(d,) for d in r.destination_cidrs])  # fmt: skip
+    for n, first in repeats(e.tier for e in firewall.egress):
+        problems.append(Problem(f"ipv6.firewall.egress[{n}].tier", f"already ipv6.firewall.egress[{first}]"))
+    return problems
+
+
+def _overlapping6(section: str, rules: list, networks: Any) -> list[Problem]:
+    """Pairs of rules whose elements would overlap in one set: same kind, every address
+    part overlapping, and the ports (or ICMPv6 type) too. Quadratic within a kind: IPv6
+    rule lists are short (a guest's own address is routed, there is no NAT to describe)."""
+    problems, seen = [], {}
+    for n, rule in enumerate(rules):
+        kind = _kind(rule)
+        mine = networks(rule)
+        for m, other, theirs in seen.get(kind, []):
+            if _same_traffic(rule, other) and any(
+                all(a.overlaps(b) for a, b in zip(x, y, strict=True)) for x in mine for y in theirs
+            ):
+                problems.append(Problem(f"{section}[{n}]", f"overlaps {section}[{m}]"))
+                break
+        seen.setdefault(kind, []).append((n, rule, mine))
+    return problems
+
+
+def _same_traffic(a: Any, b: Any) -> bool:
+    if a.ports is not None:
+        return a.ports.start <= b.ports.end and b.ports.start <= a.ports.end
+    return a.icmp_type == b.icmp_type
 
 
 def _ingress_elements(rule: IngressRule, _: None) -> list[tuple[str, str]]:
