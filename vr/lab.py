@@ -418,6 +418,7 @@ def show(lab: Lab) -> None:
     print(f"  guest {lab.ns('g1')} pings the public host 192.0.2.1 through the router: {reached}")
     show_nat(lab)
     show_lb(lab)
+    show_ipv6(lab)
     show_vpn(lab)
     print()
     print(lab.vr("status", check=False).stdout)
@@ -460,6 +461,32 @@ def show_lb(lab: Lab) -> None:
     answers = ", ".join(f"{name} x{count}" for name, count in sorted(result["answers"].items())) or "none"
     print(f"  public -> 192.0.2.12 tcp/80 (load balancer, 6 requests): {answers}; failed {result['failed']}")
     print("\n".join("  " + line for line in lab.vr("status", "--lb").stdout.splitlines()[-3:]))
+    lab.stop_servers()
+
+
+def show_ipv6(lab: Lab) -> None:
+    """configs/lab/ipv6.json: tier1 SLAAC (the guest's kernel makes its address from radvd's
+    advertisement), tier2 DHCPv6 (dnsmasq hands db1 its address); routed, not NATed."""
+    stored = json.loads(lab.vr("status", "--json").stdout)["generation"]
+    payload = json.loads((examples_dir().parent / "lab" / "ipv6.json").read_text())
+    path = lab.dir / "ipv6.json"
+    path.write_text(json.dumps({**payload, "generation": stored + 1}))
+    print(f"router: {lab.vr('apply', str(path)).stdout.strip()}")
+    address = None
+    for _ in range(50):  # bounded: the guest's kernel forms its address at the next advertisement
+        if address := lab.global_ipv6("g1"):
+            break
+        time.sleep(0.1)
+    print(f"  guest {lab.ns('g1')} made {address or 'NO ADDRESS'} from radvd's prefix 2001:db8:1:1::/64 (SLAAC)")
+    print(f"  guest {lab.ns('g2')} got {lab.dhcp6('g2') or 'NO ADDRESS'} by DHCPv6 from dnsmasq")
+    try:
+        aaaa = ", ".join(lab.resolve(lab.ns("g1"), "db1.cloud.internal", "2001:db8:1:1::1", rdtype="AAAA"))
+    except TimeoutError as error:
+        aaaa = f"no answer ({error})"
+    print(f"  guest {lab.ns('g1')} resolves db1.cloud.internal AAAA -> {aaaa or 'nothing'}")
+    lab.serve(lab.ns("pub"), "public host", 7000)
+    answer = lab.ask(lab.ns("g1"), "2001:db8:ffff::1", 7000)
+    print(f"  guest g1 -> [2001:db8:ffff::1]:7000 over IPv6 (routed, no NAT): {answer or 'no answer'}")
     lab.stop_servers()
 
 

@@ -11,6 +11,7 @@ render after that drops it.
 from __future__ import annotations
 
 import re
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -108,7 +109,26 @@ class RadvdService(Service):
         if not self.configured(doc):
             return None
         state = runtime.supervisor.state(PROGRAM)
-        return None if state == "RUNNING" else f"radvd is {state or 'not configured in supervisord'}"
+        if state != "RUNNING":
+            return f"radvd is {state or 'not configured in supervisord'}"
+        return _advertising(doc)
+
+
+def _advertising(doc: RouterDocument) -> str | None:
+    """A router solicitation on each IPv6 tier, answered with the tier's prefix: radvd is
+    not just alive but advertising (rdisc6 from the router itself; the kernel loops the
+    multicast solicitation back to radvd)."""
+    names = interface_names(doc)
+    for tier in doc.ipv6.tiers:
+        iface = doc.interface(tier.tier)
+        if iface is None or iface.ipv6() is None:
+            continue
+        ifname = names[iface.id]
+        result = subprocess.run(["rdisc6", "-1", "-q", "-w", "500", ifname], capture_output=True, text=True,
+                                timeout=10, check=False)  # fmt: skip
+        if str(iface.ipv6().network) not in result.stdout.split():
+            return f"no router advertisement of {iface.ipv6().network} on {ifname}"
+    return None
 
 
 def tier_mode(doc: RouterDocument) -> list[dict]:
