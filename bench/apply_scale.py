@@ -5,19 +5,22 @@ Measures what the resident control-plane process pays, in-process:
   validate_ms        Pipeline.validate(full document, None)            (median of --runs)
   render_ms          Pipeline.plan(doc, None, force=True): every file  (median of --runs)
   cold_apply_ms      first Pipeline.apply(full document) on an empty state dir, push to healthy
-                     (starts supervisord and dnsmasq; lazily imported modules included)
+                     (starts supervisord, dnsmasq and radvd; lazily imported modules included)
   incremental_*_ms   one-VM dhcp_entries upsert / delete payloads, --repeat times each
 
-After each one-VM add, the new name is resolved with dnspython against its tier gateway
-(timed separately); after each remove it must be gone. dnsmasq's PID must stay the same
-across all incremental applies. Each apply's Result.timings_ms is reported, plus "commit"
-(duration_ms minus the steps: document.json, events, clean-up) and the time the apply
-spent in Python's cyclic garbage collector. --profile adds a cProfile of one more add.
+By default every tier also has an IPv6 /64 in DHCPv6 mode (radvd runs; its probe solicits an
+advertisement on every tier at each apply) and every VM an IPv6 address (--vms DHCPv6 entries);
+--no-ipv6 gives the IPv4-only router. After each one-VM add, the new name is resolved with
+dnspython against its tier gateway (timed separately), and with IPv6 its AAAA record against
+the tier's IPv6 router address (timed too); after each remove both must be gone. dnsmasq's PID
+(and radvd's) must stay the same across all incremental applies. Each apply's Result.timings_ms
+is reported, plus "commit" (duration_ms minus the steps: document.json, events, clean-up) and
+the time the apply spent in Python's cyclic garbage collector. --profile adds a cProfile of one more add.
 
-Run as root:  .venv/bin/python bench/apply_scale.py [--vms 4000 --tiers 8 --repeat 20] [--json]
+Run as root:  .venv/bin/python bench/apply_scale.py [--vms 4000 --tiers 8 --repeat 20] [--no-ipv6] [--json]
 
-Everything it creates (namespace vrbench-<pid> with veth pairs, a temp root, supervisord
-and dnsmasq) is removed on exit, on error and on SIGINT/SIGTERM/SIGHUP. The host's own
+Everything it creates (namespace vrbench-<pid> with veth pairs, a temp root, supervisord,
+dnsmasq and radvd) is removed on exit, on error and on SIGINT/SIGTERM/SIGHUP. The host's own
 interfaces are never touched: the process moves itself into the namespace first.
 """
 
@@ -61,6 +64,7 @@ TARGET_INCREMENTAL_MS = 50.0
 DOMAIN = "cloud.internal"
 ROUTER = "r-bench-vm"
 BASE_NET = ipaddress.IPv4Address("10.64.0.0")  # guest tiers are carved from 10.64.0.0/10
+BASE_NET6 = ipaddress.IPv6Address("2001:db8:64::")  # and their /64s from 2001:db8:64::/48 (documentation range)
 HEADROOM = 64  # addresses per tier kept free beyond the initial VMs, for the incremental adds
 DNS_TRIES = 50  # bounded wait for a HUP'd dnsmasq to answer for a new name (x 10 ms)
 # Result.timings_ms steps; "commit" is ours: duration_ms minus their sum (document.json, events, clean-up).
@@ -87,7 +91,8 @@ class GcClock:
 
 # ---------------------------------------------------------------------------- the document
 def tier_layout(vms: int, tiers: int) -> list[dict]:
-    """One subnet per tier, each big enough for its share of the VMs plus headroom."""
+    """One subnet per tier, each big enough for its share of the VMs plus headroom, and a /64.
+    A VM's IPv6 address has the same offset in the /64 as its IPv4 address in the subnet."""
     per_tier = math.ceil(vms / tiers)
     bits = max(8, math.ceil(math.log2(per_tier + HEADROOM + 4)))
     size = 2**bits
@@ -96,12 +101,15 @@ def tier_layout(vms: int, tiers: int) -> list[dict]:
     layout = []
     for n in range(tiers):
         network = ipaddress.IPv4Network((int(BASE_NET) + n * size, 32 - bits))
+        network6 = ipaddress.IPv6Network((int(BASE_NET6) + ((n + 1) << 64), 64))
         layout.append(
             {
                 "id": f"tier{n + 1}",
                 "name": f"eth{n + 2}",
                 "network": network,
                 "gateway": network.network_address + 1,
+                "network6": network6,
+                "gateway6": network6.network_address + 1,  # the router's own address in the /64
                 # VM addresses start at .10 (relative to the subnet); the first per_tier are the
                 # initial VMs, the next HEADROOM are for the incremental adds.
                 "first": network.network_address + 10,
@@ -115,31 +123,33 @@ def mac_for(prefix: int, n: int) -> str:
     return f"02:{prefix:02x}:" + ":".join(f"{(n >> shift) & 0xFF:02x}" for shift in (24, 16, 8, 0))
 
 
-def build_document(vms: int, tiers: int) -> tuple[dict, list[dict]]:
+def vm_entry(tier: dict, index: int, mac: str, hostname: str, ipv6: bool) -> dict:
+    """The dhcp entry of the VM at index (from .10) in its tier; with ipv6, at the same offset in the /64."""
+    offset = int(tier["first"]) - int(tier["network"].network_address) + index
+    entry = {"tier": tier["id"], "mac": mac, "ip": str(tier["first"] + index), "hostname": hostname}
+    if ipv6:
+        entry["ipv6"] = str(tier["network6"].network_address + offset)
+    return entry
+
+
+def build_document(vms: int, tiers: int, ipv6: bool = True) -> tuple[dict, list[dict]]:
     layout = tier_layout(vms, tiers)
     width = max(4, len(str(vms)))
     interfaces = [
         {"id": "control", "role": "control", "name": "eth0", "addresses": ["169.254.0.10/16"]},
         {"id": "public", "role": "public", "name": "eth1", "addresses": ["192.0.2.10/24"]},
     ]
-    dhcp_tiers = []
+    dhcp_tiers, ipv6_tiers = [], []
     for tier in layout:
-        prefix = tier["network"].prefixlen
-        interfaces.append(
-            {"id": tier["id"], "role": "guest", "name": tier["name"], "addresses": [f"{tier['gateway']}/{prefix}"]}
-        )
+        addresses = [f"{tier['gateway']}/{tier['network'].prefixlen}"]
+        if ipv6:
+            addresses.append(f"{tier['gateway6']}/64")
+            ipv6_tiers.append({"tier": tier["id"], "mode": "dhcpv6", "lease_time": 3600})
+        interfaces.append({"id": tier["id"], "role": "guest", "name": tier["name"], "addresses": addresses})
         dhcp_tiers.append({"tier": tier["id"], "lease_time": 3600})
-    entries = []
-    for n in range(vms):
-        tier = layout[n % tiers]
-        entries.append(
-            {
-                "tier": tier["id"],
-                "mac": mac_for(0, n + 1),
-                "ip": str(tier["first"] + n // tiers),
-                "hostname": f"vm-{n + 1:0{width}d}",
-            }
-        )
+    entries = [
+        vm_entry(layout[n % tiers], n // tiers, mac_for(0, n + 1), f"vm-{n + 1:0{width}d}", ipv6) for n in range(vms)
+    ]
     doc = {
         "generation": 1,
         "router": {"name": ROUTER, "type": "isolated"},
@@ -148,19 +158,16 @@ def build_document(vms: int, tiers: int) -> tuple[dict, list[dict]]:
         "dns": {"domain": DOMAIN, "upstream": ["192.0.2.1"]},
         "dhcp": {"tiers": dhcp_tiers, "entries": entries},
     }
+    if ipv6:
+        doc["ipv6"] = {"tiers": ipv6_tiers}
     return doc, layout
 
 
-def extra_vm(layout: list[dict], k: int) -> dict:
-    """The k-th VM added incrementally: its own MAC prefix, an address above the initial VMs."""
+def extra_vm(layout: list[dict], k: int, ipv6: bool) -> tuple[dict, dict]:
+    """The k-th VM added incrementally (its own MAC prefix, addresses above the initial VMs), and its tier."""
     tier = layout[k % len(layout)]
-    return {
-        "tier": tier["id"],
-        "mac": mac_for(1, k + 1),
-        "ip": str(tier["first"] + tier["count"] + k // len(layout)),
-        "hostname": f"vm-add-{k + 1:04d}",
-        "_gateway": str(tier["gateway"]),
-    }
+    index = tier["count"] + k // len(layout)
+    return vm_entry(tier, index, mac_for(1, k + 1), f"vm-add-{k + 1:04d}", ipv6), tier
 
 
 # ---------------------------------------------------------------------------- namespace
@@ -178,23 +185,24 @@ def add_veths(name: str, ifnames: list[str]) -> None:
 # ---------------------------------------------------------------------------- measuring
 
 
-def resolve(name: str, server: str, timeout: float = 0.5) -> list[str]:
+def resolve(name: str, server: str, rdtype: str = "A", timeout: float = 0.5) -> list[str]:
     import dns.message
     import dns.query
     import dns.rdatatype
 
-    query = dns.message.make_query(name, dns.rdatatype.A)
+    wanted = dns.rdatatype.from_text(rdtype)
+    query = dns.message.make_query(name, wanted)
     response = dns.query.udp(query, server, timeout=timeout)
-    return [str(r) for rrset in response.answer for r in rrset if rrset.rdtype == dns.rdatatype.A]
+    return [str(r) for rrset in response.answer for r in rrset if rrset.rdtype == wanted]
 
 
-def wait_resolves(name: str, server: str, want: str | None) -> tuple[bool, int]:
+def wait_resolves(name: str, server: str, want: str | None, rdtype: str = "A") -> tuple[bool, int]:
     """(passed, tries): want=None means the name must no longer resolve. Bounded by DNS_TRIES."""
     import dns.exception
 
     for attempt in range(1, DNS_TRIES + 1):
         try:
-            answers = resolve(name, server)
+            answers = resolve(name, server, rdtype)
         except (dns.exception.Timeout, OSError):
             answers = None
         if answers is not None and ((want is None and not answers) or (want is not None and want in answers)):
@@ -203,12 +211,52 @@ def wait_resolves(name: str, server: str, want: str | None) -> tuple[bool, int]:
     return False, DNS_TRIES
 
 
+class DnsCheck:
+    """One record type's checks: after each add (timed, not in the apply) and after each remove."""
+
+    def __init__(self, rdtype: str, key: str, server: str, field: str) -> None:
+        self.rdtype, self.key, self.server, self.field = rdtype, key, server, field
+        self.ms: list[float] = []
+        self.tries: list[int] = []
+        self.passed = self.gone = True
+
+    def ask(self, vm: dict, tier: dict, want: str | None) -> tuple[bool, int]:
+        return wait_resolves(f"{vm['hostname']}.{DOMAIN}.", str(tier[self.server]), want, self.rdtype)
+
+    def added(self, vm: dict, tier: dict) -> None:
+        mark = time.perf_counter()
+        passed, tries = self.ask(vm, tier, vm[self.field])
+        self.ms.append(ms(mark))
+        self.tries.append(tries)
+        self.passed = self.passed and passed
+
+    def removed(self, vm: dict, tier: dict) -> None:
+        self.gone = self.ask(vm, tier, None)[0] and self.gone
+
+    def figures(self, removes: bool) -> dict:
+        if not self.ms:
+            return {}
+        k = self.key
+        result = {
+            f"{k}_check_ms_median": round(statistics.median(self.ms), 2),
+            f"{k}_check_ms_max": round(max(self.ms), 2),
+            f"{k}_check_first_try": all(t == 1 for t in self.tries),
+            f"{k}_check_passed": self.passed,
+        }
+        if removes:
+            result[f"{k}_removed_check_passed"] = self.gone
+        return result
+
+
 def bench(args, settings: Settings) -> dict:
     """All the figures; an apply that fails is recorded under "error" and ends the run."""
-    raw, layout = build_document(args.vms, args.tiers)
+    raw, layout = build_document(args.vms, args.tiers, args.ipv6)
     figures: dict = {
         "vms": args.vms,
         "tiers": args.tiers,
+        "ipv6": args.ipv6,
+        "ipv6_tiers": len(raw.get("ipv6", {}).get("tiers", [])),
+        "dhcpv6_entries": sum("ipv6" in e for e in raw["dhcp"]["entries"]),
         "repeat": args.repeat,
         "cpus": len(os.sched_getaffinity(0)),
         "document_bytes": len(json.dumps(raw)),
@@ -221,7 +269,10 @@ def bench(args, settings: Settings) -> dict:
         figures["error"] = f"{figures.pop('_phase', 'apply')}: {type(error).__name__}: {error}"
     figures.pop("_phase", None)
     met = [figures.get(k, False) for k in ("cold_apply_met", "incremental_add_met", "incremental_remove_met")]
-    checks = [figures.get(k, False) for k in ("dnsmasq_pid_unchanged", "dns_check_passed", "dns_removed_check_passed")]
+    check_keys = ["dnsmasq_pid_unchanged", "dns_check_passed", "dns_removed_check_passed"]
+    if args.ipv6:
+        check_keys += ["radvd_pid_unchanged", "dns_aaaa_check_passed", "dns_aaaa_removed_check_passed"]
+    checks = [figures.get(k, False) for k in check_keys]
     figures["all_met"] = all(met) and all(checks) and "error" not in figures
     return figures
 
@@ -245,9 +296,10 @@ def measure(args, settings: Settings, raw: dict, layout: list[dict], figures: di
     figures["render_ms"] = round(median_of(lambda: pipeline.plan(doc, None, force=True), args.runs), 1)
 
     supervisor = pipeline.runtime.supervisor
-    pid_before = supervisor.pid("dnsmasq")
-    figures["dnsmasq_pid"] = pid_before
-    pids_seen = {pid_before}
+    programs = ("dnsmasq", "radvd") if args.ipv6 else ("dnsmasq",)
+    pids_before = {program: supervisor.pid(program) for program in programs}
+    figures |= {f"{program}_pid": pid for program, pid in pids_before.items()}
+    pids_seen = {program: {pid} for program, pid in pids_before.items()}
     generation = raw["generation"]
     series = {
         kind: {"ms": [], "steps": {s: [] for s in STEPS}, "changed": set(), "gc_ms": [], "gc_full": 0}
@@ -255,7 +307,10 @@ def measure(args, settings: Settings, raw: dict, layout: list[dict], figures: di
     }
     gc_clock = GcClock()
     gc.callbacks.append(gc_clock)
-    dns_ms, dns_tries, dns_ok, gone_ok, added = [], [], True, True, []
+    dns_checks = [DnsCheck("A", "dns", "gateway", "ip")]
+    if args.ipv6:
+        dns_checks.append(DnsCheck("AAAA", "dns_aaaa", "gateway6", "ipv6"))
+    added = []
 
     def one(kind: str, payload: dict) -> None:
         check_stop()
@@ -269,27 +324,26 @@ def measure(args, settings: Settings, raw: dict, layout: list[dict], figures: di
         series[kind]["changed"].update(result.changed)
         for step, value in with_commit(result).items():
             series[kind]["steps"][step].append(value)
-        pids_seen.add(supervisor.pid("dnsmasq"))
+        for program, seen in pids_seen.items():
+            seen.add(supervisor.pid(program))
 
     try:
         for k in range(args.repeat):
-            vm = extra_vm(layout, k)
-            gateway = vm.pop("_gateway")
+            vm, tier = extra_vm(layout, k, args.ipv6)
             generation += 1
             one("add", {"generation": generation, "dhcp_entries": {"upsert": [vm]}})
-            added.append((vm, gateway))
-            mark = time.perf_counter()
-            passed, tries = wait_resolves(f"{vm['hostname']}.{DOMAIN}.", gateway, vm["ip"])
-            dns_ms.append(ms(mark))
-            dns_tries.append(tries)
-            dns_ok = dns_ok and passed
-        for vm, gateway in added:
+            added.append((vm, tier))
+            for check in dns_checks:
+                check.added(vm, tier)
+        for vm, tier in added:
             generation += 1
             one("remove", {"generation": generation, "dhcp_entries": {"delete": [vm["mac"]]}})
-            gone_ok = gone_ok and wait_resolves(f"{vm['hostname']}.{DOMAIN}.", gateway, None)[0]
+            for check in dns_checks:
+                check.removed(vm, tier)
     finally:
         gc.callbacks.remove(gc_clock)
-        figures["dnsmasq_pid_unchanged"] = pids_seen == {pid_before} and pid_before is not None
+        for program, pid in pids_before.items():
+            figures[f"{program}_pid_unchanged"] = pids_seen[program] == {pid} and pid is not None
         for kind, data in series.items():
             if data["ms"]:
                 name = f"incremental_{kind}_ms"
@@ -306,29 +360,21 @@ def measure(args, settings: Settings, raw: dict, layout: list[dict], figures: di
                     f"incremental_{kind}_gc_full_collections": data["gc_full"],
                     f"incremental_{kind}_met": statistics.median(data["ms"]) < TARGET_INCREMENTAL_MS,
                 }
-        if dns_ms:
-            figures |= {
-                "dns_check_ms_median": round(statistics.median(dns_ms), 2),
-                "dns_check_ms_max": round(max(dns_ms), 2),
-                "dns_check_first_try": all(t == 1 for t in dns_tries),
-                "dns_check_passed": dns_ok,
-            }
-        if series["remove"]["ms"]:
-            figures["dns_removed_check_passed"] = gone_ok
+        for check in dns_checks:
+            figures |= check.figures(bool(series["remove"]["ms"]))
 
     if args.profile:
         figures["_phase"] = "profiled add"
-        profile_one(pipeline, layout, generation, args.repeat)
+        profile_one(pipeline, layout, generation, args.repeat, args.ipv6)
 
 
-def profile_one(pipeline: Pipeline, layout: list[dict], generation: int, k: int) -> None:
+def profile_one(pipeline: Pipeline, layout: list[dict], generation: int, k: int, ipv6: bool) -> None:
     """One extra one-VM add under cProfile (not part of the figures), top functions on stderr."""
     import cProfile
     import io
     import pstats
 
-    vm = extra_vm(layout, k)
-    vm.pop("_gateway")
+    vm, _ = extra_vm(layout, k, ipv6)
     profiler = cProfile.Profile()
     profiler.enable()
     pipeline.apply({"generation": generation + 1, "dhcp_entries": {"upsert": [vm]}})
@@ -343,6 +389,12 @@ def table(f: dict) -> str:
     rows = [
         ("router", f"{f['vms']} VMs in {f['tiers']} tiers, document {f['document_bytes'] / 1024:.0f} KiB"),
         ("cpus available", str(f["cpus"])),
+        (
+            "IPv6",
+            f"{f['ipv6_tiers']} tiers DHCPv6 (a /64 each), {f['dhcpv6_entries']} DHCPv6 entries"
+            if f["ipv6"]
+            else "off (--no-ipv6)",
+        ),
     ]
     if "cold_apply_ms" in f:
         rows += [
@@ -378,22 +430,27 @@ def table(f: dict) -> str:
                 ),
             ),
         ]
-    if "dns_check_passed" in f:
-        rows.append(
-            (
-                "DNS check after add (not in apply)",
+    for k, label in (("dns", "DNS"), ("dns_aaaa", "DNS AAAA")):
+        if f"{k}_check_passed" in f:
+            rows.append(
                 (
-                    f"passed: {yes(f['dns_check_passed'])}  median {f['dns_check_ms_median']:.2f} ms  "
-                    f"max {f['dns_check_ms_max']:.2f} ms  first try: {yes(f['dns_check_first_try'])}"
-                ),
+                    f"{label} check after add (not in apply)",
+                    (
+                        f"passed: {yes(f[f'{k}_check_passed'])}  median {f[f'{k}_check_ms_median']:.2f} ms  "
+                        f"max {f[f'{k}_check_ms_max']:.2f} ms  first try: {yes(f[f'{k}_check_first_try'])}"
+                    ),
+                )
             )
-        )
-    if "dns_removed_check_passed" in f:
-        rows.append(("DNS name gone after remove", yes(f["dns_removed_check_passed"])))
-    if "dnsmasq_pid_unchanged" in f:
-        rows.append(
-            ("dnsmasq PID unchanged (incremental)", f"{yes(f['dnsmasq_pid_unchanged'])} (pid {f['dnsmasq_pid']})")
-        )
+        if f"{k}_removed_check_passed" in f:
+            rows.append((f"{label} name gone after remove", yes(f[f"{k}_removed_check_passed"])))
+    for program in ("dnsmasq", "radvd"):
+        if f"{program}_pid_unchanged" in f:
+            rows.append(
+                (
+                    f"{program} PID unchanged (incremental)",
+                    f"{yes(f[f'{program}_pid_unchanged'])} (pid {f[f'{program}_pid']})",
+                )
+            )
     return aligned(rows, f)
 
 
@@ -406,6 +463,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=5, help="runs of validate and render (median)")
     parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line, last")
     parser.add_argument("--profile", action="store_true", help="cProfile one extra add (stderr)")
+    parser.add_argument(
+        "--no-ipv6", dest="ipv6", action="store_false", help="IPv4 only: no IPv6 tiers, no DHCPv6 entries"
+    )
     args = parser.parse_args(argv)
     if not 1 <= args.tiers <= 62 or args.vms < 1 or args.repeat < 0 or args.runs < 1:
         parser.error("need 1 <= tiers <= 62, vms >= 1, repeat >= 0, runs >= 1")

@@ -102,11 +102,9 @@ class NetworkService(Service):
                 index = _find(iface, names, macs)
                 if index is None:
                     raise RuntimeError(f"interface {iface['id']} disappeared during the apply")
+                _ipv6_sysctls(_name_of(ipr, index))  # before the link comes up: its link-local skips DAD too
                 ipr.link("set", index=index, mtu=iface["mtu"], state="up")
                 _set_addresses(ipr, index, iface["addresses"])
-                accept_ra = Path("/proc/sys/net/ipv6/conf", _name_of(ipr, index), "accept_ra")
-                if accept_ra.exists():
-                    accept_ra.write_text("0")
             _set_routes(ipr, new["routes"])
         for key, value in SYSCTLS.items():
             Path("/proc/sys", key).write_text(value)
@@ -199,6 +197,15 @@ def _set_addresses(ipr, index: int, wanted: list[str]) -> None:
     for address in sorted(want - current, key=str):
         flags = {"flags": IFA_F_NODAD} if address.version == 6 else {}
         ipr.addr("add", index=index, address=str(address.ip), prefixlen=address.network.prefixlen, **flags)
+
+
+def _ipv6_sysctls(ifname: str) -> None:
+    """The router never takes advertisements, and its addresses (the link-local one that
+    radvd speaks from included) are usable at once instead of after a second of DAD."""
+    conf = Path("/proc/sys/net/ipv6/conf", ifname)
+    if conf.is_dir():
+        (conf / "accept_ra").write_text("0")
+        (conf / "accept_dad").write_text("0")
 
 
 def _name_of(ipr, index: int) -> str:

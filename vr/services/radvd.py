@@ -115,19 +115,18 @@ class RadvdService(Service):
 
 
 def _advertising(doc: RouterDocument) -> str | None:
-    """A router solicitation on each IPv6 tier, answered with the tier's prefix: radvd is
-    not just alive but advertising (rdisc6 from the router itself; the kernel loops the
-    multicast solicitation back to radvd)."""
-    names = interface_names(doc)
-    for tier in doc.ipv6.tiers:
-        iface = doc.interface(tier.tier)
-        if iface is None or iface.ipv6() is None:
-            continue
-        ifname = names[iface.id]
-        result = subprocess.run(["rdisc6", "-1", "-q", "-w", "500", ifname], capture_output=True, text=True,
-                                timeout=10, check=False)  # fmt: skip
-        if str(iface.ipv6().network) not in result.stdout.split():
-            return f"no router advertisement of {iface.ipv6().network} on {ifname}"
+    """A router solicitation on the first IPv6 tier, answered with its prefix: radvd is not
+    just alive but advertising (rdisc6 from the router itself: the kernel loops the
+    multicast solicitation back to radvd). One tier: a process per tier would cost every
+    apply a millisecond or two per tier, and the config all tiers share is checked already."""
+    iface = next((doc.interface(t.tier) for t in doc.ipv6.tiers if doc.interface(t.tier)), None)
+    if iface is None or iface.ipv6() is None:
+        return None
+    ifname = interface_names(doc)[iface.id]
+    result = subprocess.run(["rdisc6", "-1", "-q", "-r", "1", "-w", "300", ifname], capture_output=True, text=True,
+                            timeout=10, check=False)  # fmt: skip
+    if str(iface.ipv6().network) not in result.stdout.split():
+        return f"no router advertisement of {iface.ipv6().network} on {ifname}"
     return None
 
 
