@@ -3,6 +3,7 @@ and tear it down (namespaces deleted, daemons stopped by PID) whatever the outco
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import itertools
@@ -10,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,22 +27,29 @@ def example() -> dict:
     return copy.deepcopy(json.loads((EXAMPLES / "router.json").read_text()))
 
 
-@pytest.fixture
-def lab():
-    """A lab router with the example payload applied and both guests holding a lease."""
+@contextlib.contextmanager
+def example_lab(guests: tuple[str, ...] = ("g1", "g2"), vpn: bool = False) -> Iterator[Lab]:
+    """A lab router with the example payload applied and the guests holding a lease; torn
+    down (namespaces deleted, daemons stopped by PID) whatever happens."""
     # Not pytest's tmp_path: its 0700 parents would stop dnsmasq (unprivileged) reading its files.
     root = Path(tempfile.mkdtemp(prefix="vr-test-lab-"))
     root.chmod(0o755)
-    lab = Lab(root, prefix=f"vrt{os.getpid() % 100000}x{next(_counter)}")
+    lab = Lab(root, prefix=f"vrt{os.getpid() % 100000}x{next(_counter)}", vpn=vpn)
     lab.up()
     try:
         lab.vr("apply", str(EXAMPLES / "router.json"))
-        for guest in ("g1", "g2"):
+        for guest in guests:
             lab.dhcp(guest)
         yield lab
     finally:
         lab.down()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def lab():
+    with example_lab() as lab:
+        yield lab
 
 
 def live_files(lab: Lab) -> dict[str, bytes]:

@@ -9,11 +9,10 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import EXAMPLES, write_payload
+from tests.conftest import EXAMPLES, example_lab, write_payload
 
 IPV6 = json.loads((EXAMPLES.parent / "lab" / "ipv6.json").read_text())
 PUBLIC6 = "2001:db8:ffff::1"
@@ -21,24 +20,9 @@ PUBLIC6 = "2001:db8:ffff::1"
 
 @pytest.fixture(scope="module")
 def v6lab():
-    import os
-    import shutil
-    import tempfile
-
-    from vr.lab import Lab
-
-    root = Path(tempfile.mkdtemp(prefix="vr-test-ipv6-"))
-    root.chmod(0o755)
-    lab = Lab(root, prefix=f"vr6{os.getpid() % 100000}")
-    lab.up()
-    try:
-        lab.vr("apply", str(EXAMPLES / "router.json"))
-        lab.dhcp("g1")
-        lab.vr("apply", str(write_payload(root, {**IPV6, "generation": 2}, "ipv6.json")))
+    with example_lab(guests=("g1",)) as lab:
+        lab.vr("apply", str(write_payload(lab.dir, {**IPV6, "generation": 2}, "ipv6.json")))
         yield lab
-    finally:
-        lab.down()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def apply_ipv6(lab, tmp_path, ipv6: dict) -> str:

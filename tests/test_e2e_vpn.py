@@ -7,16 +7,14 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import EXAMPLES, live_files, make_ca_and_certificate
+from tests.conftest import EXAMPLES, example_lab, live_files, make_ca_and_certificate
 from vr.lab import Lab
 from vr.services.strongswan import vici_session
 
@@ -29,20 +27,11 @@ PING_PEER = "10.2.1.10"  # router B's guest
 @pytest.fixture(scope="module")
 def vpn_lab():
     """Router A (example payload) and router B, the tunnel between them up, g1 leased."""
-    root = Path(tempfile.mkdtemp(prefix="vr-test-vpn-"))
-    root.chmod(0o755)
-    lab = Lab(root, prefix=f"vrv{os.getpid() % 100000}", vpn=True)
-    lab.up()
-    try:
-        lab.vr("apply", str(EXAMPLES / "router.json"))
-        lab.dhcp("g1")
+    with example_lab(guests=("g1",), vpn=True) as lab:
         lab.apply_site_b()
         lab.apply_vpn()
         assert lab.wait_tunnel() is not None, lab.vr("status", "--vpn", check=False).stdout
         yield lab
-    finally:
-        lab.down()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def charon(lab: Lab, site: str = "a"):
