@@ -226,9 +226,8 @@ class DnsmasqService(Service):
     def probe(self, doc: RouterDocument, runtime: Runtime) -> str | None:
         if not doc.guest_interfaces():
             return None
-        state = runtime.supervisor.state(PROGRAM)
-        if state != "RUNNING":
-            return f"dnsmasq is {state or 'not configured in supervisord'}"
+        if reason := runtime.supervisor.not_running(PROGRAM):
+            return reason
         return dns_answers(doc)
 
     def lease_file(self, runtime: Runtime) -> Path:

@@ -143,9 +143,8 @@ class HaproxyService(Service):
     def probe(self, doc: RouterDocument, runtime: Runtime) -> str | None:
         if not doc.load_balancer.rules:
             return None
-        state = runtime.supervisor.state(PROGRAM)
-        if state != "RUNNING":
-            return f"haproxy is {state or 'not configured in supervisord'}"
+        if reason := runtime.supervisor.not_running(PROGRAM):
+            return reason
         try:
             stats = server_states(runtime)
         except OSError as error:

@@ -108,9 +108,8 @@ class RadvdService(Service):
     def probe(self, doc: RouterDocument, runtime: Runtime) -> str | None:
         if not self.configured(doc):
             return None
-        state = runtime.supervisor.state(PROGRAM)
-        if state != "RUNNING":
-            return f"radvd is {state or 'not configured in supervisord'}"
+        if reason := runtime.supervisor.not_running(PROGRAM):
+            return reason
         return _advertising(doc)
 
 

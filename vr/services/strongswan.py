@@ -135,15 +135,13 @@ class StrongswanService(Service):
             return {}
         run_dir = runtime.settings.run_dir
         files = {
-            LIVE_CONF: runtime.render(
-                "strongswan/strongswan.conf.j2",
-                purpose=f"charon of router {doc.router.name}",
-                plugins=_PLUGINS.format(kernel=_kernel_plugins(runtime)),
-                install_routes="yes",
-                install_virtual_ip="no",
-                socket=run_dir / "charon.vici",
-                # A script of its own: a new vr release (a patch) rewrites it, not strongswan.conf,
-                # so charon (and every SA) is not restarted for it.
+            # The start script is a file of its own: a new vr release (a patch) rewrites it, not
+            # strongswan.conf, so charon (and every SA) is not restarted for it.
+            LIVE_CONF: _charon_conf(
+                runtime,
+                "live",
+                f"charon of router {doc.router.name}",
+                run_dir / "charon.vici",
                 start_script=swanctl.value(f"/bin/sh {runtime.settings.service_dir(self.name) / LOAD_SCRIPT}"),
             ),
             LOAD_SCRIPT: _load_script(runtime),
@@ -210,9 +208,8 @@ class StrongswanService(Service):
     def probe(self, doc: RouterDocument, runtime: Runtime) -> str | None:
         if not self.configured(doc):
             return None
-        state = runtime.supervisor.state(PROGRAM)
-        if state != "RUNNING":
-            return f"charon is {state or 'not configured in supervisord'}"
+        if reason := runtime.supervisor.not_running(PROGRAM):
+            return reason
         try:
             with vici_session(live_socket(runtime), wait_s=0) as session:
                 session.stats()
@@ -229,10 +226,10 @@ def load_live(runtime: Runtime, changed: list[str] | None = None, removed_users:
     charon runs at its own start (`vr vpn-load`), so a charon restarted after a crash is
     not left empty."""
     here = runtime.settings.service_dir(StrongswanService.name)
-    every = [p for p in listed_files(here) if _is_fragment(p)]
-    wanted = _read_fragments(here, every)
+    parsed = {p: _messages(p, (here / p).read_bytes(), here) for p in listed_files(here) if _is_fragment(p)}
+    wanted = _merged(list(parsed.values()))
     with vici_session(live_socket(runtime), wait_s=VICI_TIMEOUT_S) as session:
-        _load(session, wanted if changed is None else _read_fragments(here, changed))
+        _load(session, wanted if changed is None else _merged([parsed[p] for p in changed if p in parsed]))
         _unload_unwanted(session, wanted)
         _terminate_users(session, removed_users)
 
@@ -334,29 +331,31 @@ def _load_script(runtime: Runtime) -> bytes:
     return runtime.render("strongswan/vpn-load.sh.j2", variables=variables, python=shlex.quote(sys.executable))
 
 
-def _checker_conf(runtime: Runtime, vici_socket: Path) -> bytes:
+def _charon_conf(
+    runtime: Runtime, role: str, purpose: str, vici_socket: Path, start_script: str | None = None
+) -> bytes:
+    """strongswan.conf for one charon, by role: "live", "checker" (alone in an empty network
+    namespace: never installs an SA or a route) or "client" (a road warrior: lab, tests)."""
+    checker = role == "checker"
     return runtime.render(
         "strongswan/strongswan.conf.j2",
-        purpose="the checker: alone in an empty network namespace, it only parses what vr loads into it",
-        plugins=_PLUGINS.format(kernel="kernel-netlink"),
-        install_routes="no",
-        install_virtual_ip="no",
+        purpose=purpose,
+        plugins=_PLUGINS.format(kernel="kernel-netlink" if checker else _kernel_plugins(runtime)),
+        install_routes="no" if checker else "yes",
+        install_virtual_ip="yes" if role == "client" else "no",
         socket=vici_socket,
-        start_script=None,
+        start_script=start_script,
     )
+
+
+def _checker_conf(runtime: Runtime, vici_socket: Path) -> bytes:
+    purpose = "the checker: alone in an empty network namespace, it only parses what vr loads into it"
+    return _charon_conf(runtime, "checker", purpose, vici_socket)
 
 
 def client_conf(runtime: Runtime, vici_socket: Path) -> bytes:
     """A road warrior's charon (the lab's and the tests' client): it takes a virtual IP."""
-    return runtime.render(
-        "strongswan/strongswan.conf.j2",
-        purpose="a remote-access client (lab and tests)",
-        plugins=_PLUGINS.format(kernel=_kernel_plugins(runtime)),
-        install_routes="yes",
-        install_virtual_ip="yes",
-        socket=vici_socket,
-        start_script=None,
-    )
+    return _charon_conf(runtime, "client", "a remote-access client (lab and tests)", vici_socket)
 
 
 def _tunnel_files(tunnel: SiteToSite, runtime: Runtime) -> dict[str, bytes]:
@@ -437,9 +436,12 @@ def _is_fragment(relpath: str) -> bool:
 
 
 def _read_fragments(directory: Path, names: list[str]) -> swanctl.Messages:
+    return _merged([_messages(name, (directory / name).read_bytes(), directory) for name in names])
+
+
+def _merged(parts: list[swanctl.Messages]) -> swanctl.Messages:
     total = swanctl.Messages()
-    for name in names:
-        part = _messages(name, (directory / name).read_bytes(), directory)
+    for part in parts:
         total.conns.update(part.conns)
         total.pools.update(part.pools)
         total.shared.update(part.shared)

@@ -153,6 +153,11 @@ class SupervisorClient:
         info = self.info(name)
         return info["statename"] if info else None
 
+    def not_running(self, name: str) -> str | None:
+        """None when the program runs; otherwise the probe's reason."""
+        state = self.state(name)
+        return None if state == RUNNING else f"{name} is {state or 'not configured in supervisord'}"
+
     def pid(self, name: str) -> int | None:
         info = self.info(name)
         return info["pid"] or None if info else None
