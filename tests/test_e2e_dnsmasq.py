@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import time
 
 import pytest
 
@@ -75,6 +79,42 @@ def test_removed_vm_lease_is_released_and_name_gone(lab, tmp_path):
     assert "02:00:00:00:02:10" not in lease_lines(lab)  # dhcp_release, not a deleted lease file
     assert "02:00:00:00:01:10" in lease_lines(lab)  # another VM's lease is untouched
     assert lab.resolve(lab.ns("g1"), "db1.cloud.internal", "10.1.1.1") == []
+
+
+def test_removed_vm_is_refused_and_its_address_reused_without_restart(lab, tmp_path):
+    pid = dnsmasq_pid(lab)
+    lab.vr("apply", write_payload(tmp_path, {"generation": 2, "dhcp_entries": {"delete": ["02:00:00:00:02:10"]}}))
+    lab.stop_dhclient("g2")
+    (lab.dir / "g2.leases").unlink()
+    with pytest.raises(subprocess.TimeoutExpired):
+        lab.dhcp("g2", timeout=3)  # the removed VM's MAC gets no lease any more
+
+    # A new VM takes the removed one's address (an address dnsmasq still held: a full re-read).
+    db2 = {"tier": "tier2", "mac": "02:00:00:00:02:98", "ip": "10.1.2.10", "hostname": "db2"}
+    lab.vr("apply", write_payload(tmp_path, {"generation": 3, "dhcp_entries": {"upsert": [db2]}}))
+    lab.set_guest_mac("g2", "02:00:00:00:02:98")
+    assert lab.dhcp("g2")["address"] == "10.1.2.10"
+    assert lab.resolve(lab.ns("g1"), "db2.cloud.internal", "10.1.1.1") == ["10.1.2.10"]
+    assert lab.resolve(lab.ns("g1"), "db1.cloud.internal", "10.1.1.1") == []
+    assert dnsmasq_pid(lab) == pid
+
+    # More VMs come and go as drop-ins; a dnsmasq restarted after a crash reads the full set.
+    extra = {"tier": "tier1", "mac": "02:00:00:00:01:77", "ip": "10.1.1.77", "hostname": "extra"}
+    lab.vr("apply", write_payload(tmp_path, {"generation": 4, "dhcp_entries": {"upsert": [extra]}}))
+    lab.vr("apply", write_payload(tmp_path, {"generation": 5, "dhcp_entries": {"delete": ["02:00:00:00:01:10"]}}))
+    drop_ins = lab.settings.run_dir / "dnsmasq-hosts.d"
+    assert len(list(drop_ins.iterdir())) == 2
+    assert lab.resolve(lab.ns("g1"), "extra.cloud.internal", "10.1.1.1") == ["10.1.1.77"]
+    assert lab.resolve(lab.ns("g1"), "web1.cloud.internal", "10.1.1.1") == []
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while dnsmasq_pid(lab) in (pid, 0, None) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert dnsmasq_pid(lab) not in (pid, 0, None)
+    assert list(drop_ins.iterdir()) == []
+    assert lab.resolve(lab.ns("g1"), "extra.cloud.internal", "10.1.1.1") == ["10.1.1.77"]
+    lab.stop_dhclient("g2")
+    assert lab.dhcp("g2")["address"] == "10.1.2.10"
 
 
 def test_main_config_change_restarts_dnsmasq_and_keeps_leases(lab, tmp_path):

@@ -51,8 +51,9 @@ def test_one_host_line_and_one_name_per_vm(example, runtime):
         "02:00:00:00:02:10,10.1.2.10,db1,3600",
     ]
     assert "set:" not in files["dhcp-hosts"]  # dnsmasq 2.90 crashes on SIGHUP with tagged hostsfile lines
-    assert "10.1.1.10 web1" in files["hosts"].splitlines()
-    assert "10.1.1.1 r-101-vm" in files["hosts"].splitlines()
+    names = "".join(content for path, content in files.items() if path.startswith("names/")).splitlines()
+    assert sorted(names) == ["10.1.1.1 r-101-vm", "10.1.1.10 web1", "10.1.2.1 r-101-vm", "10.1.2.10 db1"]
+    assert files["names/router"].splitlines() == ["10.1.1.1 r-101-vm", "10.1.2.1 r-101-vm"]
 
 
 def test_second_nic_gets_no_default_gateway_and_per_vm_options(example, runtime):

@@ -46,19 +46,30 @@ def read_json(path: Path) -> object | None:
         return None
 
 
-def read_bytes_or_none(path: Path) -> bytes | None:
+def read_bytes_or_none(path: Path | str) -> bytes | None:
     try:
-        return path.read_bytes()
+        with open(path, "rb") as file:
+            return file.read()
     except FileNotFoundError:
         return None
 
 
 def listed_files(directory: Path) -> list[str]:
-    """The names of a service directory's files (dot-files are vr's temporaries)."""
+    """A service directory's files, as paths relative to it, subdirectories included
+    (dot-files are vr's temporaries)."""
+    found = []
     try:
-        return sorted(e.name for e in os.scandir(directory) if e.is_file() and not e.name.startswith("."))
+        entries = list(os.scandir(directory))
     except FileNotFoundError:
         return []
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            found += [f"{entry.name}/{name}" for name in listed_files(Path(entry.path))]
+        elif entry.is_file():
+            found.append(entry.name)
+    return sorted(found)
 
 
 def is_secret(relpath: str) -> bool:

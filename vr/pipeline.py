@@ -144,8 +144,9 @@ class Pipeline:
             files = service.generate(doc, self.runtime)
             live_dir = self.settings.service_dir(service.name)
             change = Change(service.name, generated=files)
+            live_prefix = f"{live_dir}/"  # a string join: pathlib costs more than the read
             for relpath, content in files.items():
-                current = read_bytes_or_none(live_dir / relpath)
+                current = read_bytes_or_none(live_prefix + relpath)
                 if current != content:
                     change.written[relpath] = content
                     change.previous[relpath] = current
@@ -245,18 +246,28 @@ class Pipeline:
     def _stage(self, changes: list[Change], staging: Path) -> None:
         """Stage each changed service's whole file set, so its checker sees a complete config.
         Only the changed files are written (and fsynced: only they will be switched in); the
-        unchanged ones are hard links to the live files, which plan found identical."""
+        unchanged ones are hard links to the live files, which plan found identical, and only
+        for a checker that reads them."""
         for change in changes:
             live_dir, staged_dir = self.settings.service_dir(change.service), staging / change.service
             staged_dir.mkdir(parents=True, exist_ok=True)
+            made = {staged_dir}
+            link_unchanged = by_name(change.service).checker_reads_unchanged
             for relpath, content in change.generated.items():
-                if relpath not in change.written:
+                written = relpath in change.written
+                if not written and not link_unchanged:
+                    continue
+                target = staged_dir / relpath
+                if target.parent not in made:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    made.add(target.parent)
+                if not written:
                     try:
-                        os.link(live_dir / relpath, staged_dir / relpath)
+                        os.link(live_dir / relpath, target)
                         continue
                     except OSError:
                         pass  # gone meanwhile, or another filesystem: write it
-                write_atomic(staged_dir / relpath, content, mode=mode_for(relpath), sync=relpath in change.written)
+                write_atomic(target, content, mode=mode_for(relpath), sync=written)
 
     def _backup(self, changes: list[Change], backup: Path) -> None:
         """Hard links keep the old inodes alive for the price of a directory entry."""
@@ -274,12 +285,19 @@ class Pipeline:
         for change in changes:
             live_dir = self.settings.service_dir(change.service)
             live_dir.mkdir(parents=True, exist_ok=True)
+            directories = {live_dir}
             for relpath in change.written:
-                os.replace(staging / change.service / relpath, live_dir / relpath)
+                target = live_dir / relpath
+                if target.parent not in directories:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    directories.add(target.parent)
+                os.replace(staging / change.service / relpath, target)
                 _fault_point("switching")
             for relpath in change.removed:
                 (live_dir / relpath).unlink(missing_ok=True)
-            fsync_dir(live_dir)
+                directories.add((live_dir / relpath).parent)
+            for directory in directories:
+                fsync_dir(directory)
 
     def _health(self, doc: RouterDocument) -> tuple[str, str] | None:
         deadline = time.monotonic() + HEALTH_DEADLINE_S

@@ -80,6 +80,10 @@ class Change:
 
 class Service:
     name: str = ""
+    # Whether check() reads the service's unchanged files too; they are then staged beside
+    # the changed ones (as hard links). A service with hundreds of small files that its
+    # checker never reads says False, and an apply does not pay a link per file.
+    checker_reads_unchanged: bool = True
 
     def read(self, doc: RouterDocument) -> Any:
         """Every part of the document that verify and generate use: an apply whose read()
