@@ -19,6 +19,7 @@ bench: deps
 	$(VENV)/bin/python bench/firewall_scale.py
 	$(VENV)/bin/python bench/lb_reload.py
 	$(VENV)/bin/python bench/vpn_scale.py
+	$(VENV)/bin/python bench/recovery.py
 
 deps: apt venv
 

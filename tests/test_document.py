@@ -101,11 +101,11 @@ def test_dhcp_option_values_cannot_split_or_quote(example, value):
 
 def test_unknown_keys_and_future_sections_are_errors(example):
     example["dhcp"]["entries"][0]["colour"] = "blue"
-    example["monitor"] = {"services": []}
+    example["metadata"] = {"files": []}
     example["vpn"] = {"tunnels": []}
     found = problems_of(example)
     assert found["dhcp.entries[0].colour"] == "unknown field"
-    assert found["monitor"] == "section not supported by this version of vr"
+    assert found["metadata"] == "section not supported by this version of vr"
     assert found["vpn.tunnels"] == "unknown field"
 
 
@@ -185,3 +185,17 @@ def test_cli_reports_paths_and_changes_nothing(tmp_path, example):
     settings = Settings.under_root(root)
     assert not settings.document_path.exists()
     assert not (settings.config_dir / "dnsmasq").exists()
+
+
+def test_monitor_settings_are_checked_by_name(example):
+    example["monitor"] = {
+        "alert_url": "http://manager/alerts\nX-Injected: 1",
+        "services": {"sshd": {}},
+        "restart": {"backoff_initial_s": 5, "backoff_max_s": 1},
+    }
+    found = problems_of(example)
+    assert "http:// or https:// URL" in found["monitor.alert_url"]
+    assert "unknown service(s) sshd" in found["monitor.services"]
+    assert found["monitor.restart"] == "backoff_max_s may not be less than backoff_initial_s"
+    example["monitor"] = {"services": {"dnsmasq": {"interval_s": 1, "timeout_s": 2}}}
+    assert problems_of(example)["monitor.services.dnsmasq"] == "timeout_s may not exceed interval_s"

@@ -14,7 +14,8 @@ from tests.conftest import write_payload
 
 
 def dnsmasq_pid(lab) -> int:
-    return json.loads(lab.vr("status", "--json").stdout)["services"][-1]["pid"]
+    services = json.loads(lab.vr("status", "--json", check=False).stdout)["services"]
+    return next(s for s in services if s["name"] == "dnsmasq").get("pid")
 
 
 def lease_lines(lab) -> dict[str, str]:

@@ -182,7 +182,7 @@ def charon_pid(lab: Lab) -> int | None:
 
 
 def test_a_charon_that_dies_comes_back_with_its_connections(vpn_lab):
-    """supervisord restarts it; charon's start script (vr vpn-load) loads the live files."""
+    """The monitor restarts it; charon's start script (vr vpn-load) loads the live files."""
     lab = vpn_lab
     pid = charon_pid(lab)
     os.kill(pid, signal.SIGKILL)

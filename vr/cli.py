@@ -139,6 +139,12 @@ def cmd_vpn_load(args) -> int:
     return 0
 
 
+def cmd_monitor(args) -> int:
+    from vr import monitor
+
+    return monitor.main(_settings(args))
+
+
 def cmd_lab(args) -> int:
     from vr import lab
 
@@ -181,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "vpn-load", help="load the live VPN files into charon (charon runs this when it starts)"
     ).set_defaults(func=cmd_vpn_load)
+    sub.add_parser("monitor", help="keep the services alive (supervisord runs it as its event listener)").set_defaults(
+        func=cmd_monitor
+    )
     p = sub.add_parser("lab", help="a lab router with guests in network namespaces")
     p.add_argument("action", choices=["up", "down", "status", "demo"])
     p.add_argument("--dir", default="/tmp/vr-lab", help="where the lab keeps its state")

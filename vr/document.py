@@ -26,6 +26,7 @@ from pydantic import (
     Field,
     PlainSerializer,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -33,7 +34,7 @@ from vr.errors import InvalidPayload, Problem, StalePayload
 
 # Sections a later vr release fills in. Present in a payload today, they are refused
 # with a message that says so rather than silently dropped.
-FUTURE_SECTIONS = ("monitor", "metadata")
+FUTURE_SECTIONS = ("metadata",)
 
 
 def _pattern(regex: str, what: str):
@@ -632,6 +633,73 @@ class Vpn(Strict):
         return tuple(sorted(nets))
 
 
+MONITORED = ("dnsmasq", "haproxy", "strongswan", "radvd", "nftables")
+
+
+class ProbeSettings(Strict):
+    """How one service is probed. A probe that fails `failures` times in a row restarts it."""
+
+    enabled: bool = True
+    interval_s: float = Field(1.0, ge=0.2, le=3600)
+    timeout_s: float = Field(0.5, gt=0, le=60)
+    failures: int = Field(2, ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _timeout_within_interval(self) -> ProbeSettings:
+        if self.timeout_s > self.interval_s:
+            raise ValueError("timeout_s may not exceed interval_s")
+        return self
+
+
+class RestartPolicy(Strict):
+    """Back-off between restarts (initial, doubling, up to max); after max_restarts within
+    window_s a service is marked failed and alerted, then retried every failed_interval_s."""
+
+    backoff_initial_s: float = Field(0.5, ge=0.05, le=300)
+    backoff_max_s: float = Field(30.0, ge=0.05, le=3600)
+    max_restarts: int = Field(5, ge=1, le=1000)
+    window_s: float = Field(300.0, ge=1, le=86400)
+    failed_interval_s: float = Field(30.0, ge=1, le=86400)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RestartPolicy:
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError("backoff_max_s may not be less than backoff_initial_s")
+        return self
+
+
+def _default_probes() -> dict[str, ProbeSettings]:
+    return {"radvd": ProbeSettings(interval_s=5.0, timeout_s=1.0), "nftables": ProbeSettings(failures=1)}
+
+
+class Monitor(Strict):
+    """Which services the router's monitor watches and how, and where its alerts go."""
+
+    alert_url: str | None = Field(None, max_length=2048)
+    services: dict[str, ProbeSettings] = Field(default_factory=_default_probes)
+    restart: RestartPolicy = Field(default_factory=RestartPolicy)
+
+    @field_validator("alert_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+(:\d+)?(/[\x21-\x7e]*)?", value):
+            raise ValueError("must be an http:// or https:// URL without spaces or control characters")
+        return value
+
+    @field_validator("services")
+    @classmethod
+    def _known_services(cls, value: dict[str, ProbeSettings]) -> dict[str, ProbeSettings]:
+        unknown = sorted(set(value) - set(MONITORED))
+        if unknown:
+            raise ValueError(f"unknown service(s) {', '.join(unknown)}; known: {', '.join(MONITORED)}")
+        return value
+
+    def settings_for(self, service: str) -> ProbeSettings:
+        return self.services.get(service) or _default_probes().get(service) or ProbeSettings()
+
+
 class RouterDocument(Strict):
     generation: int = Field(ge=1)
     router: RouterIdentity
@@ -645,6 +713,7 @@ class RouterDocument(Strict):
     load_balancer: LoadBalancer = Field(default_factory=LoadBalancer)
     vpn: Vpn = Field(default_factory=Vpn)
     ipv6: Ipv6 = Field(default_factory=Ipv6)
+    monitor: Monitor = Field(default_factory=Monitor)
 
     def interface(self, interface_id: str) -> Interface | None:
         return next((i for i in self.interfaces if i.id == interface_id), None)
@@ -690,6 +759,7 @@ class Payload(Strict):
     load_balancer: LoadBalancer | None = None
     vpn: Vpn | None = None
     ipv6: Ipv6 | None = None
+    monitor: Monitor | None = None
     dhcp_entries: DhcpEntryChanges | None = None
     port_forwarding_rules: PortForwardChanges | None = None
     ingress_rules: IngressRuleChanges | None = None
@@ -697,7 +767,7 @@ class Payload(Strict):
 
 SECTIONS = (
     "router", "interfaces", "routes", "dns", "dhcp", "nat", "firewall", "network_acls", "load_balancer", "vpn",
-    "ipv6",
+    "ipv6", "monitor",
 )  # fmt: skip
 
 

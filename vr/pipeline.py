@@ -209,6 +209,8 @@ class Pipeline:
             for change in changes:
                 current = change.service
                 by_name(current).apply(change, doc, self.runtime)
+            current = ""
+            self._start_stopped(doc, {c.service for c in changes})
             timings["reload"] = _ms(mark)
             _fault_point("applied")
             step, current = "health", ""
@@ -298,6 +300,17 @@ class Pipeline:
                 directories.add((live_dir / relpath).parent)
             for directory in directories:
                 fsync_dir(directory)
+
+    def _start_stopped(self, doc: RouterDocument, applied: set[str]) -> None:
+        """The router runs what the document says: a daemon of an unchanged service that is
+        down (died while its monitoring was off, or stopped by hand) is started again."""
+        wanted = [p.name for s in SERVICES if s.name not in applied for p in s.programs(doc, self.runtime)]
+        if not wanted or not self.runtime.supervisor.is_running():
+            return
+        states = {p["name"]: p["statename"] for p in self.runtime.supervisor.all_processes()}
+        for name in wanted:
+            if states.get(name) in ("STOPPED", "EXITED", "FATAL", "BACKOFF"):
+                self.runtime.supervisor.start(name)
 
     def _health(self, doc: RouterDocument) -> tuple[str, str] | None:
         deadline = time.monotonic() + HEALTH_DEADLINE_S

@@ -13,7 +13,7 @@ from vr.settings import Settings
 if TYPE_CHECKING:
     import jinja2
 
-    from vr.services.supervisor import SupervisorClient
+    from vr.supervisor_rpc import SupervisorClient
 
 
 @dataclass
@@ -53,6 +53,6 @@ class Runtime:
 
     @functools.cached_property
     def supervisor(self) -> SupervisorClient:
-        from vr.services.supervisor import SupervisorClient
+        from vr.supervisor_rpc import SupervisorClient
 
         return SupervisorClient(self.settings)

@@ -17,6 +17,8 @@ def collect(settings: Settings, firewall: bool = False, lb: bool = False, vpn: b
     runtime = pipeline.runtime
     supervisor_up = runtime.supervisor.is_running()
     processes = {p["name"]: p for p in runtime.supervisor.all_processes()} if supervisor_up else {}
+    health = read_json(settings.run_dir / "health.json") or {}
+    watched = health.get("services", {})
     services = []
     for service in SERVICES:
         if doc is None or not service.configured(doc):
@@ -31,13 +33,15 @@ def collect(settings: Settings, firewall: bool = False, lb: bool = False, vpn: b
             "reason": reason,
             "probe_ms": round((time.perf_counter() - started) * 1000, 1),
         }
-        for program in programs:
+        for program in programs[:1]:  # the service's daemon (helpers such as charon's checker follow it)
             info = processes.get(program.name, {})
             item.update(
                 state=info.get("statename", "ABSENT"),
                 pid=info.get("pid") or None,
                 uptime_s=(info["now"] - info["start"]) if info.get("statename") == "RUNNING" else 0,
             )
+        if service.name in watched:
+            item["monitor"] = watched[service.name]
         services.append(item)
     last = read_json(settings.last_apply_path)
     counters = None
@@ -67,6 +71,7 @@ def collect(settings: Settings, firewall: bool = False, lb: bool = False, vpn: b
         "journal_pending": settings.journal_path.exists(),
         "services": services,
         "healthy": doc is not None and all(s["healthy"] for s in services),
+        "monitor": {k: v for k, v in health.items() if k != "services"} or None,
     }
 
 
@@ -115,12 +120,21 @@ def render_text(report: dict) -> str:
             f"(generation {last.get('generation')}, {last.get('duration_ms', 0):.0f} ms){message}"
         ),
         "",
-        f"{'service':<12}{'state':<10}{'pid':>8}{'uptime':>9}  health",
+        f"{'service':<12}{'state':<10}{'pid':>8}{'uptime':>9}{'restarts':>9}{'probe':>9}  health",
     ]
     for s in report["services"]:
         health = "ok" if s["healthy"] else f"FAILING: {s['reason']}"
         uptime = f"{s.get('uptime_s', 0)}s" if "state" in s else ""
-        lines.append(f"{s['name']:<12}{s.get('state', '-'):<10}{s.get('pid') or '':>8}{uptime:>9}  {health}")
+        watched = s.get("monitor") or {}
+        restarts = watched.get("restarts", "")
+        probe = f"{watched['last_probe_ms']}ms" if watched.get("last_probe_ms") is not None else ""
+        if watched and not watched.get("monitored"):
+            health += " (not monitored)"
+        elif watched.get("state") == "failed":
+            health += f" (monitor: FAILED, {watched.get('reason')})"
+        lines.append(
+            f"{s['name']:<12}{s.get('state', '-'):<10}{s.get('pid') or '':>8}{uptime:>9}{restarts:>9}{probe:>9}  {health}"
+        )
     if report.get("ipv6"):
         lines += ["", f"{'ipv6 tier':<12}{'prefix':<24}mode"]
         lines += [f"{t['tier']:<12}{t['prefix'] or '-':<24}{t['mode']}" for t in report["ipv6"]]

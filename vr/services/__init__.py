@@ -1,7 +1,8 @@
-"""The services, in the order the pipeline applies them (network first, daemons last)."""
+"""The services, in the order the pipeline applies them (network first, daemons, then their monitor)."""
 
 from vr.services.dnsmasq import DnsmasqService
 from vr.services.haproxy import HaproxyService
+from vr.services.monitor import MonitorService
 from vr.services.network import NetworkService
 from vr.services.nftables import NftablesService
 from vr.services.radvd import RadvdService
@@ -16,6 +17,7 @@ SERVICES = (
     RadvdService(),
     HaproxyService(),
     StrongswanService(),
+    MonitorService(),
 )
 
 

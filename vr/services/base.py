@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from vr.document import RouterDocument
     from vr.errors import Problem
+    from vr.probes import ProbeSpec
     from vr.runtime import Runtime
 
 
@@ -49,6 +50,10 @@ class Program:
     command: list[str]
     environment: dict[str, str] = field(default_factory=dict)
     stop_signal: str = "TERM"
+    events: tuple[str, ...] = ()  # supervisord events it listens to (an event listener)
+    # Restarted by supervisord itself when it dies. Off for the daemons the monitor probes:
+    # the monitor restarts those, with back-off, and not while their monitoring is off.
+    autorestart: bool = False
 
 
 @dataclass
@@ -107,9 +112,23 @@ class Service:
         """Make the running daemon match the switched-in files, hitlessly. doc is None when
         rolling back the very first apply: nothing of this service should remain."""
 
+    def probe_spec(self, doc: RouterDocument, runtime: Runtime) -> ProbeSpec | None:
+        """What proves the service does its job, as data for vr.probes: {"program": the
+        supervisord program that must run (or None), "check": a vr.probes check, "args": its
+        arguments}. The pipeline's health gate and the monitor run the same spec. None: the
+        router does not need the service, nothing to probe."""
+        return None
+
     def probe(self, doc: RouterDocument, runtime: Runtime) -> str | None:
         """None when the service does its job; otherwise why not."""
-        return None
+        spec = self.probe_spec(doc, runtime)
+        if spec is None:
+            return None
+        if spec["program"] and (reason := runtime.supervisor.not_running(spec["program"])):
+            return reason
+        from vr import probes
+
+        return probes.run(spec)
 
     def programs(self, doc: RouterDocument, runtime: Runtime) -> list[Program]:
         return []

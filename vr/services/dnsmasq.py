@@ -36,6 +36,7 @@ from typing import Any
 
 from vr.document import DhcpEntry, DhcpOption, Ipv6Tier, RouterDocument
 from vr.errors import Problem
+from vr.probes import ProbeSpec
 from vr.runtime import Runtime
 from vr.services.base import Change, CheckFailed, Program, Service, run_checker
 from vr.services.network import interface_names
@@ -258,35 +259,19 @@ class DnsmasqService(Service):
             if ifname:
                 subprocess.run(["dhcp_release", ifname, ip, mac], capture_output=True, timeout=10, check=False)
 
-    def probe(self, doc: RouterDocument, runtime: Runtime) -> str | None:
+    def probe_spec(self, doc: RouterDocument, runtime: Runtime) -> ProbeSpec | None:
+        """A guest's question: a VM's name (the router's own while there is none), asked of
+        the first tier's gateway; and the DHCP port held where DHCP is served."""
         if not doc.guest_interfaces():
             return None
-        if reason := runtime.supervisor.not_running(PROGRAM):
-            return reason
-        return dns_answers(doc)
+        known = next(iter(doc.dhcp.entries), None)
+        name, address = (known.hostname, known.ip) if known else (doc.router.name, doc.guest_interfaces()[0].ipv4().ip)
+        args = {"server": str(doc.guest_interfaces()[0].ipv4().ip), "name": f"{name}.{doc.dns.domain}.",
+                "expect": str(address), "dhcp": bool(doc.dhcp.tiers)}  # fmt: skip
+        return {"program": PROGRAM, "check": "dns", "args": args}
 
     def lease_file(self, runtime: Runtime) -> Path:
         return runtime.settings.state_dir / "dnsmasq.leases"
-
-
-def dns_answers(doc: RouterDocument, timeout: float = 0.5) -> str | None:
-    """Ask dnsmasq for the router's own name on the first guest tier, as a guest would."""
-    import dns.exception
-    import dns.message
-    import dns.query
-    import dns.rdatatype
-
-    gateway = doc.guest_interfaces()[0].ipv4().ip
-    name = f"{doc.router.name}.{doc.dns.domain}."
-    query = dns.message.make_query(name, dns.rdatatype.A)
-    try:
-        response = dns.query.udp(query, str(gateway), timeout=timeout)
-    except (dns.exception.Timeout, OSError) as error:
-        return f"no DNS answer from {gateway}: {error or 'timeout'}"
-    answers = [str(r) for rrset in response.answer for r in rrset if rrset.rdtype == dns.rdatatype.A]
-    if str(gateway) not in answers:
-        return f"DNS answer for {name} from {gateway} was {answers or 'empty'}"
-    return None
 
 
 def _check_readable_after_privilege_drop(directory: Path) -> None:

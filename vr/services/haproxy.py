@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import io
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from vr.certificates import pem_problems, under
 from vr.document import LbCertificate, LbMember, LbRule, RouterDocument
 from vr.errors import Problem
 from vr.memo import Memo
+from vr.probes import ProbeSpec, stats_command
 from vr.runtime import Runtime
 from vr.services.base import Change, Program, Service, repeats, run_checker
 
@@ -140,17 +140,12 @@ class HaproxyService(Service):
             _save_server_state(runtime)
             client.signal(PROGRAM, "USR2")
 
-    def probe(self, doc: RouterDocument, runtime: Runtime) -> str | None:
+    def probe_spec(self, doc: RouterDocument, runtime: Runtime) -> ProbeSpec | None:
+        """The workers answer on the stats socket and serve every rule."""
         if not doc.load_balancer.rules:
             return None
-        if reason := runtime.supervisor.not_running(PROGRAM):
-            return reason
-        try:
-            stats = server_states(runtime)
-        except OSError as error:
-            return f"haproxy's stats socket does not answer: {error}"
-        missing = [r.id for r in doc.load_balancer.rules if r.id not in stats]
-        return f"haproxy does not serve rules {', '.join(missing)} yet" if missing else None
+        args = {"stats_socket": str(stats_socket(runtime)), "backends": [r.id for r in doc.load_balancer.rules]}
+        return {"program": PROGRAM, "check": "haproxy", "args": args}
 
 
 def stats_socket(runtime: Runtime) -> Path:
@@ -159,14 +154,7 @@ def stats_socket(runtime: Runtime) -> Path:
 
 def ask(runtime: Runtime, command: str, timeout: float = 1.0) -> str:
     """One command on haproxy's stats socket (the runtime API)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
-        connection.settimeout(timeout)
-        connection.connect(str(stats_socket(runtime)))
-        connection.sendall(command.encode() + b"\n")
-        chunks = []
-        while chunk := connection.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks).decode()
+    return stats_command(str(stats_socket(runtime)), command, timeout)
 
 
 def server_states(runtime: Runtime) -> dict[str, dict[str, str]]:

@@ -29,6 +29,7 @@ from typing import Any
 
 from vr.document import AclRule, EgressRule, IngressRule, LbRule, PortForward, RouterDocument
 from vr.errors import Problem
+from vr.probes import ProbeSpec, nft_table
 from vr.runtime import Runtime
 from vr.services.base import Change, CheckFailed, Service, repeats
 from vr.services.network import interface_names
@@ -239,10 +240,10 @@ class NftablesService(Service):
         if rc != 0:
             raise RuntimeError(f"nftables refused the ruleset: {error.strip()}")
 
-    def probe(self, doc: RouterDocument, runtime: Runtime) -> str | None:
+    def probe_spec(self, doc: RouterDocument, runtime: Runtime) -> ProbeSpec | None:
         if doc.public_interface() is None:
             return None
-        return None if _table_present() else f"table {TABLE} is missing"
+        return {"program": None, "check": "nft_table", "args": {"table": TABLE}}
 
 
 def _split(ruleset: str) -> tuple[str, dict[str, list[str]]]:
@@ -308,9 +309,7 @@ def _without_elements(ruleset: str) -> str:
 
 
 def _table_present() -> bool:
-    # One small set that every vr table defines: listing tables, chains or the table itself
-    # makes libnftables fetch every element (tens of ms with 10k rules); this does not.
-    return _nft(f"list set {TABLE} public_ips")[0] == 0
+    return nft_table(TABLE) is None
 
 
 def rule_counters() -> list[dict]:

@@ -11,7 +11,6 @@ render after that drops it.
 from __future__ import annotations
 
 import re
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 from vr.document import Ipv6Tier, RouterDocument
 from vr.errors import Problem
 from vr.files import read_bytes_or_none
+from vr.probes import ProbeSpec
 from vr.runtime import Runtime
 from vr.services.base import Change, Program, Service, repeats, run_checker
 from vr.services.network import interface_names
@@ -105,28 +105,17 @@ class RadvdService(Service):
         elif change.touches(CONFIG) or change.restore:
             client.signal(PROGRAM, "HUP")
 
-    def probe(self, doc: RouterDocument, runtime: Runtime) -> str | None:
+    def probe_spec(self, doc: RouterDocument, runtime: Runtime) -> ProbeSpec | None:
+        """A solicitation on the first IPv6 tier, answered with its prefix. One tier: a
+        process per tier would cost every apply a millisecond or two per tier, and the
+        config all tiers share is checked already."""
         if not self.configured(doc):
             return None
-        if reason := runtime.supervisor.not_running(PROGRAM):
-            return reason
-        return _advertising(doc)
-
-
-def _advertising(doc: RouterDocument) -> str | None:
-    """A router solicitation on the first IPv6 tier, answered with its prefix: radvd is not
-    just alive but advertising (rdisc6 from the router itself: the kernel loops the
-    multicast solicitation back to radvd). One tier: a process per tier would cost every
-    apply a millisecond or two per tier, and the config all tiers share is checked already."""
-    iface = next((doc.interface(t.tier) for t in doc.ipv6.tiers if doc.interface(t.tier)), None)
-    if iface is None or iface.ipv6() is None:
-        return None
-    ifname = interface_names(doc)[iface.id]
-    result = subprocess.run(["rdisc6", "-1", "-q", "-r", "1", "-w", "300", ifname], capture_output=True, text=True,
-                            timeout=10, check=False)  # fmt: skip
-    if str(iface.ipv6().network) not in result.stdout.split():
-        return f"no router advertisement of {iface.ipv6().network} on {ifname}"
-    return None
+        iface = next((doc.interface(t.tier) for t in doc.ipv6.tiers if doc.interface(t.tier)), None)
+        if iface is None or iface.ipv6() is None:
+            return None
+        args = {"interface": interface_names(doc)[iface.id], "prefix": str(iface.ipv6().network)}
+        return {"program": PROGRAM, "check": "router_advertisement", "args": args}
 
 
 def tier_mode(doc: RouterDocument) -> list[dict]:

@@ -1,0 +1,417 @@
+"""`vr monitor`: keeps the router's services alive, as supervisord's event listener.
+
+- supervisord tells it at once when a daemon exits (PROCESS_STATE events on stdin), so a
+  killed daemon is started again without waiting for a probe (daemons have autorestart
+  off: the monitor owns the restart policy, and a service whose monitoring is off stays down).
+- Each monitored service has a functional probe (vr.probes) with its interval, timeout and
+  failure threshold; a daemon alive but not answering (hung) is killed and started again.
+- Restarts back off exponentially; after max_restarts in window_s the service is marked
+  failed, one alert is raised, and it is retried only every failed_interval_s.
+- The nftables ruleset is compared with what vr last applied whenever the kernel's ruleset
+  generation moves; drift is repaired by loading vr's ruleset file again, and reported.
+- Its view is written to health.json in the run dir (what `vr status` and the manager read).
+
+It reads monitor.json (rendered from the document by the monitor service) and never loads
+the document model itself: an idle monitor stays small (see bench/recovery.py).
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import xmlrpc.client
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vr import probes
+from vr.alerts import AlertQueue, AlertSender, make_alert
+from vr.events import EventLog, event
+from vr.files import read_json, write_json_atomic
+from vr.settings import Settings
+from vr.supervisor_rpc import SupervisorClient
+
+CONFIG = "monitor.json"
+HEALTH = "health.json"
+ALERT_QUEUE = "alerts.jsonl"
+TICK_S = 1.0  # the longest the loop sleeps: config and apply changes are noticed this fast
+SETTLE_S = 0.3  # after a restart, the first probe
+SUPERVISOR_ERRORS = (OSError, xmlrpc.client.Fault, xmlrpc.client.ProtocolError)
+
+
+@dataclass
+class Watch:
+    """One monitored service: its settings from monitor.json and what the monitor saw."""
+
+    name: str
+    program: str | None
+    spec: dict | None
+    interval_s: float
+    timeout_s: float
+    failures: int
+    enabled: bool
+    state: str = "starting"  # ok, failing, restarting, failed, disabled
+    reason: str | None = None
+    consecutive: int = 0
+    restarts: int = 0
+    recent: collections.deque = field(default_factory=collections.deque)  # restart times
+    next_probe: float = 0.0
+    restart_at: float | None = None
+    last_probe_ms: float | None = None
+    last_probe_at: float | None = None
+
+    def report(self) -> dict:
+        return {
+            "state": self.state,
+            "healthy": self.state == "ok" or self.state == "disabled",
+            "reason": self.reason,
+            "restarts": self.restarts,
+            "monitored": self.enabled,
+            "last_probe_ms": self.last_probe_ms,
+            "last_probe_at": self.last_probe_at,
+        }
+
+
+class Monitor:
+    def __init__(self, settings: Settings, stdin_fd: int = 0, stdout_fd: int = 1):
+        self.settings = settings
+        self.stdin_fd, self.stdout_fd = stdin_fd, stdout_fd
+        self.supervisor = SupervisorClient(settings)
+        self.events = EventLog(settings.events_path)
+        self.alerts = AlertQueue(settings.state_dir / ALERT_QUEUE)
+        self.sender: AlertSender | None = None
+        self.config: dict = {}
+        self.config_stamp: tuple | None = None
+        self.watches: dict[str, Watch] = {}
+        self.by_program: dict[str, Watch] = {}
+        self.buffer = b""
+        self.drift = RulesetDrift(settings)
+        self.health_written = ""
+
+    # ------------------------------------------------------------ the loop
+    def run(self) -> None:
+        self._send(b"READY\n")
+        while True:
+            now = time.monotonic()
+            self._load_config()
+            due = [w.restart_at for w in self.watches.values() if w.restart_at is not None]
+            due += [w.next_probe for w in self.watches.values() if w.enabled]
+            wait = max(0.0, min([now + TICK_S, *due]) - now)
+            readable, _, _ = select.select([self.stdin_fd], [], [], wait)
+            if readable:
+                data = os.read(self.stdin_fd, 65536)
+                if not data:
+                    return  # supervisord went away
+                self.buffer += data
+                for headers, payload in self._events():
+                    self._on_event(headers, payload)
+            self._tick()
+
+    def _events(self):
+        """Complete events in the buffer, each acknowledged at once (supervisord sends the
+        next one only after RESULT/READY)."""
+        while b"\n" in self.buffer:
+            line, rest = self.buffer.split(b"\n", 1)
+            headers = dict(item.split(":", 1) for item in line.decode().split())
+            length = int(headers.get("len", 0))
+            if len(rest) < length:
+                return
+            payload, self.buffer = rest[:length].decode(), rest[length:]
+            self._send(b"RESULT 2\nOKREADY\n")
+            yield headers, dict(item.split(":", 1) for item in payload.split("\n", 1)[0].split() if ":" in item)
+
+    def _send(self, data: bytes) -> None:
+        os.write(self.stdout_fd, data)
+
+    def _on_event(self, headers: dict, payload: dict) -> None:
+        name = headers.get("eventname", "")
+        watch = self.by_program.get(payload.get("processname", ""))
+        if watch is None or not watch.enabled or name not in ("PROCESS_STATE_EXITED", "PROCESS_STATE_FATAL"):
+            return
+        reason = f"{watch.program} exited (was {payload.get('from_state', '?')}, pid {payload.get('pid', '?')})"
+        self._record(watch, "exited", reason)
+        self._need_restart(watch, reason)
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        applying = self.settings.journal_path.exists()  # an apply is switching files and daemons
+        for watch in self.watches.values():
+            if not watch.enabled:
+                continue
+            if watch.restart_at is not None and now >= watch.restart_at and not applying:
+                self._restart(watch)
+            elif now >= watch.next_probe and not applying:
+                self._probe(watch)
+        self._write_health()
+
+    # ------------------------------------------------------------ probes and restarts
+    def _probe(self, watch: Watch) -> None:
+        started = time.monotonic()
+        reason = self._probe_reason(watch)
+        watch.last_probe_ms = round((time.monotonic() - started) * 1000, 1)
+        watch.last_probe_at = time.time()
+        if reason is None:
+            if watch.state in ("restarting", "failed", "failing"):
+                if watch.state == "failed":
+                    self._alert(watch, "info", f"{watch.name} recovered")
+                self._record(watch, "recovered", f"{watch.name} answers again")
+            watch.state, watch.reason, watch.consecutive = "ok", None, 0
+            watch.next_probe = started + watch.interval_s
+            return
+        watch.consecutive += 1
+        watch.reason = reason
+        if watch.state == "failed":
+            watch.next_probe = started + self._failed_interval()
+            if watch.program and self.supervisor.state(watch.program) != "RUNNING":
+                self._start(watch)  # one slow try: recovery is noticed, nothing hammered
+            return
+        watch.next_probe = started + watch.interval_s
+        if watch.state == "ok":
+            watch.state = "failing"
+        if watch.consecutive >= watch.failures and watch.restart_at is None:
+            self._record(watch, "probe failed", f"{reason} ({watch.consecutive} times)")
+            self._need_restart(watch, reason)
+
+    def _probe_reason(self, watch: Watch) -> str | None:
+        if watch.name == "nftables":
+            return self.drift.check(watch, self)
+        if watch.program:
+            state = self.supervisor.state(watch.program)
+            if state != "RUNNING":
+                return f"{watch.program} is {state or 'not configured in supervisord'}"
+        if watch.spec is None:
+            return None
+        try:
+            return probes.run(watch.spec, timeout=watch.timeout_s)
+        except Exception as error:  # noqa: BLE001 - a probe that breaks is a failing probe, not a dead monitor
+            return f"probe error: {type(error).__name__}: {error}"
+
+    def _need_restart(self, watch: Watch, reason: str) -> None:
+        if watch.state == "failed" or watch.restart_at is not None:
+            return
+        policy = self.config.get("restart", {})
+        now = time.monotonic()
+        window = policy.get("window_s", 300)
+        while watch.recent and watch.recent[0] < now - window:
+            watch.recent.popleft()
+        if len(watch.recent) >= policy.get("max_restarts", 5):
+            watch.state, watch.reason = "failed", reason
+            self._stop(watch)
+            self._record(watch, "failed", f"{len(watch.recent)} restarts in {window:g} s did not help: {reason}")
+            self._alert(watch, "critical", f"{watch.name} failed after {len(watch.recent)} restarts: {reason}")
+            watch.next_probe = now + self._failed_interval()
+            return
+        delay = 0.0
+        if watch.recent:
+            delay = min(policy.get("backoff_initial_s", 0.5) * 2 ** (len(watch.recent) - 1),
+                        policy.get("backoff_max_s", 30.0))  # fmt: skip
+        watch.state, watch.reason = "restarting", reason
+        watch.restart_at = now + delay
+
+    def _restart(self, watch: Watch) -> None:
+        watch.restart_at = None
+        watch.recent.append(time.monotonic())
+        watch.restarts += 1
+        if watch.name == "nftables":
+            error = self.drift.repair()
+            self._record(watch, "repaired" if error is None else "repair failed", error or "ruleset loaded again")
+        else:
+            self._kill(watch)
+            self._start(watch)
+            self._record(watch, "restarted", watch.reason or "")
+        watch.consecutive = 0
+        watch.next_probe = time.monotonic() + SETTLE_S
+
+    def _kill(self, watch: Watch) -> None:
+        """A hung daemon does not honour SIGTERM (a stopped one cannot): SIGKILL its whole
+        process group (haproxy's workers hold the listening sockets)."""
+        info = self.supervisor.info(watch.program)
+        if not info or info["statename"] not in ("RUNNING", "STARTING", "STOPPING") or not info["pid"]:
+            return
+        try:
+            os.killpg(info["pid"], signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + 5
+        while self.supervisor.state(watch.program) in ("RUNNING", "STARTING", "STOPPING"):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+
+    def _start(self, watch: Watch) -> None:
+        try:
+            self.supervisor.start(watch.program, wait=False)
+        except SUPERVISOR_ERRORS as error:  # ALREADY_STARTED, SPAWN_ERROR: the next probe tells
+            watch.reason = f"start: {error}"
+
+    def _stop(self, watch: Watch) -> None:
+        if watch.program:
+            try:
+                self.supervisor.stop(watch.program)
+            except SUPERVISOR_ERRORS as error:
+                watch.reason = f"stop: {error}"
+
+    def _failed_interval(self) -> float:
+        return self.config.get("failed_interval_s", 30.0)
+
+    # ------------------------------------------------------------ events, alerts, health
+    def _record(self, watch: Watch, outcome: str, message: str) -> None:
+        self.events.write([event("monitor", f"service:{watch.name}", outcome, message)])
+
+    def _alert(self, watch: Watch, severity: str, message: str) -> None:
+        alert = make_alert(self.config.get("router", ""), watch.name, severity, message, count=watch.restarts)
+        self.events.write([event("alert", f"service:{watch.name}", severity, json.dumps(alert, sort_keys=True))])
+        self.alerts.put(alert)
+        if self.sender:
+            self.sender.notify()
+
+    def _write_health(self) -> None:
+        report = {
+            "router": self.config.get("router"),
+            "monitor_pid": os.getpid(),
+            "services": {name: w.report() for name, w in self.watches.items()},
+            "alerts_queued": len(self.alerts.pending()) if self.sender and self.sender.last_error else 0,
+            "alert_error": self.sender.last_error if self.sender else None,
+        }
+        text = json.dumps(report, sort_keys=True)
+        if text != self.health_written:  # only on change: an idle monitor writes nothing
+            write_json_atomic(self.settings.run_dir / HEALTH, {**report, "written_at": time.time()}, sync=False)
+            self.health_written = text
+
+    # ------------------------------------------------------------ configuration
+    def _load_config(self) -> None:
+        path = self.settings.service_dir("monitor") / CONFIG
+        try:
+            status = path.stat()
+        except FileNotFoundError:
+            return
+        stamp = (status.st_mtime_ns, status.st_size, status.st_ino)
+        if stamp == self.config_stamp:
+            return
+        self.config_stamp = stamp
+        self.config = read_json(path) or {}
+        watches = {}
+        for item in self.config.get("services", []):
+            old = self.watches.get(item["name"])
+            watch = Watch(item["name"], item.get("program"), item.get("spec"), item["interval_s"], item["timeout_s"],
+                          item["failures"], item["enabled"])  # fmt: skip
+            if old is not None:  # keep what was seen; settings are the new ones
+                watch.state, watch.reason, watch.restarts, watch.recent = (
+                    old.state,
+                    old.reason,
+                    old.restarts,
+                    old.recent,
+                )
+                watch.restart_at, watch.consecutive = old.restart_at, old.consecutive
+            if not watch.enabled:
+                watch.state, watch.restart_at = "disabled", None
+            elif watch.state == "disabled":
+                watch.state = "starting"
+            watches[watch.name] = watch
+        self.watches = watches
+        self.by_program = {w.program: w for w in watches.values() if w.program}
+        url = self.config.get("alert_url")
+        if self.sender is None:
+            self.sender = AlertSender(self.alerts, url)
+            self.sender.start()
+        self.sender.url = url
+        self.sender.notify()
+
+
+class RulesetDrift:
+    """vr's nftables table against what vr last loaded. The kernel's ruleset generation is
+    read every probe (a netlink round trip, ~0.1 ms); only when it moved is the table listed
+    (tens of ms with 10k rules) and compared with the listing taken after vr's last load."""
+
+    def __init__(self, settings: Settings):
+        self.ruleset_path = settings.service_dir("nftables") / "vr.nft"
+        self.generation: int | None = None
+        self.file_digest: str | None = None
+        self.listing_digest: str | None = None
+
+    def check(self, watch: Watch, monitor: Monitor) -> str | None:
+        generation = ruleset_generation()
+        if generation is not None and generation == self.generation:
+            return None
+        content = _read_or_none(self.ruleset_path)
+        if content is None:
+            return None  # no firewall configured
+        file_digest = hashlib.sha256(content).hexdigest()
+        listing = _list_table()
+        if self.file_digest != file_digest:  # vr loaded a new ruleset: the new reference
+            if listing is None:
+                return "table inet vr is missing"
+            self.generation, self.file_digest = generation, file_digest
+            self.listing_digest = hashlib.sha256(listing.encode()).hexdigest()
+            return None
+        if listing is None:
+            return "table inet vr is missing"
+        if hashlib.sha256(listing.encode()).hexdigest() != self.listing_digest:
+            return "table inet vr differs from what vr loaded (changed by hand?)"
+        self.generation = generation  # another table changed, not ours
+        return None
+
+    def repair(self) -> str | None:
+        result = subprocess.run(["nft", "-f", str(self.ruleset_path)], capture_output=True, text=True, timeout=30,
+                                check=False)  # fmt: skip
+        if result.returncode != 0:
+            return f"nft -f failed: {result.stderr.strip()}"
+        listing = _list_table()
+        self.generation = ruleset_generation()
+        self.listing_digest = hashlib.sha256((listing or "").encode()).hexdigest()
+        return None
+
+
+def ruleset_generation() -> int | None:
+    """NFT_MSG_GETGEN over netfilter netlink: the ruleset's generation id, bumped by every
+    ruleset change. By hand (a few bytes) because pyroute2 would cost the monitor 20 MB."""
+    netlink_netfilter, request, nft_getgen, nft_newgen, gen_id = 12, 1, (10 << 8) | 16, (10 << 8) | 15, 1
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, netlink_netfilter) as nl:
+            nl.settimeout(1.0)
+            nl.send(struct.pack("=IHHII", 20, nft_getgen, request, 1, 0) + struct.pack("=BBH", 0, 0, 0))
+            data = nl.recv(65536)
+    except OSError:
+        return None
+    length, kind = struct.unpack_from("=IH", data)
+    if kind != nft_newgen:
+        return None
+    offset = 20
+    while offset + 4 <= length:
+        size, attribute = struct.unpack_from("=HH", data, offset)
+        if attribute & 0x3FFF == gen_id and size >= 8:
+            return struct.unpack_from(">I", data, offset + 4)[0]
+        offset += (size + 3) & ~3
+    return None
+
+
+def _list_table() -> str | None:
+    import nftables
+
+    nft = nftables.Nftables()
+    nft.set_stateless_output(True)
+    rc, output, _ = nft.cmd("list table inet vr")
+    return output if rc == 0 else None
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def main(settings: Settings) -> int:
+    if os.isatty(0):
+        print("vr monitor runs under supervisord (as its event listener), not by hand", file=sys.stderr)
+        return 2
+    Monitor(settings).run()
+    return 0
