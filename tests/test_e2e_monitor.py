@@ -201,3 +201,5 @@ def test_hung_haproxy_worker_is_detected_and_restarted(lab, tmp_path):
     assert fetch(lab, "--count", "3")["failed"] == 0
     assert "restarted" in [e["outcome"] for e in monitor_events(lab, "haproxy")]
     assert not [w for w in workers if alive(w)]  # the stopped workers were killed too
+    time.sleep(2)  # the monitor's own kill is no new failure: one restart, not a loop
+    assert service(lab, "haproxy")["monitor"]["restarts"] == 1 and fetch(lab, "--count", "2")["failed"] == 0

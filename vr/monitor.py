@@ -95,6 +95,7 @@ class Monitor:
         self.buffer = b""
         self.drift = RulesetDrift(settings)
         self.health_written = ""
+        self.killed: set[str] = set()  # PIDs the monitor killed itself: their exit is no news
 
     # ------------------------------------------------------------ the loop
     def run(self) -> None:
@@ -135,6 +136,9 @@ class Monitor:
         name = headers.get("eventname", "")
         watch = self.by_program.get(payload.get("processname", ""))
         if watch is None or not watch.enabled or name not in ("PROCESS_STATE_EXITED", "PROCESS_STATE_FATAL"):
+            return
+        if payload.get("pid") in self.killed:
+            self.killed.discard(payload["pid"])
             return
         reason = f"{watch.program} exited (was {payload.get('from_state', '?')}, pid {payload.get('pid', '?')})"
         self._record(watch, "exited", reason)
@@ -240,6 +244,7 @@ class Monitor:
             os.killpg(info["pid"], signal.SIGKILL)
         except ProcessLookupError:
             return
+        self.killed.add(str(info["pid"]))
         deadline = time.monotonic() + 5
         while self.supervisor.state(watch.program) in ("RUNNING", "STARTING", "STOPPING"):
             if time.monotonic() > deadline:
