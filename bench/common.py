@@ -36,14 +36,14 @@ def namespace_inode() -> int:
     return os.stat("/proc/self/ns/net").st_ino
 
 
-def stray_pids(ns_inode: int, root: str) -> list[int]:
-    """Processes left in our namespace that run from our temp root: only ever ours."""
+def stray_pids(ns_inode: int | None, root: str) -> list[int]:
+    """Processes left in our namespace (None: in any) that run from our temp root: only ever ours."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
-            if os.stat(f"/proc/{entry}/ns/net").st_ino != ns_inode:
+            if ns_inode is not None and os.stat(f"/proc/{entry}/ns/net").st_ino != ns_inode:
                 continue
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:

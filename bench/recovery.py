@@ -62,7 +62,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import aligned, check_stop, guarded, report, stop_processes, yes
+from common import aligned, check_stop, guarded, report, stop_processes, stray_pids, yes
 
 from vr.lab import Lab
 
@@ -650,21 +650,6 @@ def main(argv: list[str] | None = None) -> int:
     return report(table(figures), figures, args.json)
 
 
-def leftovers(root: str) -> list[int]:
-    """Processes running from our temp root (supervisord's daemons): only ever ours."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if root in cmdline:
-            found.append(int(entry))
-    return found
-
-
 def cleanup(lab: Lab, root: str) -> None:
     continue_stopped()
     kill_orphans()
@@ -673,7 +658,7 @@ def cleanup(lab: Lab, root: str) -> None:
         lab.down()  # HTTP server, dhclient, supervisord and its daemons, namespaces
     except (OSError, subprocess.SubprocessError, RuntimeError) as error:
         print(f"recovery: lab down: {error}", file=sys.stderr)
-    for pid in leftovers(root):  # only if supervisord failed to stop its children
+    for pid in stray_pids(None, root):  # the lab spans namespaces; only if supervisord failed to stop its children
         print(f"recovery: killing leftover pid {pid}", file=sys.stderr)
         try:
             os.kill(pid, signal.SIGKILL)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 
+from vr.events import timestamp
 from vr.files import write_atomic
 
 LIMIT = 1000
@@ -26,7 +26,7 @@ def make_alert(router: str, service: str, severity: str, message: str, count: in
         "service": service,
         "severity": severity,
         "message": message,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z",
+        "time": timestamp(),
         "count": count,
     }
 
@@ -89,11 +89,10 @@ class AlertSender(threading.Thread):
     """Delivers the queue whenever an alert is put, and retries with back-off while the
     manager does not take them."""
 
-    def __init__(self, queue: AlertQueue, url: str | None, on_error=None):
+    def __init__(self, queue: AlertQueue, url: str | None):
         super().__init__(name="alert-sender", daemon=True)
         self.queue = queue
         self.url = url
-        self.on_error = on_error
         self.last_error: str | None = None
         self._wake = threading.Event()
 
@@ -108,7 +107,5 @@ class AlertSender(threading.Thread):
             if not self.url:
                 continue
             _, error = self.queue.deliver(self.url)
-            if error and error != self.last_error and self.on_error:
-                self.on_error(error)
             self.last_error = error
             delay = min(delay * 2, RETRY_MAX_S) if error else RETRY_INITIAL_S

@@ -47,9 +47,14 @@ class EventLog:
                     yield event
 
 
+def timestamp() -> str:
+    """UTC, to the millisecond: what events and alerts carry as their time."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z"
+
+
 def event(type_: str, resource: str, outcome: str, message: str = "", generation: int | None = None) -> dict:
     return {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z",
+        "time": timestamp(),
         "type": type_,
         "resource": resource,
         "generation": generation,

@@ -30,12 +30,11 @@ import sys
 import time
 import xmlrpc.client
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from vr import probes
 from vr.alerts import AlertQueue, AlertSender, make_alert
 from vr.events import EventLog, event
-from vr.files import read_json, write_json_atomic
+from vr.files import read_bytes_or_none, read_json, write_json_atomic
 from vr.settings import Settings
 from vr.supervisor_rpc import SupervisorClient
 
@@ -186,7 +185,7 @@ class Monitor:
 
     def _probe_reason(self, watch: Watch) -> str | None:
         if watch.name == "nftables":
-            return self.drift.check(watch, self)
+            return self.drift.check()
         if watch.program:
             state = self.supervisor.state(watch.program)
             if state != "RUNNING":
@@ -342,11 +341,11 @@ class RulesetDrift:
         self.file_digest: str | None = None
         self.listing_digest: str | None = None
 
-    def check(self, watch: Watch, monitor: Monitor) -> str | None:
+    def check(self) -> str | None:
         generation = ruleset_generation()
         if generation is not None and generation == self.generation:
             return None
-        content = _read_or_none(self.ruleset_path)
+        content = read_bytes_or_none(self.ruleset_path)
         if content is None:
             return None  # no firewall configured
         file_digest = hashlib.sha256(content).hexdigest()
@@ -405,13 +404,6 @@ def _list_table() -> str | None:
     nft.set_stateless_output(True)
     rc, output, _ = nft.cmd("list table inet vr")
     return output if rc == 0 else None
-
-
-def _read_or_none(path: Path) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        return None
 
 
 def main(settings: Settings) -> int:

@@ -7,6 +7,8 @@ Each check returns None when the service does its job, otherwise why not.
 
 from __future__ import annotations
 
+import functools
+import os
 import socket
 import subprocess
 from pathlib import Path
@@ -112,11 +114,17 @@ def router_advertisement(interface: str, prefix: str, timeout: float = 0.5) -> s
 def nft_table(table: str, timeout: float = 0.5) -> str | None:
     """vr's table is loaded (one small set that every vr table defines: listing the table
     would make libnftables fetch every element, tens of ms with 10k rules)."""
+    rc, _, _ = _nftables_context(os.stat("/proc/self/ns/net").st_ino).cmd(f"list set {table} public_ips")
+    return None if rc == 0 else f"table {table} is missing"
+
+
+@functools.cache
+def _nftables_context(_namespace: int) -> Any:
+    """One libnftables context per network namespace (its netlink socket stays in the one it
+    was opened in): the apply path asks on every element-only change."""
     import nftables
 
-    nft = nftables.Nftables()
-    rc, _, _ = nft.cmd(f"list set {table} public_ips")
-    return None if rc == 0 else f"table {table} is missing"
+    return nftables.Nftables()
 
 
 CHECKS = {
