@@ -101,7 +101,7 @@ def test_a_second_apply_is_refused_while_one_runs(lab, tmp_path):
         result = lab.vr(
             "apply", write_payload(tmp_path, {"generation": 2, "dns": {"domain": "x.internal"}}), check=False
         )
-    assert result.returncode == 75 and "another apply is running" in result.stderr
+    assert result.returncode == 75 and "another apply or patch is running" in result.stderr
 
 
 def test_spool_applies_each_file_once_in_order(lab):

@@ -28,9 +28,23 @@ def _read_payload(source: str) -> object:
         raise InvalidPayload([Problem("", f"not valid JSON: {error}")]) from None
 
 
+def _recover_interrupted_patch(args) -> None:
+    """A patch a crash interrupted is rolled back first; if that switched the release, the
+    command starts again as the release now current."""
+    settings = _settings(args)
+    if not settings.patch_journal_path.exists():
+        return
+    from vr.patching import Patcher
+    from vr.release import reexec_if_not_current
+
+    if Patcher(settings).recover():
+        reexec_if_not_current(settings, args.argv)
+
+
 def cmd_apply(args) -> int:
     from vr.pipeline import Pipeline
 
+    _recover_interrupted_patch(args)
     result = Pipeline(_settings(args)).apply(_read_payload(args.file))
     changed = ", ".join(result.changed) or "nothing"
     print(f"applied generation {result.generation} in {result.duration_ms:.0f} ms; changed: {changed}")
@@ -110,6 +124,7 @@ def cmd_watch(args) -> int:
 def cmd_start(args) -> int:
     from vr.pipeline import Pipeline
 
+    _recover_interrupted_patch(args)
     result = Pipeline(_settings(args)).start()
     print("nothing applied yet" if result is None else f"started generation {result.generation}")
     return 0
@@ -126,7 +141,76 @@ def cmd_stop(args) -> int:
 def cmd_recover(args) -> int:
     from vr.pipeline import Pipeline
 
+    _recover_interrupted_patch(args)
     print("recovered an interrupted apply" if Pipeline(_settings(args)).recover() else "nothing to recover")
+    return 0
+
+
+def cmd_selftest(args) -> int:
+    import vr.monitor
+    import vr.patching
+    import vr.status  # noqa: F401
+    from vr.pipeline import Pipeline
+    from vr.release import running_version
+
+    changed = Pipeline(_settings(args)).selftest()
+    report = {"version": running_version(), "changed": changed}
+    print(json.dumps(report) if args.json else f"release {report['version']}: rendered and checked; "
+          f"would change: {', '.join(changed) or 'nothing'}")  # fmt: skip
+    return 0
+
+
+def cmd_reconcile(args) -> int:
+    from vr.pipeline import Pipeline
+    from vr.release import running_version
+
+    result = Pipeline(_settings(args)).reconcile()
+    changed = result.changed if result else []
+    report = {"version": running_version(), "changed": changed, "duration_ms": result.duration_ms if result else 0}
+    print(json.dumps(report) if args.json else f"re-rendered with release {report['version']}; "
+          f"reloaded: {', '.join(changed) or 'nothing'}")  # fmt: skip
+    return 0
+
+
+def cmd_patch(args) -> int:
+    from vr import patching
+
+    needed = {"apply": ["target"], "build": ["target", "version", "key", "out"], "keygen": ["out"]}
+    missing = [name for name in needed.get(args.action, []) if not getattr(args, name)]
+    if missing:
+        names = ", ".join("FILE|URL|SRC" if m == "target" else f"--{m}" for m in missing)
+        raise patching.PatchRefused(f"patch {args.action} needs {names}")
+    if args.action == "keygen":
+        private, public = patching.keygen(Path(args.out))
+        print(f"private key {private} (keep it off routers)\npublic key {public} (copy it into each router's "
+              f"{_settings(args).trusted_keys_dir})")  # fmt: skip
+        return 0
+    if args.action == "build":
+        services = [s for s in args.services.split(",") if s] if args.services is not None else None
+        manifest = patching.build(Path(args.target), args.version, Path(args.key), Path(args.out),
+                                  base_versions=args.base, description=args.description, services=services)  # fmt: skip
+        print(f"built {args.out}: release {manifest['version']} for base {', '.join(manifest['base_versions'])}, "
+              f"{len(manifest['files'])} files, services {', '.join(manifest['services']) or 'none'}")  # fmt: skip
+        return 0
+    patcher = patching.Patcher(_settings(args))
+    if args.action in ("apply", "rollback"):
+        result = patcher.apply(args.target) if args.action == "apply" else patcher.rollback()
+        print(json.dumps(result) if args.json else f"{result['action']} {result['from']} -> {result['to']}: "
+              f"{result['outcome']} in {result['duration_ms']:.0f} ms; {result['message']}")  # fmt: skip
+        return 0
+    report = patcher.status() if args.action == "status" else patcher.list()
+    if args.json:
+        print(json.dumps(report, indent=2))
+    elif args.action == "status":
+        last = report["last"] or {}
+        print(f"current   {report['current']}\nprevious  {report['previous'] or '-'}")
+        print(f"last      {last.get('action', '-')} {last.get('from', '')} -> {last.get('to', '')}: "
+              f"{last.get('outcome', '-')} {last.get('message', '')}".rstrip())  # fmt: skip
+        if report["interrupted"]:
+            print("an interrupted patch waits to be rolled back (vr recover)")
+    else:
+        for row in report or [{"version": "-", "current": False, "description": "no release installed yet"}]:
+            print(f"{'*' if row['current'] else ' '} {row['version']:<12} {row['description']}")
     return 0
 
 
@@ -184,6 +268,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("start", help="bring services up from last-known-good (boot)").set_defaults(func=cmd_start)
     sub.add_parser("stop", help="stop supervisord and every daemon of this router").set_defaults(func=cmd_stop)
     sub.add_parser("recover", help="finish or roll back an interrupted apply").set_defaults(func=cmd_recover)
+    p = sub.add_parser("selftest", help="render the live document with this release and run the daemons' checkers")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_selftest)
+    p = sub.add_parser("reconcile", help="re-render the live document with this release; reload what changed")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_reconcile)
+    p = sub.add_parser("patch", help="live patches: apply, rollback, list, status; build, keygen")
+    p.add_argument("action", choices=["apply", "rollback", "list", "status", "build", "keygen"])
+    p.add_argument("target", nargs="?", help="apply: the bundle, FILE or http(s) URL; build: the source tree")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--version", help="build: the release's semantic version")
+    p.add_argument("--key", help="build: the ed25519 private key that signs")
+    p.add_argument("--base", action="append", help="build: a version the patch applies to (repeatable)")
+    p.add_argument("--description", help="build: what the patch does")
+    p.add_argument("--services", help="build: services it may change, comma-separated")
+    p.add_argument("-o", "--out", help="build: the bundle file; keygen: the key files' prefix")
+    p.set_defaults(func=cmd_patch)
     sub.add_parser(
         "vpn-load", help="load the live VPN files into charon (charon runs this when it starts)"
     ).set_defaults(func=cmd_vpn_load)
@@ -200,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.netns and args.command != "lab":
         from vr import netns
 
@@ -221,4 +323,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
+    from vr.release import dispatch
+
+    dispatch(sys.argv[1:])
     sys.exit(main())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 
@@ -79,3 +80,9 @@ def is_secret(relpath: str) -> bool:
 
 def mode_for(relpath: str) -> int:
     return 0o600 if is_secret(relpath) else 0o644
+
+
+def fault_point(step: str) -> None:
+    """Crash-test hook: VR_FAULT_AT=<step> kills this process right there (SIGKILL)."""
+    if os.environ.get("VR_FAULT_AT") == step:
+        os.kill(os.getpid(), signal.SIGKILL)

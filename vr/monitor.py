@@ -35,6 +35,7 @@ from vr import probes
 from vr.alerts import AlertQueue, AlertSender, make_alert
 from vr.events import EventLog, event
 from vr.files import read_bytes_or_none, read_json, write_json_atomic
+from vr.release import running_version
 from vr.settings import Settings
 from vr.supervisor_rpc import SupervisorClient
 
@@ -281,6 +282,7 @@ class Monitor:
         report = {
             "router": self.config.get("router"),
             "monitor_pid": os.getpid(),
+            "version": running_version(),  # a patch waits for its release's monitor to report
             "services": {name: w.report() for name, w in self.watches.items()},
             "alerts_queued": len(self.alerts.pending()) if self.sender and self.sender.last_error else 0,
             "alert_error": self.sender.last_error if self.sender else None,

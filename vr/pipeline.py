@@ -10,11 +10,9 @@ re-applies the affected services, so the router is never left half old, half new
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import gc
 import os
 import shutil
-import signal
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -23,9 +21,10 @@ from pathlib import Path
 
 from vr import document as docmod
 from vr.document import RouterDocument
-from vr.errors import ApplyFailed, Busy, InvalidPayload, Problem, VrError
+from vr.errors import ApplyFailed, InvalidPayload, Problem, VrError
 from vr.events import EventLog, event
 from vr.files import (
+    fault_point,
     fsync_dir,
     listed_files,
     mode_for,
@@ -34,6 +33,7 @@ from vr.files import (
     write_atomic,
     write_json_atomic,
 )
+from vr.lock import router_lock
 from vr.runtime import Runtime
 from vr.services import SERVICES, by_name
 from vr.services.base import Change, CheckFailed
@@ -50,12 +50,6 @@ class Result:
     changed: list[str] = field(default_factory=list)
     duration_ms: float = 0.0
     timings_ms: dict[str, float] = field(default_factory=dict)
-
-
-def _fault_point(step: str) -> None:
-    """Crash-test hook: VR_FAULT_AT=<step> kills this process right there (SIGKILL)."""
-    if os.environ.get("VR_FAULT_AT") == step:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Pipeline:
@@ -124,6 +118,38 @@ class Pipeline:
         with self.lock():
             return self._recover_locked()
 
+    def reconcile(self) -> Result | None:
+        """After a release switch: re-render the stored document with this release's code and
+        templates, and reload (hitlessly, as each service does) only the services whose files
+        came out different. The usual transaction: checked, health-gated, rolled back."""
+        started = time.perf_counter()
+        with self.lock(), _collector_paused():
+            self._recover_locked()
+            stored = self.stored_document()
+            if stored is None:
+                return None
+            return self._transaction(stored, stored, started, {}, payload=None, rerender=True)
+
+    def selftest(self) -> dict[str, list[str]]:
+        """A release's test against the live document before it is switched in: every service
+        rendered, the changed ones staged and passed through their daemon's checker. Nothing
+        live is touched. Returns each changed service's changed files."""
+        stored = self.stored_document()
+        if stored is None:
+            return {}
+        changes = [c for c in self.plan(stored, stored, rerender=True) if c.paths]
+        staging = self.settings.config_dir / STAGING / f"selftest-{uuid.uuid4().hex[:12]}"
+        try:
+            self._stage(changes, staging)
+            for change in changes:
+                try:
+                    by_name(change.service).check(staging / change.service, change, self.runtime)
+                except CheckFailed as error:
+                    raise ApplyFailed("check", change.service, str(error)) from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return {c.service: sorted(c.paths) for c in changes}
+
     def render(self, raw: object, out_dir: Path) -> dict[str, list[str]]:
         """Dry run: every service's files for the merged document, written under out_dir."""
         doc = self.validate(raw, self.stored_document())
@@ -135,11 +161,15 @@ class Pipeline:
             written[service.name] = sorted(files)
         return written
 
-    def plan(self, doc: RouterDocument, old: RouterDocument | None, force: bool = False) -> list[Change]:
+    def plan(
+        self, doc: RouterDocument, old: RouterDocument | None, force: bool = False, rerender: bool = False
+    ) -> list[Change]:
+        """force: every service gets a change, even with no file changed (start at boot).
+        rerender: every service is rendered, even if its inputs did not change (a new release)."""
         changes = []
         for service in SERVICES:
             inputs = service.read(doc)
-            if not force and old is not None and inputs is not None and inputs == service.read(old):
+            if not (force or rerender) and old is not None and inputs is not None and inputs == service.read(old):
                 continue
             files = service.generate(doc, self.runtime)
             live_dir = self.settings.service_dir(service.name)
@@ -168,9 +198,10 @@ class Pipeline:
         payload: docmod.Payload | None,
         force: bool = False,
         warnings: Sequence[Problem] = (),
+        rerender: bool = False,
     ) -> Result:
         mark = time.perf_counter()
-        changes = self.plan(doc, old, force=force)
+        changes = self.plan(doc, old, force=force, rerender=rerender)
         timings["render"] = _ms(mark)
         txid = uuid.uuid4().hex[:12]
         staging = self.settings.config_dir / STAGING / txid
@@ -179,14 +210,14 @@ class Pipeline:
         try:
             mark = time.perf_counter()
             self._stage(changes, staging)
-            _fault_point("staged")
+            fault_point("staged")
             for change in changes:
                 try:
                     by_name(change.service).check(staging / change.service, change, self.runtime)
                 except CheckFailed as error:
                     raise ApplyFailed("check", change.service, str(error)) from None
             timings["check"] = _ms(mark)
-            _fault_point("checked")
+            fault_point("checked")
         except BaseException as error:
             shutil.rmtree(staging, ignore_errors=True)
             self._fail(doc, resource, error, started, rolled_back=False)
@@ -198,12 +229,12 @@ class Pipeline:
             self.settings.journal_path,
             {"txid": txid, "generation": doc.generation, "changes": {c.service: c.paths for c in changes}},
         )
-        _fault_point("journaled")
+        fault_point("journaled")
         step, current = "switch", ""
         try:
             self._switch(changes, staging)
             timings["switch"] = _ms(mark)
-            _fault_point("switched")
+            fault_point("switched")
             step = "apply"
             mark = time.perf_counter()
             for change in changes:
@@ -212,7 +243,7 @@ class Pipeline:
             current = ""
             self._start_stopped(doc, {c.service for c in changes})
             timings["reload"] = _ms(mark)
-            _fault_point("applied")
+            fault_point("applied")
             step, current = "health", ""
             mark = time.perf_counter()
             failure = self._health(doc)
@@ -232,7 +263,7 @@ class Pipeline:
 
         if doc is not old:  # at start the stored document is re-applied: already there
             self.store.commit(doc, payload)
-        _fault_point("committed")
+        fault_point("committed")
         self._finish(txid)
         changed = [c.service for c in changes if c.paths]
         result = Result(doc.generation, changed, _ms(started), timings)
@@ -294,7 +325,7 @@ class Pipeline:
                     target.parent.mkdir(parents=True, exist_ok=True)
                     directories.add(target.parent)
                 os.replace(staging / change.service / relpath, target)
-                _fault_point("switching")
+                fault_point("switching")
             for relpath in change.removed:
                 (live_dir / relpath).unlink(missing_ok=True)
                 directories.add((live_dir / relpath).parent)
@@ -388,19 +419,8 @@ class Pipeline:
     # ---------------------------------------------------------------- bookkeeping
     @contextlib.contextmanager
     def lock(self, wait: bool = False) -> Iterator[None]:
-        self.settings.run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.settings.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode().strip() or "?"
-                raise Busy(f"another apply is running (pid {holder}); try again when it ends") from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        with router_lock(self.settings, wait):
             yield
-        finally:
-            os.close(fd)
 
     def _fail(
         self, doc: RouterDocument, resource: str, error: BaseException, started: float, rolled_back: bool

@@ -22,6 +22,8 @@ class Settings:
     run_dir: Path = Path("/run/vr")
     log_dir: Path = Path("/var/log/vr")
     template_dir: Path = field(default_factory=_default_template_dir)
+    # Installed releases side by side, and the `current` symlink (vr patch).
+    releases_dir: Path = Path("/opt/vr/releases")
     netns: str | None = None
     # Directory holding vr's own console scripts (supervisord comes with the package).
     bin_dir: Path = Path(sys.executable).parent
@@ -35,6 +37,7 @@ class Settings:
             state_dir=root / "state",
             run_dir=root / "run",
             log_dir=root / "log",
+            releases_dir=root / "releases",
             netns=netns,
         )
 
@@ -51,16 +54,21 @@ class Settings:
             ("run_dir", "VR_RUN_DIR"),
             ("log_dir", "VR_LOG_DIR"),
             ("template_dir", "VR_TEMPLATE_DIR"),
+            ("releases_dir", "VR_RELEASES_DIR"),
         ):
             if os.environ.get(env):
                 overrides[name] = Path(os.environ[env])
         return base if not overrides else cls(**{**base.__dict__, **overrides})
 
     def environment(self) -> dict[str, str]:
-        """These settings as VR_* variables: for a vr command that a daemon runs (from_env reads them)."""
-        return {"VR_CONFIG_DIR": str(self.config_dir), "VR_STATE_DIR": str(self.state_dir),
-                "VR_RUN_DIR": str(self.run_dir), "VR_LOG_DIR": str(self.log_dir),
-                "VR_TEMPLATE_DIR": str(self.template_dir)}  # fmt: skip
+        """These settings as VR_* variables: for a vr command that a daemon runs (from_env reads them).
+        The template dir only when it was chosen: by default each release uses its own."""
+        variables = {"VR_CONFIG_DIR": str(self.config_dir), "VR_STATE_DIR": str(self.state_dir),
+                     "VR_RUN_DIR": str(self.run_dir), "VR_LOG_DIR": str(self.log_dir),
+                     "VR_RELEASES_DIR": str(self.releases_dir)}  # fmt: skip
+        if self.template_dir != _default_template_dir():
+            variables["VR_TEMPLATE_DIR"] = str(self.template_dir)
+        return variables
 
     def ensure_dirs(self) -> None:
         for directory in (self.config_dir, self.state_dir, self.run_dir, self.log_dir):
@@ -86,6 +94,18 @@ class Settings:
     @property
     def events_path(self) -> Path:
         return self.log_dir / "events.jsonl"
+
+    @property
+    def patch_state_path(self) -> Path:
+        return self.state_dir / "patch.json"
+
+    @property
+    def patch_journal_path(self) -> Path:
+        return self.state_dir / "patch-journal.json"
+
+    @property
+    def trusted_keys_dir(self) -> Path:
+        return self.config_dir / "trusted-keys"
 
     @property
     def lock_path(self) -> Path:

@@ -60,7 +60,10 @@ def collect(settings: Settings, firewall: bool = False, lb: bool = False, vpn: b
         tunnels = _vpn(doc, runtime)
     from vr.services.radvd import tier_mode
 
+    from vr.release import running_version
+
     return {
+        "release": running_version(),
         "ipv6": tier_mode(doc) if doc is not None else [],
         "vpn": tunnels,
         "firewall": counters,
@@ -114,6 +117,7 @@ def render_text(report: dict) -> str:
     message = f": {last['message']}" if last.get("message") else ""
     lines = [
         f"router      {report['router']}",
+        f"release     {report['release']}",
         f"generation  {report['generation']}",
         (
             f"last apply  {last.get('outcome', '-')} at {when} "

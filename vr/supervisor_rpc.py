@@ -65,10 +65,13 @@ class SupervisorClient:
     def start_daemon(self, timeout: float = 10.0) -> None:
         config = self.settings.service_dir("supervisor") / CONFIG_FILE
         supervisord = self.settings.bin_dir / "supervisord"
-        # supervisord forks itself into the background; it inherits this process's netns.
+        # supervisord forks itself into the background; it inherits this process's netns. Not
+        # the code pinning of the vr that starts it: its programs run the current release.
+        pinned = ("PYTHONPATH", "VR_NO_DISPATCH", "VR_LOCK_FD")
         subprocess.run(
             [str(supervisord), "-c", str(config)],
             check=True,
+            env={k: v for k, v in os.environ.items() if k not in pinned},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

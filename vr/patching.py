@@ -1,0 +1,800 @@
+"""Live patches: signed release bundles, switched in with zero downtime, rolled back by themselves.
+
+A bundle is a tar file (format: patches/README.md):
+
+    manifest.json        version, base versions, description, services, hooks, files (sha256, size, mode)
+    manifest.sig         ed25519 signature of manifest.json's exact bytes (64 bytes)
+    payload/<path>       the release tree: vr/ (the package), configs/ (templates), scripts/
+
+Apply: verify -> unpack beside the running release -> self-test the new release against the
+live document (its own code imports, renders, runs the daemons' checkers) -> pre hook ->
+switch `current` -> restart vr's own processes (the monitor) -> re-render and reload only what
+changed, health-gated (the new release's own `vr reconcile`) -> post hook -> record.
+A failure after the switch switches back the same way, raises an alert, and says why.
+
+The router's lock is held throughout: one apply or patch at a time. A journal written before
+the switch lets the next start (or `vr recover`) roll back a patch a crash interrupted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import posixpath
+import shutil
+import signal
+import subprocess
+import tarfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from vr import __version__
+from vr.errors import VrError
+from vr.events import EventLog, event
+from vr.files import fault_point, fsync_dir, read_json, write_atomic, write_json_atomic
+from vr.lock import inheritable_lock_env, router_lock
+from vr.release import MANIFEST, Releases, code_dir, is_version
+from vr.settings import Settings
+
+FORMAT = 1
+SIGNATURE = "manifest.sig"
+PAYLOAD = "payload/"
+PATCH_SOURCE = "patch.json"  # a bundle source's own description (not part of the release)
+MAX_BUNDLE_BYTES = 256 << 20
+MAX_FILES = 20_000
+MAX_MANIFEST_BYTES = 4 << 20
+MAX_HOOK_TIMEOUT_S = 600
+SERVICES = ("network", "nftables", "supervisor", "dnsmasq", "radvd", "haproxy", "strongswan", "monitor")
+CONTROL_PLANE = ("monitor",)  # vr's own processes under supervisord: restarted on a switch, never the daemons
+SELFTEST_TIMEOUT_S = 120
+RECONCILE_TIMEOUT_S = 180
+CONTROL_PLANE_DEADLINE_S = 15.0
+REQUIRED = ("vr/__init__.py", "vr/__main__.py", "vr/cli.py")
+IGNORED_NAMES = ("__pycache__", ".pytest_cache", ".ruff_cache")
+
+
+class PatchRefused(VrError):
+    """Nothing was changed: the bundle or the request was refused before the switch."""
+
+    exit_code = 2
+
+
+class PatchFailed(VrError):
+    """The new release was switched in, failed, and the router was switched back."""
+
+    exit_code = 4
+
+
+# ------------------------------------------------------------------------------- keys
+def keygen(prefix: Path) -> tuple[Path, Path]:
+    """PREFIX.key (private, mode 600: keep it off routers) and PREFIX.pub (copy it into each
+    router's trusted-keys dir)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    private_path, public_path = prefix.with_name(prefix.name + ".key"), prefix.with_name(prefix.name + ".pub")
+    for path in (private_path, public_path):
+        if path.exists():
+            raise PatchRefused(f"{path} exists; not overwriting a key")
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())  # fmt: skip
+    public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(private_path, private, mode=0o600)
+    write_atomic(public_path, public, mode=0o644)
+    return private_path, public_path
+
+
+def _load_private_key(path: Path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as error:
+        raise PatchRefused(f"--key {path}: cannot load a private key ({error})") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise PatchRefused(f"--key {path}: not an ed25519 private key")
+    return key
+
+
+def trusted_keys(settings: Settings) -> list[tuple[str, object]]:
+    """(file name, public key) for every *.pub in the trusted-keys dir that is an ed25519 key."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    keys = []
+    for path in sorted(settings.trusted_keys_dir.glob("*.pub")):
+        try:
+            key = serialization.load_pem_public_key(path.read_bytes())
+        except (OSError, ValueError):
+            continue
+        if isinstance(key, Ed25519PublicKey):
+            keys.append((path.name, key))
+    return keys
+
+
+# ------------------------------------------------------------------------------- manifest
+def validate_manifest(manifest: object) -> list[str]:
+    """Every problem, each naming its field; empty when the manifest is good."""
+    if not isinstance(manifest, dict):
+        return ["manifest: must be a JSON object"]
+    problems = []
+    allowed = {"format", "version", "base_versions", "description", "services", "hooks", "files", "created"}
+    problems += [f"manifest.{key}: unknown field" for key in sorted(set(manifest) - allowed)]
+    if manifest.get("format") != FORMAT:
+        problems.append(f"manifest.format: must be {FORMAT}")
+    if not is_version(manifest.get("version")):
+        problems.append("manifest.version: must be a semantic version (e.g. 1.4.2)")
+    bases = manifest.get("base_versions")
+    if not isinstance(bases, list) or not bases:
+        problems.append("manifest.base_versions: must list the versions this patch applies to")
+    else:
+        problems += [f"manifest.base_versions[{i}]: not a semantic version" for i, b in enumerate(bases)
+                     if not is_version(b)]  # fmt: skip
+    description = manifest.get("description", "")
+    if not isinstance(description, str) or len(description) > 2000:
+        problems.append("manifest.description: must be text of at most 2000 characters")
+    services = manifest.get("services")
+    if not isinstance(services, list) or not all(isinstance(s, str) for s in services):
+        problems.append("manifest.services: must list the services the patch may change (may be empty)")
+    else:
+        problems += [f"manifest.services[{i}]: unknown service {s!r} (known: {', '.join(SERVICES)})"
+                     for i, s in enumerate(services) if s not in SERVICES]  # fmt: skip
+    files = manifest.get("files")
+    paths: set[str] = set()
+    if not isinstance(files, list) or not files:
+        problems.append("manifest.files: must list the release's files")
+        files = []
+    if len(files) > MAX_FILES:
+        problems.append(f"manifest.files: more than {MAX_FILES} files")
+        files = []
+    for i, entry in enumerate(files):
+        where = f"manifest.files[{i}]"
+        if not isinstance(entry, dict) or set(entry) != {"path", "sha256", "size", "mode"}:
+            problems.append(f"{where}: must have exactly path, sha256, size and mode")
+            continue
+        reason = path_problem(entry["path"])
+        if reason:
+            problems.append(f"{where}.path: {reason}")
+        elif entry["path"] in paths:
+            problems.append(f"{where}.path: {entry['path']} listed twice")
+        paths.add(entry["path"])
+        sha = entry["sha256"]
+        if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+            problems.append(f"{where}.sha256: must be 64 lowercase hex digits")
+        if not isinstance(entry["size"], int) or isinstance(entry["size"], bool) or entry["size"] < 0:
+            problems.append(f"{where}.size: must be a byte count")
+        if entry["mode"] not in ("0644", "0755"):
+            problems.append(f"{where}.mode: must be 0644 or 0755")
+    missing = [p for p in REQUIRED if p not in paths] if files else []
+    problems += [f"manifest.files: {p} missing: a release holds the whole vr package" for p in missing]
+    hooks = manifest.get("hooks", {})
+    if not isinstance(hooks, dict) or set(hooks) - {"pre", "post"}:
+        problems.append("manifest.hooks: may only have pre and post")
+        hooks = {}
+    for when, hook in hooks.items():
+        where = f"manifest.hooks.{when}"
+        if not isinstance(hook, dict) or set(hook) != {"path", "timeout_s"}:
+            problems.append(f"{where}: must have exactly path and timeout_s")
+            continue
+        listed = next((f for f in files if isinstance(f, dict) and f.get("path") == hook["path"]), None)
+        if listed is None:
+            problems.append(f"{where}.path: {hook['path']!r} is not one of the bundle's files")
+        elif listed.get("mode") != "0755":
+            problems.append(f"{where}.path: {hook['path']} is not executable (mode 0755)")
+        timeout = hook["timeout_s"]
+        if not isinstance(timeout, int | float) or isinstance(timeout, bool) or not 0 < timeout <= MAX_HOOK_TIMEOUT_S:
+            problems.append(f"{where}.timeout_s: must be a number of seconds in (0, {MAX_HOOK_TIMEOUT_S}]")
+    return problems
+
+
+def path_problem(path: object) -> str | None:
+    """Why a release-relative path is unsafe, or None: it must stay inside the release tree."""
+    if not isinstance(path, str) or not path:
+        return "must be a non-empty relative path"
+    if path.startswith("/"):
+        return f"{path!r} is absolute"
+    if any(ord(c) < 32 or c in "\\\x7f" for c in path):
+        return f"{path!r} holds a control character or backslash"
+    parts = path.split("/")
+    if ".." in parts:
+        return f"{path!r} escapes the release tree (..)"
+    if "" in parts or "." in parts or posixpath.normpath(path) != path:
+        return f"{path!r} is not a normalised path"
+    if parts[0] in (MANIFEST, SIGNATURE, "current") or len(path) > 255:
+        return f"{path!r} is a reserved or too long name"
+    return None
+
+
+# ------------------------------------------------------------------------------- build
+def build(source: Path, version: str, key_path: Path, output: Path, base_versions: list[str] | None = None,
+          description: str | None = None, services: list[str] | None = None) -> dict:  # fmt: skip
+    """Sign SOURCE (a release tree, with an optional patch.json: base_versions, description,
+    services, hooks) as a bundle. The manifest is checked by the validator apply uses."""
+    if not source.is_dir():
+        raise PatchRefused(f"source {source} is not a directory")
+    key = _load_private_key(key_path)
+    described = read_json(source / PATCH_SOURCE) or {}
+    if not isinstance(described, dict):
+        raise PatchRefused(f"{source / PATCH_SOURCE}: must be a JSON object")
+    files, contents = [], {}
+    for path in sorted(source.rglob("*")):
+        relative = path.relative_to(source).as_posix()
+        if any(part in IGNORED_NAMES for part in path.relative_to(source).parts) or relative == PATCH_SOURCE:
+            continue
+        if path.suffix == ".pyc":
+            continue
+        if path.is_symlink():
+            raise PatchRefused(f"{relative}: links are not allowed in a release")
+        if path.is_dir():
+            continue
+        data = path.read_bytes()
+        contents[relative] = data
+        mode = "0755" if path.stat().st_mode & 0o100 else "0644"
+        files.append({"path": relative, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "mode": mode})
+    manifest = {
+        "format": FORMAT,
+        "version": version,
+        "base_versions": base_versions or described.get("base_versions") or [],
+        "description": description if description is not None else described.get("description", ""),
+        "services": services if services is not None else described.get("services", []),
+        "hooks": described.get("hooks", {}),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "files": files,
+    }
+    problems = validate_manifest(manifest)
+    if problems:
+        raise PatchRefused("cannot build: " + "; ".join(problems))
+    manifest_bytes = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz", format=tarfile.PAX_FORMAT) as tar:
+        _add(tar, MANIFEST, manifest_bytes, 0o644)
+        _add(tar, SIGNATURE, key.sign(manifest_bytes), 0o644)
+        for entry in files:
+            _add(tar, PAYLOAD + entry["path"], contents[entry["path"]], int(entry["mode"], 8))
+    write_atomic(output, buffer.getvalue(), mode=0o644)
+    return manifest
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes, mode: int) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), mode, 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+# ------------------------------------------------------------------------------- verify
+@dataclass
+class Bundle:
+    path: Path
+    manifest: dict
+    manifest_bytes: bytes
+    signer: str
+
+    @property
+    def version(self) -> str:
+        return self.manifest["version"]
+
+
+def verify(path: Path, settings: Settings) -> Bundle:
+    """Signature first (nothing unsigned is parsed further), then the manifest, then the tar's
+    members against it. Raises PatchRefused with the reason."""
+    try:
+        size = path.stat().st_size
+    except OSError as error:
+        raise PatchRefused(f"cannot read bundle {path}: {error.strerror}") from None
+    if size > MAX_BUNDLE_BYTES:
+        raise PatchRefused(f"bundle is {size} bytes, more than the {MAX_BUNDLE_BYTES} allowed")
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            members = _members(tar)
+            manifest_bytes = _read_member(tar, members, MANIFEST, MAX_MANIFEST_BYTES)
+            signature = _read_member(tar, members, SIGNATURE, 1024)
+    except (tarfile.TarError, EOFError, OSError, ValueError) as error:
+        raise PatchRefused(f"not a readable bundle: {error}") from None
+    signer = _check_signature(manifest_bytes, signature, settings)
+    try:
+        manifest = json.loads(manifest_bytes)
+    except ValueError as error:
+        raise PatchRefused(f"manifest.json is not valid JSON: {error}") from None
+    problems = validate_manifest(manifest)
+    if problems:
+        raise PatchRefused("bad manifest: " + "; ".join(problems))
+    listed = {f["path"]: f for f in manifest["files"]}
+    payload = {}
+    for name, member in members.items():
+        if name in (MANIFEST, SIGNATURE):
+            continue
+        relative = name[len(PAYLOAD) :]
+        if member.isdir():
+            continue
+        if relative not in listed:
+            raise PatchRefused(f"{name}: in the bundle but not in the manifest")
+        if member.size != listed[relative]["size"]:
+            raise PatchRefused(f"{name}: {member.size} bytes, the manifest says {listed[relative]['size']}")
+        payload[relative] = member
+    missing = sorted(set(listed) - set(payload))
+    if missing:
+        raise PatchRefused(f"files in the manifest but not in the bundle: {', '.join(missing[:5])}")
+    return Bundle(path, manifest, manifest_bytes, signer)
+
+
+def _members(tar: tarfile.TarFile) -> dict[str, tarfile.TarInfo]:
+    """Every member by name; anything but plain files and directories inside the tree is refused."""
+    members: dict[str, tarfile.TarInfo] = {}
+    for count, member in enumerate(tar):
+        if count > MAX_FILES + 2:
+            raise PatchRefused(f"more than {MAX_FILES} members")
+        name = member.name.rstrip("/") if member.isdir() else member.name
+        if name in (MANIFEST, SIGNATURE):
+            reason = None if member.isfile() else "must be a plain file"
+        elif name.startswith(PAYLOAD):
+            reason = path_problem(name[len(PAYLOAD) :])
+        elif name == PAYLOAD.rstrip("/") and member.isdir():
+            continue
+        else:
+            reason = "outside payload/ (a bundle holds manifest.json, manifest.sig and payload/)"
+        if reason is None and (member.issym() or member.islnk()):
+            target = posixpath.normpath(posixpath.join(posixpath.dirname(name), member.linkname))
+            outside = member.linkname.startswith("/") or not target.startswith(PAYLOAD)
+            reason = f"link to {member.linkname!r}{' points out of the tree' if outside else ''}: links are not allowed"
+        elif reason is None and not (member.isfile() or member.isdir()):
+            reason = "not a plain file or directory"
+        if reason is None and name in members:
+            reason = "appears twice"
+        if reason:
+            raise PatchRefused(f"bundle member {member.name!r}: {reason}")
+        members[name] = member
+    return members
+
+
+def _read_member(tar: tarfile.TarFile, members: dict, name: str, limit: int) -> bytes:
+    member = members.get(name)
+    if member is None:
+        raise PatchRefused(f"bundle has no {name}")
+    if member.size > limit:
+        raise PatchRefused(f"{name} is {member.size} bytes, more than {limit}")
+    return tar.extractfile(member).read()
+
+
+def _check_signature(manifest_bytes: bytes, signature: bytes, settings: Settings) -> str:
+    from cryptography.exceptions import InvalidSignature
+
+    keys = trusted_keys(settings)
+    if not keys:
+        raise PatchRefused(f"no trusted key in {settings.trusted_keys_dir}: add the publisher's .pub file there")
+    for name, key in keys:
+        try:
+            key.verify(signature, manifest_bytes)
+            return name
+        except InvalidSignature:
+            continue
+    raise PatchRefused(f"signature is not from a trusted key ({len(keys)} key(s) in {settings.trusted_keys_dir})")
+
+
+def unpack(bundle: Bundle, releases: Releases) -> Path:
+    """The release dir for the bundle: written beside the others (temporary name, every file
+    hashed as it is written, fsynced), then renamed into place. A release already installed
+    with this very manifest is used as it is, after its files are checked."""
+    target = releases.path(bundle.version)
+    if target.exists():
+        if (target / MANIFEST).read_bytes() != bundle.manifest_bytes:
+            raise PatchRefused(f"release {bundle.version} is installed with other content; remove it first")
+        _check_tree(target, bundle.manifest)
+        return target
+    releases.dir.mkdir(parents=True, exist_ok=True)
+    incoming = releases.dir / f".incoming-{bundle.version}-{uuid.uuid4().hex[:8]}"
+    incoming.mkdir(mode=0o755)
+    try:
+        with tarfile.open(bundle.path, "r:*") as tar:
+            members = _members(tar)
+            for entry in bundle.manifest["files"]:
+                _extract(tar, members[PAYLOAD + entry["path"]], incoming, entry)
+        write_atomic(incoming / MANIFEST, bundle.manifest_bytes, mode=0o644)
+        for directory in {p.parent for p in incoming.rglob("*")}:
+            fsync_dir(directory)
+        os.rename(incoming, target)
+        fsync_dir(releases.dir)
+    except BaseException:
+        shutil.rmtree(incoming, ignore_errors=True)
+        raise
+    return target
+
+
+def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo, root: Path, entry: dict) -> None:
+    """Written by us, not by tarfile: directories we made, files created exclusively and not
+    through links, so nothing in the archive can write outside root."""
+    relative = entry["path"]
+    parent = root
+    for part in relative.split("/")[:-1]:
+        parent = parent / part
+        if not parent.is_dir():
+            parent.mkdir(mode=0o755)
+    digest, size = hashlib.sha256(), 0
+    source = tar.extractfile(member)
+    fd = os.open(root / relative, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, int(entry["mode"], 8))
+    try:
+        while chunk := source.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+            os.write(fd, chunk)
+        os.fchmod(fd, int(entry["mode"], 8))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if digest.hexdigest() != entry["sha256"] or size != entry["size"]:
+        raise PatchRefused(f"payload/{relative}: SHA-256 does not match the manifest (file altered or corrupt)")
+
+
+def _check_tree(root: Path, manifest: dict) -> None:
+    for entry in manifest["files"]:
+        try:
+            data = (root / entry["path"]).read_bytes()
+        except OSError:
+            raise PatchRefused(f"installed release {manifest['version']}: {entry['path']} is missing") from None
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise PatchRefused(f"installed release {manifest['version']}: {entry['path']} was altered")
+
+
+# ------------------------------------------------------------------------------- fetch
+def fetch(source: str, settings: Settings) -> Path:
+    """A local path as it is; an http(s) URL downloaded (bounded) into the state dir."""
+    if "://" not in source:
+        return Path(source)
+    import requests
+
+    if not source.startswith(("http://", "https://")) or any(ord(c) < 33 for c in source):
+        raise PatchRefused(f"bundle URL {source!r}: only http:// and https:// URLs")
+    target = settings.state_dir / "incoming" / f"bundle-{uuid.uuid4().hex[:8]}.tar"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with requests.get(source, stream=True, timeout=(5, 30)) as response:
+            if response.status_code != 200:
+                raise PatchRefused(f"fetching {source}: HTTP {response.status_code}")
+            size = 0
+            with open(target, "wb") as out:
+                for chunk in response.iter_content(1 << 20):
+                    size += len(chunk)
+                    if size > MAX_BUNDLE_BYTES:
+                        raise PatchRefused(f"fetching {source}: more than {MAX_BUNDLE_BYTES} bytes")
+                    out.write(chunk)
+    except requests.RequestException as error:
+        target.unlink(missing_ok=True)
+        raise PatchRefused(f"fetching {source}: {type(error).__name__}: {error}") from None
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+    return target
+
+
+# ------------------------------------------------------------------------------- the switch
+class Patcher:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.releases = Releases(settings)
+        self.events = EventLog(settings.events_path)
+        settings.ensure_dirs()
+        self.lock_fd: int | None = None
+
+    # ---------------------------------------------------------------- commands
+    def apply(self, source: str) -> dict:
+        started = time.monotonic()
+        with router_lock(self.settings) as lock_fd:
+            self.lock_fd = lock_fd
+            self._recover_locked()
+            downloaded = fetch(source, self.settings)
+            try:
+                return self._apply_bundle(downloaded, started)
+            finally:
+                if downloaded != Path(source):
+                    downloaded.unlink(missing_ok=True)
+
+    def rollback(self) -> dict:
+        started = time.monotonic()
+        with router_lock(self.settings) as lock_fd:
+            self.lock_fd = lock_fd
+            self._recover_locked()
+            state = self.state()
+            running, previous = self.running(), state.get("previous")
+            if not previous or previous == running:
+                raise PatchRefused("no previous release to roll back to")
+            if previous not in self.releases.installed():
+                raise PatchRefused(f"previous release {previous} is no longer installed")
+            changed = self._selftest(previous, resource=f"release:{previous}")
+            return self._switch_over(running, previous, "rollback", started, changed=changed)
+
+    def recover(self) -> bool:
+        with router_lock(self.settings) as lock_fd:
+            self.lock_fd = lock_fd
+            return self._recover_locked()
+
+    def running(self) -> str:
+        """The current release, or the installed package's version before any patch."""
+        return self.releases.current() or __version__
+
+    def state(self) -> dict:
+        return read_json(self.settings.patch_state_path) or {}
+
+    def status(self) -> dict:
+        state = self.state()
+        return {"current": self.running(), "previous": state.get("previous"), "last": state.get("last"),
+                "interrupted": self.settings.patch_journal_path.exists(),
+                "installed": self.releases.installed()}  # fmt: skip
+
+    def list(self) -> list[dict]:
+        current = self.releases.current()
+        rows = []
+        for version in self.releases.installed():
+            manifest = self.releases.manifest(version)
+            rows.append({"version": version, "current": version == current,
+                         "description": manifest.get("description", ""), "created": manifest.get("created"),
+                         "base_versions": manifest.get("base_versions", [])})  # fmt: skip
+        return rows
+
+    # ---------------------------------------------------------------- apply, step by step
+    def _apply_bundle(self, path: Path, started: float) -> dict:
+        running = self.running()
+        try:
+            bundle = verify(path, self.settings)
+        except PatchRefused as error:
+            self._event("release:unknown", "refused", str(error))
+            raise
+        resource = f"release:{bundle.version}"
+        try:
+            if bundle.version == running:
+                raise PatchRefused(f"release {running} is already running")
+            if running not in bundle.manifest["base_versions"]:
+                raise PatchRefused(f"bundle {bundle.version} applies to base versions "
+                                   f"{', '.join(bundle.manifest['base_versions'])}; this router runs {running}")  # fmt: skip
+        except PatchRefused as error:
+            self._event(resource, "refused", str(error))
+            raise
+        self._event(resource, "verified", f"signed by {bundle.signer}; base {running}")
+        self._adopt_installed()
+        release_dir = unpack(bundle, self.releases)
+        self._event(resource, "unpacked", str(release_dir))
+        try:
+            changed = self._selftest(bundle.version, resource)
+            undeclared = sorted(set(changed) - set(bundle.manifest["services"]))
+            if undeclared:
+                raise PatchRefused(f"release {bundle.version} changes the files of {', '.join(undeclared)}, "
+                                   f"which its manifest does not declare (services: "
+                                   f"{', '.join(bundle.manifest['services']) or 'none'})")  # fmt: skip
+            self._hook(bundle.manifest, "pre", bundle.version, running)
+        except PatchRefused as error:
+            self._event(resource, "refused", str(error))
+            raise
+        return self._switch_over(running, bundle.version, "apply", started, changed=changed, manifest=bundle.manifest)
+
+    def _switch_over(self, old: str, new: str, action: str, started: float, changed: dict,
+                     manifest: dict | None = None) -> dict:  # fmt: skip
+        """From old to new: switch, control plane, re-render, gate; any failure: back to old."""
+        txid = uuid.uuid4().hex[:12]
+        resource = f"release:{new}"
+        timings: dict[str, float] = {}
+        write_json_atomic(self.settings.patch_journal_path,
+                          {"txid": txid, "action": action, "from": old, "to": new, "time": time.time()})  # fmt: skip
+        fault_point("patch-journaled")
+        step = "switch"
+        try:
+            mark = time.monotonic()
+            self.releases.switch(new)
+            self._event(resource, "switched", f"current -> {new} (was {old})")
+            fault_point("patch-switched")
+            step = "control-plane"
+            self._restart_control_plane(new)
+            step = "reload"
+            reloaded = self._reconcile(new)
+            self._event(resource, "reloaded", f"services reloaded: {', '.join(reloaded) or 'none'}")
+            step = "health"
+            self._wait_control_plane(new)
+            if manifest is not None:
+                step = "post-hook"
+                self._hook(manifest, "post", new, old)
+            timings["switch_ms"] = round((time.monotonic() - mark) * 1000, 1)
+        except (VrError, OSError, ValueError, subprocess.SubprocessError) as error:
+            reason = f"{step} failed: {error}"
+            self._event(resource, "failed", reason)
+            self._alert(f"{action} to release {new} failed at {step} and was rolled back to {old}: {error}")
+            self._switch_back(old, new)
+            self._record(txid, action, old, new, "rolled-back", reason, started)
+            raise PatchFailed(f"{action} to {new} failed ({reason}); rolled back to {old}") from None
+        fault_point("patch-gated")
+        result = self._record(txid, action, old, new, "ok", f"services reloaded: {', '.join(reloaded) or 'none'}",
+                              started, previous=old)  # fmt: skip
+        self._event(resource, "committed", f"{action} {old} -> {new} in {result['duration_ms']:.0f} ms")
+        return result | {"selftest_changed": sorted(changed), **timings}
+
+    def _switch_back(self, old: str, new: str) -> None:
+        """The failure path: old release current again, its monitor, its rendering."""
+        resource = f"release:{old}"
+        try:
+            self.releases.switch(old)
+            self._restart_control_plane(old)
+            self._reconcile(old)
+            self._wait_control_plane(old)
+            self._event(resource, "rolled-back", f"back on {old} after {new} failed")
+        except (VrError, OSError, ValueError, subprocess.SubprocessError) as error:
+            self._event(resource, "failed", f"switching back to {old}: {error}")
+            self._alert(f"switching back to release {old} failed too: {error}")
+
+    # ---------------------------------------------------------------- the new release's own code
+    def _run_release(self, version: str, *args: str, timeout: float, lock: bool = False):
+        argv, env = self.releases.command(version, self.settings, *args)
+        pass_fds: tuple[int, ...] = ()
+        if lock and self.lock_fd is not None:
+            env.update(inheritable_lock_env(self.lock_fd))
+            pass_fds = (self.lock_fd,)
+        env.pop("VR_FAULT_AT", None)  # crash tests aim at this process, not at its helpers
+        return subprocess.run(argv, check=False, env=env, capture_output=True, text=True, timeout=timeout,
+                              pass_fds=pass_fds,
+                              cwd=self.releases.path(version))  # fmt: skip
+
+    def _selftest(self, version: str, resource: str) -> dict:
+        """The release imports, renders the live document and passes the daemons' checkers."""
+        result = self._run_release(version, "selftest", "--json", timeout=SELFTEST_TIMEOUT_S)
+        if result.returncode != 0:
+            raise PatchRefused(f"self-test of release {version} failed: {_last_words(result)}")
+        report = json.loads(result.stdout.strip().splitlines()[-1])
+        if report.get("version") != version:
+            raise PatchRefused(f"self-test ran release {report.get('version')}, not {version}")
+        changed = report.get("changed", {})
+        self._event(resource, "self-tested", f"would change: {', '.join(sorted(changed)) or 'nothing'}")
+        return changed
+
+    def _reconcile(self, version: str) -> list[str]:
+        result = self._run_release(version, "reconcile", "--json", timeout=RECONCILE_TIMEOUT_S, lock=True)
+        if result.returncode != 0:
+            raise PatchFailed(_last_words(result))
+        return json.loads(result.stdout.strip().splitlines()[-1]).get("changed", [])
+
+    def _hook(self, manifest: dict, when: str, new: str, old: str) -> None:
+        hook = manifest.get("hooks", {}).get(when)
+        if not hook:
+            return
+        release_dir = self.releases.path(new)
+        env = {**os.environ, **self.settings.environment(), "VR_RELEASE_DIR": str(release_dir),
+               "VR_FROM_VERSION": old, "VR_TO_VERSION": new}  # fmt: skip
+        process = subprocess.Popen([str(release_dir / hook["path"])], cwd=release_dir, env=env, stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        try:
+            output, _ = process.communicate(timeout=hook["timeout_s"])
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            error = f"{when} hook {hook['path']} did not finish within {hook['timeout_s']} s (killed)"
+            raise (PatchRefused if when == "pre" else PatchFailed)(error) from None
+        text = output.decode(errors="replace").strip().splitlines()
+        if process.returncode != 0:
+            error = f"{when} hook {hook['path']} exited {process.returncode}: {' | '.join(text[-3:])}"
+            raise (PatchRefused if when == "pre" else PatchFailed)(error)
+        self._event(f"release:{new}", f"{when}-hook", " | ".join(text[-3:]))
+
+    # ---------------------------------------------------------------- vr's own processes
+    def _control_plane(self) -> list[str]:
+        from vr.supervisor_rpc import SupervisorClient
+
+        supervisor = SupervisorClient(self.settings)
+        if not supervisor.is_running():
+            return []
+        return [p["name"] for p in supervisor.all_processes() if p["name"] in CONTROL_PLANE]
+
+    def _restart_control_plane(self, version: str) -> None:
+        from vr.supervisor_rpc import SupervisorClient
+
+        supervisor = SupervisorClient(self.settings)
+        for name in self._control_plane():
+            supervisor.restart(name)
+        self._event(f"release:{version}", "restarted", f"vr processes: {', '.join(self._control_plane()) or 'none'}")
+
+    def _wait_control_plane(self, version: str) -> None:
+        """The restarted monitor runs the new code and works: it wrote its health report with
+        its own PID and version (a monitor that dies at import never does)."""
+        from vr.monitor import HEALTH
+        from vr.supervisor_rpc import SupervisorClient
+
+        if "monitor" not in self._control_plane():
+            return
+        supervisor = SupervisorClient(self.settings)
+        deadline = time.monotonic() + CONTROL_PLANE_DEADLINE_S
+        while True:
+            pid = supervisor.pid("monitor")
+            health = read_json(self.settings.run_dir / HEALTH) or {}
+            if pid and health.get("monitor_pid") == pid and health.get("version") == version:
+                return
+            if time.monotonic() > deadline:
+                raise PatchFailed(f"the monitor did not come up on release {version} within "
+                                  f"{CONTROL_PLANE_DEADLINE_S:.0f} s (state {supervisor.state('monitor')}, "
+                                  f"reports {health.get('version')} pid {health.get('monitor_pid')})")  # fmt: skip
+            time.sleep(0.05)
+
+    # ---------------------------------------------------------------- the installed package as a release
+    def _adopt_installed(self) -> None:
+        """Before the first patch, the running package becomes release <its version>, so
+        there is a release to roll back to."""
+        if self.releases.current() is not None:
+            return
+        from vr.settings import _default_template_dir
+
+        target = self.releases.dir / __version__
+        if not (target / MANIFEST).exists():
+            incoming = self.releases.dir / f".incoming-{__version__}-{uuid.uuid4().hex[:8]}"
+            shutil.rmtree(target, ignore_errors=True)
+            ignore = shutil.ignore_patterns(*IGNORED_NAMES, "*.pyc")
+            shutil.copytree(code_dir() / "vr", incoming / "vr", ignore=ignore)
+            templates = self.settings.template_dir if self.settings.template_dir.is_dir() else _default_template_dir()
+            shutil.copytree(templates, incoming / "configs", ignore=ignore)
+            files = []
+            for path in sorted(p for p in incoming.rglob("*") if p.is_file()):
+                data = path.read_bytes()
+                files.append({"path": path.relative_to(incoming).as_posix(), "sha256": hashlib.sha256(data).hexdigest(),
+                              "size": len(data), "mode": "0755" if path.stat().st_mode & 0o100 else "0644"})  # fmt: skip
+            manifest = {"format": FORMAT, "version": __version__, "base_versions": [__version__],
+                        "description": "the release installed with the appliance", "services": [], "hooks": {},
+                        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files}  # fmt: skip
+            write_atomic(incoming / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+            os.rename(incoming, target)
+        self.releases.switch(__version__)
+        self._event(f"release:{__version__}", "adopted", f"the installed package, copied to {target}")
+
+    # ---------------------------------------------------------------- crash recovery
+    def _recover_locked(self) -> bool:
+        """A patch interrupted (crash, kill, power) after its journal: back on the old release.
+        Its re-render and reload happen here if the router is up; at boot, `vr start` does it."""
+        for leftover in self.releases.dir.glob(".incoming-*") if self.releases.dir.is_dir() else ():
+            shutil.rmtree(leftover, ignore_errors=True)
+        journal = read_json(self.settings.patch_journal_path)
+        if journal is None:
+            return False
+        if self.state().get("last", {}).get("txid") == journal.get("txid"):
+            self._clear_journal()  # it had been recorded: only the clean-up was missing
+            return True
+        old, new = journal["from"], journal["to"]
+        if self.releases.current() != old and (self.releases.path(old) / "vr").is_dir():
+            self.releases.switch(old)
+        if self._control_plane():
+            self._restart_control_plane(old)
+            self._reconcile(old)
+        self._record(journal["txid"], journal["action"], old, new, "rolled-back",
+                     "interrupted (crash or kill); rolled back at the next start", time.monotonic())  # fmt: skip
+        self._event(f"release:{old}", "recovered", f"{journal['action']} {old} -> {new} was interrupted; back on {old}")
+        return True
+
+    # ---------------------------------------------------------------- bookkeeping
+    def _record(self, txid: str, action: str, old: str, new: str, outcome: str, message: str, started: float,
+                previous: str | None = None) -> dict:  # fmt: skip
+        state = self.state()
+        last = {"txid": txid, "action": action, "from": old, "to": new, "outcome": outcome, "message": message,
+                "time": time.time(), "duration_ms": round((time.monotonic() - started) * 1000, 1)}  # fmt: skip
+        current = self.running()
+        write_json_atomic(self.settings.patch_state_path,
+                          {"current": current, "previous": previous or state.get("previous"), "last": last})  # fmt: skip
+        self._clear_journal()
+        return last
+
+    def _clear_journal(self) -> None:
+        self.settings.patch_journal_path.unlink(missing_ok=True)
+        fsync_dir(self.settings.state_dir)
+
+    def _event(self, resource: str, outcome: str, message: str) -> None:
+        self.events.write([event("patch", resource, outcome, message)])
+
+    def _alert(self, message: str) -> None:
+        from vr.alerts import AlertQueue, make_alert
+        from vr.monitor import ALERT_QUEUE
+
+        document = read_json(self.settings.document_path) or {}
+        router = (document.get("router") or {}).get("name", "")
+        alert = make_alert(router, "patch", "critical", message)
+        self.events.write([event("alert", "service:patch", "critical", json.dumps(alert, sort_keys=True))])
+        AlertQueue(self.settings.state_dir / ALERT_QUEUE).put(alert)  # the (restarted) monitor delivers it
+
+
+def _last_words(result: subprocess.CompletedProcess) -> str:
+    lines = [line for line in (result.stderr or "").strip().splitlines() if line.strip()]
+    return " | ".join(lines[-3:]) or f"exit code {result.returncode}"
