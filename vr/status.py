@@ -58,9 +58,8 @@ def collect(settings: Settings, firewall: bool = False, lb: bool = False, vpn: b
     tunnels = None
     if vpn and doc is not None:
         tunnels = _vpn(doc, runtime)
-    from vr.services.radvd import tier_mode
-
     from vr.release import running_version
+    from vr.services.radvd import tier_mode
 
     return {
         "release": running_version(),
