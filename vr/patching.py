@@ -321,7 +321,22 @@ def verify(path: Path, settings: Settings) -> Bundle:
     missing = sorted(set(listed) - set(payload))
     if missing:
         raise PatchRefused(f"files in the manifest but not in the bundle: {', '.join(missing[:5])}")
+    _check_hashes(path, listed)
     return Bundle(path, manifest, manifest_bytes, signer)
+
+
+def _check_hashes(path: Path, listed: dict[str, dict]) -> None:
+    """Every payload file against its manifest hash, before anything is written."""
+    with tarfile.open(path, "r:*") as tar:
+        for member in tar:
+            relative = member.name[len(PAYLOAD) :]
+            if not member.isfile() or relative not in listed:
+                continue
+            digest, source = hashlib.sha256(), tar.extractfile(member)
+            while chunk := source.read(1 << 20):
+                digest.update(chunk)
+            if digest.hexdigest() != listed[relative]["sha256"]:
+                raise PatchRefused(f"payload/{relative}: SHA-256 does not match the manifest (file altered or corrupt)")
 
 
 def _members(tar: tarfile.TarFile) -> dict[str, tarfile.TarInfo]:
@@ -555,7 +570,7 @@ class Patcher:
             self._event(resource, "refused", str(error))
             raise
         self._event(resource, "verified", f"signed by {bundle.signer}; base {running}")
-        self._adopt_installed()
+        fresh = not self.releases.path(bundle.version).exists()
         release_dir = unpack(bundle, self.releases)
         self._event(resource, "unpacked", str(release_dir))
         try:
@@ -567,8 +582,11 @@ class Patcher:
                                    f"{', '.join(bundle.manifest['services']) or 'none'})")  # fmt: skip
             self._hook(bundle.manifest, "pre", bundle.version, running)
         except PatchRefused as error:
+            if fresh:  # refused: the release it unpacked goes too
+                shutil.rmtree(release_dir, ignore_errors=True)
             self._event(resource, "refused", str(error))
             raise
+        self._adopt_installed()
         return self._switch_over(running, bundle.version, "apply", started, changed=changed, manifest=bundle.manifest)
 
     def _switch_over(self, old: str, new: str, action: str, started: float, changed: dict,

@@ -1,0 +1,349 @@
+"""Live-patch bundles without a network: building, signing, every refusal, and the release
+switch on a router root with nothing configured yet (so no namespace is needed). The `vr`
+command runs as a real process, as an operator would run it."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from vr import __version__, patching
+from vr.lock import router_lock
+from vr.release import Releases, is_version, version_key
+from vr.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "patches"))
+from make_source import make_source
+
+EXAMPLE = REPO / "patches" / "examples" / "0.1.1"
+
+
+def vr(root: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vr", "--root", str(root), *args], capture_output=True, text=True,
+                          timeout=120, cwd=REPO, env={**os.environ, **(env or {})})  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def workshop(tmp_path_factory) -> dict:
+    """A publisher's key pair, a stranger's, and the example 0.1.1 built and signed."""
+    where = tmp_path_factory.mktemp("workshop")
+    private, public = patching.keygen(where / "publisher")
+    stranger, _ = patching.keygen(where / "stranger")
+    source = make_source(EXAMPLE, where / "src-0.1.1")
+    bundle = where / "vr-0.1.1.tar.gz"
+    patching.build(source, "0.1.1", private, bundle)
+    return {"dir": where, "key": private, "pub": public, "stranger": stranger, "source": source, "bundle": bundle}
+
+
+@pytest.fixture
+def router(tmp_path, workshop) -> Path:
+    """A router root that trusts the publisher."""
+    root = tmp_path / "router"
+    keys = Settings.under_root(root).trusted_keys_dir
+    keys.mkdir(parents=True)
+    shutil.copy(workshop["pub"], keys / "publisher.pub")
+    return root
+
+
+def releases_state(root: Path) -> dict:
+    releases = Settings.under_root(root).releases_dir
+    if not releases.exists():
+        return {}
+    return {p.name: (os.readlink(p) if p.is_symlink() else "dir") for p in releases.iterdir()}
+
+
+def status_release(root: Path) -> str:
+    return json.loads(vr(root, "status", "--json").stdout)["release"]
+
+
+def rewrite(bundle: Path, out: Path, change) -> Path:
+    """A copy of bundle with change(name, data, info) -> list of (TarInfo, data) applied per member."""
+    with tarfile.open(bundle) as source, tarfile.open(out, "w:gz") as target:
+        for member in source:
+            data = source.extractfile(member).read() if member.isfile() else b""
+            for info, content in change(member.name, data, member):
+                info.size = len(content) if info.isfile() else 0
+                target.addfile(info, io.BytesIO(content) if info.isfile() else None)
+    return out
+
+
+def signed_manifest(workshop, edit) -> tuple[bytes, bytes]:
+    """The example's manifest edited, and signed by the publisher: refusals past the signature."""
+    with tarfile.open(workshop["bundle"]) as tar:
+        manifest = json.loads(tar.extractfile("manifest.json").read())
+    edit(manifest)
+    data = json.dumps(manifest).encode()
+    return data, patching._load_private_key(workshop["key"]).sign(data)
+
+
+# --------------------------------------------------------------------------- the happy path
+def test_apply_switches_every_vr_command_to_the_new_release_and_rollback_returns(router, workshop):
+    assert status_release(router) == __version__
+    result = vr(router, "patch", "apply", str(workshop["bundle"]), "--json")
+    assert result.returncode == 0, result.stderr
+    outcome = json.loads(result.stdout)
+    assert (outcome["from"], outcome["to"], outcome["outcome"]) == (__version__, "0.1.1", "ok")
+    assert releases_state(router) == {__version__: "dir", "0.1.1": "dir", "current": "0.1.1"}
+    # The installed package's `vr` now runs the release's code: it reports the release's version.
+    assert status_release(router) == "0.1.1"
+    new_code = Settings.under_root(router).releases_dir / "0.1.1" / "vr" / "services" / "haproxy.py"
+    assert "X-Vr-Release" not in new_code.read_text() and "running_version()" in new_code.read_text()
+    listing = vr(router, "patch", "list").stdout
+    assert "* 0.1.1" in listing and f"  {__version__}" in listing
+    status = json.loads(vr(router, "patch", "status", "--json").stdout)
+    assert (status["current"], status["previous"], status["last"]["outcome"]) == ("0.1.1", __version__, "ok")
+
+    result = vr(router, "patch", "rollback")
+    assert result.returncode == 0, result.stderr
+    assert f"rollback 0.1.1 -> {__version__}: ok" in result.stdout
+    assert releases_state(router)["current"] == __version__ and status_release(router) == __version__
+    status = json.loads(vr(router, "patch", "status", "--json").stdout)
+    assert (status["current"], status["previous"]) == (__version__, "0.1.1")
+    steps = [json.loads(line)["outcome"] for line in vr(router, "events", "--resource", "release").stdout.splitlines()]
+    assert steps[:5] == ["verified", "unpacked", "self-tested", "adopted", "switched"]
+    assert steps.count("committed") == 2 and "post-hook" in steps and "switched" in steps
+
+    # Applying it again uses the installed release (checked, not unpacked twice).
+    assert vr(router, "patch", "apply", str(workshop["bundle"])).returncode == 0
+    assert status_release(router) == "0.1.1"
+    again = vr(router, "patch", "apply", str(workshop["bundle"]))
+    assert again.returncode == 2 and "release 0.1.1 is already running" in again.stderr
+
+
+def test_a_bundle_is_fetched_by_url(router, workshop):
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(workshop["dir"]), **kwargs)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        missing = vr(router, "patch", "apply", f"{base}/nothing.tar.gz")
+        assert missing.returncode == 2 and "HTTP 404" in missing.stderr
+        assert releases_state(router) == {}
+        result = vr(router, "patch", "apply", f"{base}/{workshop['bundle'].name}")
+        assert result.returncode == 0, result.stderr
+        assert status_release(router) == "0.1.1"
+        assert not list((Settings.under_root(router).state_dir / "incoming").iterdir())
+    finally:
+        server.shutdown()
+
+
+# --------------------------------------------------------------------------- refusals: nothing changes
+def _untrusted(workshop, tmp):
+    bundle = tmp / "stranger.tar.gz"
+    patching.build(workshop["source"], "0.1.1", workshop["stranger"], bundle)
+    return bundle
+
+
+def _altered_file(workshop, tmp):
+    def change(name, data, info):
+        return [(info, data + b"# one more line\n" if name == "payload/vr/services/haproxy.py" else data)]
+
+    return rewrite(workshop["bundle"], tmp / "altered.tar.gz", change)
+
+
+def _altered_same_size(workshop, tmp):
+    def change(name, data, info):
+        return [(info, data.replace(b"import", b"IMPORT", 1) if name == "payload/vr/cli.py" else data)]
+
+    return rewrite(workshop["bundle"], tmp / "same-size.tar.gz", change)
+
+
+def _manifest_edited(workshop, tmp):
+    def change(name, data, info):
+        return [(info, data.replace(b'"0.1.0"', b'"0.0.9"') if name == "manifest.json" else data)]
+
+    return rewrite(workshop["bundle"], tmp / "edited.tar.gz", change)
+
+
+def _member(name: str, kind=tarfile.REGTYPE, link: str = ""):
+    def make(workshop, tmp):
+        def change(member_name, data, info):
+            out = [(info, data)]
+            if member_name == "manifest.sig":
+                extra = tarfile.TarInfo(name)
+                extra.type, extra.linkname = kind, link
+                out.append((extra, b"#!/bin/sh\necho owned\n"))
+            return out
+
+        return rewrite(workshop["bundle"], tmp / "member.tar.gz", change)
+
+    return make
+
+
+def _signed(edit, payload_change=None):
+    def make(workshop, tmp):
+        manifest, signature = signed_manifest(workshop, edit)
+
+        def change(name, data, info):
+            if name == "manifest.json":
+                return [(info, manifest)]
+            if name == "manifest.sig":
+                return [(info, signature)]
+            return payload_change(name, data, info) if payload_change else [(info, data)]
+
+        return rewrite(workshop["bundle"], tmp / "signed.tar.gz", change)
+
+    return make
+
+
+def _escaping_manifest(manifest):
+    manifest["files"][0]["path"] = "../../etc/cron.d/x"
+
+
+def _not_a_tar(workshop, tmp):
+    path = tmp / "junk.tar.gz"
+    path.write_bytes(b"this is not a tar file\n" * 10)
+    return path
+
+
+REFUSALS = {
+    "signed by a stranger": (_untrusted, "signature is not from a trusted key"),
+    "file altered": (_altered_file, "the manifest says"),
+    "file altered, same size": (_altered_same_size, "SHA-256 does not match the manifest"),
+    "manifest altered after signing": (_manifest_edited, "signature is not from a trusted key"),
+    "path with ..": (_member("payload/../../etc/evil"), "escapes the release tree"),
+    "absolute path": (_member("/etc/evil"), "outside payload/"),
+    "link out of the tree": (
+        _member("payload/vr/evil", tarfile.SYMTYPE, "../../../../etc/shadow"),
+        "points out of the tree",
+    ),  # fmt: skip
+    "hard link": (_member("payload/vr/evil", tarfile.LNKTYPE, "payload/vr/cli.py"), "links are not allowed"),
+    "device": (_member("payload/vr/evil", tarfile.CHRTYPE), "not a plain file or directory"),
+    "file not in the manifest": (_member("payload/vr/extra.py"), "in the bundle but not in the manifest"),
+    "manifest path escaping": (_signed(_escaping_manifest), "escapes the release tree"),
+    "wrong base version": (
+        _signed(lambda m: m.update(base_versions=["0.0.9"])),
+        f"applies to base versions 0.0.9; this router runs {__version__}",
+    ),  # fmt: skip
+    "bad version": (_signed(lambda m: m.update(version="1.0")), "manifest.version: must be a semantic version"),
+    "setuid mode": (_signed(lambda m: m["files"][0].update(mode="4755")), "mode: must be 0644 or 0755"),
+    "unknown service": (_signed(lambda m: m.update(services=["sshd"])), "unknown service 'sshd'"),
+    "not a tar": (_not_a_tar, "not a readable bundle"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_a_bad_bundle_is_refused_with_its_reason_and_nothing_changes(router, workshop, tmp_path, case):
+    make, reason = REFUSALS[case]
+    bundle = make(workshop, tmp_path)
+    before = releases_state(router)
+    result = vr(router, "patch", "apply", str(bundle))
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert reason in result.stderr
+    assert releases_state(router) == before
+    assert status_release(router) == __version__
+    refused = [json.loads(line) for line in vr(router, "events", "--resource", "release").stdout.splitlines()]
+    assert refused[-1]["outcome"] == "refused"
+
+
+def test_no_trusted_key_refuses_every_bundle(tmp_path, workshop):
+    result = vr(tmp_path / "router", "patch", "apply", str(workshop["bundle"]))
+    assert result.returncode == 2 and "no trusted key in" in result.stderr
+    assert releases_state(tmp_path / "router") == {}
+
+
+def test_a_failing_pre_hook_refuses_the_patch(router, workshop, tmp_path):
+    source = make_source(EXAMPLE, tmp_path / "src")
+    (source / "scripts" / "pre.sh").write_text("#!/bin/sh\necho 'not enough disk' >&2\nexit 3\n")
+    (source / "scripts" / "pre.sh").chmod(0o755)
+    described = json.loads((source / "patch.json").read_text())
+    described["hooks"]["pre"] = {"path": "scripts/pre.sh", "timeout_s": 5}
+    (source / "patch.json").write_text(json.dumps(described))
+    patching.build(source, "0.1.1", workshop["key"], tmp_path / "hooked.tar.gz")
+    result = vr(router, "patch", "apply", str(tmp_path / "hooked.tar.gz"))
+    assert result.returncode == 2 and "pre hook scripts/pre.sh exited 3: not enough disk" in result.stderr
+    assert releases_state(router) == {}  # not even the unpacked release is left
+    assert status_release(router) == __version__
+
+
+def test_build_refuses_a_source_that_is_not_a_release(workshop, tmp_path):
+    (tmp_path / "src" / "configs").mkdir(parents=True)
+    (tmp_path / "src" / "configs" / "haproxy.cfg.j2").write_text("global\n")
+    result = vr(tmp_path, "patch", "build", str(tmp_path / "src"), "--version", "0.1.1", "--key",
+                str(workshop["key"]), "--base", "0.1.0", "-o", str(tmp_path / "b.tar.gz"))  # fmt: skip
+    assert result.returncode == 2 and "vr/__init__.py missing" in result.stderr
+    assert not (tmp_path / "b.tar.gz").exists()
+    result = vr(tmp_path, "patch", "build", str(workshop["source"]), "--key", str(workshop["key"]))
+    assert result.returncode == 2 and "patch build needs --version, --out" in result.stderr
+
+
+def test_a_second_patch_while_one_runs_is_refused(router, workshop):
+    with router_lock(Settings.under_root(router)):
+        result = vr(router, "patch", "apply", str(workshop["bundle"]))
+    assert result.returncode == 75 and "another apply or patch is running" in result.stderr
+    assert releases_state(router) == {}
+
+
+# --------------------------------------------------------------------------- crashes
+@pytest.mark.parametrize("step", ["patch-journaled", "patch-switched", "patch-gated"])
+def test_a_patch_killed_half_way_is_rolled_back_at_the_next_start(router, workshop, step):
+    killed = vr(router, "patch", "apply", str(workshop["bundle"]), env={"VR_FAULT_AT": step})
+    assert killed.returncode == -9
+    assert json.loads(vr(router, "patch", "status", "--json").stdout)["interrupted"] is True
+    recovered = vr(router, "recover")
+    assert recovered.returncode == 0, recovered.stderr
+    assert releases_state(router)["current"] == __version__ and status_release(router) == __version__
+    status = json.loads(vr(router, "patch", "status", "--json").stdout)
+    assert status["interrupted"] is False and status["last"]["outcome"] == "rolled-back"
+    assert "interrupted" in status["last"]["message"]
+    # And the patch can be applied again.
+    assert vr(router, "patch", "apply", str(workshop["bundle"])).returncode == 0
+    assert status_release(router) == "0.1.1"
+
+
+# --------------------------------------------------------------------------- small parts
+def test_versions_and_paths():
+    assert all(is_version(v) for v in ("0.1.0", "1.20.3", "2.0.0-rc.1", "2.0.0+build.7"))
+    assert not any(is_version(v) for v in ("1.0", "01.0.0", "1.0.0-", "1.0.0-a..b", "../1.0.0", "1.0.0\n"))
+    ordered = ["0.9.0", "1.0.0-alpha", "1.0.0-rc.1", "1.0.0", "1.0.1", "1.10.0"]
+    assert sorted(reversed(ordered), key=version_key) == ordered
+    assert patching.path_problem("vr/cli.py") is None
+    for bad in ("", "/etc/x", "a/../b", "a//b", "./a", "a\nb", "manifest.json", "a\\b"):
+        assert patching.path_problem(bad) is not None, bad
+
+
+def test_the_switch_is_one_rename(tmp_path):
+    settings = Settings.under_root(tmp_path)
+    releases = Releases(settings)
+    for version in ("1.0.0", "1.1.0"):
+        (releases.path(version) / "vr").mkdir(parents=True)
+        (releases.path(version) / "vr" / "__init__.py").write_text("")
+        (releases.path(version) / "manifest.json").write_text(json.dumps({"version": version}))
+    releases.switch("1.0.0")
+    inode = os.lstat(releases.current_link).st_ino
+    releases.switch("1.1.0")
+    assert releases.current() == "1.1.0" and os.lstat(releases.current_link).st_ino != inode
+    assert releases.installed() == ["1.0.0", "1.1.0"]
+    assert sorted(p.name for p in releases.dir.iterdir()) == ["1.0.0", "1.1.0", "current"]
+    with pytest.raises(FileNotFoundError):
+        releases.switch("2.0.0")
+
+
+def test_the_manifest_lists_every_file_with_its_hash(workshop):
+    with tarfile.open(workshop["bundle"]) as tar:
+        manifest = json.loads(tar.extractfile("manifest.json").read())
+        for entry in manifest["files"]:
+            data = tar.extractfile("payload/" + entry["path"]).read()
+            assert hashlib.sha256(data).hexdigest() == entry["sha256"] and len(data) == entry["size"]
+    assert manifest["version"] == "0.1.1" and manifest["base_versions"] == ["0.1.0"]
+    assert manifest["services"] == ["haproxy"]
+    assert manifest["hooks"]["post"] == {"path": "scripts/post-apply.sh", "timeout_s": 30}
+    assert not any("__pycache__" in f["path"] or f["path"] == "patch.json" for f in manifest["files"])
