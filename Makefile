@@ -20,6 +20,7 @@ bench: deps
 	$(VENV)/bin/python bench/lb_reload.py
 	$(VENV)/bin/python bench/vpn_scale.py
 	$(VENV)/bin/python bench/recovery.py
+	$(VENV)/bin/python bench/patch_zero_downtime.py
 
 deps: apt venv
 

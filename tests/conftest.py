@@ -10,6 +10,7 @@ import itertools
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,12 @@ import pytest
 
 from vr.lab import Lab
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "configs" / "examples"
+REPO_DIR = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO_DIR / "configs" / "examples"
+PATCH_EXAMPLES = REPO_DIR / "patches" / "examples"
+sys.path.insert(0, str(REPO_DIR / "patches"))
+from make_source import make_source
+
 _counter = itertools.count()
 
 
@@ -103,3 +109,21 @@ def make_ca_and_certificate(tmp_path, name: str, days: int = 30):
     ca_file.write_bytes(ca.public_bytes(pem))
     key_pem = key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     return str(ca_file), {"certificate": cert.public_bytes(pem).decode(), "key": key_pem.decode()}
+
+
+@pytest.fixture(scope="session")
+def workshop(tmp_path_factory) -> dict:
+    """A patch publisher's key pair, a stranger's, and the example bundles built and signed:
+    0.1.1 (haproxy's X-Vr-Release header) and 0.2.0 (deliberately breaks DNS)."""
+    from vr import patching
+
+    where = tmp_path_factory.mktemp("workshop")
+    where.chmod(0o755)
+    private, public = patching.keygen(where / "publisher")
+    stranger, _ = patching.keygen(where / "stranger")
+    source = make_source(PATCH_EXAMPLES / "0.1.1", where / "src-0.1.1")
+    bundle, broken = where / "vr-0.1.1.tar.gz", where / "vr-0.2.0-broken.tar.gz"
+    patching.build(source, "0.1.1", private, bundle)
+    patching.build(make_source(PATCH_EXAMPLES / "0.2.0-broken", where / "src-0.2.0"), "0.2.0", private, broken)
+    return {"dir": where, "key": private, "pub": public, "stranger": stranger, "source": source, "bundle": bundle,
+            "broken": broken}  # fmt: skip

@@ -18,33 +18,18 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import PATCH_EXAMPLES, REPO_DIR, make_source
 from vr import __version__, patching
 from vr.lock import router_lock
 from vr.release import Releases, is_version, version_key
 from vr.settings import Settings
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "patches"))
-from make_source import make_source
-
-EXAMPLE = REPO / "patches" / "examples" / "0.1.1"
+EXAMPLE = PATCH_EXAMPLES / "0.1.1"
 
 
 def vr(root: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "vr", "--root", str(root), *args], capture_output=True, text=True,
-                          check=False, timeout=120, cwd=REPO, env={**os.environ, **(env or {})})  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def workshop(tmp_path_factory) -> dict:
-    """A publisher's key pair, a stranger's, and the example 0.1.1 built and signed."""
-    where = tmp_path_factory.mktemp("workshop")
-    private, public = patching.keygen(where / "publisher")
-    stranger, _ = patching.keygen(where / "stranger")
-    source = make_source(EXAMPLE, where / "src-0.1.1")
-    bundle = where / "vr-0.1.1.tar.gz"
-    patching.build(source, "0.1.1", private, bundle)
-    return {"dir": where, "key": private, "pub": public, "stranger": stranger, "source": source, "bundle": bundle}
+                          check=False, timeout=120, cwd=REPO_DIR, env={**os.environ, **(env or {})})  # fmt: skip
 
 
 @pytest.fixture

@@ -148,5 +148,4 @@ def reexec_if_not_current(settings: Settings, argv: list[str]) -> None:
     if version is None or (settings.releases_dir / version).resolve() == code_dir():
         return
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", NO_DISPATCH)}
-    env[NO_DISPATCH] = ""
     os.execve(sys.executable, [sys.executable, "-P", "-m", "vr", *argv], env)
