@@ -223,21 +223,8 @@ def build(source: Path, version: str, key_path: Path, output: Path, base_version
     described = read_json(source / PATCH_SOURCE) or {}
     if not isinstance(described, dict):
         raise PatchRefused(f"{source / PATCH_SOURCE}: must be a JSON object")
-    files, contents = [], {}
-    for path in sorted(source.rglob("*")):
-        relative = path.relative_to(source).as_posix()
-        if any(part in IGNORED_NAMES for part in path.relative_to(source).parts) or relative == PATCH_SOURCE:
-            continue
-        if path.suffix == ".pyc":
-            continue
-        if path.is_symlink():
-            raise PatchRefused(f"{relative}: links are not allowed in a release")
-        if path.is_dir():
-            continue
-        data = path.read_bytes()
-        contents[relative] = data
-        mode = "0755" if path.stat().st_mode & 0o100 else "0644"
-        files.append({"path": relative, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "mode": mode})
+    contents = _tree_files(source)
+    files = [_file_entry(relative, data, mode) for relative, (data, mode) in contents.items()]
     manifest = {
         "format": FORMAT,
         "version": version,
@@ -257,9 +244,28 @@ def build(source: Path, version: str, key_path: Path, output: Path, base_version
         _add(tar, MANIFEST, manifest_bytes, 0o644)
         _add(tar, SIGNATURE, key.sign(manifest_bytes), 0o644)
         for entry in files:
-            _add(tar, PAYLOAD + entry["path"], contents[entry["path"]], int(entry["mode"], 8))
+            _add(tar, PAYLOAD + entry["path"], contents[entry["path"]][0], int(entry["mode"], 8))
     write_atomic(output, buffer.getvalue(), mode=0o644)
     return manifest
+
+
+def _tree_files(root: Path) -> dict[str, tuple[bytes, str]]:
+    """A release tree's files: {relative path: (content, mode)}; caches and patch.json left out."""
+    files = {}
+    for path in sorted(root.rglob("*")):
+        relative = path.relative_to(root).as_posix()
+        parts = path.relative_to(root).parts
+        if any(part in IGNORED_NAMES for part in parts) or relative == PATCH_SOURCE or path.suffix == ".pyc":
+            continue
+        if path.is_symlink():
+            raise PatchRefused(f"{relative}: links are not allowed in a release")
+        if path.is_file():
+            files[relative] = (path.read_bytes(), "0755" if path.stat().st_mode & 0o100 else "0644")
+    return files
+
+
+def _file_entry(relative: str, data: bytes, mode: str) -> dict:
+    return {"path": relative, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "mode": mode}
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes, mode: int) -> None:
@@ -747,11 +753,7 @@ class Patcher:
             shutil.copytree(code_dir() / "vr", incoming / "vr", ignore=ignore)
             templates = self.settings.template_dir if self.settings.template_dir.is_dir() else _default_template_dir()
             shutil.copytree(templates, incoming / "configs", ignore=ignore)
-            files = []
-            for path in sorted(p for p in incoming.rglob("*") if p.is_file()):
-                data = path.read_bytes()
-                files.append({"path": path.relative_to(incoming).as_posix(), "sha256": hashlib.sha256(data).hexdigest(),
-                              "size": len(data), "mode": "0755" if path.stat().st_mode & 0o100 else "0644"})  # fmt: skip
+            files = [_file_entry(relative, data, mode) for relative, (data, mode) in _tree_files(incoming).items()]
             manifest = {"format": FORMAT, "version": __version__, "base_versions": [__version__],
                         "description": "the release installed with the appliance", "services": [], "hooks": {},
                         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files}  # fmt: skip

@@ -1,0 +1,122 @@
+"""Live patches on a running lab router: guests leased, HTTP balanced by haproxy, a port
+forward, DNS. The example bundles (patches/examples) are built and signed by the test."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+import pytest
+
+from tests.conftest import example_lab, write_payload
+from tests.test_e2e_haproxy import LB_IP, lb_rule, nat_with_lb_ip
+from tests.test_e2e_monitor import MANAGER_PORT, Manager
+from vr import __version__
+from vr.files import read_json
+
+
+@pytest.fixture
+def router(workshop, tmp_path):
+    """The example lab with a load-balancer rule over two HTTP guests, trusting the publisher."""
+    with example_lab() as lab:
+        lab.serve(lab.ns("g1"), "web1", 8000, http=True)
+        lab.serve(lab.ns("g2"), "db1", 8000, http=True)
+        lab.serve(lab.ns("g1"), "g1", 8080)  # the port forward's target
+        payload = {"generation": 2, "nat": nat_with_lb_ip(), "load_balancer": {"rules": [lb_rule()]}}
+        lab.vr("apply", write_payload(tmp_path, payload, "lb.json"))
+        assert lab.wait_lb_up(), lab.lb_states()
+        lab.settings.trusted_keys_dir.mkdir(parents=True)
+        shutil.copy(workshop["pub"], lab.settings.trusted_keys_dir / "publisher.pub")
+        yield lab
+
+
+def status(lab) -> dict:
+    return json.loads(lab.vr("status", "--json", check=False).stdout)
+
+
+def release_header(lab) -> dict:
+    return lab.fetch(lab.ns("pub"), LB_IP, 80, "--count", "4", "--header", "X-Vr-Release")
+
+
+def monitor_version(lab) -> str | None:
+    return (read_json(lab.settings.run_dir / "health.json") or {}).get("version")
+
+
+def wait_for(check, seconds: float = 10.0):
+    deadline = time.monotonic() + seconds
+    while not (result := check()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return result
+
+
+def haproxy_config(lab) -> str:
+    return (lab.settings.service_dir("haproxy") / "haproxy.cfg").read_text()
+
+
+def test_a_patch_survives_a_reboot_of_the_router(router, workshop):
+    lab = router
+    result = lab.vr("patch", "apply", str(workshop["bundle"]))
+    assert "apply 0.1.0 -> 0.1.1: ok" in result.stdout
+    assert release_header(lab)["headers"] == {"0.1.1": 4}
+    lab.vr("stop")  # supervisord and every daemon gone, as at a power-off
+    assert status(lab)["healthy"] is False
+    lab.vr("start")
+    report = status(lab)
+    assert report["healthy"] and report["release"] == "0.1.1"
+    assert wait_for(lambda: monitor_version(lab) == "0.1.1")
+    assert wait_for(lab.wait_lb_up)
+    assert release_header(lab)["headers"] == {"0.1.1": 4}
+
+
+def test_a_patch_that_breaks_health_is_rolled_back_by_itself(router, workshop, tmp_path):
+    lab = router
+    manager = Manager(lab, tmp_path / "alerts.jsonl")
+    lab.vr("apply", write_payload(tmp_path, {"generation": 3, "monitor": {
+        "alert_url": f"http://127.0.0.1:{MANAGER_PORT}/alerts"}}, "monitor.json"))  # fmt: skip
+    manager.start()
+    try:
+        result = lab.vr("patch", "apply", str(workshop["broken"]), check=False)
+        assert result.returncode == 4, result.stderr
+        assert "rolled back to 0.1.0" in result.stderr and "dnsmasq" in result.stderr
+        report = status(lab)
+        assert report["healthy"] and report["release"] == __version__
+        assert lab.resolve(lab.ns("g1"), "web1.cloud.internal", "10.1.1.1") == ["10.1.1.10"]
+        assert "port=53\n" in (lab.settings.service_dir("dnsmasq") / "dnsmasq.conf").read_text()
+        assert wait_for(lambda: monitor_version(lab) == __version__)
+        patch = json.loads(lab.vr("patch", "status", "--json").stdout)
+        assert (patch["current"], patch["last"]["to"], patch["last"]["outcome"]) == (__version__, "0.2.0", "rolled-back")
+        alerts = wait_for(lambda: [a for a in manager.alerts() if a["service"] == "patch"])
+        assert len(alerts) == 1 and alerts[0]["severity"] == "critical"
+        assert "0.2.0 failed" in alerts[0]["message"] and "rolled back to 0.1.0" in alerts[0]["message"]
+    finally:
+        manager.stop()
+    outcomes = [json.loads(line)["outcome"] for line in lab.vr("events", "--resource", "release").stdout.splitlines()]
+    assert outcomes[-3:] == ["failed", "restarted", "rolled-back"]  # the old monitor restarted
+
+
+def test_a_patch_changing_a_service_it_does_not_declare_is_refused(router, workshop, tmp_path):
+    from vr import patching
+
+    lab = router
+    bundle = tmp_path / "undeclared.tar.gz"
+    patching.build(workshop["source"], "0.1.1", workshop["key"], bundle, services=["dnsmasq"])
+    result = lab.vr("patch", "apply", str(bundle), check=False)
+    assert result.returncode == 2
+    assert "changes the files of haproxy, which its manifest does not declare (services: dnsmasq)" in result.stderr
+    assert status(lab)["release"] == __version__ and "X-Vr-Release" not in haproxy_config(lab)
+    assert not lab.settings.releases_dir.exists() or not (lab.settings.releases_dir / "0.1.1").exists()
+
+
+def test_a_patch_killed_after_its_reload_is_rolled_back_by_vr_recover(router, workshop):
+    lab = router
+    killed = lab.vr("patch", "apply", str(workshop["bundle"]), env={"VR_FAULT_AT": "patch-gated"}, check=False)
+    assert killed.returncode == -9
+    assert "X-Vr-Release 0.1.1" in haproxy_config(lab)  # the new release had re-rendered
+    recovered = lab.vr("recover")
+    assert recovered.returncode == 0
+    assert "X-Vr-Release" not in haproxy_config(lab)
+    report = status(lab)
+    assert report["healthy"] and report["release"] == __version__
+    assert wait_for(lambda: monitor_version(lab) == __version__)
+    assert release_header(lab)["headers"] == {}
