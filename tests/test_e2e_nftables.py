@@ -109,7 +109,10 @@ def test_a_refused_payload_leaves_the_ruleset_byte_identical(servers, tmp_path):
     assert lab.ask(lab.ns("pub"), "192.0.2.10", 8080) == "web1 sees 192.0.2.1"
 
 
-def test_a_deleted_table_is_restored_by_the_next_start(lab):
+def test_a_deleted_table_is_restored_by_the_next_start(lab, tmp_path):
+    # The monitor would repair it first (test_e2e_monitor): here the start alone must.
+    off = {"generation": 2, "monitor": {"services": {"nftables": {"enabled": False}}}}
+    lab.vr("apply", write_payload(tmp_path, off))
     subprocess.run(["ip", "netns", "exec", lab.router_ns, "nft", "delete", "table", "inet", "vr"], check=True)
     assert json.loads(lab.vr("status", "--json", check=False).stdout)["healthy"] is False
     lab.vr("start")
