@@ -14,6 +14,7 @@ import xmlrpc.client
 from collections.abc import Callable
 from pathlib import Path
 
+from vr.lab import Lab, stop_process
 from vr.runtime import Runtime
 from vr.settings import Settings
 
@@ -106,17 +107,6 @@ def median_of(fn, runs: int) -> float:
     return statistics.median(times)
 
 
-def stop_process(process: subprocess.Popen) -> None:
-    """Stop one process we started, by its PID: TERM, then KILL if it lingers."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
-
-
 def stop_processes(processes: list[subprocess.Popen], label: str) -> None:
     for process in processes:
         try:
@@ -152,3 +142,21 @@ def report(table: str, figures: dict, as_json: bool) -> int:
     if as_json:
         print(json.dumps(figures, sort_keys=True))
     return 1 if "error" in figures else 0
+
+
+def lab_cleanup(lab: Lab, root: str, label: str) -> None:
+    """The lab down (its servers, dhclient, supervisord and daemons, namespaces), then any
+    process still running from the lab's root, by PID, and the root removed."""
+    import shutil
+
+    try:
+        lab.down()
+    except (OSError, subprocess.SubprocessError, RuntimeError) as error:
+        print(f"{label}: lab down: {error}", file=sys.stderr)
+    for pid in stray_pids(None, root):  # the lab spans namespaces; only if something outlived the above
+        print(f"{label}: killing leftover pid {pid}", file=sys.stderr)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    shutil.rmtree(root, ignore_errors=True)

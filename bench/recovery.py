@@ -53,7 +53,6 @@ import itertools
 import json
 import os
 import select
-import shutil
 import signal
 import statistics
 import subprocess
@@ -62,7 +61,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import aligned, check_stop, guarded, report, stop_processes, stray_pids, yes
+from common import aligned, check_stop, guarded, lab_cleanup, report, stop_processes, yes
 
 from vr.lab import Lab
 
@@ -654,17 +653,7 @@ def cleanup(lab: Lab, root: str) -> None:
     continue_stopped()
     kill_orphans()
     stop_processes(CHILDREN, "recovery")
-    try:
-        lab.down()  # HTTP server, dhclient, supervisord and its daemons, namespaces
-    except (OSError, subprocess.SubprocessError, RuntimeError) as error:
-        print(f"recovery: lab down: {error}", file=sys.stderr)
-    for pid in stray_pids(None, root):  # the lab spans namespaces; only if supervisord failed to stop its children
-        print(f"recovery: killing leftover pid {pid}", file=sys.stderr)
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    shutil.rmtree(root, ignore_errors=True)
+    lab_cleanup(lab, str(root), "recovery")
 
 
 if __name__ == "__main__":

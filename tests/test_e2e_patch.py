@@ -14,6 +14,9 @@ from tests.test_e2e_haproxy import LB_IP, lb_rule, nat_with_lb_ip
 from tests.test_e2e_monitor import MANAGER_PORT, Manager
 from vr import __version__
 from vr.files import read_json
+from vr.traffic import Traffic
+
+PORT_FORWARD = ("192.0.2.10", 8080)  # configs/examples/router.json: to g1 (10.1.1.10) port 80
 
 
 @pytest.fixture
@@ -22,7 +25,6 @@ def router(workshop, tmp_path):
     with example_lab() as lab:
         lab.serve(lab.ns("g1"), "web1", 8000, http=True)
         lab.serve(lab.ns("g2"), "db1", 8000, http=True)
-        lab.serve(lab.ns("g1"), "g1", 8080)  # the port forward's target
         payload = {"generation": 2, "nat": nat_with_lb_ip(), "load_balancer": {"rules": [lb_rule()]}}
         lab.vr("apply", write_payload(tmp_path, payload, "lb.json"))
         assert lab.wait_lb_up(), lab.lb_states()
@@ -52,6 +54,38 @@ def wait_for(check, seconds: float = 10.0):
 
 def haproxy_config(lab) -> str:
     return (lab.settings.service_dir("haproxy") / "haproxy.cfg").read_text()
+
+
+def leases(lab) -> set[tuple[str, str]]:
+    """dnsmasq's lease file: (MAC, address) of every lease (expiry times move with renewals)."""
+    text = (lab.settings.state_dir / "dnsmasq.leases").read_text()
+    return {(line.split()[1], line.split()[2]) for line in text.splitlines() if line.strip()}
+
+
+def test_apply_and_rollback_under_traffic_lose_nothing(router, workshop):
+    """During the patch and its rollback: 1,000 pings/s guest -> public, HTTP through haproxy,
+    a TCP connection through a port forward, DNS queries, DHCP renewals. Nothing may fail."""
+    lab = router
+    held = leases(lab)
+    assert len(held) == 2
+    for action, args, header in (("apply", [str(workshop["bundle"])], "0.1.1"), ("rollback", [], None)):
+        with Traffic(lab, seconds=4.0, lb_ip=LB_IP, forward=PORT_FORWARD, forward_server="g1",
+                     dns_name="web1.cloud.internal", dns_answer="10.1.1.10", dns_timeout=1.0) as traffic:  # fmt: skip
+            time.sleep(1.0)
+            result = lab.vr("patch", action, *args, "--json")
+        figures = traffic.result()
+        assert json.loads(result.stdout)["outcome"] == "ok"
+        assert figures["ping_sent"] >= 3000 and figures["ping_lost"] == 0, (action, figures)
+        assert figures["http_sent"] >= 300 and figures["http_failed"] == 0, (action, figures["http_errors"])
+        assert figures["tcp_held"] and figures["tcp_exchanges"] >= 60, (action, figures["tcp_error"])
+        assert figures["dns_queries"] >= 100 and figures["dns_failed"] == 0, (action, figures["dns_errors"])
+        assert figures["dhcp_renewals"] >= 3 and figures["dhcp_failed"] == 0, (action, figures["dhcp_errors"])
+        assert figures["dhcp_address_kept"]
+        # The answers change release mid-stream: the new header appears (apply) or goes (rollback).
+        assert (header in figures["headers"]) if header else figures["headers"].get("0.1.1", 0) < figures["http_sent"]
+        assert release_header(lab)["headers"] == ({header: 4} if header else {})
+        assert leases(lab) == held
+    assert status(lab)["healthy"]
 
 
 def test_a_patch_survives_a_reboot_of_the_router(router, workshop):
@@ -85,7 +119,11 @@ def test_a_patch_that_breaks_health_is_rolled_back_by_itself(router, workshop, t
         assert "port=53\n" in (lab.settings.service_dir("dnsmasq") / "dnsmasq.conf").read_text()
         assert wait_for(lambda: monitor_version(lab) == __version__)
         patch = json.loads(lab.vr("patch", "status", "--json").stdout)
-        assert (patch["current"], patch["last"]["to"], patch["last"]["outcome"]) == (__version__, "0.2.0", "rolled-back")
+        assert (patch["current"], patch["last"]["to"], patch["last"]["outcome"]) == (
+            __version__,
+            "0.2.0",
+            "rolled-back",
+        )
         alerts = wait_for(lambda: [a for a in manager.alerts() if a["service"] == "patch"])
         assert len(alerts) == 1 and alerts[0]["severity"] == "critical"
         assert "0.2.0 failed" in alerts[0]["message"] and "rolled back to 0.1.0" in alerts[0]["message"]

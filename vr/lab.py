@@ -66,6 +66,17 @@ VPN_LINKS = [
 ]
 
 
+def stop_process(process: subprocess.Popen) -> None:
+    """Stop one process we started, by its PID: TERM, then KILL if it lingers."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+
+
 class Lab:
     def __init__(self, directory: Path | str, prefix: str | None = None, vpn: bool = False):
         self.dir = Path(directory).resolve()
