@@ -137,6 +137,8 @@ def validate_manifest(manifest: object) -> list[str]:
     else:
         problems += [f"manifest.base_versions[{i}]: not a semantic version" for i, b in enumerate(bases)
                      if not is_version(b)]  # fmt: skip
+    if not isinstance(manifest.get("created", ""), str) or len(manifest.get("created", "")) > 64:
+        problems.append("manifest.created: must be a timestamp text")
     description = manifest.get("description", "")
     if not isinstance(description, str) or len(description) > 2000:
         problems.append("manifest.description: must be text of at most 2000 characters")
