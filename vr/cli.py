@@ -38,7 +38,7 @@ def _recover_interrupted_patch(args) -> None:
     from vr.release import reexec_if_not_current
 
     if Patcher(settings).recover():
-        reexec_if_not_current(settings, args.argv)
+        reexec_if_not_current(args.argv)
 
 
 def cmd_apply(args) -> int:

@@ -713,10 +713,10 @@ class Patcher:
     def _restart_control_plane(self, version: str) -> None:
         from vr.supervisor_rpc import SupervisorClient
 
-        supervisor = SupervisorClient(self.settings)
-        for name in self._control_plane():
+        supervisor, names = SupervisorClient(self.settings), self._control_plane()
+        for name in names:
             supervisor.restart(name)
-        self._event(f"release:{version}", "restarted", f"vr processes: {', '.join(self._control_plane()) or 'none'}")
+        self._event(f"release:{version}", "restarted", f"vr processes: {', '.join(names) or 'none'}")
 
     def _wait_control_plane(self, version: str) -> None:
         """The restarted monitor runs the new code and works: it wrote its health report with

@@ -141,11 +141,8 @@ def dispatch(argv: list[str]) -> None:
     os.execve(sys.executable, [sys.executable, "-P", "-m", "vr", *argv], env)
 
 
-def reexec_if_not_current(settings: Settings, argv: list[str]) -> None:
+def reexec_if_not_current(argv: list[str]) -> None:
     """After a switch made by this very process (a recovered patch): run the command again,
-    as whatever release is current now."""
-    version = Releases(settings).current()
-    if version is None or (settings.releases_dir / version).resolve() == code_dir():
-        return
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", NO_DISPATCH)}
-    os.execve(sys.executable, [sys.executable, "-P", "-m", "vr", *argv], env)
+    as whatever release is current now (a pinned run included)."""
+    os.environ.pop(NO_DISPATCH, None)
+    dispatch(argv)
