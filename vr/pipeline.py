@@ -106,13 +106,7 @@ class Pipeline:
 
     def start(self) -> Result | None:
         """At boot: bring every service up from last-known-good (re-rendered, checked)."""
-        started = time.perf_counter()
-        with self.lock(), _collector_paused():
-            self._recover_locked()
-            stored = self.stored_document()
-            if stored is None:
-                return None
-            return self._transaction(stored, stored, started, {}, force=True, payload=None)
+        return self._reapply_stored(force=True)
 
     def recover(self) -> bool:
         with self.lock():
@@ -122,13 +116,16 @@ class Pipeline:
         """After a release switch: re-render the stored document with this release's code and
         templates, and reload (hitlessly, as each service does) only the services whose files
         came out different. The usual transaction: checked, health-gated, rolled back."""
+        return self._reapply_stored(rerender=True)
+
+    def _reapply_stored(self, force: bool = False, rerender: bool = False) -> Result | None:
         started = time.perf_counter()
         with self.lock(), _collector_paused():
             self._recover_locked()
             stored = self.stored_document()
             if stored is None:
                 return None
-            return self._transaction(stored, stored, started, {}, payload=None, rerender=True)
+            return self._transaction(stored, stored, started, {}, payload=None, force=force, rerender=rerender)
 
     def selftest(self) -> dict[str, list[str]]:
         """A release's test against the live document before it is switched in: every service
@@ -140,12 +137,7 @@ class Pipeline:
         changes = [c for c in self.plan(stored, stored, rerender=True) if c.paths]
         staging = self.settings.config_dir / STAGING / f"selftest-{uuid.uuid4().hex[:12]}"
         try:
-            self._stage(changes, staging)
-            for change in changes:
-                try:
-                    by_name(change.service).check(staging / change.service, change, self.runtime)
-                except CheckFailed as error:
-                    raise ApplyFailed("check", change.service, str(error)) from None
+            self._stage_and_check(changes, staging)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return {c.service: sorted(c.paths) for c in changes}
@@ -209,13 +201,7 @@ class Pipeline:
         resource = f"router:{doc.router.name}"
         try:
             mark = time.perf_counter()
-            self._stage(changes, staging)
-            fault_point("staged")
-            for change in changes:
-                try:
-                    by_name(change.service).check(staging / change.service, change, self.runtime)
-                except CheckFailed as error:
-                    raise ApplyFailed("check", change.service, str(error)) from None
+            self._stage_and_check(changes, staging)
             timings["check"] = _ms(mark)
             fault_point("checked")
         except BaseException as error:
@@ -275,6 +261,15 @@ class Pipeline:
         )
         self._record(doc.generation, "ok", "", started, changed, timings)
         return result
+
+    def _stage_and_check(self, changes: list[Change], staging: Path) -> None:
+        self._stage(changes, staging)
+        fault_point("staged")
+        for change in changes:
+            try:
+                by_name(change.service).check(staging / change.service, change, self.runtime)
+            except CheckFailed as error:
+                raise ApplyFailed("check", change.service, str(error)) from None
 
     def _stage(self, changes: list[Change], staging: Path) -> None:
         """Stage each changed service's whole file set, so its checker sees a complete config.
