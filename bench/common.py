@@ -160,3 +160,18 @@ def lab_cleanup(lab: Lab, root: str, label: str) -> None:
         except ProcessLookupError:
             pass
     shutil.rmtree(root, ignore_errors=True)
+
+
+EXAMPLE_ROUTER = Path(__file__).resolve().parent.parent / "configs" / "examples" / "router.json"
+LB_IP, LB_PORT, MEMBER_PORT = "192.0.2.12", 80, 8000
+
+
+def lb_payload(generation: int, member_ips: list[str]) -> dict:
+    """The example router's NAT plus the load balancer's IP, and one HTTP rule LB_IP:80 over
+    the members' port 8000 with a fast health check: the benches' load-balancer payload."""
+    nat = json.loads(EXAMPLE_ROUTER.read_text())["nat"]
+    nat["public_ips"].append({"ip": LB_IP})
+    rule = {"id": "web", "public_ip": LB_IP, "public_port": LB_PORT, "private_port": MEMBER_PORT,
+            "members": [{"ip": ip} for ip in member_ips],
+            "health_check": {"type": "http", "interval_ms": 200, "rise": 1, "fall": 2}}  # fmt: skip
+    return {"generation": generation, "nat": nat, "load_balancer": {"rules": [rule]}}

@@ -55,7 +55,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import aligned, check_stop, guarded, lab_cleanup, report, stop_processes, yes
+from common import (
+    LB_IP,
+    LB_PORT,
+    MEMBER_PORT,
+    aligned,
+    check_stop,
+    guarded,
+    lab_cleanup,
+    lb_payload,
+    report,
+    stop_processes,
+    yes,
+)
 
 from vr.lab import Lab
 from vr.traffic import Traffic
@@ -63,7 +75,6 @@ from vr.traffic import Traffic
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "configs" / "examples"
 PATCH_EXAMPLE, VERSION, HEADER = REPO / "patches" / "examples" / "0.1.1", "0.1.1", "X-Vr-Release"
-LB_IP, LB_PORT, MEMBER_PORT = "192.0.2.12", 80, 8000
 MEMBERS = {"g1": ("web1", "10.1.1.10"), "g2": ("db1", "10.1.2.10")}  # guest -> (server name, leased address)
 FORWARD, FORWARD_GUEST, FORWARD_PORT = ("192.0.2.10", 8080), "g1", 80  # router.json's port forward web-http
 DNS_NAME, DNS_ANSWER = "web1.cloud.internal", "10.1.1.10"
@@ -80,18 +91,6 @@ TRAFFIC: list[Traffic] = []  # every traffic window, stopped (again) on the way 
 
 
 # ---------------------------------------------------------------------------- the lab
-def nat_with_lb_ip() -> dict:
-    nat = json.loads((EXAMPLES / "router.json").read_text())["nat"]
-    nat["public_ips"].append({"ip": LB_IP})
-    return nat
-
-
-def lb_rule() -> dict:
-    return {"id": "web", "public_ip": LB_IP, "public_port": LB_PORT, "private_port": MEMBER_PORT,
-            "members": [{"ip": ip} for _, ip in MEMBERS.values()],
-            "health_check": {"type": "http", "interval_ms": 200, "rise": 1, "fall": 2}}  # fmt: skip
-
-
 def serve(lab: Lab, guest: str, name: str, port: int, http: bool, seconds: float) -> None:
     """A labserver serve(-http) in the guest, living as long as the run; stopped by PID."""
     process = subprocess.Popen(
@@ -126,7 +125,7 @@ def build(lab: Lab, root: Path, args, state: dict) -> Path:
     serve(lab, FORWARD_GUEST, "web1", FORWARD_PORT, http=False, seconds=lifetime_s(args))
     state["phase"] = "apply the load-balancer rule"
     payload = root / "lb.json"
-    payload.write_text(json.dumps({"generation": 2, "nat": nat_with_lb_ip(), "load_balancer": {"rules": [lb_rule()]}}))
+    payload.write_text(json.dumps(lb_payload(2, [ip for _, ip in MEMBERS.values()])))
     lab.vr("apply", str(payload))
     if not lab.wait_lb_up():
         raise RuntimeError(f"the LB members never came up: {lab.lb_states()}")

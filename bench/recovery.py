@@ -61,12 +61,24 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import aligned, check_stop, guarded, lab_cleanup, report, stop_processes, yes
+from common import (
+    LB_IP,
+    LB_PORT,
+    MEMBER_PORT,
+    aligned,
+    check_stop,
+    guarded,
+    lab_cleanup,
+    lb_payload,
+    report,
+    stop_processes,
+    yes,
+)
 
 from vr.lab import Lab
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "configs" / "examples"
-LB_IP, LB_PORT, MEMBER_IP, MEMBER_PORT = "192.0.2.12", 80, "10.1.1.10", 8000
+MEMBER_IP = "10.1.1.10"
 DNS_SERVER, DNS_NAME = "10.1.1.1", "web1.cloud.internal"
 TARGET_KILLED_MS, TARGET_HUNG_MS = 1000.0, 5000.0
 TARGET_RSS_MB, TARGET_CPU_PERCENT = 30.0, 1.0
@@ -305,18 +317,6 @@ def workers(master: int) -> list[int]:
 
 
 # ---------------------------------------------------------------------------- the lab
-def nat_with_lb_ip() -> dict:
-    nat = json.loads((EXAMPLES / "router.json").read_text())["nat"]
-    nat["public_ips"].append({"ip": LB_IP})
-    return nat
-
-
-def lb_rule() -> dict:
-    return {"id": "web", "public_ip": LB_IP, "public_port": LB_PORT, "private_port": MEMBER_PORT,
-            "members": [{"ip": MEMBER_IP}],
-            "health_check": {"type": "http", "interval_ms": 200, "rise": 1, "fall": 2}}  # fmt: skip
-
-
 def lifetime_s(args) -> float:
     """How long the HTTP server must live: the run's bound (every event bounded by ~60 s)."""
     return 600 + 60 * 2 * (args.kills + args.hangs) + args.idle_seconds
@@ -359,7 +359,7 @@ def build(lab: Lab, root: str, args, state: dict) -> None:
     state["phase"] = "start the HTTP server in g1"
     serve_http(lab, lifetime_s(args))
     state["phase"] = "apply the load-balancer rule"
-    apply(lab, root, {"generation": 2, "nat": nat_with_lb_ip(), "load_balancer": {"rules": [lb_rule()]}})
+    apply(lab, root, lb_payload(2, [MEMBER_IP]))
     if not lab.wait_lb_up():
         raise RuntimeError(f"the LB member never came up: {lab.lb_states()}")
     state["phase"] = "apply the restart policy"
