@@ -2,7 +2,8 @@
 VENV := .venv
 APT_PACKAGES := dnsmasq-base dnsmasq-utils nftables haproxy strongswan-swanctl charon-systemd \
 	libcharon-extra-plugins libcharon-extauth-plugins libstrongswan-standard-plugins radvd \
-	isc-dhcp-client ndisc6 iproute2 iputils-ping iperf3 util-linux python3-venv make patch
+	isc-dhcp-client ndisc6 iproute2 iputils-ping iperf3 util-linux python3-venv make patch \
+	nmap busybox dhcpcd-base bind9-dnsutils
 DEMO_DIR := /tmp/vr-demo-$(shell echo $$PPID)
 
 .PHONY: demo test deps apt venv lint bench clean
@@ -33,10 +34,10 @@ apt:
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: setup.py Makefile
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e . pytest ruff
+	$(VENV)/bin/pip install -q -e . pytest ruff hypothesis
 	touch $@
 
 lint: venv
