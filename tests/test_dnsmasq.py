@@ -48,3 +48,58 @@ def test_too_many_shadowed_vms_take_a_full_reread():
 
 def test_a_first_file_or_a_removed_one_takes_a_full_reread():
     assert _drop_in(Change("dnsmasq", written={HOSTS: WEB + b"\n"}, previous={HOSTS: None}), shadowed=[]) is None
+
+
+# A line that carries an IPv6 address has no lease time (each family takes its tier's).
+DB6 = b"02:00:00:00:02:10,10.1.2.10,[2001:db8:1:2::10],db1"
+DB6_DUID = b"id:00:01:00:01:aa:bb,[2001:db8:1:2::10],db1"
+
+
+def test_an_ipv6_address_still_held_takes_a_full_reread_in_lines_without_lease_time():
+    reused_v6 = b"02:00:00:00:02:97,10.1.2.12,[2001:db8:1:2::10],db3"
+    assert _drop_in(change([WEB], [WEB, reused_v6]), shadowed=[DB6]) is None
+    assert _drop_in(change([WEB], [WEB, reused_v6]), shadowed=[DB6_DUID]) is None
+    other = b"02:00:00:00:02:96,10.1.2.13,[2001:db8:1:2::13],db1"  # its name is not something dnsmasq holds
+    assert _drop_in(change([WEB], [WEB, other]), shadowed=[DB6]) == other + b"\n"
+
+
+def test_lease_times_each_familys_own(tmp_path):
+    import json
+
+    from tests.conftest import EXAMPLES
+    from vr import document as docmod
+    from vr.runtime import Runtime
+    from vr.services.dnsmasq import MAIN, DnsmasqService
+    from vr.settings import Settings
+
+    payload = json.loads((EXAMPLES / "router.json").read_text())
+    lab_ipv6 = json.loads((EXAMPLES.parent / "lab" / "ipv6.json").read_text())
+    payload["interfaces"] = lab_ipv6["interfaces"]
+    payload["ipv6"] = {"tiers": lab_ipv6["ipv6"]["tiers"]}
+    payload["ipv6"]["tiers"][1]["lease_time"] = 7200
+    payload["dhcp"]["entries"][1]["ipv6"] = "2001:db8:1:2::10"
+    files = DnsmasqService().generate(docmod.build_document(payload), Runtime(Settings.under_root(tmp_path)))
+    assert files[HOSTS].splitlines() == [WEB, DB6]  # IPv4 alone: the line may carry dhcp.tiers' time
+    conf = files[MAIN].decode()
+    assert "dhcp-range=set:tier_tier2,10.1.2.0,static,255.255.255.0,3600\n" in conf
+    assert "dhcp-range=set:tier6_tier2,2001:db8:1:2::,static,64,7200\n" in conf
+    assert "dhcp-option-force=tag:tier_tier1,option:mtu,1450\n" in conf  # to clients that never ask
+    assert conf.count("option:mtu") == conf.count("dhcp-option-force=") == 2  # one per tier, forced
+
+
+def test_a_hostname_dnsmasq_would_read_as_a_lease_time_or_keyword_is_refused():
+    import json
+
+    from tests.conftest import EXAMPLES
+    from vr import document as docmod
+    from vr.services.dnsmasq import DnsmasqService
+
+    payload = json.loads((EXAMPLES / "router.json").read_text())
+    for n, name in enumerate(["123", "5h", "ignore", "Infinite"]):  # a 123 s lease, no lease at all, ...
+        payload["dhcp"]["entries"].append({"tier": "tier1", "mac": f"02:00:00:00:01:{n + 32:02x}",
+                                           "ip": f"10.1.1.{n + 32}", "hostname": name})  # fmt: skip
+    payload["dhcp"]["entries"].append({"tier": "tier1", "mac": "02:00:00:00:01:40", "ip": "10.1.1.40",
+                                       "hostname": "web5h"})  # fmt: skip
+    problems = DnsmasqService().verify(docmod.build_document(payload))
+    assert [p.path for p in problems] == [f"dhcp.entries[{n}].hostname" for n in range(2, 6)]
+    assert "dnsmasq" in problems[0].reason and "'123'" in problems[0].reason

@@ -203,3 +203,74 @@ def test_hung_haproxy_worker_is_detected_and_restarted(lab, tmp_path):
     assert not [w for w in workers if alive(w)]  # the stopped workers were killed too
     time.sleep(2)  # the monitor's own kill is no new failure: one restart, not a loop
     assert service(lab, "haproxy")["monitor"]["restarts"] == 1 and fetch(lab, "--count", "2")["failed"] == 0
+
+
+# ---------------------------------------------------------------- the restart policy, without daemons
+class FakeSupervisor:
+    """supervisord as the monitor sees it: one program, always RUNNING; starts are counted."""
+
+    def __init__(self):
+        self.starts: list[float] = []
+
+    def state(self, name):
+        return "RUNNING"
+
+    def info(self, name):
+        return {"statename": "RUNNING", "pid": 0}
+
+    def start(self, name, wait=True):
+        self.starts.append(time.monotonic())
+
+    def stop(self, name):
+        pass
+
+
+def policy_monitor(tmp_path, monkeypatch, answers_after, restart: dict, failures: int = 1):
+    """A Monitor on one service whose probe fails until answers_after(starts) says otherwise."""
+    from vr import probes
+    from vr.monitor import Monitor
+    from vr.settings import Settings
+
+    settings = Settings.under_root(tmp_path)
+    settings.ensure_dirs()
+    config = {"router": "r1", "alert_url": None, "restart": restart, "failed_interval_s": 30,
+              "services": [{"name": "strongswan", "program": "charon", "spec": {"check": "fake", "args": {}},
+                            "enabled": True, "interval_s": 0.2, "timeout_s": 0.1, "failures": failures}]}  # fmt: skip
+    (settings.service_dir("monitor")).mkdir(parents=True)
+    (settings.service_dir("monitor") / "monitor.json").write_text(json.dumps(config))
+    read_fd, write_fd = os.pipe()
+    monitor = Monitor(settings, stdin_fd=read_fd, stdout_fd=write_fd)
+    monitor.supervisor = FakeSupervisor()
+    monitor._kill = lambda watch: None
+    monkeypatch.setitem(probes.CHECKS, "fake", lambda timeout: answers_after(monitor.supervisor.starts))
+    monitor._load_config()
+    return monitor
+
+
+def test_a_restarted_daemon_gets_its_start_up_time_before_it_is_judged(tmp_path, monkeypatch):
+    # Killed, then restarted: like charon, it answers only a second after it starts.
+    def check(starts):
+        return None if starts and time.monotonic() > starts[0] + 1.0 else "no VICI answer"
+
+    monitor = policy_monitor(tmp_path, monkeypatch, check, {"backoff_initial_s": 0.05, "backoff_max_s": 1,
+                                                            "max_restarts": 5, "window_s": 60})  # fmt: skip
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        monitor._tick()
+        time.sleep(0.02)
+    watch = monitor.watches["strongswan"]
+    assert len(monitor.supervisor.starts) == 1 and watch.restarts == 1 and watch.state == "ok"
+
+
+def test_a_hang_kill_is_not_backed_off_like_an_exit(tmp_path, monkeypatch):
+    restart = {"backoff_initial_s": 0.5, "backoff_max_s": 30, "max_restarts": 10, "window_s": 300}
+    monitor = policy_monitor(tmp_path, monkeypatch, lambda starts: "no DNS answer", restart)
+    watch = monitor.watches["strongswan"]
+    watch.recent.extend([time.time()] * 4)  # four hangs in a row, each killed and restarted
+    watch.state, watch.next_probe = "ok", 0.0
+    monitor._tick()  # the probe finds it running but not answering: a hang
+    assert watch.state == "restarting" and watch.restart_at - time.monotonic() <= 0.5
+    exited = monitor.watches["strongswan"]
+    exited.state, exited.restart_at = "ok", None
+    monitor._on_event({"eventname": "PROCESS_STATE_EXITED"}, {"processname": "charon", "pid": "1"})
+    assert exited.restart_at - time.monotonic() > 3.5  # an exit that keeps recurring still backs off

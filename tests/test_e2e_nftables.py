@@ -23,8 +23,10 @@ def servers(lab):
 
 
 def ruleset(lab) -> str:
+    """The live table without its counters (-s): the router's own background traffic (DHCP,
+    neighbour discovery) moves the input chain's, and a replace resets them all."""
     return subprocess.run(
-        ["ip", "netns", "exec", lab.router_ns, "nft", "list", "table", "inet", "vr"],
+        ["ip", "netns", "exec", lab.router_ns, "nft", "-s", "list", "table", "inet", "vr"],
         check=True, capture_output=True, text=True,
     ).stdout  # fmt: skip
 

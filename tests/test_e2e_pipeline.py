@@ -35,7 +35,8 @@ def test_invalid_payload_changes_nothing(lab, tmp_path):
     bad = {"generation": 2, "dhcp_entries": {"upsert": [{**NEW_VM, "ip": "10.1.2.55"}]}}
     result = lab.vr("apply", write_payload(tmp_path, bad), check=False)
     assert result.returncode == 2
-    assert "dhcp.entries[2].ip: 10.1.2.55 is outside tier tier1 subnet 10.1.1.0/24" in result.stderr
+    # Named as the manager sent it, not by its place in the merged document.
+    assert "dhcp_entries.upsert[0].ip: 10.1.2.55 is outside tier tier1 subnet 10.1.1.0/24" in result.stderr
     assert snapshot(lab) == before
     last = status(lab)["last_apply"]
     assert last["outcome"] == "rejected" and status(lab)["generation"] == 1

@@ -51,7 +51,9 @@ def test_port_forward_ranges_must_match_and_not_overlap(example):
     assert "equal length" in found["nat.port_forwarding[0]"]
     example["nat"]["port_forwarding"][0]["private_ports"] = "80-90"
     found = problems(example)
-    assert "overlaps nat.port_forwarding[0].public_ports (tcp ports)" in found["nat.port_forwarding[2].public_ports"]
+    assert found["nat.port_forwarding[2].public_ports"] == (
+        "port forward 'dup' overlaps port forward 'web-http' (nat.port_forwarding[0]): tcp port 8005"
+    )
 
 
 @pytest.mark.parametrize(
@@ -210,14 +212,16 @@ def test_overlapping_ingress_rules_are_refused_with_both_paths(example, second, 
     example["firewall"]["ingress"].append(rule)
     found = problems(example)
     if conflict:
-        assert "overlaps firewall.ingress[0]" in found["firewall.ingress[4]"]
+        assert "ingress rule 'second' overlaps ingress rule 'http' (firewall.ingress[0]): tcp port 8080" in found[
+            "firewall.ingress[4]"
+        ]
     else:
         assert found == {}
 
 
 def test_rule_ids_are_unique(example):
     example["firewall"]["ingress"][1]["id"] = "http"
-    assert "'http' is already firewall.ingress[0]" in problems(example)["firewall.ingress[1].id"]
+    assert problems(example)["firewall.ingress[1].id"] == "ingress rule 'http' is already firewall.ingress[0]"
 
 
 def test_single_rules_are_upserted_and_deleted_by_id(example):
@@ -258,7 +262,10 @@ def test_a_verify_that_remembers_the_last_one_finds_what_a_fresh_one_finds(examp
     inside_http = {"id": "inside", "public_ip": "192.0.2.10", "protocol": "tcp", "ports": 8080,
                    "source_cidrs": ["10.0.0.0/8"]}  # fmt: skip
     refused = merged(stored, 2, ingress_rules={"upsert": [inside_http]})
-    assert "overlaps firewall.ingress[0]" in found(refused)["firewall.ingress[4]"]
+    assert found(refused)["firewall.ingress[4]"] == (
+        "ingress rule 'inside' overlaps ingress rule 'http' (firewall.ingress[0]): tcp port 8080, "
+        "sources 10.0.0.0/8 and 0.0.0.0/0"
+    )
     # After a refusal the stored document is the base again, and it is still clean.
     assert found(stored) == {}
     replaced = merged(stored, 2, ingress_rules={"upsert": [inside_http], "delete": ["http"]})
@@ -274,4 +281,67 @@ def test_a_verify_that_remembers_the_last_one_finds_what_a_fresh_one_finds(examp
     assert found(merged(replaced, 3, port_forwarding_rules={"upsert": [moved]})) == {}  # tcp 5353 is free
     udp = {**moved, "id": "other", "protocol": "udp"}
     clash = found(merged(replaced, 3, port_forwarding_rules={"upsert": [udp]}))
-    assert "overlaps nat.port_forwarding[1].public_ports (udp ports)" in clash["nat.port_forwarding[2].public_ports"]
+    assert clash["nat.port_forwarding[2].public_ports"] == (
+        "port forward 'other' overlaps port forward 'web-udp' (nat.port_forwarding[1]): udp port 5353"
+    )
+
+
+def test_every_router_has_the_input_policy_with_or_without_a_public_interface(example, tmp_path):
+    """The router's own addresses are closed but for what their role answers, on every router:
+    one without a public side (DHCP and DNS only) gets the table too, without NAT."""
+    example["interfaces"] = [i for i in example["interfaces"] if i["role"] != "public"]
+    example.update(routes=[], nat={}, firewall={})
+    text = ruleset(example, tmp_path)
+    assert "type filter hook input priority filter; policy drop;" in text
+    assert '"eth2" . 10.1.1.1 . 53, "eth2" . 10.1.1.1 . 67' in text
+    assert "chain gate" not in text and "snat" not in text and "dnat" not in text
+
+
+def test_each_role_answers_only_on_its_own_addresses(example, tmp_path):
+    example["interfaces"][2]["addresses"].append("2001:db8:1:1::1/64")
+    example["interfaces"][1]["addresses"].append("2001:db8:ffff::10/64")
+    text = ruleset(example, tmp_path)
+    sets = {line.split()[1]: line for line in text.splitlines() if line.startswith("  set local")}
+    assert sets["local_tcp"].endswith(
+        'elements = { "eth0" . 169.254.0.10 . 3922, "eth2" . 10.1.1.1 . 53, "eth3" . 10.1.2.1 . 53 }; }'
+    )  # control: SSH only; guests: DNS on their own gateway
+    assert sets["local_udp"].endswith(
+        'elements = { "eth2" . 10.1.1.1 . 53, "eth2" . 10.1.1.1 . 67, "eth3" . 10.1.2.1 . 53, "eth3" . 10.1.2.1 . 67 }; }'
+    )
+    assert sets["local6_udp"].endswith('elements = { "eth2" . 2001:db8:1:1::1 . 53, "eth2" . 2001:db8:1:1::1 . 547 }; }')
+    assert "eth1" not in "".join(sets.values())  # the public side: only what the document opens (public_local)
+    assert 'iifname "eth1" ip daddr @public_ips jump public_local' in text
+
+
+def test_overlap_messages_name_the_rules_of_both_sides(example):
+    """A refusal of a per-rule upsert is read by a manager that never saw the merged
+    document's positions: each message names both rules by id (by position only where
+    rules have none), and what they both match."""
+    example["nat"]["port_forwarding"].append(
+        {"id": "pf-17", "public_ip": "192.0.2.10", "protocol": "tcp", "public_ports": "8070-8090",
+         "private_ip": "10.1.1.10", "private_ports": "7070-7090"}
+    )  # fmt: skip
+    example["firewall"]["ingress"].append(
+        {"id": "ping-all", "public_ip": "192.0.2.11", "protocol": "icmp", "source_cidrs": ["192.0.2.0/24"]}
+    )
+    example["firewall"]["egress"][1]["rules"].append({"protocol": "tcp", "ports": "20-30",
+                                                      "destination_cidrs": ["198.51.100.0/24"]})  # fmt: skip
+    example["load_balancer"] = {"rules": [
+        {"id": "web", "public_ip": "192.0.2.10", "public_port": 80, "private_port": 8000,
+         "members": [{"ip": "10.1.1.10"}], "source_cidrs": ["10.0.0.0/8", "10.1.0.0/16"]}
+    ]}  # fmt: skip
+    found = problems(example)
+    assert found["nat.port_forwarding[2].public_ports"] == (
+        "port forward 'pf-17' overlaps port forward 'web-http' (nat.port_forwarding[0]): tcp port 8080"
+    )
+    assert found["firewall.ingress[4]"] == (
+        "ingress rule 'ping-all' overlaps ingress rule 'db-ping' (firewall.ingress[3]): icmp type 8, "
+        "sources 192.0.2.0/24 and 0.0.0.0/0"
+    )
+    assert found["firewall.egress[1].rules[1]"] == (
+        "egress rule overlaps egress rule firewall.egress[1].rules[0]: tcp port 25, "
+        "destinations 198.51.100.0/24 and 0.0.0.0/0"
+    )  # egress rules have no ids: their positions
+    assert found["load_balancer.rules[0]"] == (
+        "load-balancer rule 'web' overlaps itself: tcp port 80, sources 10.1.0.0/16 and 10.0.0.0/8"
+    )

@@ -333,3 +333,198 @@ def test_the_manifest_lists_every_file_with_its_hash(workshop):
     assert manifest["services"] == ["haproxy"]
     assert manifest["hooks"]["post"] == {"path": "scripts/post-apply.sh", "timeout_s": 30}
     assert not any("__pycache__" in f["path"] or f["path"] == "patch.json" for f in manifest["files"])
+
+
+# --------------------------------------------------------------------------- hardening (issue 17)
+ZEROS = b"\0" * (1 << 20)
+
+
+def _tar_entry(name: str, data: bytes) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode = len(data), 0o644
+    return info.tobuf(tarfile.PAX_FORMAT) + data + b"\0" * (-len(data) % 512)
+
+
+def bomb(workshop, tmp: Path, mib: int, key: Path | None = None, name: str = "bomb.tar.gz") -> Path:
+    """The example bundle with one more file, vr/bomb.bin: MIB MiB of zeros, listed in a manifest
+    signed by KEY (the publisher's by default). Built from concatenated gzip members, so a GiB
+    of zeros costs about a MB of bundle: what a decompression bomb looks like."""
+    with tarfile.open(workshop["bundle"]) as tar:
+        manifest = json.loads(tar.extractfile("manifest.json").read())
+        payload = [(m.name, tar.extractfile(m).read()) for m in tar if m.name.startswith("payload/")]
+    digest = hashlib.sha256()
+    for _ in range(mib):
+        digest.update(ZEROS)
+    manifest["files"].append({"path": "vr/bomb.bin", "sha256": digest.hexdigest(), "size": mib << 20, "mode": "0644"})
+    data = json.dumps(manifest).encode()
+    signature = patching._load_private_key(key or workshop["key"]).sign(data)
+    head = _tar_entry("manifest.json", data) + _tar_entry("manifest.sig", signature)
+    head += b"".join(_tar_entry(n, d) for n, d in payload)
+    info = tarfile.TarInfo("payload/vr/bomb.bin")
+    info.size = mib << 20
+    head += info.tobuf(tarfile.PAX_FORMAT)
+    import gzip
+
+    out = tmp / name
+    out.write_bytes(gzip.compress(head, mtime=0) + gzip.compress(ZEROS, mtime=0) * mib
+                    + gzip.compress(b"\0" * 10240, mtime=0))  # fmt: skip
+    return out
+
+
+def in_small_filesystem(router: Path, bundle: Path, options: str) -> subprocess.CompletedProcess:
+    """`vr patch apply` with the router's releases dir on a small tmpfs, mounted in a mount
+    namespace of its own (the host's mount table never sees it); then what the dir holds."""
+    releases = Settings.under_root(router).releases_dir
+    releases.mkdir(parents=True, exist_ok=True)
+    script = ('mount -t tmpfs -o "$2" vrh1-tmpfs "$1" || exit 99; shift 2; "$@"; rc=$?; '
+              'echo "left: $(ls -A "$0")"; exit $rc')  # fmt: skip
+    return subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script, str(releases),
+                           str(releases), options, sys.executable, "-m", "vr", "--root", str(router), "patch",
+                           "apply", str(bundle)],
+                          capture_output=True, text=True, check=False, timeout=120, cwd=REPO_DIR)  # fmt: skip
+
+
+def test_a_bundle_that_unpacks_beyond_the_cap_is_refused_before_anything_is_written(router, workshop, tmp_path):
+    bundle = bomb(workshop, tmp_path, 1024)  # a GiB of zeros in a bundle of about a MB
+    assert bundle.stat().st_size < 2 << 20
+    result = vr(router, "patch", "apply", str(bundle))
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "unpacks to" in result.stderr and "more than the" in result.stderr and "Traceback" not in result.stderr
+    assert releases_state(router) == {} and status_release(router) == __version__
+
+
+def test_a_bundle_bigger_than_the_free_space_is_refused(router, workshop, tmp_path):
+    result = in_small_filesystem(router, bomb(workshop, tmp_path, 32), "size=16m")
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "free" in result.stderr and "Traceback" not in result.stderr
+    assert "left: \n" in result.stdout  # nothing was written
+    assert status_release(router) == __version__
+
+
+def test_running_out_of_space_while_unpacking_is_a_clean_refusal(router, workshop, tmp_path):
+    # Bytes enough, inodes not: the write itself hits ENOSPC.
+    result = in_small_filesystem(router, workshop["bundle"], "size=64m,nr_inodes=16")
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "no space left" in result.stderr and "Traceback" not in result.stderr
+    assert "left: \n" in result.stdout  # the half-written release was removed
+    assert status_release(router) == __version__
+
+
+def test_an_untrusted_bundle_is_refused_on_its_signature_before_its_payload_is_read(router, workshop, tmp_path):
+    # A stranger's bomb, cut short: its payload is never read, so neither its size nor its
+    # truncation is what refuses it.
+    bundle = bomb(workshop, tmp_path, 64, key=workshop["stranger"])
+    bundle.write_bytes(bundle.read_bytes()[:-100])
+    result = vr(router, "patch", "apply", str(bundle))
+    assert result.returncode == 2 and "signature is not from a trusted key" in result.stderr, result.stderr
+    assert releases_state(router) == {}
+
+
+def _manifest_last(workshop, tmp):
+    with tarfile.open(workshop["bundle"]) as source:
+        members = [(m, source.extractfile(m).read()) for m in source]
+    with tarfile.open(tmp / "late.tar.gz", "w:gz") as target:
+        for info, data in members[2:] + members[:2]:
+            target.addfile(info, io.BytesIO(data))
+    return tmp / "late.tar.gz"
+
+
+def _truncated(workshop, tmp):
+    (tmp / "truncated.tar.gz").write_bytes(workshop["bundle"].read_bytes()[:-100])
+    return tmp / "truncated.tar.gz"
+
+
+def _bad_crc(workshop, tmp):
+    data = bytearray(workshop["bundle"].read_bytes())
+    data[-8] ^= 0xFF  # the gzip trailer's CRC-32
+    (tmp / "crc.tar.gz").write_bytes(bytes(data))
+    return tmp / "crc.tar.gz"
+
+
+def _appended(workshop, tmp):
+    (tmp / "twice.tar.gz").write_bytes(workshop["bundle"].read_bytes() * 2)
+    return tmp / "twice.tar.gz"
+
+
+HARDENING_REFUSALS = {
+    "manifest not first": (_manifest_last, "must start with manifest.json and manifest.sig"),
+    "downgrade": (_signed(lambda m: m.update(version="0.0.1")),
+                  f"0.0.1 is older than the running release {__version__}: a downgrade needs --allow-downgrade"),
+    "truncated by 100 bytes": (_truncated, "is truncated or corrupt"),
+    "gzip CRC wrong": (_bad_crc, "is truncated or corrupt"),
+    "data after the end": (_appended, "has data after the end of the archive"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(HARDENING_REFUSALS))
+def test_a_reordered_truncated_corrupt_or_older_bundle_is_refused(router, workshop, tmp_path, case):
+    make, reason = HARDENING_REFUSALS[case]
+    bundle = make(workshop, tmp_path)
+    result = vr(router, "patch", "apply", str(bundle))
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert reason in result.stderr and "Traceback" not in result.stderr
+    assert releases_state(router) == {} and status_release(router) == __version__
+    refused = [json.loads(line) for line in vr(router, "events", "--resource", "release").stdout.splitlines()]
+    assert refused[-1]["outcome"] == "refused"
+
+
+def test_a_downgrade_is_applied_when_the_operator_asks_for_it(router, workshop, tmp_path):
+    bundle = _signed(lambda m: m.update(version="0.0.1"))(workshop, tmp_path)
+    result = vr(router, "patch", "apply", str(bundle), "--allow-downgrade")
+    assert result.returncode == 0, result.stderr
+    assert status_release(router) == "0.0.1"
+
+
+def test_a_second_rollback_changes_nothing_and_says_so(router, workshop):
+    assert vr(router, "patch", "apply", str(workshop["bundle"])).returncode == 0
+    assert vr(router, "patch", "rollback").returncode == 0
+    assert status_release(router) == __version__
+    again = vr(router, "patch", "rollback")
+    assert again.returncode == 0, again.stderr
+    assert f"nothing to roll back: {__version__} is already the result of a rollback from 0.1.1" in again.stdout
+    assert releases_state(router)["current"] == __version__ and status_release(router) == __version__
+    status = json.loads(vr(router, "patch", "status", "--json").stdout)
+    assert status["last"]["action"] == "rollback" and status["last"]["to"] == __version__
+    assert status["rollback_to"] is None
+    # Going forward again is an apply.
+    assert vr(router, "patch", "apply", str(workshop["bundle"])).returncode == 0
+    assert status_release(router) == "0.1.1"
+
+
+def test_a_rolled_back_release_is_removed_so_its_fixed_bundle_applies(router, workshop, tmp_path):
+    assert vr(router, "patch", "apply", str(workshop["bundle"])).returncode == 0
+    running = vr(router, "patch", "remove", "0.1.1")
+    assert running.returncode == 2 and "release 0.1.1 is running" in running.stderr
+    previous = vr(router, "patch", "remove", __version__)
+    assert previous.returncode == 2 and "rollback would return to" in previous.stderr and "--force" in previous.stderr
+    assert vr(router, "patch", "rollback").returncode == 0
+
+    fixed = tmp_path / "vr-0.1.1-fixed.tar.gz"
+    patching.build(workshop["source"], "0.1.1", workshop["key"], fixed, description="0.1.1, fixed")
+    blocked = vr(router, "patch", "apply", str(fixed))
+    assert blocked.returncode == 2 and "vr patch remove 0.1.1" in blocked.stderr
+    removed = vr(router, "patch", "remove", "0.1.1")
+    assert removed.returncode == 0, removed.stderr
+    assert "removed release 0.1.1" in removed.stdout
+    assert releases_state(router) == {__version__: "dir", "current": __version__}
+    assert "0.1.1" not in vr(router, "patch", "list").stdout
+    unknown = vr(router, "patch", "remove", "0.1.1")
+    assert unknown.returncode == 2 and "release 0.1.1 is not installed" in unknown.stderr
+
+    assert vr(router, "patch", "apply", str(fixed)).returncode == 0
+    assert status_release(router) == "0.1.1"
+    assert "0.1.1, fixed" in vr(router, "patch", "list").stdout
+
+
+def test_old_releases_are_pruned_after_a_successful_patch(router, workshop):
+    releases = Releases(Settings.under_root(router))
+    for version in ("0.0.1", "0.0.2", "0.0.3", "0.0.4", "0.0.5"):
+        (releases.path(version) / "vr").mkdir(parents=True)
+        (releases.path(version) / "vr" / "__init__.py").write_text("")
+        (releases.path(version) / "manifest.json").write_text(json.dumps({"version": version}))
+    assert vr(router, "patch", "apply", str(workshop["bundle"])).returncode == 0
+    # The running one, its predecessor and the newest others: five in all.
+    assert releases.installed() == ["0.0.3", "0.0.4", "0.0.5", __version__, "0.1.1"]
+    assert releases.current() == "0.1.1"
+    steps = [json.loads(line) for line in vr(router, "events", "--resource", "release").stdout.splitlines()]
+    assert [e["resource"] for e in steps if e["outcome"] == "removed"] == ["release:0.0.1", "release:0.0.2"]

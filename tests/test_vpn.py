@@ -173,3 +173,35 @@ def test_charon_itself_checks_what_is_loaded(example, tmp_path):
     (staged / "s2s-site-b.conf").write_bytes(files["s2s-site-b.conf"])
     StrongswanService().check(staged, change, runtime)  # the good one passes
     assert not list(runtime.settings.run_dir.glob("charon-check*"))  # the one-off checker left nothing behind
+
+
+@pytest.mark.parametrize(
+    ("proposal", "keyword"),
+    [
+        ("aes256-aesxcbc-modp2048", "aesxcbc"),  # integrity, and the PRF charon derives from it
+        ("aes256-sha256-prfaesxcbc-modp2048", "prfaesxcbc"),
+        ("aes128-aescmac-ecp256", "aescmac"),
+    ],
+)
+def test_a_keyword_this_charon_cannot_do_is_refused(example, proposal, keyword):
+    """The keyword is strongSwan's, but the charon this router ships has no plugin for it:
+    the tunnel would never come up (key derivation fails at runtime), so it is refused."""
+    found = problems(example, {"site_to_site": [tunnel(ike_proposals=["aes256-sha256-modp2048", proposal])]})
+    assert list(found) == ["vpn.site_to_site[0].ike_proposals[1]"], found
+    assert f"{keyword!r}" in found["vpn.site_to_site[0].ike_proposals[1]"]
+
+
+def test_keywords_this_charon_implements_are_accepted(example):
+    ike = ["aes256gcm16-prfsha384-curve448", "chacha20poly1305-prfsha256-x25519", "aes128ccm16-prfsha256-ecp384",
+           "camellia256-sha512-modp4096", "3des-md5-modp1024"]  # fmt: skip
+    esp = ["aes256gcm16-curve448", "chacha20poly1305", "aes128-sha384-modp3072-esn", "aes256-sha1"]
+    assert problems(example, {"site_to_site": [tunnel(ike_proposals=ike, esp_proposals=esp)]}) == {}
+
+
+def test_remote_access_does_not_advertise_the_routers_addresses(example, tmp_path):
+    """MOBIKE would send a client every address of the router (ADDITIONAL_IP4_ADDRESS), guest
+    tiers included; the router does not move, so it is off, as for the tunnels."""
+    files = rendered(example, {"site_to_site": [tunnel()], "remote_access": access()}, tmp_path)
+    for name, conn in [("remote-access", "remote-access.conf"), ("s2s-site-b", "s2s-site-b.conf")]:
+        loaded = swanctl.messages(swanctl.parse(files[conn].decode()), None).conns[name]
+        assert loaded["mobike"] == "no", name

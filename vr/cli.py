@@ -16,16 +16,21 @@ def _settings(args):
 
 
 def _read_payload(source: str) -> object:
+    from vr import jsontext
     from vr.errors import InvalidPayload, Problem
 
     try:
-        text = sys.stdin.read() if source == "-" else Path(source).read_text()
+        if source == "-":
+            data = sys.stdin.buffer.read(jsontext.MAX_BYTES + 1)
+        else:
+            with open(source, "rb") as file:
+                data = file.read(jsontext.MAX_BYTES + 1)
     except OSError as error:
-        raise InvalidPayload([Problem("", f"cannot read {source}: {error.strerror}")]) from None
+        raise InvalidPayload([Problem("", f"cannot read {jsontext.quote(source)}: {error.strerror}")]) from None
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise InvalidPayload([Problem("", f"not valid JSON: {error}")]) from None
+        return jsontext.loads(data)
+    except jsontext.JsonRefused as error:
+        raise InvalidPayload([Problem(error.path, error.reason)]) from None
 
 
 def _recover_interrupted_patch(args) -> None:
@@ -48,6 +53,8 @@ def cmd_apply(args) -> int:
     result = Pipeline(_settings(args)).apply(_read_payload(args.file))
     changed = ", ".join(result.changed) or "nothing"
     print(f"applied generation {result.generation} in {result.duration_ms:.0f} ms; changed: {changed}")
+    for warning in result.warnings:
+        print(f"vr: warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -94,17 +101,22 @@ def cmd_schema(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from vr.status import collect, render_text
+    from vr.status import collect, recover_first, render_text
 
-    report = collect(_settings(args), firewall=args.firewall, lb=args.lb, vpn=args.vpn)
+    settings = _settings(args)
+    recover_first(settings)  # an interrupted apply is rolled back before it is reported on
+    report = collect(settings, firewall=args.firewall, lb=args.lb, vpn=args.vpn)
     print(json.dumps(report, indent=2) if args.json else render_text(report))
     return 0 if report["healthy"] else 1
 
 
 def cmd_events(args) -> int:
     from vr.events import EventLog
+    from vr.status import recover_first
 
-    for item in EventLog(_settings(args).events_path).read(args.resource):
+    settings = _settings(args)
+    recover_first(settings)  # the recovery's own events are then among those shown
+    for item in EventLog(settings.events_path).read(args.resource):
         print(json.dumps(item, sort_keys=True))
     return 0
 
@@ -132,8 +144,11 @@ def cmd_start(args) -> int:
 
 def cmd_stop(args) -> int:
     from vr.runtime import Runtime
+    from vr.supervisor_rpc import router_processes, stop_processes
 
-    Runtime(_settings(args)).supervisor.shutdown()
+    settings = _settings(args)
+    Runtime(settings).supervisor.shutdown()
+    stop_processes(router_processes(settings))  # what no supervisord ran: orphans of a dead one
     print("stopped")
     return 0
 
@@ -175,10 +190,12 @@ def cmd_reconcile(args) -> int:
 def cmd_patch(args) -> int:
     from vr import patching
 
-    needed = {"apply": ["target"], "build": ["target", "version", "key", "out"], "keygen": ["out"]}
+    needed = {"apply": ["target"], "build": ["target", "version", "key", "out"], "keygen": ["out"],
+              "remove": ["target"]}  # fmt: skip
     missing = [name for name in needed.get(args.action, []) if not getattr(args, name)]
     if missing:
-        names = ", ".join("FILE|URL|SRC" if m == "target" else f"--{m}" for m in missing)
+        target = "VERSION" if args.action == "remove" else "FILE|URL|SRC"
+        names = ", ".join(target if m == "target" else f"--{m}" for m in missing)
         raise patching.PatchRefused(f"patch {args.action} needs {names}")
     if args.action == "keygen":
         private, public = patching.keygen(Path(args.out))
@@ -193,10 +210,23 @@ def cmd_patch(args) -> int:
               f"{len(manifest['files'])} files, services {', '.join(manifest['services']) or 'none'}")  # fmt: skip
         return 0
     patcher = patching.Patcher(_settings(args))
+    if args.action == "remove":
+        result = patcher.remove(args.target, force=args.force)
+        print(json.dumps(result) if args.json else f"removed release {result['removed']}; installed: "
+              f"{', '.join(result['installed']) or 'none'}")  # fmt: skip
+        return 0
     if args.action in ("apply", "rollback"):
-        result = patcher.apply(args.target) if args.action == "apply" else patcher.rollback()
-        print(json.dumps(result) if args.json else f"{result['action']} {result['from']} -> {result['to']}: "
-              f"{result['outcome']} in {result['duration_ms']:.0f} ms; {result['message']}")  # fmt: skip
+        if args.action == "apply":
+            result = patcher.apply(args.target, allow_downgrade=args.allow_downgrade)
+        else:
+            result = patcher.rollback()
+        if args.json:
+            print(json.dumps(result))
+        elif result["outcome"] == "unchanged":  # a second rollback: nothing to do, and why
+            print(result["message"])
+        else:
+            print(f"{result['action']} {result['from']} -> {result['to']}: {result['outcome']} in "
+                  f"{result['duration_ms']:.0f} ms; {result['message']}")  # fmt: skip
         return 0
     report = patcher.status() if args.action == "status" else patcher.list()
     if args.json:
@@ -235,8 +265,25 @@ def cmd_lab(args) -> int:
     return lab.main(args)
 
 
+class _VersionAction(argparse.Action):
+    """The running release's version (a live patch changes it), looked up only when asked."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from vr.release import running_version
+
+        print(f"vr {running_version()}")
+        parser.exit()
+
+
+MAX_PROBLEMS_SHOWN = 100
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vr", description="virtual router control")
+    parser.add_argument("--version", action=_VersionAction, help="print the running release's version and exit")
     parser.add_argument("--root", help="put config/state/run/log dirs under DIR (default: appliance paths)")
     parser.add_argument("--netns", help="network namespace the router lives in")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -274,10 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reconcile", help="re-render the live document with this release; reload what changed")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_reconcile)
-    p = sub.add_parser("patch", help="live patches: apply, rollback, list, status; build, keygen")
-    p.add_argument("action", choices=["apply", "rollback", "list", "status", "build", "keygen"])
-    p.add_argument("target", nargs="?", help="apply: the bundle, FILE or http(s) URL; build: the source tree")
+    p = sub.add_parser("patch", help="live patches: apply, rollback, list, status, remove; build, keygen")
+    p.add_argument("action", choices=["apply", "rollback", "list", "status", "remove", "build", "keygen"])
+    p.add_argument("target", nargs="?", help="apply: the bundle, FILE or http(s) URL; build: the source tree; "
+                   "remove: the release's VERSION")  # fmt: skip
     p.add_argument("--json", action="store_true")
+    p.add_argument("--allow-downgrade", action="store_true", help="apply: even a release older than the running one")
+    p.add_argument("--force", action="store_true", help="remove: even the release a rollback would return to")
     p.add_argument("--version", help="build: the release's semantic version")
     p.add_argument("--key", help="build: the ed25519 private key that signs")
     p.add_argument("--base", action="append", help="build: a version the patch applies to (repeatable)")
@@ -312,14 +362,23 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except InvalidPayload as error:
         print(f"vr: payload refused, nothing was changed ({len(error.problems)} problem(s)):", file=sys.stderr)
-        for problem in error.problems:
+        for problem in error.problems[:MAX_PROBLEMS_SHOWN]:
             print(f"  {problem}", file=sys.stderr)
+        if len(error.problems) > MAX_PROBLEMS_SHOWN:
+            print(f"  ... and {len(error.problems) - MAX_PROBLEMS_SHOWN} more", file=sys.stderr)
         return error.exit_code
     except VrError as error:
         print(f"vr: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         return 130
+    except OSError as error:  # outside a transaction (which reports its own): a file vr could not read or write
+        import errno
+
+        where = error.filename or "the router's disk"
+        reason = f"no space left on {where}" if error.errno == errno.ENOSPC else f"{error.strerror} ({where})"
+        print(f"vr: {args.command} failed: {reason}", file=sys.stderr)
+        return 4
 
 
 def entry() -> None:

@@ -25,12 +25,16 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    PlainValidator,
     ValidationError,
+    WithJsonSchema,
+    create_model,
     field_validator,
     model_validator,
 )
 
 from vr.errors import InvalidPayload, Problem, StalePayload
+from vr.jsontext import quote
 
 # Sections a later vr release fills in. Present in a payload today, they are refused
 # with a message that says so rather than silently dropped.
@@ -43,7 +47,7 @@ def _pattern(regex: str, what: str):
     def check(value: str) -> str:
         # fullmatch, never '$': '$' also matches before a trailing newline.
         if not compiled.fullmatch(value):
-            raise ValueError(f"not a valid {what}: {value!r}")
+            raise ValueError(f"not a valid {what}: {quote(value)}")
         return value
 
     return AfterValidator(check)
@@ -67,7 +71,6 @@ MacAddress = Annotated[
 DhcpOptionName = Annotated[str, _pattern(r"[a-z][a-z0-9-]{0,39}", "DHCP option name")]
 # No comma, quote, space, '#' or control character: each is a separator or comment in dnsmasq.
 DhcpOptionValue = Annotated[str, _pattern(r"[A-Za-z0-9._:/@+=-]{1,255}", "DHCP option value")]
-IPAddress = IPv4Address | IPv6Address
 Duid = Annotated[
     str,
     BeforeValidator(lambda v: v.lower() if isinstance(v, str) else v),
@@ -116,28 +119,69 @@ _parse_ipv4 = functools.lru_cache(maxsize=65536)(_Address)
 _parse_ipv4_network = functools.lru_cache(maxsize=65536)(_Network)
 
 
-def _cached(parse, what: str):
+def _from_text(parse, what: str, own_type: type | tuple[type, ...], schema_format: str) -> tuple:
+    """Addresses come as strings, never as numbers: 0 is not 0.0.0.0, nor ::. The validator
+    is the whole validation (a plain one), in Python and in JSON mode alike."""
+
     def validate(value: object) -> object:
-        if isinstance(value, IPv4Address | IPv4Network):
-            value = str(value)  # defaults and programmatic values: the same cached objects
+        if own_type and isinstance(value, own_type):
+            value = str(value)  # defaults and programmatic values: the same (cached) objects
         if not isinstance(value, str):
-            return value
+            # ValueError, not TypeError: pydantic reports only the former as a validation error.
+            raise ValueError(f"not a valid {what}: expected a string, got {type(value).__name__}")  # noqa: TRY004
+        if len(value) > 64 or "%" in value:  # '%': a zone id, free text that no daemon config may take
+            raise ValueError(f"not a valid {what}: {quote(value)}")
         try:
             return parse(value)
         except ValueError as error:
-            raise ValueError(f"not a valid {what}: {value!r} ({error})") from None
+            raise ValueError(f"not a valid {what}: {quote(value)} ({str(error)[:80]})") from None
 
-    return BeforeValidator(validate)
+    return (PlainValidator(validate), PlainSerializer(str, return_type=str, when_used="json"),
+            WithJsonSchema({"type": "string", "format": schema_format}))  # fmt: skip
 
 
-_AS_TEXT = PlainSerializer(str, return_type=str, when_used="json")
-IPv4 = Annotated[IPv4Address, _cached(_parse_ipv4, "IPv4 address"), _AS_TEXT]
-IPv4Net = Annotated[IPv4Network, _cached(_parse_ipv4_network, "IPv4 network"), _AS_TEXT]
-IPInterface = IPv4Interface | IPv6Interface
+def _ip_address(text: str) -> IPv4Address | IPv6Address:
+    return _parse_ipv4(text) if ":" not in text else IPv6Address(text)
+
+
+def _ip_interface(text: str) -> IPv4Interface | IPv6Interface:
+    return IPv4Interface(text) if ":" not in text else IPv6Interface(text)
+
+
+def _ip_network(text: str) -> IPv4Network | IPv6Network:
+    return _parse_ipv4_network(text) if ":" not in text else IPv6Network(text)
+
+
+IPv4 = Annotated[IPv4Address, *_from_text(_parse_ipv4, "IPv4 address", IPv4Address, "ipv4")]
+IPv4Net = Annotated[IPv4Network, *_from_text(_parse_ipv4_network, "IPv4 network", IPv4Network, "ipv4-network")]
+IPv6 = Annotated[IPv6Address, *_from_text(IPv6Address, "IPv6 address", IPv6Address, "ipv6")]
+IPv6Net = Annotated[IPv6Network, *_from_text(IPv6Network, "IPv6 network", IPv6Network, "ipv6-network")]
+IPAddress = Annotated[IPv4Address | IPv6Address,
+                      *_from_text(_ip_address, "IP address", (IPv4Address, IPv6Address), "ip")]  # fmt: skip
+IPNetwork = Annotated[IPv4Network | IPv6Network,
+                      *_from_text(_ip_network, "IP network", (IPv4Network, IPv6Network), "ip-network")]  # fmt: skip
+IPInterface = Annotated[IPv4Interface | IPv6Interface,
+                        *_from_text(_ip_interface, "interface address (address/prefix length)",
+                                    (IPv4Interface, IPv6Interface), "ip-interface")]  # fmt: skip
+# The largest integer a JSON number carries exactly in every parser (IEEE double):
+# beyond it a manager's generation could not be compared, nor ever exceeded.
+JSON_SAFE_MAX = 2**53 - 1
+
+
+def _json_safe(value: int) -> int:
+    if value > JSON_SAFE_MAX:
+        raise ValueError(f"at most {JSON_SAFE_MAX} (2^53-1, the largest integer JSON carries exactly); "
+                         "a larger generation would leave the manager no newer one to send")  # fmt: skip
+    return value
+
+
+Generation = Annotated[int, Field(ge=1), AfterValidator(_json_safe)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """strict: a JSON true is not the number 1, "13" is not 13 and "yes" is not a boolean."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class RouterIdentity(Strict):
@@ -168,7 +212,7 @@ class Interface(Strict):
 
 
 class Route(Strict):
-    destination: IPv4Net | IPv6Network
+    destination: IPNetwork
     gateway: IPAddress
     metric: int = Field(0, ge=0, le=65535)
 
@@ -211,14 +255,14 @@ class DhcpEntry(Strict):
     mac: MacAddress
     ip: IPv4
     hostname: Hostname
-    ipv6: IPv6Address | None = None  # its address on a DHCPv6 (stateful) tier, served with an AAAA name
+    ipv6: IPv6 | None = None  # its address on a DHCPv6 (stateful) tier, served with an AAAA name
     duid: Duid | None = None  # the DHCPv6 client's id; without it dnsmasq matches the MAC
     default_gateway: bool = True
     options: list[DhcpOption] = Field(default_factory=list, max_length=32)
 
 
 class Dhcp(Strict):
-    tiers: list[DhcpTier] = Field(default_factory=list)
+    tiers: list[DhcpTier] = Field(default_factory=list, max_length=64)
     entries: list[DhcpEntry] = Field(default_factory=list, max_length=65536)
 
 
@@ -228,8 +272,9 @@ def _port_range(value: object) -> object:
         return {"start": value, "end": value}
     if isinstance(value, str):
         low, _, high = value.partition("-")
-        if low.isdigit() and (not high or high.isdigit()):
+        if low.isascii() and low.isdigit() and (not high or (high.isascii() and high.isdigit())) and len(value) <= 11:
             return {"start": int(low), "end": int(high or low)}
+        raise ValueError(f"not a valid port or port range (8080 or \"8000-8010\"): {quote(value)}")
     return value
 
 
@@ -354,7 +399,24 @@ class TierAcl(Strict):
 
 # Characters a PEM block may hold: base64, its armour lines and headers. The text goes to a
 # file of its own (never into a config line); cryptography parses it in verify.
-PemText = Annotated[str, Field(min_length=1, max_length=65536), _pattern(r"[A-Za-z0-9+/=:,.() \n\r-]+", "PEM text")]
+_PEM_BLOCK = re.compile(r"-----BEGIN ([A-Z0-9 ]{1,64})-----\r?\n[A-Za-z0-9+/=:,.() \r\n-]*?\r?\n-----END \1-----")
+
+
+def _pem_blocks(value: str) -> str:
+    """Only the PEM blocks are kept: text around them (openssl's "Bag Attributes", or
+    anything else) is never written to a key file."""
+    blocks = [match.group(0).replace("\r\n", "\n") for match in _PEM_BLOCK.finditer(value)]
+    if not blocks:
+        raise ValueError("no PEM block (-----BEGIN ...----- ... -----END ...-----)")
+    return "\n".join(blocks) + "\n"
+
+
+PemText = Annotated[
+    str,
+    Field(min_length=1, max_length=65536),
+    _pattern(r"[A-Za-z0-9+/=:,.() \n\r-]+", "PEM text"),
+    AfterValidator(_pem_blocks),
+]
 # An HTTP path for health checks: no space, quote or '#', which haproxy's config reads as syntax.
 HttpPath = Annotated[str, Field(max_length=255), _pattern(r"/[A-Za-z0-9._~/?=&%+:@!$*,;-]*", "HTTP path")]
 CookieName = Annotated[str, _pattern(r"[A-Za-z0-9_-]{1,64}", "cookie name (letters, digits, '_', '-')")]
@@ -460,15 +522,53 @@ Password = Annotated[str, _secret("password", 8)]
 VpnUsername = Annotated[str, _pattern(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}", "VPN user name (letters, digits, ._@-)")]
 
 # strongSwan proposal keywords (strongSwan's IKEv2 cipher suites), joined by '-': at least one
-# encryption algorithm, then integrity, PRF and DH groups as the protocol needs.
-_ENCRYPTION = {"aes128", "aes192", "aes256", "aes128gcm16", "aes192gcm16", "aes256gcm16", "aes128gcm12",
-               "aes256gcm12", "aes128ccm16", "aes256ccm16", "chacha20poly1305", "3des", "camellia128",
-               "camellia256"}  # fmt: skip
-_INTEGRITY = {"sha1", "sha256", "sha384", "sha512", "md5", "aesxcbc", "aescmac"}
-_PRF = {"prfsha1", "prfsha256", "prfsha384", "prfsha512", "prfmd5", "prfaesxcbc", "prfaescmac"}
-_DH = {"modp1024", "modp1536", "modp2048", "modp3072", "modp4096", "modp6144", "modp8192", "ecp256",
-       "ecp384", "ecp521", "ecp224", "ecp192", "curve25519", "x25519", "curve448", "x448"}  # fmt: skip
-_ESN = {"esn", "noesn"}
+# encryption algorithm, then integrity, PRF and DH groups as the protocol needs. Each keyword
+# names the algorithm it asks of charon, as charon's VICI get-algorithms lists it (transform
+# type, name). Whether this router's charon implements it is for its plugins to say: the
+# strongSwan service asks its checker charon (vr/services/strongswan.py), not this table.
+PROPOSAL_KEYWORDS: dict[str, tuple[str, str]] = {
+    **{f"aes{bits}": ("encryption", "AES_CBC") for bits in (128, 192, 256)},
+    **{f"aes{bits}gcm16": ("aead", "AES_GCM_16") for bits in (128, 192, 256)},
+    **{f"aes{bits}gcm12": ("aead", "AES_GCM_12") for bits in (128, 256)},
+    **{f"aes{bits}ccm16": ("aead", "AES_CCM_16") for bits in (128, 256)},
+    "chacha20poly1305": ("aead", "CHACHA20_POLY1305"),
+    "3des": ("encryption", "3DES_CBC"),
+    "camellia128": ("encryption", "CAMELLIA_CBC"),
+    "camellia256": ("encryption", "CAMELLIA_CBC"),
+    "sha1": ("integrity", "HMAC_SHA1_96"),
+    "sha256": ("integrity", "HMAC_SHA2_256_128"),
+    "sha384": ("integrity", "HMAC_SHA2_384_192"),
+    "sha512": ("integrity", "HMAC_SHA2_512_256"),
+    "md5": ("integrity", "HMAC_MD5_96"),
+    "aesxcbc": ("integrity", "AES_XCBC_96"),
+    "aescmac": ("integrity", "AES_CMAC_96"),
+    "prfsha1": ("prf", "PRF_HMAC_SHA1"),
+    "prfsha256": ("prf", "PRF_HMAC_SHA2_256"),
+    "prfsha384": ("prf", "PRF_HMAC_SHA2_384"),
+    "prfsha512": ("prf", "PRF_HMAC_SHA2_512"),
+    "prfmd5": ("prf", "PRF_HMAC_MD5"),
+    "prfaesxcbc": ("prf", "PRF_AES128_XCBC"),
+    "prfaescmac": ("prf", "PRF_AES128_CMAC"),
+    **{f"modp{bits}": ("dh", f"MODP_{bits}") for bits in (1024, 1536, 2048, 3072, 4096, 6144, 8192)},
+    **{f"ecp{bits}": ("dh", f"ECP_{bits}") for bits in (192, 224, 256, 384, 521)},
+    "curve25519": ("dh", "CURVE_25519"),
+    "x25519": ("dh", "CURVE_25519"),
+    "curve448": ("dh", "CURVE_448"),
+    "x448": ("dh", "CURVE_448"),
+    "esn": ("esn", "ESN"),  # the kernel's (or libipsec's) sequence numbers: no algorithm
+    "noesn": ("esn", "NO_ESN"),
+}
+
+
+def _keywords(*transforms: str) -> set[str]:
+    return {word for word, (transform, _) in PROPOSAL_KEYWORDS.items() if transform in transforms}
+
+
+_ENCRYPTION = _keywords("encryption", "aead")
+_INTEGRITY = _keywords("integrity")
+_PRF = _keywords("prf")
+_DH = _keywords("dh")
+_ESN = _keywords("esn")
 
 
 def _proposal(kind: str):
@@ -575,7 +675,7 @@ class Ipv6Tier(Strict):
     tier: Identifier
     mode: Literal["slaac", "dhcpv6"] = "slaac"
     ra: RouterAdvertisements = Field(default_factory=RouterAdvertisements)
-    dns: list[IPv6Address] = Field(default_factory=list, max_length=3)  # RDNSS; default: the router
+    dns: list[IPv6] = Field(default_factory=list, max_length=3)  # RDNSS; default: the router
     search: list[DomainName] = Field(default_factory=list, max_length=6)  # DNSSL; default: dns.domain
     lease_time: int = Field(86400, ge=120, le=31536000)  # DHCPv6 (dhcpv6 mode)
 
@@ -585,12 +685,12 @@ class Ipv6IngressRule(_TrafficMatch):
     the guest's own). protocol "icmp" means ICMPv6 here."""
 
     id: Identifier
-    destination: IPv6Network  # a guest address (/128) or a range inside a tier's prefix
-    source_cidrs: list[IPv6Network] = Field(default_factory=lambda: [IPv6Network("::/0")], max_length=256)
+    destination: IPv6Net  # a guest address (/128) or a range inside a tier's prefix
+    source_cidrs: list[IPv6Net] = Field(default_factory=lambda: [IPv6Network("::/0")], max_length=256)
 
 
 class Ipv6EgressRule(_TrafficMatch):
-    destination_cidrs: list[IPv6Network] = Field(default_factory=lambda: [IPv6Network("::/0")], max_length=256)
+    destination_cidrs: list[IPv6Net] = Field(default_factory=lambda: [IPv6Network("::/0")], max_length=256)
 
 
 class Ipv6TierEgress(Strict):
@@ -701,7 +801,7 @@ class Monitor(Strict):
 
 
 class RouterDocument(Strict):
-    generation: int = Field(ge=1)
+    generation: Generation
     router: RouterIdentity
     interfaces: list[Interface] = Field(min_length=1, max_length=64)
     routes: list[Route] = Field(default_factory=list, max_length=4096)
@@ -744,31 +844,33 @@ class IngressRuleChanges(Strict):
     delete: list[Identifier] = Field(default_factory=list, max_length=20000)
 
 
-class Payload(Strict):
-    """What the manager pushes: any subset of sections, each replacing the stored one."""
+SECTIONS = (
+    "router", "interfaces", "routes", "dns", "dhcp", "nat", "firewall", "network_acls", "load_balancer", "vpn",
+    "ipv6", "monitor",
+)  # fmt: skip
+ITEM_CHANGES = ("dhcp_entries", "port_forwarding_rules", "ingress_rules")
 
-    generation: int = Field(ge=1)
-    router: RouterIdentity | None = None
-    interfaces: list[Interface] | None = Field(None, min_length=1, max_length=64)
-    routes: list[Route] | None = None
-    dns: DnsSettings | None = None
-    dhcp: Dhcp | None = None
-    nat: Nat | None = None
-    firewall: Firewall | None = None
-    network_acls: list[TierAcl] | None = None
-    load_balancer: LoadBalancer | None = None
-    vpn: Vpn | None = None
-    ipv6: Ipv6 | None = None
-    monitor: Monitor | None = None
+
+def _section_field(name: str) -> tuple[Any, None]:
+    """A payload section is the document's own field, its type and its limits, or absent:
+    a section the payload model accepts is one the document model loads, by construction."""
+    info = RouterDocument.model_fields[name]
+    annotation = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+    return (annotation | None, None)
+
+
+class _PayloadBase(Strict):
+    """What the manager pushes: any subset of sections, each replacing the stored one, and
+    per-item changes (by MAC, by id) that do not resend the rest of a big list."""
+
+    generation: Generation
     dhcp_entries: DhcpEntryChanges | None = None
     port_forwarding_rules: PortForwardChanges | None = None
     ingress_rules: IngressRuleChanges | None = None
 
 
-SECTIONS = (
-    "router", "interfaces", "routes", "dns", "dhcp", "nat", "firewall", "network_acls", "load_balancer", "vpn",
-    "ipv6", "monitor",
-)  # fmt: skip
+Payload = create_model("Payload", __base__=_PayloadBase, **{name: _section_field(name) for name in SECTIONS})
+Payload.__doc__ = _PayloadBase.__doc__
 
 
 def json_path(loc: tuple[Any, ...]) -> str:
@@ -778,11 +880,28 @@ def json_path(loc: tuple[Any, ...]) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += ("." if out else "") + str(part)
+            text = str(part)
+            if not re.fullmatch(r"[A-Za-z0-9_:.-]{1,64}", text):  # a key from outside: quoted, cut short
+                text = quote(text)
+            out += ("." if out else "") + text
     return out
 
 
-def _problems_from(error: ValidationError) -> list[Problem]:
+_EXPECTED = {"int_type": "an integer", "bool_type": "true or false", "string_type": "a string",
+             "float_type": "a number", "list_type": "a list", "dict_type": "an object",
+             "model_type": "an object", "model_attributes_type": "an object"}  # fmt: skip
+
+
+def _json_type(value: object) -> str:
+    """The JSON name of what arrived, for 'expected an integer, got a string'."""
+    for kind, name in ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
+                       (list, "a list"), (dict, "an object"), (type(None), "null")):  # fmt: skip
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
+def problems_from(error: ValidationError) -> list[Problem]:
     problems = []
     for item in error.errors(include_url=False):
         # Drop pydantic's internal union/validator labels from the path.
@@ -795,8 +914,10 @@ def _problems_from(error: ValidationError) -> list[Problem]:
                 if len(loc) == 1 and top in FUTURE_SECTIONS
                 else "unknown field"
             )
+        elif item["type"] in _EXPECTED:
+            reason = f"expected {_EXPECTED[item['type']]}, got {_json_type(item.get('input'))}"
         else:
-            reason = item["msg"].removeprefix("Value error, ")
+            reason = item["msg"].removeprefix("Value error, ")[:300]
         problems.append(Problem(path, reason))
     # A union reports one error per branch; keep the first per path.
     seen: dict[str, Problem] = {}
@@ -811,7 +932,7 @@ def parse_payload(raw: object) -> Payload:
     try:
         return Payload.model_validate(raw)
     except ValidationError as error:
-        raise InvalidPayload(_problems_from(error)) from None
+        raise InvalidPayload(problems_from(error)) from None
 
 
 def merge(stored: RouterDocument | None, payload: Payload) -> RouterDocument:
@@ -842,16 +963,27 @@ def merge(stored: RouterDocument | None, payload: Payload) -> RouterDocument:
         doc = doc.model_copy(update={"vpn": doc.vpn.model_copy(update={"site_to_site": tunnels})})
     if payload.dhcp_entries is not None:
         entries = _apply_item_changes(doc.dhcp.entries, payload.dhcp_entries, "mac", "dhcp_entries")
+        _within_limit(entries, Dhcp, "entries", "dhcp_entries", "dhcp.entries")
         doc = doc.model_copy(update={"dhcp": doc.dhcp.model_copy(update={"entries": entries})})
     if payload.port_forwarding_rules is not None:
         rules = _apply_item_changes(
             doc.nat.port_forwarding, payload.port_forwarding_rules, "id", "port_forwarding_rules"
         )
+        _within_limit(rules, Nat, "port_forwarding", "port_forwarding_rules", "nat.port_forwarding")
         doc = doc.model_copy(update={"nat": doc.nat.model_copy(update={"port_forwarding": rules})})
     if payload.ingress_rules is not None:
         rules = _apply_item_changes(doc.firewall.ingress, payload.ingress_rules, "id", "ingress_rules")
+        _within_limit(rules, Firewall, "ingress", "ingress_rules", "firewall.ingress")
         doc = doc.model_copy(update={"firewall": doc.firewall.model_copy(update={"ingress": rules})})
     return doc
+
+
+def _within_limit(items: list, model: type[BaseModel], name: str, where: str, target: str) -> None:
+    """Upserts may not grow a list past the bound the document model loads it with."""
+    limit = next(m.max_length for m in model.model_fields[name].metadata if hasattr(m, "max_length"))
+    if len(items) > limit:
+        raise InvalidPayload([Problem(f"{where}.upsert", f"would make {target} {len(items)} items long; "
+                                                          f"a router holds at most {limit}")])  # fmt: skip
 
 
 def _reuse_equal(new: list, old: list) -> list:
@@ -894,12 +1026,50 @@ def _apply_item_changes(items: list, changes: Any, key: str, where: str) -> list
     return result
 
 
+_ITEM_LISTS = {  # item-change kind -> (where its items live in the document, their key)
+    "dhcp_entries": ("dhcp.entries", "mac"),
+    "port_forwarding_rules": ("nat.port_forwarding", "id"),
+    "ingress_rules": ("firewall.ingress", "id"),
+}
+
+
+def _item_list(doc: RouterDocument, where: str) -> list:
+    section, name = where.split(".")
+    return getattr(getattr(doc, section), name)
+
+
+def in_payload_terms(problems: list[Problem], payload: Any, doc: RouterDocument) -> list[Problem]:
+    """Problems found in the merged document name positions the manager never sent
+    (nat.port_forwarding[1002]): an item the payload upserted is named by its place in the
+    payload (port_forwarding_rules.upsert[0]) instead, in the path and in the reason."""
+    renames: list[tuple[re.Pattern, list, dict[int, str]]] = []
+    for kind, (where, _) in _ITEM_LISTS.items():
+        changes = getattr(payload, kind, None)
+        if changes is not None and changes.upsert:
+            sent = {id(item): f"{kind}.upsert[{k}]" for k, item in enumerate(changes.upsert)}
+            renames.append((re.compile(re.escape(where) + r"\[(\d+)\]"), _item_list(doc, where), sent))
+    if not renames:
+        return problems
+
+    def rename(text: str) -> str:
+        for pattern, items, sent in renames:
+            text = pattern.sub(functools.partial(_sent_name, items=items, sent=sent), text)
+        return text
+
+    return [Problem(rename(p.path), rename(p.reason), p.warning) for p in problems]
+
+
+def _sent_name(match: re.Match, items: list, sent: dict[int, str]) -> str:
+    n = int(match.group(1))
+    return sent.get(id(items[n]), match.group(0)) if n < len(items) else match.group(0)
+
+
 def build_document(raw: dict) -> RouterDocument:
     """A whole document, validated as one (the pipeline merges payloads with `merge`)."""
     try:
         return RouterDocument.model_validate(raw)
     except ValidationError as error:
-        raise InvalidPayload(_problems_from(error)) from None
+        raise InvalidPayload(problems_from(error)) from None
 
 
 def json_schema() -> dict:

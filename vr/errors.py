@@ -21,12 +21,17 @@ class VrError(Exception):
     exit_code = 1
 
 
+MAX_LISTED = 20  # problems a one-line message names; the rest are counted
+
+
 class InvalidPayload(VrError):
     exit_code = 2
 
     def __init__(self, problems: list[Problem]):
         self.problems = problems
-        super().__init__("; ".join(str(p) for p in problems))
+        listed = "; ".join(str(p) for p in problems[:MAX_LISTED])
+        more = len(problems) - MAX_LISTED
+        super().__init__(listed + (f"; and {more} more problem(s)" if more > 0 else ""))
 
 
 class StalePayload(VrError):
@@ -41,6 +46,24 @@ class ApplyFailed(VrError):
     def __init__(self, step: str, service: str, reason: str):
         self.step, self.service, self.reason = step, service, reason
         super().__init__(f"{step} failed for {service}: {reason}")
+
+
+class NoSpace(ApplyFailed):
+    """The disk filled during an apply: reported by path, rolled back like any failed step."""
+
+    def __init__(self, step: str, service: str, path: str):
+        super().__init__(step, service, f"no space left on {path}")
+
+
+class StoredDocumentUnreadable(VrError):
+    """The stored document does not load (a release with tighter limits, a damaged disk).
+    Nothing is applied over it but a whole document, which replaces it."""
+
+    exit_code = 4
+
+    def __init__(self, reason: str, generation: int | None):
+        self.reason, self.generation = reason, generation
+        super().__init__(f"the stored document cannot be loaded ({reason}); push a whole document to replace it")
 
 
 class Busy(VrError):

@@ -9,27 +9,37 @@ from collections.abc import Iterator
 from pathlib import Path
 
 MAX_BYTES = 8 * 1024 * 1024  # then rotate once: at most twice this on disk
+MAX_MESSAGE = 2048  # characters of one event's message: a refusal quoting a huge payload stays small
 
 
 class EventLog:
     def __init__(self, path: Path):
         self.path = path
 
-    def write(self, events: list[dict]) -> None:
+    def write(self, events: list[dict]) -> bool:
+        """Events report what happened; they never decide it. A full disk loses the events
+        (False), not the answer to the caller. A line is written whole or not at all."""
         if not events:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            if self.path.stat().st_size > MAX_BYTES:
-                os.replace(self.path, self.path.with_name(self.path.name + ".1"))
-        except FileNotFoundError:
-            pass
+            return True
         data = "".join(json.dumps(e, sort_keys=True) + "\n" for e in events).encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                if self.path.stat().st_size > MAX_BYTES:
+                    os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+            except FileNotFoundError:
+                pass
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            try:
+                written = os.write(fd, data)
+                if written != len(data):  # a short write on a full disk: cut back to whole lines
+                    os.ftruncate(fd, os.fstat(fd).st_size - written)
+                    return False
+            finally:
+                os.close(fd)
+        except OSError:
+            return False
+        return True
 
     def read(self, resource: str | None = None) -> Iterator[dict]:
         for path in (self.path.with_name(self.path.name + ".1"), self.path):
@@ -38,7 +48,10 @@ class EventLog:
             except FileNotFoundError:
                 continue
             for line in lines:
-                event = json.loads(line)
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue  # a line torn by a crash or a full disk
                 if (
                     resource is None
                     or event.get("resource") == resource
@@ -59,5 +72,5 @@ def event(type_: str, resource: str, outcome: str, message: str = "", generation
         "resource": resource,
         "generation": generation,
         "outcome": outcome,
-        "message": message,
+        "message": message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE] + "... (cut)",
     }

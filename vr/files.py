@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -17,19 +18,24 @@ def fsync_dir(directory: Path) -> None:
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644, sync: bool = True) -> None:
-    """A reader sees the old content or the new, never a torn file, even across a crash."""
+    """A reader sees the old content or the new, never a torn file, even across a crash.
+    A failed write (a full disk above all) leaves no temporary behind and names the file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        if sync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
+        try:
+            os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise OSError(error.errno, error.strerror, str(path)) from None
     os.replace(tmp, path)
     if sync:
         fsync_dir(path.parent)
@@ -83,6 +89,9 @@ def mode_for(relpath: str) -> int:
 
 
 def fault_point(step: str) -> None:
-    """Crash-test hook: VR_FAULT_AT=<step> kills this process right there (SIGKILL)."""
+    """Crash-test hooks: VR_FAULT_AT=<step> kills this process right there (SIGKILL);
+    VR_FAULT_ENOSPC=<step> fails there as a full disk would."""
     if os.environ.get("VR_FAULT_AT") == step:
         os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("VR_FAULT_ENOSPC") == step:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"<fault point {step}>")

@@ -300,6 +300,58 @@ class Lab:
                 pass
             pid_file.unlink(missing_ok=True)
 
+    # Test clients other than dhclient. Each records the environment its script receives in
+    # DIR/<guest>.<client>/<event>.env (RECORD_ENV), so nothing in the guest or on the host
+    # changes but what the client itself configures in the guest's namespace.
+    def dhcpcd6(self, guest: str, timeout: int = 10) -> dict[str, str]:
+        """A real `dhcpcd -6` in the guest (stateful DHCPv6, one shot); what its script got
+        at BOUND6 ({} if it got no lease). Its state (DUID, leases) is DIR/<guest>.dhcpcd:
+        remove that directory and the guest is a new client. dhcpcd 9.4 has no options for
+        its database and run directories, so they are bind-mounted in the private mount
+        namespace `ip netns exec` makes, over the host's paths in that namespace only."""
+        here = self._client_dir(guest, "dhcpcd")
+        for sub in ("db", "run"):
+            (here / sub).mkdir(exist_ok=True)
+        (here / "dhcpcd.conf").write_text("ipv6only\nnoipv6rs\nia_na 1\npersistent\n")
+        command = (
+            f'mount --bind "$1/db" /var/lib/dhcpcd && mount --bind "$1/run" /run && '
+            f'exec dhcpcd -6 -1 -B -d -t {int(timeout)} -f "$1/dhcpcd.conf" -c "$1/record-env" eth0'
+        )
+        self._run_client(guest, here, ["sh", "-c", command, "dhcpcd6", str(here)], timeout)
+        return _read_env(here / "BOUND6.env")
+
+    def udhcpc(self, guest: str, timeout: int = 10) -> dict[str, str]:
+        """busybox udhcpc in the guest, as a CirrOS-style guest asks (its default option
+        list, no MTU among it); what its script got at `bound` ({} if it got no lease)."""
+        here = self._client_dir(guest, "udhcpc")
+        tries = max(1, int(timeout) // 2)
+        command = ["busybox", "udhcpc", "-i", "eth0", "-n", "-q", "-f", "-t", str(tries), "-T", "2",
+                   "-s", str(here / "record-env")]  # fmt: skip
+        self._run_client(guest, here, command, timeout)
+        return _read_env(here / "bound.env")
+
+    def _client_dir(self, guest: str, client: str) -> Path:
+        here = self.dir / f"{guest}.{client}"
+        here.mkdir(exist_ok=True)
+        for stale in here.glob("*.env"):
+            stale.unlink()
+        script = here / "record-env"
+        script.write_text(RECORD_ENV)
+        script.chmod(0o755)
+        return here
+
+    def _run_client(self, guest: str, here: Path, command: list[str], timeout: int) -> None:
+        """Run a client to its end in the guest's namespace; stopped by PID if it overstays."""
+        with open(here / "client.log", "ab") as log:
+            process = subprocess.Popen(["ip", "netns", "exec", self.ns(guest), *command], stdin=subprocess.DEVNULL,
+                                       stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+            try:
+                process.wait(timeout=timeout + 10)
+            except subprocess.TimeoutExpired:
+                pass
+            finally:
+                stop_process(process)
+
     def resolve(self, namespace: str, name: str, server: str, timeout: float = 2.0, rdtype: str = "A") -> list[str]:
         """A DNS query made from inside a namespace, as a guest's resolver would."""
         code = (
@@ -377,6 +429,73 @@ class Lab:
     def ping(self, namespace: str, address: str, count: int = 2) -> bool:
         return _run("ip", "netns", "exec", namespace, "ping", "-c", str(count), "-W", "1", "-i", "0.2", address,
                     check=False).returncode == 0  # fmt: skip
+
+    def scan(self, namespace: str, targets: list[str], *options: str, timeout: float = 300) -> dict[str, dict[str, str]]:
+        """An nmap scan from a namespace (root: SYN and UDP scans), bounded by timeout; IPv4 and
+        IPv6 targets may be mixed (one nmap run per family). address -> {"tcp/80": state, ...}
+        for every port nmap names, and {"not shown: STATE": count} for the ports it folds."""
+        import xml.etree.ElementTree as ET
+
+        found: dict[str, dict[str, str]] = {}
+        for family in (["-4"], ["-6"]):
+            chosen = [t for t in targets if (":" in t) == (family == ["-6"])]
+            if not chosen:
+                continue
+            result = _run("ip", "netns", "exec", namespace, "nmap", *family, "-oX", "-", *options, *chosen,
+                          timeout=timeout)  # fmt: skip
+            for host in ET.fromstring(result.stdout).iter("host"):
+                address = host.find("address").get("addr")
+                ports = found.setdefault(address, {})
+                for folded in host.iter("extraports"):
+                    ports[f"not shown: {folded.get('state')}"] = folded.get("count")
+                for port in host.iter("port"):
+                    ports[f"{port.get('protocol')}/{port.get('portid')}"] = port.find("state").get("state")
+        return found
+
+    def renew_unicast(self, guest: str, timeout: float = 20) -> list[str]:
+        """A DHCP renewal as a bound client makes it: busybox udhcpc takes the guest's lease
+        (it changes nothing in the guest: its script is /bin/true), then on SIGUSR1 renews it
+        with a DHCPREQUEST unicast to the server. What udhcpc said; stopped by its PID."""
+        import select
+
+        address = self.guest_lease(guest)["address"]
+        process = subprocess.Popen(["ip", "netns", "exec", self.ns(guest), "busybox", "udhcpc", "-f", "-i", "eth0",
+                                    "-s", "/bin/true", "-r", address, "-t", "3", "-T", "1", "-A", "1", "-n"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+        said: list[str] = []
+        try:
+            deadline = time.monotonic() + timeout
+            buffered = b""
+            while (left := deadline - time.monotonic()) > 0 and select.select([process.stdout], [], [], left)[0]:
+                chunk = process.stdout.read1(4096)
+                if not chunk:
+                    break
+                buffered += chunk
+                *lines, buffered = buffered.split(b"\n")
+                for line in lines:
+                    said.append(line.decode(errors="replace").strip().removeprefix("udhcpc: "))
+                    if said[-1].startswith("lease of"):
+                        if any(s.startswith("sending renew") for s in said):
+                            return said
+                        process.send_signal(signal.SIGUSR1)
+            return said
+        finally:
+            stop_process(process)
+            process.stdout.close()
+
+
+RECORD_ENV = """\
+#!/bin/sh
+# A lab test client's script (dhcpcd: $reason; udhcpc: $1): records what it was given, changes nothing.
+env | sort > "$(dirname "$0")/${reason:-$1}.env"
+exit 0
+"""
+
+
+def _read_env(path: Path) -> dict[str, str]:
+    if not path.exists():
+        return {}
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
 
 
 def dhclient_script() -> Path:

@@ -57,3 +57,20 @@ def _inherited_fd(settings: Settings) -> int | None:
     except OSError:
         return None
     return fd
+
+
+def holder(settings: Settings) -> int | None:
+    """The PID holding the router's lock (an apply, patch or recovery in progress), or None
+    when nobody does: then a journal left behind belongs to a process that is gone."""
+    try:
+        fd = os.open(settings.lock_path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        text = os.pread(fd, 32, 0).decode().strip()
+        return int(text) if text.isdigit() else -1
+    finally:
+        os.close(fd)
+    return None

@@ -9,7 +9,14 @@
   failed, one alert is raised, and it is retried only every failed_interval_s.
 - The nftables ruleset is compared with what vr last applied whenever the kernel's ruleset
   generation moves; drift is repaired by loading vr's ruleset file again, and reported.
-- Its view is written to health.json in the run dir (what `vr status` and the manager read).
+- Its view is written to health.json in the run dir (what `vr status` and the manager read),
+  on change and every HEARTBEAT_S: `checked_at` and `stale_after_s` let a reader tell a
+  view nobody checks any more (a dead or hung monitor) from a live one.
+- An apply's journal whose owner is gone (killed) is rolled back (`vr recover`), not left.
+- Restart counts, restart times and failed states are kept on disk (state dir), so a killed
+  monitor does not reset back-off or max_restarts; a restarted daemon gets STARTUP_S to
+  answer before it is judged, and the back-off after a hang kill is capped (HANG_DELAY_MAX_S).
+- While `vr stop` runs (its stop marker), daemons that stop are no failure.
 
 It reads monitor.json (rendered from the document by the monitor service) and never loads
 the document model itself: an idle monitor stays small (see bench/recovery.py).
@@ -35,15 +42,23 @@ from vr import probes
 from vr.alerts import AlertQueue, AlertSender, make_alert
 from vr.events import EventLog, event
 from vr.files import read_bytes_or_none, read_json, write_json_atomic
+from vr.lock import holder
 from vr.release import running_version
 from vr.settings import Settings
-from vr.supervisor_rpc import SupervisorClient
+from vr.supervisor_rpc import SupervisorClient, stop_requested
 
 CONFIG = "monitor.json"
 HEALTH = "health.json"
 ALERT_QUEUE = "alerts.jsonl"
+RESTARTS = "monitor-restarts.json"  # restart counters and failed states: a new monitor keeps them
 TICK_S = 1.0  # the longest the loop sleeps: config and apply changes are noticed this fast
 SETTLE_S = 0.3  # after a restart, the first probe
+STARTUP_S = 5.0  # a restarted daemon's start-up time: failing probes meanwhile do not count
+RETRY_S = 0.2  # how often a daemon in its start-up time is probed again
+HANG_DELAY_MAX_S = 0.5  # back-off after a hang kill: a hung service is serving again within 5 s
+HEARTBEAT_S = 3.0  # health.json is rewritten at least this often: its checked_at says who still checks
+ORPHAN_GRACE_S = 3.0  # a journal without owner this long is recovered (a command run meanwhile does it)
+STALE_MARGIN_S = 10.0  # stale_after_s: this beyond the longest probe timeout without a check
 SUPERVISOR_ERRORS = (OSError, xmlrpc.client.Fault, xmlrpc.client.ProtocolError)
 
 
@@ -67,6 +82,8 @@ class Watch:
     restart_at: float | None = None
     last_probe_ms: float | None = None
     last_probe_at: float | None = None
+    starting_until: float = 0.0  # after a restart: its start-up time (monotonic)
+    hung: bool = False  # the last failure was the daemon running but not answering
 
     def report(self) -> dict:
         return {
@@ -95,10 +112,21 @@ class Monitor:
         self.buffer = b""
         self.drift = RulesetDrift(settings)
         self.health_written = ""
+        self.health_written_at = 0.0
         self.killed: set[str] = set()  # PIDs the monitor killed itself: their exit is no news
+        self.recovery: subprocess.Popen | None = None  # `vr recover` for a journal whose owner died
+        self.orphaned_since: float | None = None  # when the journal was first seen without owner
+        self.saved = read_json(settings.state_dir / RESTARTS) or {}
 
     # ------------------------------------------------------------ the loop
     def run(self) -> None:
+        signal.signal(signal.SIGTERM, _exit)  # supervisord stops it: health.json then says so
+        try:
+            self._loop()
+        finally:
+            self._write_stopped()
+
+    def _loop(self) -> None:
         self._send(b"READY\n")
         while True:
             now = time.monotonic()
@@ -140,13 +168,21 @@ class Monitor:
         if payload.get("pid") in self.killed:
             self.killed.discard(payload["pid"])
             return
+        if stop_requested(self.settings):
+            return  # `vr stop`: daemons stop on purpose
         reason = f"{watch.program} exited (was {payload.get('from_state', '?')}, pid {payload.get('pid', '?')})"
+        watch.hung = False  # an exit, backed off as such
         self._record(watch, "exited", reason)
         self._need_restart(watch, reason)
 
     def _tick(self) -> None:
         now = time.monotonic()
         applying = self.settings.journal_path.exists()  # an apply is switching files and daemons
+        if applying:
+            self._recover_orphaned_journal()
+        else:
+            self.orphaned_since = None
+        applying = applying or stop_requested(self.settings)  # or `vr stop` stops them on purpose
         for watch in self.watches.values():
             if not watch.enabled:
                 continue
@@ -164,14 +200,21 @@ class Monitor:
         watch.last_probe_at = time.time()
         if reason is None:
             if watch.state in ("restarting", "failed", "failing"):
-                if watch.state == "failed":
+                was_failed = watch.state == "failed"
+                if was_failed:
                     self._alert(watch, "info", f"{watch.name} recovered")
                 self._record(watch, "recovered", f"{watch.name} answers again")
+                watch.state = "ok"
+                if was_failed:
+                    self._save_restarts()
             watch.state, watch.reason, watch.consecutive = "ok", None, 0
             watch.next_probe = started + watch.interval_s
             return
-        watch.consecutive += 1
         watch.reason = reason
+        if watch.state == "restarting" and started < watch.starting_until:
+            watch.next_probe = started + RETRY_S  # still starting: not judged yet
+            return
+        watch.consecutive += 1
         if watch.state == "failed":
             watch.next_probe = started + self._failed_interval()
             if watch.program and self.supervisor.state(watch.program) != "RUNNING":
@@ -185,6 +228,7 @@ class Monitor:
             self._need_restart(watch, reason)
 
     def _probe_reason(self, watch: Watch) -> str | None:
+        watch.hung = False
         if watch.name == "nftables":
             return self.drift.check()
         if watch.program:
@@ -194,15 +238,17 @@ class Monitor:
         if watch.spec is None:
             return None
         try:
-            return probes.run(watch.spec, timeout=watch.timeout_s)
+            reason = probes.run(watch.spec, timeout=watch.timeout_s)
         except Exception as error:  # noqa: BLE001 - a probe that breaks is a failing probe, not a dead monitor
-            return f"probe error: {type(error).__name__}: {error}"
+            reason = f"probe error: {type(error).__name__}: {error}"
+        watch.hung = reason is not None and watch.program is not None  # running, yet not answering
+        return reason
 
     def _need_restart(self, watch: Watch, reason: str) -> None:
         if watch.state == "failed" or watch.restart_at is not None:
             return
         policy = self.config.get("restart", {})
-        now = time.monotonic()
+        now = time.time()  # wall clock: restart times outlive this process (RESTARTS)
         window = policy.get("window_s", 300)
         while watch.recent and watch.recent[0] < now - window:
             watch.recent.popleft()
@@ -211,19 +257,23 @@ class Monitor:
             self._stop(watch)
             self._record(watch, "failed", f"{len(watch.recent)} restarts in {window:g} s did not help: {reason}")
             self._alert(watch, "critical", f"{watch.name} failed after {len(watch.recent)} restarts: {reason}")
-            watch.next_probe = now + self._failed_interval()
+            watch.next_probe = time.monotonic() + self._failed_interval()
+            self._save_restarts()
             return
         delay = 0.0
         if watch.recent:
             delay = min(policy.get("backoff_initial_s", 0.5) * 2 ** (len(watch.recent) - 1),
                         policy.get("backoff_max_s", 30.0))  # fmt: skip
+        if watch.hung:  # detecting a hang took its probes' time already: it must not grow with back-off
+            delay = min(delay, HANG_DELAY_MAX_S)
         watch.state, watch.reason = "restarting", reason
-        watch.restart_at = now + delay
+        watch.restart_at = time.monotonic() + delay
 
     def _restart(self, watch: Watch) -> None:
         watch.restart_at = None
-        watch.recent.append(time.monotonic())
+        watch.recent.append(time.time())
         watch.restarts += 1
+        self._save_restarts()
         if watch.name == "nftables":
             error = self.drift.repair()
             self._record(watch, "repaired" if error is None else "repair failed", error or "ruleset loaded again")
@@ -233,6 +283,38 @@ class Monitor:
             self._record(watch, "restarted", watch.reason or "")
         watch.consecutive = 0
         watch.next_probe = time.monotonic() + SETTLE_S
+        watch.starting_until = time.monotonic() + STARTUP_S
+
+    def _save_restarts(self) -> None:
+        """Restart counts, recent restart times and failed states, so that a monitor that is
+        killed and started again keeps the back-off and max_restarts where they were."""
+        self.saved = {name: {"restarts": w.restarts, "recent": list(w.recent), "failed": w.state == "failed"}
+                      for name, w in self.watches.items()}  # fmt: skip
+        write_json_atomic(self.settings.state_dir / RESTARTS, self.saved)
+
+    def _recover_orphaned_journal(self) -> None:
+        """A journal nobody holds the lock for: its apply was killed. Rolled back now (by
+        `vr recover`, in its own session so that it outlives this monitor if need be), not
+        left until some command happens to run."""
+        if self.recovery is not None:
+            if self.recovery.poll() is None:
+                return
+            self.recovery = None
+        if holder(self.settings) is not None:
+            self.orphaned_since = None
+            return  # the apply still runs
+        now = time.monotonic()
+        if self.orphaned_since is None:
+            self.orphaned_since = now
+        if now - self.orphaned_since < ORPHAN_GRACE_S:
+            return
+        self.orphaned_since = None
+        self.events.write([event("monitor", "router:" + str(self.config.get("router")), "recovering",
+                                 "an interrupted apply's journal has no owner any more: rolling it back")])  # fmt: skip
+        self.recovery = subprocess.Popen([sys.executable, "-m", "vr", "recover"],
+                                         env={**os.environ, **self.settings.environment()}, start_new_session=True,
+                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL)  # fmt: skip
 
     def _kill(self, watch: Watch) -> None:
         """A hung daemon does not honour SIGTERM (a stopped one cannot): SIGKILL its whole
@@ -286,11 +368,24 @@ class Monitor:
             "services": {name: w.report() for name, w in self.watches.items()},
             "alerts_queued": len(self.alerts.pending()) if self.sender and self.sender.last_error else 0,
             "alert_error": self.sender.last_error if self.sender else None,
+            "stale_after_s": STALE_MARGIN_S + max([w.timeout_s for w in self.watches.values()] or [0]),
         }
         text = json.dumps(report, sort_keys=True)
-        if text != self.health_written:  # only on change: an idle monitor writes nothing
-            write_json_atomic(self.settings.run_dir / HEALTH, {**report, "written_at": time.time()}, sync=False)
-            self.health_written = text
+        now = time.monotonic()
+        # On change, and every HEARTBEAT_S: checked_at tells the manager this monitor still checks.
+        if text != self.health_written or now - self.health_written_at >= HEARTBEAT_S:
+            stamp = time.time()
+            write_json_atomic(self.settings.run_dir / HEALTH, {**report, "written_at": stamp, "checked_at": stamp},
+                              sync=False)  # fmt: skip
+            self.health_written, self.health_written_at = text, now
+
+    def _write_stopped(self) -> None:
+        """Leaving: nobody checks these services any more, and health.json says so."""
+        report = {"router": self.config.get("router"), "monitor_pid": None, "version": running_version(),
+                  "stopped_at": time.time(), "checked_at": None,
+                  "services": {name: {**w.report(), "state": "unknown", "healthy": None,
+                                      "reason": "the monitor is not running"} for name, w in self.watches.items()}}  # fmt: skip
+        write_json_atomic(self.settings.run_dir / HEALTH, report, sync=False)
 
     # ------------------------------------------------------------ configuration
     def _load_config(self) -> None:
@@ -317,6 +412,12 @@ class Monitor:
                     old.recent,
                 )
                 watch.restart_at, watch.consecutive = old.restart_at, old.consecutive
+                watch.starting_until = old.starting_until
+            elif item["name"] in self.saved:  # what the monitor before this one counted
+                saved = self.saved[item["name"]]
+                watch.restarts, watch.recent = saved.get("restarts", 0), collections.deque(saved.get("recent", []))
+                if saved.get("failed"):
+                    watch.state, watch.reason = "failed", "failed before the monitor restarted"
             if not watch.enabled:
                 watch.state, watch.restart_at = "disabled", None
             elif watch.state == "disabled":
@@ -406,6 +507,10 @@ def _list_table() -> str | None:
     nft.set_stateless_output(True)
     rc, output, _ = nft.cmd("list table inet vr")
     return output if rc == 0 else None
+
+
+def _exit(signum, frame) -> None:
+    raise SystemExit(0)
 
 
 def main(settings: Settings) -> int:

@@ -1,10 +1,14 @@
 """Live patches: signed release bundles, switched in with zero downtime, rolled back by themselves.
 
-A bundle is a tar file (format: patches/README.md):
+A bundle is a gzip-compressed tar file (format: patches/README.md), in this order:
 
     manifest.json        version, base versions, description, services, hooks, files (sha256, size, mode)
     manifest.sig         ed25519 signature of manifest.json's exact bytes (64 bytes)
     payload/<path>       the release tree: vr/ (the package), configs/ (templates), scripts/
+
+It is read as a stream, front to back: the signature is checked before any payload is read,
+nothing more is decompressed than the signed manifest declares (bounded, and checked against
+the free space), and the gzip trailer is read and checked (a cut bundle is refused).
 
 Apply: verify -> unpack beside the running release -> self-test the new release against the
 live document (its own code imports, renders, runs the daemons' checkers) -> pre hook ->
@@ -12,12 +16,16 @@ switch `current` -> restart vr's own processes (the monitor) -> re-render and re
 changed, health-gated (the new release's own `vr reconcile`) -> post hook -> record.
 A failure after the switch switches back the same way, raises an alert, and says why.
 
-The router's lock is held throughout: one apply or patch at a time. A journal written before
-the switch lets the next start (or `vr recover`) roll back a patch a crash interrupted.
+Releases are bounded: after a successful switch the oldest go (KEEP_RELEASES stay), and
+`vr patch remove` deletes one by hand. The router's lock is held throughout: one apply or
+patch at a time. A journal written before the switch lets the next start (or `vr recover`)
+roll back a patch a crash interrupted.
 """
 
 from __future__ import annotations
 
+import errno
+import gzip
 import hashlib
 import io
 import json
@@ -29,15 +37,17 @@ import subprocess
 import tarfile
 import time
 import uuid
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 from vr import __version__
 from vr.errors import VrError
 from vr.events import EventLog, event
 from vr.files import fault_point, fsync_dir, read_json, write_atomic, write_json_atomic
 from vr.lock import inheritable_lock_env, router_lock
-from vr.release import MANIFEST, Releases, code_dir, is_version
+from vr.release import MANIFEST, Releases, code_dir, is_version, version_key
 from vr.settings import Settings
 
 FORMAT = 1
@@ -47,6 +57,12 @@ PATCH_SOURCE = "patch.json"  # a bundle source's own description (not part of th
 MAX_BUNDLE_BYTES = 256 << 20
 MAX_FILES = 20_000
 MAX_MANIFEST_BYTES = 4 << 20
+MAX_UNPACKED_BYTES = 1 << 30  # a whole release of vr is about a MB: a GiB is a bomb, whatever the signature
+FREE_SPACE_RESERVE_BYTES = 8 << 20  # an unpacked release leaves this much free beside it
+HEAD_BUDGET_BYTES = MAX_MANIFEST_BYTES + (64 << 10)  # read before the signature is checked, at most
+MEMBER_OVERHEAD_BYTES = 4 << 10  # a member's tar header, pax header and padding, at most
+TRAILER_BUDGET_BYTES = 1 << 20  # the end-of-archive blocks and record padding
+KEEP_RELEASES = 5  # installed releases kept after a patch: the running one, its predecessor, the newest others
 MAX_HOOK_TIMEOUT_S = 600
 SERVICES = ("network", "nftables", "supervisor", "dnsmasq", "radvd", "haproxy", "strongswan", "monitor")
 CONTROL_PLANE = ("monitor",)  # vr's own processes under supervisord: restarted on a switch, never the daemons
@@ -290,99 +306,200 @@ class Bundle:
 
 
 def verify(path: Path, settings: Settings) -> Bundle:
-    """Signature first (nothing unsigned is parsed further), then the manifest, then the tar's
-    members against it. Raises PatchRefused with the reason."""
+    """One pass through the bundle, front to back: manifest.json and manifest.sig first, the
+    signature checked before any other member is read (nothing unsigned is parsed further),
+    then the manifest, its declared sizes against the cap and the free space, then every member
+    against it, and the end, so that gzip checks its CRC and length. Raises PatchRefused."""
     try:
         size = path.stat().st_size
     except OSError as error:
         raise PatchRefused(f"cannot read bundle {path}: {error.strerror}") from None
     if size > MAX_BUNDLE_BYTES:
         raise PatchRefused(f"bundle is {size} bytes, more than the {MAX_BUNDLE_BYTES} allowed")
-    try:
-        with tarfile.open(path, "r:*") as tar:
-            members = _members(tar)
-            manifest_bytes = _read_member(tar, members, MANIFEST, MAX_MANIFEST_BYTES)
-            signature = _read_member(tar, members, SIGNATURE, 1024)
-    except (tarfile.TarError, EOFError, OSError, ValueError) as error:
-        raise PatchRefused(f"not a readable bundle: {error}") from None
-    signer = _check_signature(manifest_bytes, signature, settings)
-    try:
-        manifest = json.loads(manifest_bytes)
-    except ValueError as error:
-        raise PatchRefused(f"manifest.json is not valid JSON: {error}") from None
-    problems = validate_manifest(manifest)
-    if problems:
-        raise PatchRefused("bad manifest: " + "; ".join(problems))
-    listed = {f["path"]: f for f in manifest["files"]}
-    payload = {}
-    for name, member in members.items():
-        if name in (MANIFEST, SIGNATURE):
-            continue
-        relative = name[len(PAYLOAD) :]
-        if member.isdir():
-            continue
-        if relative not in listed:
-            raise PatchRefused(f"{name}: in the bundle but not in the manifest")
-        if member.size != listed[relative]["size"]:
-            raise PatchRefused(f"{name}: {member.size} bytes, the manifest says {listed[relative]['size']}")
-        payload[relative] = member
-    missing = sorted(set(listed) - set(payload))
-    if missing:
-        raise PatchRefused(f"files in the manifest but not in the bundle: {', '.join(missing[:5])}")
-    _check_hashes(path, listed)
+    with _BundleStream(path) as stream:
+        manifest_bytes, signature = stream.head()
+        signer = _check_signature(manifest_bytes, signature, settings)
+        try:
+            manifest = json.loads(manifest_bytes)
+        except ValueError as error:
+            raise PatchRefused(f"manifest.json is not valid JSON: {error}") from None
+        problems = validate_manifest(manifest)
+        if problems:
+            raise PatchRefused("bad manifest: " + "; ".join(problems))
+        declared = sum(entry["size"] for entry in manifest["files"])
+        if declared > MAX_UNPACKED_BYTES:
+            raise PatchRefused(f"release {manifest['version']} unpacks to {declared} bytes, more than the "
+                               f"{MAX_UNPACKED_BYTES} a release may hold")  # fmt: skip
+        _check_room(manifest, manifest_bytes, Releases(settings))
+        stream.allow(manifest)
+        listed = {f["path"]: f for f in manifest["files"]}
+        found = set()
+        for member in stream.members():
+            if member.isdir():
+                continue
+            entry = _listed_entry(member, listed)
+            digest = hashlib.sha256()
+            for chunk in stream.chunks(member):
+                digest.update(chunk)
+            if digest.hexdigest() != entry["sha256"]:
+                raise PatchRefused(f"{member.name}: SHA-256 does not match the manifest (file altered or corrupt)")
+            found.add(entry["path"])
+        missing = sorted(set(listed) - found)
+        if missing:
+            raise PatchRefused(f"files in the manifest but not in the bundle: {', '.join(missing[:5])}")
+        stream.drain()
     return Bundle(path, manifest, manifest_bytes, signer)
 
 
-def _check_hashes(path: Path, listed: dict[str, dict]) -> None:
-    """Every payload file against its manifest hash, before anything is written."""
-    with tarfile.open(path, "r:*") as tar:
-        for member in tar:
-            relative = member.name[len(PAYLOAD) :]
-            if not member.isfile() or relative not in listed:
-                continue
-            digest, source = hashlib.sha256(), tar.extractfile(member)
-            while chunk := source.read(1 << 20):
-                digest.update(chunk)
-            if digest.hexdigest() != listed[relative]["sha256"]:
-                raise PatchRefused(f"payload/{relative}: SHA-256 does not match the manifest (file altered or corrupt)")
+def _listed_entry(member: tarfile.TarInfo, listed: dict[str, dict]) -> dict:
+    """A payload file's manifest entry; its size is checked from the tar header, before its data."""
+    entry = listed.get(member.name[len(PAYLOAD) :])
+    if entry is None:
+        raise PatchRefused(f"{member.name}: in the bundle but not in the manifest")
+    if member.size != entry["size"]:
+        raise PatchRefused(f"{member.name}: {member.size} bytes, the manifest says {entry['size']}")
+    return entry
 
 
-def _members(tar: tarfile.TarFile) -> dict[str, tarfile.TarInfo]:
-    """Every member by name; anything but plain files and directories inside the tree is refused."""
-    members: dict[str, tarfile.TarInfo] = {}
-    for count, member in enumerate(tar):
-        if count > MAX_FILES + 2:
-            raise PatchRefused(f"more than {MAX_FILES} members")
-        name = member.name.rstrip("/") if member.isdir() else member.name
-        if name in (MANIFEST, SIGNATURE):
-            reason = None if member.isfile() else "must be a plain file"
-        elif name.startswith(PAYLOAD):
-            reason = path_problem(name[len(PAYLOAD) :])
-        elif name == PAYLOAD.rstrip("/") and member.isdir():
-            continue
-        else:
-            reason = "outside payload/ (a bundle holds manifest.json, manifest.sig and payload/)"
-        if reason is None and (member.issym() or member.islnk()):
-            target = posixpath.normpath(posixpath.join(posixpath.dirname(name), member.linkname))
-            outside = member.linkname.startswith("/") or not target.startswith(PAYLOAD)
-            reason = f"link to {member.linkname!r}{' points out of the tree' if outside else ''}: links are not allowed"
-        elif reason is None and not (member.isfile() or member.isdir()):
-            reason = "not a plain file or directory"
-        if reason is None and name in members:
-            reason = "appears twice"
-        if reason:
-            raise PatchRefused(f"bundle member {member.name!r}: {reason}")
-        members[name] = member
-    return members
+def _check_room(manifest: dict, manifest_bytes: bytes, releases: Releases) -> None:
+    """The declared sizes, in the file system's blocks, against the free space of the releases
+    dir, before anything is written (a reserve is kept: logs and state need room too)."""
+    target = releases.path(manifest["version"])
+    try:
+        if (target / MANIFEST).read_bytes() == manifest_bytes:
+            return  # installed already: nothing to write
+    except OSError:
+        pass
+    where = releases.dir
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    stat = os.statvfs(where)
+    block = stat.f_frsize or 4096
+    directories = {posixpath.dirname(f["path"]) for f in manifest["files"]}
+    directories |= {posixpath.dirname(d) for d in directories}  # one level up is enough for an estimate
+    needed = sum(-(-f["size"] // block) * block for f in manifest["files"])
+    needed += -(-len(manifest_bytes) // block) * block + block * (len(directories) + 1)
+    free = stat.f_bavail * stat.f_frsize
+    if needed + FREE_SPACE_RESERVE_BYTES > free:
+        raise PatchRefused(f"release {manifest['version']} needs {needed} bytes in {releases.dir}, which has "
+                           f"{free} free ({FREE_SPACE_RESERVE_BYTES} are kept in reserve)")  # fmt: skip
 
 
-def _read_member(tar: tarfile.TarFile, members: dict, name: str, limit: int) -> bytes:
-    member = members.get(name)
-    if member is None:
-        raise PatchRefused(f"bundle has no {name}")
-    if member.size > limit:
-        raise PatchRefused(f"{name} is {member.size} bytes, more than {limit}")
-    return tar.extractfile(member).read()
+class _BundleStream:
+    """A bundle read once, front to back, as a stream (tarfile's "r|": no seeking, no member
+    reached before those ahead of it), through a budget: no more bytes come out of gzip than
+    the manifest allows before its signature is checked, and than the declared sizes allow
+    after. Read errors (gzip's CRC and length included) name the bundle as truncated or corrupt."""
+
+    def __init__(self, path: Path):
+        self.path, self.count, self.limit = path, 0, HEAD_BUDGET_BYTES
+        try:
+            self.raw = open(path, "rb")  # noqa: SIM115 (closed by __exit__)
+        except OSError as error:
+            raise PatchRefused(f"cannot read bundle {path}: {error.strerror}") from None
+        try:
+            if self.raw.read(2) != b"\x1f\x8b":
+                raise PatchRefused(f"not a readable bundle: {path.name} is not a gzip-compressed tar file")
+            self.raw.seek(0)
+            self.gzip = gzip.GzipFile(fileobj=self.raw, mode="rb")
+            self.tar = self._tar(tarfile.open, fileobj=self, mode="r|")
+        except BaseException:
+            self.raw.close()
+            raise
+        self.seen: set[str] = set()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.raw.close()
+
+    def _corrupt(self, error: BaseException) -> PatchRefused:
+        return PatchRefused(f"not a readable bundle: {self.path.name} is truncated or corrupt ({error})")
+
+    def _tar(self, call, *args, **kwargs):
+        try:
+            return call(*args, **kwargs)
+        except tarfile.TarError as error:
+            raise self._corrupt(error) from None
+
+    def read(self, size: int = -1) -> bytes:
+        """What tarfile reads through: the decompressed bundle, within the budget."""
+        room = self.limit - self.count + 1
+        try:
+            data = self.gzip.read(room if size < 0 else min(size, room))
+        except (EOFError, OSError, zlib.error) as error:
+            raise self._corrupt(error) from None
+        self.count += len(data)
+        if self.count > self.limit:
+            raise PatchRefused(f"bundle {self.path.name} holds more than its manifest declares "
+                               f"(over {self.limit} bytes unpacked)")  # fmt: skip
+        return data
+
+    def head(self) -> tuple[bytes, bytes]:
+        """manifest.json and manifest.sig: the first two members, or the bundle is refused."""
+        found = []
+        for name, limit in ((MANIFEST, MAX_MANIFEST_BYTES), (SIGNATURE, 1024)):
+            member = self._tar(self.tar.next)
+            if member is None or member.name != name or not member.isfile():
+                where = "nothing" if member is None else repr(member.name)
+                raise PatchRefused(f"a bundle must start with {MANIFEST} and {SIGNATURE}; found {where} "
+                                   f"where {name} belongs")  # fmt: skip
+            if member.size > limit:
+                raise PatchRefused(f"{name} is {member.size} bytes, more than {limit}")
+            found.append(b"".join(self.chunks(member)))
+        self.seen = {MANIFEST, SIGNATURE}
+        return found[0], found[1]
+
+    def allow(self, manifest: dict) -> None:
+        """After the signature: the declared sizes, plus the tar headers and padding around them."""
+        self.limit = self.count + sum(f["size"] for f in manifest["files"]) + MEMBER_OVERHEAD_BYTES * (
+            len(manifest["files"]) + 2) + TRAILER_BUDGET_BYTES  # fmt: skip
+
+    def members(self):
+        """The members after the head, each checked (paths, types, duplicates) from its header."""
+        while (member := self._tar(self.tar.next)) is not None:
+            reason = _member_problem(member, self.seen)
+            if reason:
+                raise PatchRefused(f"bundle member {member.name!r}: {reason}")
+            self.seen.add(member.name.rstrip("/") if member.isdir() else member.name)
+            yield member
+
+    def chunks(self, member: tarfile.TarInfo):
+        source = self._tar(self.tar.extractfile, member)
+        while chunk := self._tar(source.read, 1 << 20):
+            yield chunk
+
+    def drain(self) -> None:
+        """Read to the very end, so gzip checks its CRC-32 and length (a cut bundle fails here);
+        past the end of the archive only its zero padding may follow."""
+        while chunk := self.read(1 << 20):
+            if chunk.count(0) != len(chunk):
+                raise PatchRefused(f"not a readable bundle: {self.path.name} has data after the end of the archive")
+
+
+def _member_problem(member: tarfile.TarInfo, seen: set[str]) -> str | None:
+    """Why a member may not be in a bundle: only plain files and directories inside payload/."""
+    name = member.name.rstrip("/") if member.isdir() else member.name
+    if name in (MANIFEST, SIGNATURE):
+        reason = None if member.isfile() else "must be a plain file"
+    elif name.startswith(PAYLOAD):
+        reason = path_problem(name[len(PAYLOAD) :])
+    elif name == PAYLOAD.rstrip("/") and member.isdir():
+        return None
+    else:
+        reason = "outside payload/ (a bundle holds manifest.json, manifest.sig and payload/)"
+    if reason is None and (member.issym() or member.islnk()):
+        target = posixpath.normpath(posixpath.join(posixpath.dirname(name), member.linkname))
+        outside = member.linkname.startswith("/") or not target.startswith(PAYLOAD)
+        reason = f"link to {member.linkname!r}{' points out of the tree' if outside else ''}: links are not allowed"
+    elif reason is None and (member.issparse() or not (member.isfile() or member.isdir())):
+        reason = "not a plain file or directory"
+    if reason is None and name in seen:
+        reason = "appears twice"
+    if reason is None and len(seen) > MAX_FILES + 2:
+        reason = f"more than {MAX_FILES} members"
+    return reason
 
 
 def _check_signature(manifest_bytes: bytes, signature: bytes, settings: Settings) -> str:
@@ -403,33 +520,57 @@ def _check_signature(manifest_bytes: bytes, signature: bytes, settings: Settings
 def unpack(bundle: Bundle, releases: Releases) -> Path:
     """The release dir for the bundle: written beside the others (temporary name, every file
     hashed as it is written, fsynced), then renamed into place. A release already installed
-    with this very manifest is used as it is, after its files are checked."""
+    with this very manifest is used as it is, after its files are checked. A write that fails
+    (no space left above all) leaves nothing behind and refuses the patch."""
     target = releases.path(bundle.version)
     if target.exists():
-        if (target / MANIFEST).read_bytes() != bundle.manifest_bytes:
-            raise PatchRefused(f"release {bundle.version} is installed with other content; remove it first")
+        try:
+            same = (target / MANIFEST).read_bytes() == bundle.manifest_bytes
+        except OSError:
+            same = False
+        if not same:
+            raise PatchRefused(f"release {bundle.version} is installed with other content; remove it first "
+                               f"(vr patch remove {bundle.version})")  # fmt: skip
         _check_tree(target, bundle.manifest)
         return target
-    releases.dir.mkdir(parents=True, exist_ok=True)
     incoming = releases.dir / f".incoming-{bundle.version}-{uuid.uuid4().hex[:8]}"
-    incoming.mkdir(mode=0o755)
     try:
-        with tarfile.open(bundle.path, "r:*") as tar:
-            members = _members(tar)
-            for entry in bundle.manifest["files"]:
-                _extract(tar, members[PAYLOAD + entry["path"]], incoming, entry)
+        releases.dir.mkdir(parents=True, exist_ok=True)
+        incoming.mkdir(mode=0o755)
+        listed = {f["path"]: f for f in bundle.manifest["files"]}
+        with _BundleStream(bundle.path) as stream:
+            if stream.head()[0] != bundle.manifest_bytes:
+                raise PatchRefused(f"bundle {bundle.path.name} changed while it was being applied")
+            stream.allow(bundle.manifest)
+            for member in stream.members():
+                if not member.isdir():
+                    _extract(stream, member, incoming, _listed_entry(member, listed))
+            stream.drain()
+        missing = sorted(p for p in listed if not (incoming / p).is_file())
+        if missing:
+            raise PatchRefused(f"files in the manifest but not in the bundle: {', '.join(missing[:5])}")
         write_atomic(incoming / MANIFEST, bundle.manifest_bytes, mode=0o644)
         for directory in {p.parent for p in incoming.rglob("*")}:
             fsync_dir(directory)
         os.rename(incoming, target)
         fsync_dir(releases.dir)
+    except OSError as error:
+        shutil.rmtree(incoming, ignore_errors=True)
+        raise _write_refusal(error, f"unpacking release {bundle.version}", releases.dir) from None
     except BaseException:
         shutil.rmtree(incoming, ignore_errors=True)
         raise
     return target
 
 
-def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo, root: Path, entry: dict) -> None:
+def _write_refusal(error: OSError, doing: str, where: Path) -> PatchRefused:
+    """A failed write before the switch: nothing changed, and the reason says so."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return PatchRefused(f"no space left in {where} while {doing}; nothing was changed")
+    return PatchRefused(f"{doing} into {where} failed: {error.strerror or error}; nothing was changed")
+
+
+def _extract(stream: _BundleStream, member: tarfile.TarInfo, root: Path, entry: dict) -> None:
     """Written by us, not by tarfile: directories we made, files created exclusively and not
     through links, so nothing in the archive can write outside root."""
     relative = entry["path"]
@@ -439,13 +580,14 @@ def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo, root: Path, entry: d
         if not parent.is_dir():
             parent.mkdir(mode=0o755)
     digest, size = hashlib.sha256(), 0
-    source = tar.extractfile(member)
     fd = os.open(root / relative, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, int(entry["mode"], 8))
     try:
-        while chunk := source.read(1 << 20):
+        for chunk in stream.chunks(member):
             digest.update(chunk)
             size += len(chunk)
-            os.write(fd, chunk)
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view) :]
         os.fchmod(fd, int(entry["mode"], 8))
         os.fsync(fd)
     finally:
@@ -489,6 +631,9 @@ def fetch(source: str, settings: Settings) -> Path:
     except requests.RequestException as error:
         target.unlink(missing_ok=True)
         raise PatchRefused(f"fetching {source}: {type(error).__name__}: {error}") from None
+    except OSError as error:  # the download itself could not be written (a full disk)
+        target.unlink(missing_ok=True)
+        raise _write_refusal(error, f"downloading {source}", target.parent) from None
     except BaseException:
         target.unlink(missing_ok=True)
         raise
@@ -505,14 +650,16 @@ class Patcher:
         self.lock_fd: int | None = None
 
     # ---------------------------------------------------------------- commands
-    def apply(self, source: str) -> dict:
+    def apply(self, source: str, allow_downgrade: bool = False) -> dict:
+        """A bundle, verified, unpacked, self-tested and switched in; a lower version than the
+        running one only when the operator asks for it (allow_downgrade)."""
         started = time.monotonic()
         with router_lock(self.settings) as lock_fd:
             self.lock_fd = lock_fd
             self._recover_locked()
             downloaded = fetch(source, self.settings)
             try:
-                return self._apply_bundle(downloaded, started)
+                return self._apply_bundle(downloaded, started, allow_downgrade)
             finally:
                 if downloaded != Path(source):
                     downloaded.unlink(missing_ok=True)
@@ -524,12 +671,40 @@ class Patcher:
             self._recover_locked()
             state = self.state()
             running, previous = self.running(), state.get("previous")
+            if state.get("via") == "rollback":  # rolling back a rollback would re-apply the patch
+                origin = f" from {previous}" if previous else ""
+                message = (f"nothing to roll back: {running} is already the result of a rollback{origin}; "
+                           f"`vr patch apply` goes forward again")  # fmt: skip
+                self._event(f"release:{running}", "unchanged", message)
+                return {"action": "rollback", "from": running, "to": running, "outcome": "unchanged",
+                        "message": message, "duration_ms": round((time.monotonic() - started) * 1000, 1)}  # fmt: skip
             if not previous or previous == running:
                 raise PatchRefused("no previous release to roll back to")
             if previous not in self.releases.installed():
                 raise PatchRefused(f"previous release {previous} is no longer installed")
             changed = self._selftest(previous, resource=f"release:{previous}")
             return self._switch_over(running, previous, "rollback", started, changed=changed)
+
+    def remove(self, version: str, force: bool = False) -> dict:
+        """An installed release deleted: never the running one, nor the one a rollback would
+        return to unless forced (a rollback then has nowhere to go)."""
+        with router_lock(self.settings) as lock_fd:
+            self.lock_fd = lock_fd
+            self._recover_locked()
+            if not is_version(version):
+                raise PatchRefused(f"remove: {version!r} is not a release version")
+            if not self.releases.path(version).is_dir():
+                raise PatchRefused(f"release {version} is not installed")
+            if version == self.running():
+                raise PatchRefused(f"release {version} is running; it cannot be removed")
+            if version == self.rollback_target() and not force:
+                raise PatchRefused(f"release {version} is the one rollback would return to; "
+                                   f"add --force to remove it anyway")  # fmt: skip
+            self._remove(version, "by the operator")
+            state = self.state()
+            if state.get("previous") == version:
+                write_json_atomic(self.settings.patch_state_path, state | {"previous": None})
+            return {"removed": version, "installed": self.releases.installed()}
 
     def recover(self) -> bool:
         with router_lock(self.settings) as lock_fd:
@@ -543,9 +718,15 @@ class Patcher:
     def state(self) -> dict:
         return read_json(self.settings.patch_state_path) or {}
 
+    def rollback_target(self) -> str | None:
+        """The release `vr patch rollback` would switch to: none right after a rollback."""
+        state = self.state()
+        return None if state.get("via") == "rollback" else state.get("previous")
+
     def status(self) -> dict:
         state = self.state()
         return {"current": self.running(), "previous": state.get("previous"), "last": state.get("last"),
+                "rollback_to": self.rollback_target(),
                 "interrupted": self.settings.patch_journal_path.exists(),
                 "installed": self.releases.installed()}  # fmt: skip
 
@@ -560,7 +741,7 @@ class Patcher:
         return rows
 
     # ---------------------------------------------------------------- apply, step by step
-    def _apply_bundle(self, path: Path, started: float) -> dict:
+    def _apply_bundle(self, path: Path, started: float, allow_downgrade: bool = False) -> dict:
         running = self.running()
         try:
             bundle = verify(path, self.settings)
@@ -574,12 +755,19 @@ class Patcher:
             if running not in bundle.manifest["base_versions"]:
                 raise PatchRefused(f"bundle {bundle.version} applies to base versions "
                                    f"{', '.join(bundle.manifest['base_versions'])}; this router runs {running}")  # fmt: skip
+            if version_key(bundle.version) < version_key(running) and not allow_downgrade:
+                raise PatchRefused(f"bundle {bundle.version} is older than the running release {running}: "
+                                   f"a downgrade needs --allow-downgrade")  # fmt: skip
         except PatchRefused as error:
             self._event(resource, "refused", str(error))
             raise
         self._event(resource, "verified", f"signed by {bundle.signer}; base {running}")
         fresh = not self.releases.path(bundle.version).exists()
-        release_dir = unpack(bundle, self.releases)
+        try:
+            release_dir = unpack(bundle, self.releases)
+        except PatchRefused as error:
+            self._event(resource, "refused", str(error))
+            raise
         self._event(resource, "unpacked", str(release_dir))
         try:
             changed = self._selftest(bundle.version, resource)
@@ -589,12 +777,15 @@ class Patcher:
                                    f"which its manifest does not declare (services: "
                                    f"{', '.join(bundle.manifest['services']) or 'none'})")  # fmt: skip
             self._hook(bundle.manifest, "pre", bundle.version, running)
+            try:
+                self._adopt_installed()
+            except OSError as error:
+                raise _write_refusal(error, f"copying the installed release {__version__}", self.releases.dir) from None
         except PatchRefused as error:
             if fresh:  # refused: the release it unpacked goes too
                 shutil.rmtree(release_dir, ignore_errors=True)
             self._event(resource, "refused", str(error))
             raise
-        self._adopt_installed()
         return self._switch_over(running, bundle.version, "apply", started, changed=changed, manifest=bundle.manifest)
 
     def _switch_over(self, old: str, new: str, action: str, started: float, changed: dict,
@@ -603,8 +794,11 @@ class Patcher:
         txid = uuid.uuid4().hex[:12]
         resource = f"release:{new}"
         timings: dict[str, float] = {}
-        write_json_atomic(self.settings.patch_journal_path,
-                          {"txid": txid, "action": action, "from": old, "to": new, "time": time.time()})  # fmt: skip
+        try:
+            write_json_atomic(self.settings.patch_journal_path,
+                              {"txid": txid, "action": action, "from": old, "to": new, "time": time.time()})  # fmt: skip
+        except OSError as error:  # before the switch: nothing changed yet
+            raise _write_refusal(error, "writing the patch journal", self.settings.state_dir) from None
         fault_point("patch-journaled")
         step = "switch"
         try:
@@ -634,6 +828,7 @@ class Patcher:
         result = self._record(txid, action, old, new, "ok", f"services reloaded: {', '.join(reloaded) or 'none'}",
                               started, previous=old)  # fmt: skip
         self._event(resource, "committed", f"{action} {old} -> {new} in {result['duration_ms']:.0f} ms")
+        self._prune(keep={new, old})
         return result | {"selftest_changed": sorted(changed), **timings}
 
     def _switch_back(self, old: str, new: str) -> None:
@@ -768,7 +963,8 @@ class Patcher:
     def _recover_locked(self) -> bool:
         """A patch interrupted (crash, kill, power) after its journal: back on the old release.
         Its re-render and reload happen here if the router is up; at boot, `vr start` does it."""
-        for leftover in self.releases.dir.glob(".incoming-*") if self.releases.dir.is_dir() else ():
+        leftovers = [*self.releases.dir.glob(".incoming-*"), *self.releases.dir.glob(".removing-*")]
+        for leftover in leftovers if self.releases.dir.is_dir() else ():
             shutil.rmtree(leftover, ignore_errors=True)
         journal = read_json(self.settings.patch_journal_path)
         if journal is None:
@@ -794,10 +990,30 @@ class Patcher:
         last = {"txid": txid, "action": action, "from": old, "to": new, "outcome": outcome, "message": message,
                 "time": time.time(), "duration_ms": round((time.monotonic() - started) * 1000, 1)}  # fmt: skip
         current = self.running()
+        via = action if outcome == "ok" else state.get("via")  # how the running release was reached
         write_json_atomic(self.settings.patch_state_path,
-                          {"current": current, "previous": previous or state.get("previous"), "last": last})  # fmt: skip
+                          {"current": current, "previous": previous or state.get("previous"), "last": last,
+                           "via": via})  # fmt: skip
         self._clear_journal()
         return last
+
+    def _remove(self, version: str, why: str) -> None:
+        """Renamed out of the way first (one step), then deleted: never half a release under its name."""
+        doomed = self.releases.dir / f".removing-{version}-{uuid.uuid4().hex[:8]}"
+        os.rename(self.releases.path(version), doomed)
+        fsync_dir(self.releases.dir)
+        shutil.rmtree(doomed, ignore_errors=True)
+        self._event(f"release:{version}", "removed", why)
+
+    def _prune(self, keep: set[str]) -> None:
+        """After a successful switch: the running release, the one before it and the newest
+        others stay, KEEP_RELEASES in all; older ones go (a full disk blocks the next patch)."""
+        others = [v for v in reversed(self.releases.installed()) if v not in keep]
+        for version in sorted(others[max(KEEP_RELEASES - len(keep), 0) :], key=version_key):
+            try:
+                self._remove(version, f"pruned: more than {KEEP_RELEASES} releases installed")
+            except OSError as error:
+                self._event(f"release:{version}", "failed", f"pruning: {error}")
 
     def _clear_journal(self) -> None:
         self.settings.patch_journal_path.unlink(missing_ok=True)

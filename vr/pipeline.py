@@ -10,6 +10,7 @@ re-applies the affected services, so the router is never left half old, half new
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import os
 import shutil
@@ -21,8 +22,8 @@ from pathlib import Path
 
 from vr import document as docmod
 from vr.document import RouterDocument
-from vr.errors import ApplyFailed, InvalidPayload, Problem, VrError
-from vr.events import EventLog, event
+from vr.errors import ApplyFailed, InvalidPayload, NoSpace, Problem, StalePayload, StoredDocumentUnreadable, VrError
+from vr.events import MAX_MESSAGE, EventLog, event
 from vr.files import (
     fault_point,
     fsync_dir,
@@ -50,6 +51,7 @@ class Result:
     changed: list[str] = field(default_factory=list)
     duration_ms: float = 0.0
     timings_ms: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # accepted, but the operator should know
 
 
 class Pipeline:
@@ -69,10 +71,19 @@ class Pipeline:
         return self._validated(raw, stored)[1]
 
     def _validated(
-        self, raw: object, stored: RouterDocument | None
+        self, raw: object, stored: RouterDocument | None, unreadable: StoredDocumentUnreadable | None = None
     ) -> tuple[docmod.Payload, RouterDocument, list[Problem]]:
-        """(payload, merged document, warnings); raises on any problem that is not a warning."""
+        """(payload, merged document, warnings); raises on any problem that is not a warning.
+        unreadable: the stored document exists but does not load; a whole document replaces it."""
         payload = docmod.parse_payload(raw)
+        if unreadable is not None:
+            if unreadable.generation is not None and payload.generation <= unreadable.generation:
+                raise StalePayload(f"generation {payload.generation} is not newer than the stored generation "
+                                   f"{unreadable.generation}: payload refused as stale")  # fmt: skip
+            missing = [s for s in docmod.SECTIONS if getattr(payload, s) is None
+                       and RouterDocument.model_fields[s].is_required()]  # fmt: skip
+            if missing:
+                raise unreadable
         doc = docmod.merge(stored, payload)
         # A service whose inputs are those of the stored document was verified with it.
         found = [
@@ -83,7 +94,7 @@ class Pipeline:
         ]
         problems = [p for p in found if not p.warning]
         if problems:
-            raise InvalidPayload(problems)
+            raise InvalidPayload(docmod.in_payload_terms(problems, payload, doc))
         return payload, doc, [p for p in found if p.warning]
 
     # ---------------------------------------------------------------- entry points
@@ -91,11 +102,17 @@ class Pipeline:
         started = time.perf_counter()
         with self.lock(wait), _collector_paused():
             self._recover_locked()
-            stored = self.stored_document()
+            unreadable = None
             try:
-                payload, doc, warnings = self._validated(raw, stored)
+                stored = self.stored_document()
+            except StoredDocumentUnreadable as error:
+                stored, unreadable = None, error
+            try:
+                payload, doc, warnings = self._validated(raw, stored, unreadable)
             except VrError as error:
                 generation = raw.get("generation") if isinstance(raw, dict) else None
+                if not (isinstance(generation, int) and 0 < generation <= docmod.JSON_SAFE_MAX):
+                    generation = None  # whatever arrived is not repeated into the log
                 name = stored.router.name if stored else "unknown"
                 self.events.write([event("apply", f"router:{name}", "rejected", str(error), generation)])
                 self._record(generation, "rejected", str(error), started, [])
@@ -112,6 +129,25 @@ class Pipeline:
         with self.lock():
             return self._recover_locked()
 
+    def _stop_strays(self, doc: RouterDocument) -> None:
+        """Before a start: this router's daemons that no live supervisord runs (orphans of a
+        supervisord that died, a duplicate started by hand) are stopped, so that every daemon
+        runs once, under supervisord, from the files vr wrote."""
+        from vr.supervisor_rpc import router_processes, stop_processes
+
+        supervisor = self.runtime.supervisor
+        keep = set()
+        if supervisor.is_running():
+            pid_text = read_bytes_or_none(self.settings.run_dir / "supervisord.pid") or b""
+            keep = {int(pid_text)} if pid_text.strip().isdigit() else set()
+        strays = router_processes(self.settings, keep) if keep or not supervisor.is_running() else []
+        if not strays:
+            return
+        names = ", ".join(f"{pid} ({_command_name(pid)})" for pid in strays)
+        stop_processes(strays)
+        self.events.write([event("start", f"router:{doc.router.name}", "stopped-orphans",
+                                 f"processes of this router that no supervisord ran: {names}")])  # fmt: skip
+
     def reconcile(self) -> Result | None:
         """After a release switch: re-render the stored document with this release's code and
         templates, and reload (hitlessly, as each service does) only the services whose files
@@ -125,6 +161,8 @@ class Pipeline:
             stored = self.stored_document()
             if stored is None:
                 return None
+            if force:
+                self._stop_strays(stored)
             return self._transaction(stored, stored, started, {}, payload=None, force=force, rerender=rerender)
 
     def selftest(self) -> dict[str, list[str]]:
@@ -204,17 +242,21 @@ class Pipeline:
             self._stage_and_check(changes, staging)
             timings["check"] = _ms(mark)
             fault_point("checked")
+            mark = time.perf_counter()
+            self._backup(changes, backup)
+            write_json_atomic(
+                self.settings.journal_path,
+                {"txid": txid, "generation": doc.generation, "changes": {c.service: c.paths for c in changes}},
+            )
         except BaseException as error:
-            shutil.rmtree(staging, ignore_errors=True)
+            # Nothing live was touched yet: staging, backup links and a torn journal go.
+            for area in (staging, backup):
+                shutil.rmtree(area, ignore_errors=True)
+            self.settings.journal_path.unlink(missing_ok=True)
+            if isinstance(error, OSError):
+                error = _os_failure("stage", error)
             self._fail(doc, resource, error, started, rolled_back=False)
-            raise
-
-        mark = time.perf_counter()
-        self._backup(changes, backup)
-        write_json_atomic(
-            self.settings.journal_path,
-            {"txid": txid, "generation": doc.generation, "changes": {c.service: c.paths for c in changes}},
-        )
+            raise error from None
         fault_point("journaled")
         step, current = "switch", ""
         try:
@@ -237,18 +279,21 @@ class Pipeline:
             if failure:
                 current, reason = failure
                 raise ApplyFailed("health", current, reason)
+            step, current = "commit", "router"
+            fault_point("commit")
+            if doc is not old:  # at start the stored document is re-applied: already there
+                self.store.commit(doc, payload)
         except BaseException as error:
             self._rollback(changes, old, txid)
             if not isinstance(error, Exception):  # Ctrl-C, SIGTERM: rolled back, reported as what it was
                 self._fail(doc, resource, error, started, rolled_back=True)
                 raise
-            if not isinstance(error, ApplyFailed):
+            if isinstance(error, OSError):
+                error = _os_failure(step, error, current or "router")
+            elif not isinstance(error, ApplyFailed):
                 error = ApplyFailed(step, current or "router", f"{type(error).__name__}: {error}")
             self._fail(doc, resource, error, started, rolled_back=True)
             raise error from None
-
-        if doc is not old:  # at start the stored document is re-applied: already there
-            self.store.commit(doc, payload)
         fault_point("committed")
         self._finish(txid)
         changed = [c.service for c in changes if c.paths]
@@ -260,6 +305,7 @@ class Pipeline:
             + [event("warning", resource, "warning", str(w), doc.generation) for w in warnings]
         )
         self._record(doc.generation, "ok", "", started, changed, timings)
+        result.warnings = [str(w) for w in warnings]
         return result
 
     def _stage_and_check(self, changes: list[Change], staging: Path) -> None:
@@ -363,6 +409,10 @@ class Pipeline:
                 else:
                     write_atomic(live_dir / relpath, previous, mode=mode_for(relpath))
                     undo.written[relpath] = previous
+            # The whole restored file set, not only what was put back: a service's apply makes
+            # its daemon match desired(), and a file this change left alone (a forced start
+            # changes none) must read as kept, never as removed (routes, the nft table).
+            undo.generated = {p: (live_dir / p).read_bytes() for p in listed_files(live_dir)}
             reverse.append(undo)
         for undo in reverse:  # with old None (first apply), each service removes what it made
             by_name(undo.service).apply(undo, old, self.runtime)
@@ -425,19 +475,22 @@ class Pipeline:
         self._record(doc.generation, outcome, str(error), started, [])
 
     def _record(self, generation, outcome, message, started, changed, timings=None) -> None:
-        write_json_atomic(  # a report, not state: atomic, but not worth an fsync on the hot path
-            self.settings.last_apply_path,
-            {
-                "time": time.time(),
-                "generation": generation,
-                "outcome": outcome,
-                "message": message,
-                "duration_ms": _ms(started),
-                "changed": changed,
-                "timings_ms": timings or {},
-            },
-            sync=False,
-        )
+        """A report, not state: atomic, but not worth an fsync on the hot path, and lost
+        (not fatal) when the disk is full."""
+        with contextlib.suppress(OSError):
+            write_json_atomic(
+                self.settings.last_apply_path,
+                {
+                    "time": time.time(),
+                    "generation": generation,
+                    "outcome": outcome,
+                    "message": message[:MAX_MESSAGE],
+                    "duration_ms": _ms(started),
+                    "changed": changed,
+                    "timings_ms": timings or {},
+                },
+                sync=False,
+            )
 
 
 @contextlib.contextmanager
@@ -452,6 +505,21 @@ def _collector_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
+
+def _os_failure(step: str, error: OSError, service: str = "router") -> ApplyFailed:
+    """A failed write as the operator needs it: which file, and a full disk said plainly."""
+    where = error.filename or "the router's disk"
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpace(step, service, str(where))
+    return ApplyFailed(step, service, f"{error.strerror or error} ({where})")
+
+
+def _command_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+    except OSError:
+        return "?"
 
 
 def _ms(since: float) -> float:

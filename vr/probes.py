@@ -96,6 +96,90 @@ def vici(vici_socket: str, connections: list[str], timeout: float = 0.5) -> str 
     return f"charon has not loaded {', '.join(missing)}" if missing else None
 
 
+# vr's own initiations of an active tunnel that is down: after TUNNEL_RETRY_S[0], doubling up
+# to TUNNEL_RETRY_S[1]. charon retries a peer that does not answer by itself (keyingtries = 0)
+# but gives up on one that answered with an error (NO_PROPOSAL_CHOSEN, AUTHENTICATION_FAILED).
+TUNNEL_RETRY_S = (2.0, 30.0)
+_IKE_UP, _CHILD_UP = {"ESTABLISHED", "REKEYING", "REKEYED"}, {"INSTALLED", "REKEYING", "REKEYED"}
+
+
+def vpn(vici_socket: str, connections: list[str], tunnels: list[str] | None = None, state_file: str = "",
+        timeout: float = 0.5) -> str | None:  # fmt: skip
+    """charon does its job (the vici check); then each active tunnel is kept up: one found down
+    is initiated again, with back-off, and why it is down is kept in state_file for `vr status
+    --vpn`. A tunnel down is its peer's doing or the path's, not charon failing: it is never a
+    failure here, so neither the apply's health gate nor the monitor acts on it."""
+    reason = vici(vici_socket, connections, timeout)
+    if reason is None and tunnels:
+        keep_tunnels_up(vici_socket, tunnels, Path(state_file), budget_s=timeout / 2)
+    return reason
+
+
+def keep_tunnels_up(vici_socket: str, tunnels: list[str], state_file: Path, budget_s: float) -> None:
+    """Initiate each tunnel that is down and due, spending at most about budget_s waiting for
+    charon's answers; state_file keeps, per tunnel down: since, attempts, next try, reason."""
+    import time
+
+    import vici as vici_module
+    from vici.exception import CommandException, SessionException
+
+    from vr.files import read_json, write_json_atomic
+
+    known = read_json(state_file)
+    state = {name: dict(entry) for name, entry in (known or {}).items() if name in tunnels}
+    now, started = time.time(), time.monotonic()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+            connection.settimeout(budget_s + 2)
+            connection.connect(vici_socket)
+            session = vici_module.Session(connection)
+            sas: dict[str, list[tuple[str, set[str]]]] = {}
+            for item in session.list_sas({"noblock": "yes"}):
+                for name, sa in item.items():
+                    children = {c["state"].decode() for c in sa.get("child-sas", {}).values()}
+                    sas.setdefault(name, []).append((sa["state"].decode(), children))
+            for name in tunnels:
+                found = sas.get(name, [])
+                if any(ike in _IKE_UP and children & _CHILD_UP for ike, children in found):
+                    state.pop(name, None)
+                    continue
+                # First seen down: charon's own start action (a load, a DPD restart) may be at
+                # it this very moment, so vr's first try waits: two initiations would race.
+                entry = state.setdefault(name, {"since": now, "attempts": 0, "next_s": now + TUNNEL_RETRY_S[0],
+                                                "reason": None})  # fmt: skip
+                if any(ike not in _IKE_UP for ike, _ in found):  # charon is at it (connecting, deleting)
+                    entry["reason"] = entry["reason"] or "connecting: no answer from the peer yet"
+                    continue
+                if now < entry["next_s"] or time.monotonic() - started > budget_s:
+                    continue
+                why = _initiate(session, name, budget_s, CommandException)
+                entry["attempts"] += 1
+                entry["next_s"] = now + min(TUNNEL_RETRY_S[1], TUNNEL_RETRY_S[0] * 2 ** (entry["attempts"] - 1))
+                if why is None:
+                    state.pop(name)
+                else:
+                    entry["reason"] = why
+    except (OSError, CommandException, SessionException):
+        pass  # the vici check has just answered: a session that breaks now is tried again next time
+    if state != known and (state or known):
+        write_json_atomic(state_file, state, sync=False)
+
+
+def _initiate(session: Any, name: str, budget_s: float, failed: type[Exception]) -> str | None:
+    """None when the tunnel came up; otherwise why not, in charon's words."""
+    lines = []
+    try:
+        for log in session.initiate({"ike": name, "child": name, "timeout": str(max(1, int(budget_s * 1000))),
+                                     "loglevel": "1"}):  # fmt: skip
+            lines.append(log.get("msg", b"").decode(errors="replace"))
+    except failed as error:
+        # The peer's own word first (e.g. "received NO_PROPOSAL_CHOSEN notify error"), then charon's.
+        refused = [line for line in lines if " notify" in line and "received" in line]
+        refused += [line for line in lines if "failed" in line or "giving up" in line]
+        return (refused or [f"no answer from the peer within {budget_s * 1000:.0f} ms ({error})"])[0]
+    return None
+
+
 def router_advertisement(interface: str, prefix: str, timeout: float = 0.5) -> str | None:
     """A router solicitation on the tier, answered with its prefix: radvd is not just alive
     but advertising (rdisc6 from the router itself: the kernel loops the multicast
@@ -131,6 +215,7 @@ CHECKS = {
     "dns": dns,
     "haproxy": haproxy,
     "vici": vici,
+    "vpn": vpn,
     "router_advertisement": router_advertisement,
     "nft_table": nft_table,
 }

@@ -6,13 +6,15 @@ bounded by count and age so that processed payloads never fill a router's disk.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import queue
 import time
 from pathlib import Path
 
+from vr import jsontext
 from vr.errors import VrError
+from vr.events import MAX_MESSAGE
 from vr.pipeline import Pipeline
 
 KEEP_COUNT = 200
@@ -33,14 +35,15 @@ class Spool:
     def process(self, path: Path) -> bool:
         """Apply one file; True when it applied."""
         try:
-            raw = json.loads(path.read_bytes())
+            raw = jsontext.loads(path.read_bytes())
             # Wait for a running apply (CLI or agent) rather than failing the file.
             self.pipeline.apply(raw, wait=True)
         except (VrError, ValueError, OSError) as error:
-            reason = str(error) if not isinstance(error, json.JSONDecodeError) else f"not valid JSON: {error}"
+            reason = str(error)[:MAX_MESSAGE]
             target = self.failed / path.name
             os.replace(path, target)
-            (self.failed / (path.name + ".error")).write_text(reason + "\n")
+            with contextlib.suppress(OSError):  # a full disk keeps the reason from being written, not the move
+                (self.failed / (path.name + ".error")).write_text(reason + "\n")
             self._trim()
             return False
         os.replace(path, self.done / path.name)

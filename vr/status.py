@@ -3,21 +3,70 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from vr.files import read_json
 from vr.settings import Settings
 
+STALE_AFTER_S = 15.0  # for a health.json that does not say (written by an older monitor)
+
+
+def recover_first(settings: Settings) -> str | None:
+    """What every command that reads state does first: an apply a crash interrupted is rolled
+    back (or finished) now. None when nothing is pending any more; otherwise why it still is
+    (an apply holds the lock: it is in progress)."""
+    if not settings.journal_path.exists():
+        return None
+    from vr.errors import Busy
+    from vr.pipeline import Pipeline
+
+    try:
+        Pipeline(settings).recover()
+    except Busy as error:
+        return str(error)
+    return None
+
+
+def monitor_view(settings: Settings) -> dict:
+    """health.json as a reader may trust it: a monitor that is gone, or has not checked for
+    longer than it promised (stale_after_s), vouches for nothing: its services read unknown."""
+    health = read_json(settings.run_dir / "health.json") or {}
+    if not health:
+        return {}
+    pid, checked = health.get("monitor_pid"), health.get("checked_at") or health.get("written_at") or 0
+    age = time.time() - checked
+    gone = not pid or not _alive(pid)
+    if gone or age > health.get("stale_after_s", STALE_AFTER_S):
+        why = "the monitor is not running" if gone else f"the monitor has not checked for {age:.0f} s"
+        health = {**health, "stale": True, "stale_reason": why,
+                  "services": {name: {**item, "state": "unknown", "healthy": None, "reason": why}
+                               for name, item in health.get("services", {}).items()}}  # fmt: skip
+    else:
+        health = {**health, "stale": False}
+    return health
+
 
 def collect(settings: Settings, firewall: bool = False, lb: bool = False, vpn: bool = False) -> dict:
+    from vr.errors import StoredDocumentUnreadable
+    from vr.lock import holder
     from vr.pipeline import Pipeline
     from vr.services import SERVICES
 
     pipeline = Pipeline(settings)
-    doc = pipeline.stored_document()
+    document_error = None
+    try:
+        doc = pipeline.stored_document()
+    except StoredDocumentUnreadable as error:  # still a report: what runs, and why no apply will load
+        doc, document_error = None, str(error)
     runtime = pipeline.runtime
+    journal_pending = settings.journal_path.exists()
+    in_progress = None
+    if journal_pending:
+        owner = holder(settings)
+        in_progress = f"an apply is in progress (pid {owner})" if owner else "an interrupted apply awaits recovery"
     supervisor_up = runtime.supervisor.is_running()
     processes = {p["name"]: p for p in runtime.supervisor.all_processes()} if supervisor_up else {}
-    health = read_json(settings.run_dir / "health.json") or {}
+    health = monitor_view(settings)
     watched = health.get("services", {})
     services = []
     for service in SERVICES:
@@ -27,6 +76,8 @@ def collect(settings: Settings, firewall: bool = False, lb: bool = False, vpn: b
         started = time.perf_counter()
         # Only a service that runs programs depends on supervisord; the others probe as usual.
         reason = "supervisord is down" if programs and not supervisor_up else service.probe(doc, runtime)
+        if reason is None and service.name == "network":
+            reason = _network_missing(settings)
         item = {
             "name": service.name,
             "healthy": reason is None,
@@ -70,11 +121,54 @@ def collect(settings: Settings, firewall: bool = False, lb: bool = False, vpn: b
         "router": doc.router.name if doc else None,
         "generation": doc.generation if doc else None,
         "last_apply": last,
-        "journal_pending": settings.journal_path.exists(),
+        "journal_pending": journal_pending,
+        "document_error": document_error,
+        "apply_in_progress": in_progress,
         "services": services,
-        "healthy": doc is not None and all(s["healthy"] for s in services),
+        # Never healthy over a pending journal: the files may be half old, half new.
+        "healthy": doc is not None and not journal_pending and all(s["healthy"] for s in services),
         "monitor": {k: v for k, v in health.items() if k != "services"} or None,
     }
+
+
+def _network_missing(settings: Settings) -> str | None:
+    """What the kernel really has against network.json (what the last apply set): every
+    address on its interface, every route vr added. None when all are there."""
+    from ipaddress import ip_interface
+
+    from pyroute2 import IPRoute
+
+    from vr.services.network import ROUTE_PROTO_VR, STATE_FILE
+
+    state = read_json(settings.service_dir("network") / STATE_FILE)
+    if not state:
+        return None
+    with IPRoute() as ipr:
+        links = {link.get("ifname"): link["index"] for link in ipr.get_links()}
+        macs = {(link.get("address") or "").lower(): link["index"] for link in ipr.get_links()}
+        for iface in state["interfaces"]:
+            index = links.get(iface.get("name")) if iface.get("name") else macs.get(iface.get("mac"))
+            if index is None:
+                return f"interface {iface['id']} is missing"
+            have = {ip_interface(f"{m.get('address')}/{m['prefixlen']}") for m in ipr.get_addr(index=index)}
+            for address in iface["addresses"]:
+                if ip_interface(address) not in have:
+                    return f"address {address} is missing on interface {iface['id']}"
+        routes = set()
+        for msg in ipr.get_routes(proto=ROUTE_PROTO_VR):
+            dst = f"{msg.get('dst') or ('::' if msg['family'] == 10 else '0.0.0.0')}/{msg['dst_len']}"
+            routes.add((str(ip_interface(dst).network), msg.get("gateway")))
+    for route in state["routes"]:
+        if (route["destination"], route["gateway"]) not in routes:
+            return f"route {route['destination']} via {route['gateway']} is missing"
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "\tZ" not in Path(f"/proc/{pid}/status").read_text().split("State:")[1][:3]
+    except (FileNotFoundError, IndexError):
+        return False
 
 
 def _lb_members(doc, runtime) -> list[dict]:
@@ -110,7 +204,7 @@ def _vpn(doc, runtime) -> list[dict]:
 
 def render_text(report: dict) -> str:
     if report["router"] is None:
-        return "no configuration applied yet"
+        return f"vr: {report['document_error']}" if report.get("document_error") else "no configuration applied yet"
     last = report["last_apply"] or {}
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last["time"])) if last else "-"
     message = f": {last['message']}" if last.get("message") else ""
@@ -122,6 +216,9 @@ def render_text(report: dict) -> str:
             f"last apply  {last.get('outcome', '-')} at {when} "
             f"(generation {last.get('generation')}, {last.get('duration_ms', 0):.0f} ms){message}"
         ),
+        *([f"pending     {report['apply_in_progress']}"] if report.get("apply_in_progress") else []),
+        *([f"monitor     UNKNOWN: {report['monitor'].get('stale_reason')}"]
+          if (report.get("monitor") or {}).get("stale") else []),
         "",
         f"{'service':<12}{'state':<10}{'pid':>8}{'uptime':>9}{'restarts':>9}{'probe':>9}  health",
     ]

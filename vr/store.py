@@ -15,11 +15,15 @@ replay skips log entries the document already holds, so a crash between the two 
 from __future__ import annotations
 
 import gc
+import json
 import os
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from vr import document as docmod
 from vr.document import Payload, RouterDocument
+from vr.errors import StoredDocumentUnreadable, VrError
 from vr.files import fsync_dir, write_atomic
 from vr.settings import Settings
 
@@ -40,11 +44,15 @@ class DocumentStore:
         if key[0] is None:
             return None
         if self._cached is None or self._cached[0] != key:
-            doc = RouterDocument.model_validate_json(self.path.read_bytes())
-            for line in self._log_lines():
-                payload = Payload.model_validate_json(line)
-                if payload.generation > doc.generation:  # older ones predate a compaction
-                    doc = docmod.merge(doc, payload)
+            data = self.path.read_bytes()
+            try:
+                doc = RouterDocument.model_validate_json(data)
+                for line in self._log_lines():
+                    payload = Payload.model_validate_json(line)
+                    if payload.generation > doc.generation:  # older ones predate a compaction
+                        doc = docmod.merge(doc, payload)
+            except (ValidationError, VrError) as error:
+                raise StoredDocumentUnreadable(_first_problem(error), _raw_generation(data)) from None
             self._cached = (key, doc)
             settle_garbage_collector()
         return self._cached[1]
@@ -91,6 +99,24 @@ class DocumentStore:
 
     def _key(self) -> tuple:
         return (_stat_key(self.path), _stat_key(self.log_path))
+
+
+def _first_problem(error: Exception) -> str:
+    if isinstance(error, ValidationError):
+        problems = docmod.problems_from(error)
+        more = f" and {len(problems) - 1} more problem(s)" if len(problems) > 1 else ""
+        return f"{problems[0]}{more}" if problems else "does not validate"
+    return str(error)[:300]
+
+
+def _raw_generation(data: bytes) -> int | None:
+    """The generation the unreadable document was at, if that much can still be read: a
+    replacement must still be newer (unless it was out of range, as in the case it wedged)."""
+    try:
+        generation = json.loads(data).get("generation")
+    except (ValueError, AttributeError):
+        return None
+    return generation if isinstance(generation, int) and 0 < generation <= docmod.JSON_SAFE_MAX else None
 
 
 def _stat_key(path: Path) -> tuple | None:

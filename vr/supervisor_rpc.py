@@ -5,10 +5,14 @@ Stdlib only (the `supervisor` package's own transport would cost the monitor 14 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import http.client
 import os
+import signal
 import socket
 import subprocess
+import sys
 import time
 import xmlrpc.client
 from pathlib import Path
@@ -17,6 +21,7 @@ from vr.settings import Settings
 
 CONFIG_FILE = "supervisord.conf"
 RUNNING = "RUNNING"
+FIRST_STOPPED = ("monitor",)  # stopped before the daemons it watches: a stop is no failure
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -63,20 +68,19 @@ class SupervisorClient:
             return False
 
     def start_daemon(self, timeout: float = 10.0) -> None:
-        config = self.settings.service_dir("supervisor") / CONFIG_FILE
-        supervisord = self.settings.bin_dir / "supervisord"
-        # supervisord forks itself into the background; it inherits this process's netns. Not
-        # the code pinning of the vr that starts it: its programs run the current release.
-        pinned = ("PYTHONPATH", "VR_NO_DISPATCH", "VR_LOCK_FD")
-        subprocess.run(
-            [str(supervisord), "-c", str(config)],
-            check=True,
-            env={k: v for k, v in os.environ.items() if k not in pinned},
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            timeout=timeout,
-        )
+        """supervisord in the foreground under vr's keeper (vr.keeper), which starts it again
+        if it dies. The keeper inherits this process's netns, not the code pinning of the vr
+        that starts it: supervisord's programs run the current release."""
+        stop_marker(self.settings).unlink(missing_ok=True)
+        if keeper_pid(self.settings) is None:
+            pinned = ("PYTHONPATH", "VR_NO_DISPATCH", "VR_LOCK_FD")
+            env = {k: v for k, v in os.environ.items() if k not in pinned}
+            log = open(self.settings.log_dir / "keeper.log", "ab")  # noqa: SIM115 - the child holds it
+            try:
+                subprocess.Popen([sys.executable, "-m", "vr.keeper"], env={**env, **self.settings.environment()},
+                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)  # fmt: skip
+            finally:
+                log.close()
         deadline = time.monotonic() + timeout
         while not self.is_running():
             if time.monotonic() > deadline:
@@ -142,10 +146,19 @@ class SupervisorClient:
         return self.rpc.getAllProcessInfo()
 
     def shutdown(self, timeout: float = 15.0) -> None:
-        """Stop every daemon and supervisord itself, then wait for its PID to be gone."""
+        """An intentional stop: the stop marker first (the keeper does not bring supervisord
+        back, the monitor sees no failure), the monitor before the daemons it watches, then
+        every daemon and supervisord itself; returns when supervisord and the keeper are gone."""
+        self.settings.run_dir.mkdir(parents=True, exist_ok=True)
+        stop_marker(self.settings).write_text(f"{os.getpid()}\n")
         pid_path = self.settings.run_dir / "supervisord.pid"
         pid = int(pid_path.read_text()) if pid_path.exists() else None
         if self.is_running():
+            for name in FIRST_STOPPED:
+                try:
+                    self.stop(name)
+                except xmlrpc.client.Fault:
+                    pass  # not configured on this router
             self.rpc.shutdown()
         deadline = time.monotonic() + timeout
         while pid and _alive(pid):
@@ -153,6 +166,97 @@ class SupervisorClient:
                 os.kill(pid, 9)
                 break
             time.sleep(0.05)
+        keeper, deadline = keeper_pid(self.settings), time.monotonic() + 5
+        while keeper and _alive(keeper):
+            if time.monotonic() > deadline:
+                os.kill(keeper, 9)
+                break
+            time.sleep(0.05)
+
+
+def stop_marker(settings: Settings) -> Path:
+    """Present from `vr stop` until the next start: supervisord is down on purpose."""
+    return settings.run_dir / "stopping"
+
+
+def stop_requested(settings: Settings) -> bool:
+    return stop_marker(settings).exists()
+
+
+def keeper_pid_path(settings: Settings) -> Path:
+    return settings.run_dir / "keeper.pid"
+
+
+def keeper_pid(settings: Settings) -> int | None:
+    """The running keeper's PID: it holds a lock on its PID file for as long as it lives."""
+    try:
+        fd = os.open(keeper_pid_path(settings), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        text = os.pread(fd, 32, 0).decode().strip()
+        return int(text) if text.isdigit() else None
+    finally:
+        os.close(fd)
+    return None  # the lock was free: no keeper
+
+
+def router_processes(settings: Settings, keep: set[int] = frozenset()) -> list[int]:
+    """Every process of this router's daemons, whoever started them (an orphan of a dead
+    supervisord included): in the router's network namespace with a command line naming the
+    router's config dir, or (charon's checker, alone in its own namespace) an environment
+    naming it. Not this process or its ancestors, not the processes under the pids in `keep`
+    (a live supervisord's tree) or under the keeper (the supervisord it is starting)."""
+    marker = f"{settings.config_dir}/".encode()
+    own_netns = os.stat("/proc/self/ns/net").st_ino
+    mine = set(_ancestors(os.getpid()))
+    keeper = keeper_pid(settings)
+    keep = set(keep) | ({keeper} if keeper else set())
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) in mine or int(entry.name) == keeper:
+            continue
+        pid = int(entry.name)
+        try:
+            if marker in Path(f"/proc/{pid}/cmdline").read_bytes():
+                if os.stat(f"/proc/{pid}/ns/net").st_ino != own_netns:
+                    continue
+            elif marker not in Path(f"/proc/{pid}/environ").read_bytes():
+                continue
+        except OSError:
+            continue  # gone meanwhile, or a kernel thread
+        if not keep.intersection(_ancestors(pid)) and _alive(pid):
+            found.append(pid)
+    return found
+
+
+def stop_processes(pids: list[int], timeout: float = 5.0) -> None:
+    """TERM, then KILL what lingers."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in pids:
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _ancestors(pid: int) -> list[int]:
+    """pid and its parents up to init."""
+    chain = []
+    while pid > 1 and len(chain) < 64:
+        chain.append(pid)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+    return chain
 
 
 def _alive(pid: int) -> bool:

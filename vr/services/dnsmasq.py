@@ -13,8 +13,13 @@ VM, 30+ ms for 4,000 with DNS waiting meanwhile):
   that reuses its MAC, DUID or address, too many shadowed VMs, or a rollback takes the full
   path: empty the drop-ins, SIGHUP. dnsmasq's start command empties them too.
 The main config needs a restart. The lease file is state: it lives in the state dir and
-survives restarts, patches and rebuilds. A removed VM's lease is released explicitly
-(dhcp_release), never by deleting the lease file.
+survives restarts, patches and rebuilds. A removed VM's leases are released explicitly
+(dhcp_release; dhcp_release6 with the IAID and client id the lease file holds), never by
+deleting the lease file; so is a renamed VM's DHCPv6 lease, whose name a re-read would
+not change (IPv4 leases are renamed by it). A release is one packet per lease, no signal.
+A VM line that carries an IPv6 address carries no lease time, so that each family gets
+its own tier's (dhcp.tiers, ipv6.tiers) from the ranges. The tier MTU is forced: sent to
+clients that do not ask for it (busybox udhcpc).
 
 dnsmasq 2.90 (Debian 12) segfaults on SIGHUP when a dhcp-hostsfile line carries a
 `set:` tag and that host holds a lease: freeing the re-read host entries follows tag
@@ -27,12 +32,15 @@ one of those restarts dnsmasq, with its leases kept in the lease file.
 from __future__ import annotations
 
 import os
+import re
+import socket
+import struct
 import subprocess
 import time
 import zlib
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from vr.document import DhcpEntry, DhcpOption, Ipv6Tier, RouterDocument
 from vr.errors import Problem
@@ -51,6 +59,11 @@ DROP_INS = "dnsmasq-hosts.d"  # under the run dir: VM changes since dnsmasq last
 SHADOWED = b"# shadowed: "
 MAX_SHADOWED = 256  # removed VMs dnsmasq may still hold before a full re-read
 DEFAULT_LEASE_TIME = 86400  # seconds, for an entry whose tier has no dhcp.tiers item
+# A dhcp-host field dnsmasq reads as a lease time or a keyword whatever its place: a VM of
+# that name would get a 123 s lease and no name, or no lease at all ("ignore").
+DHCPV6_CLIENT_PORT, DHCPV6_SERVER_PORT = 546, 547
+DHCPV6_RELEASE, DHCPV6_REPLY = b"\x08", b"\x07"  # message types
+NOT_A_NAME = re.compile(r"ignore|infinite|[0-9]+[smhdw]?")
 
 
 class DnsmasqService(Service):
@@ -133,6 +146,13 @@ class DnsmasqService(Service):
                     )
             if hostname == router_name:
                 problems.append(Problem(f"dhcp.entries[{n}].hostname", "is the router's own name"))
+            elif NOT_A_NAME.fullmatch(hostname):
+                problems.append(
+                    Problem(
+                        f"dhcp.entries[{n}].hostname",
+                        f"{entry.hostname!r} would be read by dnsmasq as a lease time or keyword, not a name",
+                    )
+                )
             if entry.ipv6 is not None or entry.duid is not None:
                 problems += _ipv6_entry_problems(n, entry, prefixes, seen_ipv6)
         return problems
@@ -223,6 +243,9 @@ class DnsmasqService(Service):
         client = runtime.supervisor
         if doc is None or not doc.guest_interfaces():
             return  # supervisor removed the program with its config
+        # Read before any signal: a re-read or a restart makes dnsmasq rewrite the lease file
+        # (truncate, then write), and a read meanwhile would see no lease to release.
+        leases = _read_leases(self.lease_file(runtime)) if change.touches(HOSTS, MAIN) else None
         if client.state(PROGRAM) != "RUNNING":
             client.start(PROGRAM)
         elif change.touches(MAIN):
@@ -236,28 +259,8 @@ class DnsmasqService(Service):
             else:
                 _drop(drop_ins, drop_in)
         # Name shards need nothing: dnsmasq re-reads a replaced or removed one through inotify.
-        if change.touches(HOSTS, MAIN):
-            self._release_dropped_leases(change, doc, runtime)
-
-    def _release_dropped_leases(self, change: Change, doc: RouterDocument, runtime: Runtime) -> None:
-        """SIGHUP does not revoke leases: tell dnsmasq that a removed VM's lease is gone."""
-        leased = _leased_macs(self.lease_file(runtime))
-        if not leased:
-            return
-        old_lines = _declared_lines(change.previous.get(HOSTS), change.previous.get(MAIN))
-        new_lines = _declared_lines(change.written.get(HOSTS), change.written.get(MAIN))
-        gone = _host_lines(old_lines - new_lines)  # only lines that disappeared need parsing
-        still = _host_lines(new_lines - old_lines)
-        dropped = [(mac, ip) for mac, ip in gone.items() if mac in leased and still.get(mac) != ip]
-        if not dropped:
-            return
-        names = interface_names(doc)
-        interface_by_subnet = [(i.ipv4().network, names[i.id]) for i in doc.guest_interfaces()]
-        for mac, ip in dropped:
-            address = IPv4Address(ip)
-            ifname = next((name for subnet, name in interface_by_subnet if address in subnet), None)
-            if ifname:
-                subprocess.run(["dhcp_release", ifname, ip, mac], capture_output=True, timeout=10, check=False)
+        if leases is not None:
+            _release_dropped_leases(change, doc, leases)
 
     def probe_spec(self, doc: RouterDocument, runtime: Runtime) -> ProbeSpec | None:
         """A guest's question: a VM's name (the router's own while there is none), asked of
@@ -272,6 +275,83 @@ class DnsmasqService(Service):
 
     def lease_file(self, runtime: Runtime) -> Path:
         return runtime.settings.state_dir / "dnsmasq.leases"
+
+
+def _release_dropped_leases(change: Change, doc: RouterDocument, leases: Leases) -> None:
+    """SIGHUP does not revoke leases: tell dnsmasq that a removed VM's lease is gone, and
+    an IPv6 lease whose VM was renamed too (a re-read renames IPv4 leases, never IPv6
+    ones, so the old name would keep answering AAAA). One release per lease, no signal."""
+    if not leases.v4 and not leases.v6:
+        return
+    old_lines = _declared_lines(change.previous.get(HOSTS), change.previous.get(MAIN))
+    new_lines = _declared_lines(change.written.get(HOSTS), change.written.get(MAIN))
+    gone_lines, added_lines = old_lines - new_lines, new_lines - old_lines  # only these need parsing
+    gone, still = _host_lines(gone_lines), _host_lines(added_lines)
+    dropped = [(mac, ip) for mac, ip in gone.items() if mac in leases.v4 and still.get(mac) != ip]
+    was, now = _ipv6_owners(gone_lines), _ipv6_owners(added_lines)  # address -> (MAC or DUID, name)
+    dropped6 = [lease for lease in leases.v6 if lease.address in was and now.get(lease.address) != was[lease.address]]
+    if not dropped and not (dropped6 and leases.server_id):
+        return
+    names = interface_names(doc)
+    by_subnet = [(i.ipv4().network, names[i.id]) for i in doc.guest_interfaces()]
+    by_prefix = [(i.ipv6().network, names[i.id]) for i in doc.guest_interfaces() if i.ipv6()]
+    for mac, ip in dropped:
+        address = IPv4Address(ip)
+        ifname = next((name for subnet, name in by_subnet if address in subnet), None)
+        if ifname:
+            subprocess.run(["dhcp_release", ifname, ip, mac], capture_output=True, timeout=10, check=False)
+    by_interface: dict[str, list[Lease6]] = {}
+    for lease in dropped6 if leases.server_id else []:
+        address6 = IPv6Address(lease.address)
+        ifname = next((name for prefix, name in by_prefix if address6 in prefix), None)
+        if ifname:
+            by_interface.setdefault(ifname, []).append(lease)
+    for ifname, released in by_interface.items():
+        _release6(ifname, released, leases.server_id)
+
+
+def _release6(ifname: str, leases: list[Lease6], server_id: str, timeout: float = 1.0) -> None:
+    """What dnsmasq-utils' dhcp_release6 sends, without its one-second sleep per lease
+    (it sleeps before it first looks for the reply): a DHCPv6 Release (RFC 8415) from the
+    router to dnsmasq on the tier (ff02::1:2, the client port, bound to the interface),
+    naming dnsmasq's DUID and the client's DUID, IAID and address as the lease file holds
+    them; then a bounded wait for dnsmasq's replies."""
+    pending = set()
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("::", DHCPV6_CLIENT_PORT))
+        except OSError:
+            pass  # the replies will not reach us; the releases still go out
+        scope = socket.if_nametoindex(ifname)
+        for lease in leases:
+            xid = os.urandom(3)
+            try:
+                packet = _release6_packet(xid, lease, server_id)
+            except ValueError:
+                continue  # not a lease dnsmasq wrote (a client id that is not hex)
+            sock.sendto(packet, ("ff02::1:2", DHCPV6_SERVER_PORT, 0, scope))
+            pending.add(xid)
+        deadline = time.monotonic() + timeout
+        while pending and (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            try:
+                reply = sock.recv(1500)
+            except TimeoutError:
+                break
+            if reply[:1] == DHCPV6_REPLY:
+                pending.discard(reply[1:4])
+
+
+def _release6_packet(xid: bytes, lease: Lease6, server_id: str) -> bytes:
+    def option(code: int, body: bytes) -> bytes:
+        return struct.pack("!HH", code, len(body)) + body
+
+    address = option(5, IPv6Address(lease.address).packed + struct.pack("!II", 0, 0))  # IAADDR
+    ia_na = option(3, struct.pack("!III", int(lease.iaid), 0, 0) + address)
+    client, server = (bytes.fromhex(duid.replace(":", "")) for duid in (lease.client_id, server_id))
+    return DHCPV6_RELEASE + xid + option(1, client) + option(2, server) + ia_na
 
 
 def _check_readable_after_privilege_drop(directory: Path) -> None:
@@ -326,9 +406,10 @@ def _drop_in_dir(runtime: Runtime) -> Path:
 
 def _keys(line: bytes) -> list[bytes]:
     """What identifies a dhcp-hosts line to dnsmasq: its MAC or DUID, and its addresses
-    ('mac,ip,[v6],name,lease', 'mac,ip,name,lease' or 'id:duid,[v6],name,lease')."""
-    fields = line.split(b",")
-    return [fields[0], *fields[1:-2]]
+    ('mac,ip,name,lease', 'mac,ip,[v6],name' or 'id:duid,[v6],name'). A hostname is one
+    label and a lease time a number, so the addresses are the fields with a dot or brackets."""
+    first, *rest = line.split(b",")
+    return [first, *(field for field in rest if field.startswith(b"[") or b"." in field)]
 
 
 def _drop_in(change: Change, shadowed: list[bytes]) -> bytes | None:
@@ -373,7 +454,10 @@ def _empty(drop_ins: Path) -> None:
 
 
 def _host_values(entry: DhcpEntry, lease_times: dict[str, int]) -> dict:
-    lease_time = lease_times.get(entry.tier, DEFAULT_LEASE_TIME)
+    """A line that carries an IPv6 address carries no lease time: a dhcp-host's lease time
+    is both families', and each must be its own tier's (dhcp.tiers, ipv6.tiers), which is
+    what dnsmasq takes from the ranges when the line has none."""
+    lease_time = None if entry.ipv6 is not None else lease_times.get(entry.tier, DEFAULT_LEASE_TIME)
     return {"mac": entry.mac, "ip": entry.ip, "hostname": entry.hostname, "lease_time": lease_time,
             "ipv6": entry.ipv6, "duid": entry.duid}  # fmt: skip
 
@@ -409,9 +493,10 @@ def _tier_values(doc: RouterDocument, tier) -> dict:
         f"option:router,{gateway.ip}",
         "option:dns-server," + ",".join(str(s) for s in dns_servers),
         f"option:domain-name,{doc.dns.domain}",
-        f"option:mtu,{iface.mtu}",
     ]
     options.extend(_option(o) for o in tier.options)
+    # Sent whether asked or not: busybox udhcpc (CirrOS-style guests) never asks for option 26.
+    forced = [f"option:mtu,{iface.mtu}"]
     return {
         "id": tier.tier,
         "tag": f"tier_{tier.tier}",
@@ -420,6 +505,7 @@ def _tier_values(doc: RouterDocument, tier) -> dict:
         "netmask": subnet.netmask,
         "lease_time": tier.lease_time,
         "options": options,
+        "forced": forced,
     }
 
 
@@ -446,8 +532,45 @@ def _host_lines(lines: set[bytes]) -> dict[str, str]:
     return result
 
 
-def _leased_macs(lease_file: Path) -> set[str]:
+def _ipv6_owners(lines: set[bytes]) -> dict[str, tuple[str, str]]:
+    """IPv6 address -> (MAC or DUID, hostname) of each declaration that carries one
+    ('mac,ip,[v6],name', 'id:duid,[v6],name', 'dhcp-host=mac,set:tag,ip,[v6],name,...')."""
+    result = {}
+    for line in lines:
+        fields = line.decode().removeprefix("dhcp-host=").split(",")
+        at = next((n for n, field in enumerate(fields) if field.startswith("[")), None)
+        if at is not None and at + 1 < len(fields):
+            result[fields[at][1:-1]] = (fields[0], fields[at + 1])
+    return result
+
+
+class Lease6(NamedTuple):
+    iaid: str
+    address: str
+    client_id: str
+
+
+class Leases(NamedTuple):
+    v4: set[str]  # MACs
+    v6: list[Lease6]  # IA_NA leases
+    server_id: str | None  # dnsmasq's DUID, which dhcp_release6 must name
+
+
+def _read_leases(lease_file: Path) -> Leases:
+    """dnsmasq's lease file: 'expiry mac ip name clid' (IPv4), 'duid DUID' (its own), then
+    'expiry iaid ipv6 name clid' (IPv6; a temporary address's IAID starts with T)."""
+    v4, v6, server_id = set(), [], None
     try:
-        return {line.split()[1] for line in lease_file.read_text().splitlines() if len(line.split()) > 1}
+        text = lease_file.read_text()
     except FileNotFoundError:
-        return set()
+        return Leases(v4, v6, server_id)
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) == 2 and fields[0] == "duid":
+            server_id = fields[1]
+        elif len(fields) >= 5 and ":" in fields[2]:
+            if fields[1].isdigit():
+                v6.append(Lease6(fields[1], fields[2], fields[4]))
+        elif len(fields) >= 2:
+            v4.add(fields[1])
+    return Leases(v4, v6, server_id)

@@ -10,7 +10,8 @@ keep going; new ones are refused).
 
 Ingress filtering runs in prerouting before DNAT (priority mangle), where the public IP
 a packet was sent to is still visible: one gate covers the router itself, port forwards
-and static NAT.
+and static NAT. The router's own addresses have an input policy by interface role (drop
+what is not opened, silently): every router has the table, public interface or not.
 """
 
 from __future__ import annotations
@@ -38,6 +39,18 @@ RULESET = "vr.nft"
 ELEMENT_BATCH_LIMIT = 500  # elements added + removed, above which the table is replaced whole
 TABLE = "inet vr"
 
+# What the router itself answers, by interface role, on that interface's own addresses
+# (the public side answers only what the document opens on its public IPs: see the
+# public_local chain). One place for each list: the sets are rendered from them.
+LOCAL_PORTS: dict[str, dict[str, tuple[int, ...]]] = {
+    # DNS, DHCP (unicast renewals; broadcasts have their own rule), DHCPv6 (unicast; multicast too).
+    "guest": {"tcp": (53,), "udp": (53, 67), "tcp6": (53,), "udp6": (53, 547)},
+    # CloudStack's management SSH; the agent's port joins it here.
+    "control": {"tcp": (3922,), "udp": (), "tcp6": (3922,), "udp6": ()},
+}
+# The guest metadata service (a later issue: 80, 8080) answers on each tier's own address.
+METADATA_PORTS: tuple[int, ...] = ()
+
 
 class NftablesService(Service):
     name = "nftables"
@@ -46,9 +59,6 @@ class NftablesService(Service):
         vpn = (doc.vpn.gateways(), doc.vpn.remote_networks())
         ipv6 = (tuple(t.tier for t in doc.ipv6.tiers), doc.ipv6.firewall)
         return (doc.router, doc.interfaces, doc.nat, doc.firewall, doc.network_acls, doc.load_balancer, vpn, ipv6)
-
-    def configured(self, doc: RouterDocument) -> bool:
-        return doc.public_interface() is not None
 
     def __init__(self) -> None:
         # What the last verify found, per rule list: merge keeps every unchanged rule
@@ -136,8 +146,6 @@ class NftablesService(Service):
 
     def generate(self, doc: RouterDocument, runtime: Runtime) -> dict[str, bytes]:
         public = doc.public_interface()
-        if public is None:
-            return {}
         names = interface_names(doc)
         nat = doc.nat
         # Elements by set name. Exact keys (no source restriction, one port) go in hash maps
@@ -165,6 +173,7 @@ class NftablesService(Service):
         egress6_by_tier = {e.tier: e for e in doc.ipv6.firewall.egress}
         sets["vpn_gateways"] = [str(ip) for ip in doc.vpn.gateways()]
         sets["vpn_remote"] = [str(net) for net in doc.vpn.remote_networks()]
+        sets.update(_local_elements(doc, names))
         egress_by_tier = {e.tier: e for e in doc.firewall.egress}
         compiled = runtime.memoized("nftables.acl", doc.network_acls, _acl_blocks)
         acl_by_tier = {acl.tier: (acl, blocks) for acl, blocks in zip(doc.network_acls, compiled, strict=True)}
@@ -208,8 +217,9 @@ class NftablesService(Service):
                 }
             )
         ruleset = runtime.render(
-            "nftables/vr.nft.j2", router=doc.router.name, public_if=names[public.id], tiers=tiers, sets=sets
-        )
+            "nftables/vr.nft.j2", router=doc.router.name, public_if=names[public.id] if public else None, tiers=tiers,
+            sets=sets,
+        )  # fmt: skip
         return {RULESET: ruleset}
 
     def check(self, staged_dir: Path, change: Change, runtime: Runtime) -> None:
@@ -241,9 +251,28 @@ class NftablesService(Service):
             raise RuntimeError(f"nftables refused the ruleset: {error.strip()}")
 
     def probe_spec(self, doc: RouterDocument, runtime: Runtime) -> ProbeSpec | None:
-        if doc.public_interface() is None:
-            return None
         return {"program": None, "check": "nft_table", "args": {"table": TABLE}}
+
+
+def _local_elements(doc: RouterDocument, names: dict[str, str]) -> dict[str, list[str]]:
+    """The input policy's elements: each guest and control interface . its own address . the
+    ports its role answers (LOCAL_PORTS), and the guest interfaces (DHCP broadcasts, RS)."""
+    sets: dict[str, list[str]] = {"local_tcp": [], "local_udp": [], "local6_tcp": [], "local6_udp": [],
+                                  "guest_ifs": []}  # fmt: skip
+    for iface in doc.interfaces:
+        name = names.get(iface.id)
+        ports = LOCAL_PORTS.get(iface.role)
+        if not name or ports is None:  # not found: the network check refuses the apply
+            continue
+        if iface.role == "guest":
+            sets["guest_ifs"].append(f'"{name}"')
+            ports = {**ports, "tcp": ports["tcp"] + METADATA_PORTS, "tcp6": ports["tcp6"] + METADATA_PORTS}
+        for address in iface.addresses:
+            family = "6" if address.version == 6 else ""
+            for protocol in ("tcp", "udp"):
+                sets[f"local{family}_{protocol}"] += [f'"{name}" . {address.ip} . {port}'
+                                                      for port in ports[protocol + family]]  # fmt: skip
+    return sets
 
 
 def _split(ruleset: str) -> tuple[str, dict[str, list[str]]]:
@@ -261,7 +290,8 @@ def _split(ruleset: str) -> tuple[str, dict[str, list[str]]]:
 # The sets every table has (the egress sets are per tier); see configs/nftables/vr.nft.j2.
 _SETS = ("public_ips", "pf_tcp", "pf_udp", "pf_tcp_from", "pf_udp_from", "static_in", "static_out", "source_nat",
          "in_all", "in_tcp", "in_udp", "in_all_from", "in_tcp_from", "in_udp_from", "in_icmp", "in_icmp_typed",
-         "lb", "lb_from", "vpn_gateways", "vpn_remote", "in6_all", "in6_tcp", "in6_udp", "in6_icmp", "in6_icmp_typed")  # fmt: skip
+         "lb", "lb_from", "vpn_gateways", "vpn_remote", "in6_all", "in6_tcp", "in6_udp", "in6_icmp", "in6_icmp_typed",
+         "local_tcp", "local_udp", "local6_tcp", "local6_udp", "guest_ifs")  # fmt: skip
 
 
 def _element_delta(change: Change) -> str | None:
@@ -460,23 +490,25 @@ def _ipv6_problems(doc: RouterDocument) -> list[Problem]:
             problems.append(Problem(f"ipv6.firewall.ingress[{n}].destination",
                                     f"{rule.destination} is inside no IPv6 tier's prefix"))  # fmt: skip
     for n, first in repeats(r.id for r in firewall.ingress):
-        problems.append(Problem(f"ipv6.firewall.ingress[{n}].id", f"already ipv6.firewall.ingress[{first}]"))
-    problems += _overlapping6("ipv6.firewall.ingress", firewall.ingress,
+        problems.append(Problem(f"ipv6.firewall.ingress[{n}].id",
+                                f"ipv6 ingress rule {firewall.ingress[n].id!r} is already ipv6.firewall.ingress[{first}]"))  # fmt: skip
+    problems += _overlapping6("ipv6.firewall.ingress", "ipv6 ingress rule", firewall.ingress,
                               lambda r: [(s, r.destination) for s in r.source_cidrs])  # fmt: skip
     for n, egress in enumerate(firewall.egress):
         if egress.tier not in prefixes:
             problems.append(Problem(f"ipv6.firewall.egress[{n}].tier", f"{egress.tier!r} is not an IPv6 tier"))
-        problems += _overlapping6(f"ipv6.firewall.egress[{n}].rules", egress.rules,
+        problems += _overlapping6(f"ipv6.firewall.egress[{n}].rules", "ipv6 egress rule", egress.rules,
                                   lambda r: [(d,) for d in r.destination_cidrs])  # fmt: skip
     for n, first in repeats(e.tier for e in firewall.egress):
         problems.append(Problem(f"ipv6.firewall.egress[{n}].tier", f"already ipv6.firewall.egress[{first}]"))
     return problems
 
 
-def _overlapping6(section: str, rules: list, networks: Any) -> list[Problem]:
+def _overlapping6(section: str, label: str, rules: list, networks: Any) -> list[Problem]:
     """Pairs of rules whose elements would overlap in one set: same kind, every address
     part overlapping, and the ports (or ICMPv6 type) too. Quadratic within a kind: IPv6
-    rule lists are short (a guest's own address is routed, there is no NAT to describe)."""
+    rule lists are short (a guest's own address is routed, there is no NAT to describe).
+    Rules with ids (ingress) are named by them, the others by position."""
     problems, seen = [], {}
     for n, rule in enumerate(rules):
         kind = _kind(rule)
@@ -485,10 +517,22 @@ def _overlapping6(section: str, rules: list, networks: Any) -> list[Problem]:
             if _same_traffic(rule, other) and any(
                 all(a.overlaps(b) for a, b in zip(x, y, strict=True)) for x in mine for y in theirs
             ):
-                problems.append(Problem(f"{section}[{n}]", f"overlaps {section}[{m}]"))
+                rule_id, other_id = getattr(rule, "id", None), getattr(other, "id", None)
+                who = f"{label} {rule_id!r}" if rule_id is not None else label
+                whom = f"{label} {other_id!r} ({section}[{m}])" if other_id is not None else f"{label} {section}[{m}]"
+                problems.append(Problem(f"{section}[{n}]", f"{who} overlaps {whom}: {_traffic6(rule, other)}"))
                 break
         seen.setdefault(kind, []).append((n, rule, mine))
     return problems
+
+
+def _traffic6(a: Any, b: Any) -> str:
+    """What two overlapping IPv6 rules both match, in words."""
+    if a.ports is not None:
+        return _traffic(a.protocol, max(a.ports.start, b.ports.start), min(a.ports.end, b.ports.end))
+    if a.protocol == "icmp":
+        return "icmpv6 (all types)" if a.icmp_type is None else f"icmpv6 type {a.icmp_type}"
+    return "all traffic"
 
 
 def _same_traffic(a: Any, b: Any) -> bool:
@@ -558,7 +602,9 @@ class _RuleIndex:
             n = position[id(rule)]
             if field == "id":
                 first = next(m for m, other in enumerate(rules) if other.id == rule.id)
-                result.append(Problem(f"{self.section}[{n}].id", f"{rule.id!r} is already {self.section}[{first}]"))
+                label = _LABELS[self.facts_of][0]
+                result.append(Problem(f"{self.section}[{n}].id",
+                                      f"{label} {rule.id!r} is already {self.section}[{first}]"))  # fmt: skip
             else:
                 result += _found(f"{self.section}[{n}]", [(field, message)])
         for group in overlaps:
@@ -576,7 +622,7 @@ class _RuleIndex:
             if found:
                 problems += _found(f"{self.section}[{n}]", found)
             if rule_id is not None and first_of.setdefault(rule_id, n) != n:
-                message = f"{rule_id!r} is already {self.section}[{first_of[rule_id]}]"
+                message = f"{_LABELS[self.facts_of][0]} {rule_id!r} is already {self.section}[{first_of[rule_id]}]"
                 problems.append(Problem(f"{self.section}[{n}].id", message))
         position = {key: n for n, key in enumerate(keys)}
         for group in self.groups:
@@ -610,10 +656,29 @@ class _RuleIndex:
                 del self.groups[group]
 
     def _sweep_group(self, group: tuple, position: dict[int, int] | None = None) -> list[Problem]:
-        """The group's overlaps, named by position; without positions, only whether there are any."""
-        members = [(position[key] if position else 0, span) for key, spans in self.groups[group].items()
+        """The group's overlaps, each naming both rules (their ids, and their positions when
+        given); without positions, only whether there are any."""
+        members = [(position[key] if position else 0, span, key) for key, spans in self.groups[group].items()
                    for span in spans]  # fmt: skip
-        return _sweep(group, members, self.section + "[{}]" + (".public_ports" if group[1] == "forward" else ""))
+        label, nets = _LABELS[self.facts_of]
+        where = self.section + "[{}]"
+        found = _sweep(members)
+        problems = []
+        for (n, span, key), (m, other, other_key) in found:  # the later rule, the earlier one
+            rule_id, other_id = (getattr(self.facts[k][0], "id", None) for k in (key, other_key))
+            what = _traffic(group[-1], max(span[0], other[0]), min(span[1], other[1]))
+            if span[3] is not None:
+                what += f", {nets} {span[3]} and {other[3]}"
+            who = f"{label} {rule_id!r}" if rule_id is not None else label
+            if key == other_key:
+                message = f"{who} overlaps itself: {what}"
+            elif other_id is not None:
+                message = f"{who} overlaps {label} {other_id!r} ({where.format(m)}): {what}"
+            else:
+                message = f"{who} overlaps {label} {where.format(m)}: {what}"
+            path = where.format(n) + (".public_ports" if group[1] == "forward" else "")
+            problems.append(Problem(path, message))
+        return problems
 
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: a memo key costs nothing to hash
@@ -658,7 +723,7 @@ def _forward_facts(rule: PortForward, scope: _Scope) -> tuple[list, str, tuple, 
     ordered = sorted(rule.source_cidrs, key=lambda net: (int(net.network_address), -net.prefixlen))
     for earlier, later in itertools.pairwise(ordered) if len(ordered) > 1 else ():
         if later.overlaps(earlier):
-            found.append(("", f"overlaps itself (sources, {later} and {earlier})"))
+            found.append(("", f"port forward {rule.id!r} overlaps itself: sources {later} and {earlier}"))
     # One public IP, protocol and port leads to one place, whatever the sources.
     group = (int(rule.public_ip), "forward", rule.protocol)
     return found, rule.id, group, [(rule.public_ports.start, rule.public_ports.end, _ALL, None)]
@@ -680,6 +745,9 @@ def _lb_facts(rule: LbRule, _: _Scope) -> tuple[list, None, tuple, list[tuple]]:
 
 
 _ALL = (0, 2**32 - 1)
+# How a rule list's overlap messages name its rules, and the networks its spans carry.
+_LABELS = {_forward_facts: ("port forward", ""), _ingress_facts: ("ingress rule", "sources"),
+           _egress_facts: ("egress rule", "destinations"), _lb_facts: ("load-balancer rule", "sources")}  # fmt: skip
 
 
 def _spans(rule: IngressRule | EgressRule, networks: list[IPv4Network]) -> list[tuple]:
@@ -693,28 +761,35 @@ def _spans(rule: IngressRule | EgressRule, networks: list[IPv4Network]) -> list[
     return [(low, high, net.bounds, net) for net in networks]
 
 
-def _sweep(group: tuple, members: list[tuple[int, tuple]], path: str) -> list[Problem]:
+def _sweep(members: list[tuple[int, tuple, int]]) -> list[tuple[tuple, tuple]]:
     """Overlaps within one group, swept by port start so that disjoint rules cost no
-    pairwise comparison. The rule later in the document (the one just added) is named."""
+    pairwise comparison: (later member, earlier member) pairs, each later rule (the one
+    just added, by position) once."""
     members.sort(key=lambda m: m[1][0])
-    protocol = group[-1]
-    problems: list[Problem] = []
+    found: list[tuple[tuple, tuple]] = []
     reported: set[int] = set()
-    active: list[tuple[int, tuple]] = []
-    for n, span in members:
-        low, _, (net_low, net_high), network = span
+    active: list[tuple[int, tuple, int]] = []
+    for member in members:
+        n, span, _ = member
+        low, _, (net_low, net_high), _ = span
         active = [a for a in active if a[1][1] >= low]
-        for m, other in active:
-            if net_low <= other[2][1] and other[2][0] <= net_high:
-                mine, theirs = (n, network), (m, other[3])
-                (later, later_net), (earlier, earlier_net) = (mine, theirs) if n >= m else (theirs, mine)
-                if later not in reported:
-                    where = "itself" if later == earlier else path.format(earlier)
-                    what = f"{protocol}, {later_net} and {earlier_net}" if later_net else f"{protocol} ports"
-                    problems.append(Problem(path.format(later), f"overlaps {where} ({what})"))
-                    reported.add(later)
-        active.append((n, span))
-    return problems
+        for other in active:
+            if net_low <= other[1][2][1] and other[1][2][0] <= net_high:
+                later, earlier = (member, other) if n >= other[0] else (other, member)
+                if later[0] not in reported:
+                    found.append((later, earlier))
+                    reported.add(later[0])
+        active.append(member)
+    return found
+
+
+def _traffic(protocol: str, low: int, high: int) -> str:
+    """What two rules both match, in words: ports for tcp and udp, the type for icmp."""
+    if protocol in ("tcp", "udp"):
+        return f"{protocol} port {low}" if low == high else f"{protocol} ports {low}-{high}"
+    if protocol == "icmp":
+        return f"icmp type {low}" if low == high else "icmp (all types)"
+    return "all traffic"
 
 
 def _kind(rule: EgressRule | Any) -> str:

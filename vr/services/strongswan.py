@@ -18,6 +18,7 @@ ESP (kernel-libipsec: a TUN device, ESP in UDP 4500); a probe decides at render 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import hashlib
 import os
@@ -34,9 +35,9 @@ from typing import Any
 
 from vr import swanctl
 from vr.certificates import pem_problems, subject_name, under
-from vr.document import RemoteAccess, RouterDocument, SiteToSite
+from vr.document import PROPOSAL_KEYWORDS, RemoteAccess, RouterDocument, SiteToSite
 from vr.errors import Problem
-from vr.files import listed_files
+from vr.files import listed_files, read_json
 from vr.probes import ProbeSpec
 from vr.runtime import Runtime
 from vr.services.base import Change, CheckFailed, Program, Service, repeats
@@ -105,6 +106,7 @@ class StrongswanService(Service):
                 if tunnel.enabled:
                     claimed.append((where, subnet))
         problems += _overlapping(claimed)
+        problems += _proposal_problems(vpn.site_to_site)
         for n, first in repeats(t.id for t in vpn.site_to_site):
             problems.append(Problem(f"vpn.site_to_site[{n}].id", f"already vpn.site_to_site[{first}]"))
         for n, first in repeats((t.local_ip, t.peer_ip) for t in vpn.site_to_site):
@@ -208,11 +210,14 @@ class StrongswanService(Service):
         load_live(runtime, changed, removed_users)
 
     def probe_spec(self, doc: RouterDocument, runtime: Runtime) -> ProbeSpec | None:
-        """charon answers `stats` over VICI and has every connection loaded."""
+        """charon answers `stats` over VICI and has every connection loaded; an active tunnel
+        that is down is initiated again (with back-off) and why it is down is kept for `vr
+        status --vpn`, never counted against charon (its peer may be down or misconfigured)."""
         if not self.configured(doc):
             return None
-        args = {"vici_socket": str(live_socket(runtime)), "connections": sorted(connection_names(doc))}
-        return {"program": PROGRAM, "check": "vici", "args": args}
+        args = {"vici_socket": str(live_socket(runtime)), "connections": sorted(connection_names(doc)),
+                "tunnels": active_tunnels(doc), "state_file": str(tunnel_state_file(runtime))}  # fmt: skip
+        return {"program": PROGRAM, "check": "vpn", "args": args}
 
 
 def load_live(runtime: Runtime, changed: list[str] | None = None, removed_users: Sequence[str] = ()) -> None:
@@ -252,6 +257,16 @@ def connection_names(doc: RouterDocument) -> list[str]:
     return names + ([REMOTE_ACCESS] if access is not None and access.enabled else [])
 
 
+def active_tunnels(doc: RouterDocument) -> list[str]:
+    """The tunnels this router initiates (and so keeps initiating until they are up)."""
+    return [f"s2s-{t.id}" for t in doc.vpn.site_to_site if t.enabled and not t.passive]
+
+
+def tunnel_state_file(runtime: Runtime) -> Path:
+    """Why each tunnel that is down is down, kept by the probe (vr.probes.keep_tunnels_up)."""
+    return runtime.settings.run_dir / "vpn-tunnels.json"
+
+
 def live_socket(runtime: Runtime) -> Path:
     return runtime.settings.run_dir / "charon.vici"
 
@@ -267,6 +282,74 @@ def kernel_has_esp() -> bool:
     return subprocess.run(command, capture_output=True, check=False, timeout=10).returncode == 0
 
 
+# The PRF charon derives for an IKE proposal that names none: its integrity algorithm's.
+_IMPLIED_PRF = {"HMAC_SHA1_96": "PRF_HMAC_SHA1", "HMAC_SHA2_256_128": "PRF_HMAC_SHA2_256",
+                "HMAC_SHA2_384_192": "PRF_HMAC_SHA2_384", "HMAC_SHA2_512_256": "PRF_HMAC_SHA2_512",
+                "HMAC_MD5_96": "PRF_HMAC_MD5", "AES_XCBC_96": "PRF_AES128_XCBC", "AES_CMAC_96": "PRF_AES128_CMAC"}  # fmt: skip
+_ALGORITHMS: dict[tuple, dict[str, frozenset[str]]] = {}  # charon binary -> what it implements
+
+
+def charon_algorithms() -> dict[str, frozenset[str]] | str:
+    """What this router's charon implements, by transform type (VICI get-algorithms), or why
+    that could not be learnt. Its plugins decide (a keyword charon parses may still have no
+    implementation: aesxcbc parses, then key derivation fails at runtime), so a checker charon
+    (the checker's strongswan.conf, alone in an empty network namespace) is asked, once per
+    charon binary: a patched or upgraded charon is asked again."""
+    try:
+        info = os.stat(CHARON)
+    except OSError as error:
+        return f"{CHARON}: {error.strerror}"
+    key = (CHARON, info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+    if key not in _ALGORITHMS:
+        from vr.settings import Settings
+
+        try:
+            with tempfile.TemporaryDirectory(prefix="vr-charon-algs-") as directory, \
+                    _one_off_checker(Runtime(Settings()), Path(directory)) as session:  # fmt: skip
+                listed = session.get_algorithms()
+        except (CheckFailed, OSError, *_vici_errors()) as error:
+            return str(error)  # not kept: the next verify asks again
+        _ALGORITHMS[key] = {transform: frozenset(names) for transform, names in listed.items()}
+    return _ALGORITHMS[key]
+
+
+def _proposal_problems(tunnels: Sequence[SiteToSite]) -> list[Problem]:
+    """Each proposal keyword that this router's charon cannot do, by its path in the document.
+    ESP's ciphers are the kernel's when it has ESP; with userspace ESP they are charon's."""
+    if not tunnels:
+        return []
+    algorithms = charon_algorithms()
+    if isinstance(algorithms, str):
+        return [Problem("vpn.site_to_site", f"cannot learn which algorithms charon implements: {algorithms}")]
+    esp_in_charon = not kernel_has_esp()
+    problems = []
+    for n, tunnel in enumerate(tunnels):
+        for field, proposals in (("ike_proposals", tunnel.ike_proposals), ("esp_proposals", tunnel.esp_proposals)):
+            for m, proposal in enumerate(proposals):
+                reason = _unsupported(proposal, field == "ike_proposals", esp_in_charon, algorithms)
+                if reason:
+                    problems.append(Problem(f"vpn.site_to_site[{n}].{field}[{m}]", reason))
+    return problems
+
+
+def _unsupported(proposal: str, ike: bool, esp_in_charon: bool, algorithms: dict[str, frozenset[str]]) -> str | None:
+    words = proposal.split("-")  # the document checked every keyword's spelling
+    names_prf = any(PROPOSAL_KEYWORDS[w][0] == "prf" for w in words)
+    for word in words:
+        transform, name = PROPOSAL_KEYWORDS[word]
+        if transform == "esn" or not (ike or esp_in_charon or transform == "dh"):
+            continue
+        needed = [(transform, name)]
+        if ike and transform == "integrity" and not names_prf:
+            needed.append(("prf", _IMPLIED_PRF[name]))
+        for kind, algorithm in needed:
+            if algorithm not in algorithms.get(kind, ()):
+                derived = "" if kind == transform else f" (the PRF charon derives from {word})"
+                return f"{word!r}: this router's charon has no {algorithm} {kind}{derived}: none of its plugins " \
+                       "implements it"  # fmt: skip
+    return None
+
+
 def _kernel_plugins(runtime: Runtime) -> str:
     """The probe's answer is kept in the run dir: it holds until the next boot."""
     known = runtime.settings.run_dir / "kernel-esp"
@@ -280,12 +363,11 @@ def _kernel_plugins(runtime: Runtime) -> str:
 
 
 def vpn_report(doc: RouterDocument, runtime: Runtime) -> list[dict]:
-    """Each connection as charon sees it: state, time up, bytes, and remote-access users.
-    Secrets are never part of what VICI returns."""
-    rows: dict[str, dict] = {
-        name: {"connection": name, "state": "DOWN", "established_s": None, "bytes_in": 0, "bytes_out": 0, "users": []}
-        for name in connection_names(doc)
-    }
+    """Each connection as charon sees it: state, time up, bytes, remote-access users, and for
+    a tunnel that is down, why. A tunnel is ESTABLISHED only with a CHILD_SA installed (an
+    IKE_SA alone carries no traffic). Secrets are never part of what VICI returns."""
+    empty = {"state": "DOWN", "established_s": None, "bytes_in": 0, "bytes_out": 0, "users": [], "reason": None}
+    rows: dict[str, dict] = {name: {"connection": name, **copy.deepcopy(empty)} for name in connection_names(doc)}
     with vici_session(live_socket(runtime), wait_s=0) as session:
         for item in session.list_sas():
             for name, sa in item.items():
@@ -293,17 +375,37 @@ def vpn_report(doc: RouterDocument, runtime: Runtime) -> list[dict]:
                 if row is None:
                     continue
                 state = sa["state"].decode()
+                children = sa.get("child-sas", {}).values()
+                if (
+                    name != REMOTE_ACCESS
+                    and state == "ESTABLISHED"
+                    and not any(c["state"] in (b"INSTALLED", b"REKEYING", b"REKEYED") for c in children)
+                ):
+                    state = "DOWN"  # the IKE_SA is up, its CHILD_SA is not: no traffic passes
                 if row["state"] != "ESTABLISHED":
                     row["state"] = state
                 if state == "ESTABLISHED" and row["established_s"] is None:
                     row["established_s"] = int(sa.get("established", b"0"))
-                for child in sa.get("child-sas", {}).values():
+                for child in children:
                     row["bytes_in"] += int(child.get("bytes-in", b"0"))
                     row["bytes_out"] += int(child.get("bytes-out", b"0"))
                 if name == REMOTE_ACCESS and state == "ESTABLISHED":
                     user = (sa.get("remote-eap-id") or sa.get("remote-id") or b"?").decode()
                     addresses = [v.decode() for v in sa.get("remote-vips", [])]
                     row["users"].append({"user": user, "address": ", ".join(addresses)})
+    known = read_json(tunnel_state_file(runtime)) or {}
+    active = set(active_tunnels(doc))
+    for name, row in rows.items():
+        if name == REMOTE_ACCESS or row["state"] == "ESTABLISHED":
+            continue
+        if name not in active:
+            row["reason"] = "passive: waits for the peer to initiate"
+            continue
+        entry = known.get(name) or {}
+        row["reason"] = entry.get("reason") or "not up yet"
+        if entry.get("attempts"):
+            row["retries"] = entry["attempts"]
+            row["next_retry_s"] = max(0, round(entry["next_s"] - time.time()))
     return list(rows.values())
 
 
@@ -371,7 +473,9 @@ def _tunnel_files(tunnel: SiteToSite, runtime: Runtime) -> dict[str, bytes]:
         "proposals": tunnel.ike_proposals,
         "rekey_time": f"{tunnel.ike_lifetime_s}s",
         "dpd_delay": f"{tunnel.dpd_interval_s}s",
-        "keyingtries": 0 if active else 1,  # an active tunnel keeps trying until its peer answers
+        # An active tunnel keeps trying: charon retransmits to a silent peer forever; one that
+        # refused (NO_PROPOSAL_CHOSEN...) charon gives up on, and vr's probe initiates it again.
+        "keyingtries": 0 if active else 1,
         "mobike": "no",  # a gateway does not move; MOBIKE would tell the peer every tier address
         "local": {"auth": "psk", "id": tunnel.local_ip},
         "remote": {"auth": "psk", "id": tunnel.peer_ip},
@@ -392,6 +496,9 @@ def _remote_access_files(access: RemoteAccess, tiers: list[str], runtime: Runtim
         "remote_addrs": "%any",
         "pools": REMOTE_ACCESS,
         "unique": "replace",  # a user who dials in again replaces their stale session
+        # MOBIKE would send every client each address of the router, guest tiers included.
+        # A client that moves dials in again (unique = replace); the router never moves.
+        "mobike": "no",
         "proposals": _RA_IKE,
         "dpd_delay": "30s",
         "remote": {"auth": "eap-mschapv2", "eap_id": "%any"},
@@ -457,12 +564,17 @@ def _messages(name: str, content: bytes, directory: Path | None) -> swanctl.Mess
 
 
 def _read_removed(change: Change) -> swanctl.Messages:
-    """What the removed fragments had loaded (their content before this change)."""
+    """What the removed fragments had loaded (their content before this change): the shared
+    secrets, whose owners are the users to cut off. A removed key's file is gone with it and
+    is not needed for that."""
     total = swanctl.Messages()
     for name in change.removed:
         content = change.previous.get(name)
         if _is_fragment(name) and name.endswith(".secrets") and content:
-            total.shared.update(_messages(name, content, None).shared)
+            try:
+                total.shared.update(swanctl.messages(swanctl.parse(content.decode()), lambda _: b"").shared)
+            except (swanctl.SwanctlError, UnicodeDecodeError) as error:
+                raise CheckFailed(f"strongswan {name}: {error}") from None
     return total
 
 
@@ -548,7 +660,14 @@ def _checker(runtime: Runtime) -> Iterator[Any]:
         with vici_session(standing) as session:
             yield session
         return
-    conf, vici_socket = run_dir / "charon-check-once.conf", run_dir / "charon-check-once.vici"
+    with _one_off_checker(runtime, run_dir) as session:
+        yield session
+
+
+@contextlib.contextmanager
+def _one_off_checker(runtime: Runtime, directory: Path) -> Iterator[Any]:
+    """A checker charon of our own (its conf and socket in directory), stopped on the way out."""
+    conf, vici_socket = directory / "charon-check-once.conf", directory / "charon-check-once.vici"
     conf.write_bytes(_checker_conf(runtime, vici_socket))
     environment = {**os.environ, "STRONGSWAN_CONF": str(conf)}
     with tempfile.TemporaryFile() as log:  # a pipe nobody reads would fill and block charon

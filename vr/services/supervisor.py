@@ -2,7 +2,8 @@
 
 Programs are declared by the other services (Service.programs). They do not autostart:
 each service starts its own daemon in its apply step, so that a daemon is only started
-once its files are in place; supervisord restarts them if they die.
+once its files are in place; the monitor restarts them if they die. supervisord itself runs
+in the foreground under vr's keeper (vr.keeper), which brings it back if it dies.
 """
 
 from __future__ import annotations
