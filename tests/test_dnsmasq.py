@@ -1,9 +1,18 @@
-"""How a dhcp-hosts change reaches a running dnsmasq: a drop-in, or a full re-read."""
+"""dnsmasq: how a dhcp-hosts change reaches a running dnsmasq (a drop-in, or a full re-read),
+what its host lines say, which leases a change releases."""
 
 from __future__ import annotations
 
+import json
+from ipaddress import IPv6Address
+
+from tests.conftest import EXAMPLES
+from vr import document as docmod
+from vr.runtime import Runtime
+from vr.services import dnsmasq
 from vr.services.base import Change
-from vr.services.dnsmasq import HOSTS, MAX_SHADOWED, _drop_in
+from vr.services.dnsmasq import HOSTS, MAIN, MAX_SHADOWED, DnsmasqService, Lease6, _drop_in, _release6_packet
+from vr.settings import Settings
 
 WEB = b"02:00:00:00:01:10,10.1.1.10,web1,3600"
 DB = b"02:00:00:00:02:10,10.1.2.10,[2001:db8:1:2::10],db1,3600"
@@ -63,19 +72,15 @@ def test_an_ipv6_address_still_held_takes_a_full_reread_in_lines_without_lease_t
     assert _drop_in(change([WEB], [WEB, other]), shadowed=[DB6]) == other + b"\n"
 
 
-def test_lease_times_each_familys_own(tmp_path):
-    import json
-
-    from tests.conftest import EXAMPLES
-    from vr import document as docmod
-    from vr.runtime import Runtime
-    from vr.services.dnsmasq import MAIN, DnsmasqService
-    from vr.settings import Settings
-
+def ipv6_router() -> dict:
+    """The example router with the lab's IPv6 tiers (configs/lab/ipv6.json: tier2 DHCPv6)."""
     payload = json.loads((EXAMPLES / "router.json").read_text())
     lab_ipv6 = json.loads((EXAMPLES.parent / "lab" / "ipv6.json").read_text())
-    payload["interfaces"] = lab_ipv6["interfaces"]
-    payload["ipv6"] = {"tiers": lab_ipv6["ipv6"]["tiers"]}
+    return {**payload, "interfaces": lab_ipv6["interfaces"], "ipv6": {"tiers": lab_ipv6["ipv6"]["tiers"]}}
+
+
+def test_lease_times_each_familys_own(tmp_path):
+    payload = ipv6_router()
     payload["ipv6"]["tiers"][1]["lease_time"] = 7200
     payload["dhcp"]["entries"][1]["ipv6"] = "2001:db8:1:2::10"
     files = DnsmasqService().generate(docmod.build_document(payload), Runtime(Settings.under_root(tmp_path)))
@@ -88,12 +93,6 @@ def test_lease_times_each_familys_own(tmp_path):
 
 
 def test_a_hostname_dnsmasq_would_read_as_a_lease_time_or_keyword_is_refused():
-    import json
-
-    from tests.conftest import EXAMPLES
-    from vr import document as docmod
-    from vr.services.dnsmasq import DnsmasqService
-
     payload = json.loads((EXAMPLES / "router.json").read_text())
     for n, name in enumerate(["123", "5h", "ignore", "Infinite"]):  # a 123 s lease, no lease at all, ...
         payload["dhcp"]["entries"].append({"tier": "tier1", "mac": f"02:00:00:00:01:{n + 32:02x}",
@@ -103,3 +102,37 @@ def test_a_hostname_dnsmasq_would_read_as_a_lease_time_or_keyword_is_refused():
     problems = DnsmasqService().verify(docmod.build_document(payload))
     assert [p.path for p in problems] == [f"dhcp.entries[{n}].hostname" for n in range(2, 6)]
     assert "dnsmasq" in problems[0].reason and "'123'" in problems[0].reason
+
+
+def test_which_dhcpv6_leases_are_released(monkeypatch):
+    """A removed or renamed VM's IPv6 lease is released (one Relay-Forward per lease, no
+    signal); a VM whose IPv6 address and name stay keeps it, whatever else changed."""
+    doc = docmod.build_document(ipv6_router())
+    lease = Lease6("1", "2001:db8:1:2::10", "00:01:00:01:aa:bb:cc:dd:02:00:00:00:02:10")
+    leases = dnsmasq.Leases({"02:00:00:00:02:10"}, [lease], "00:01:00:01:11:22")
+    sent: list[tuple] = []
+    monkeypatch.setattr(dnsmasq, "_release6", lambda *args: sent.append(args))
+    monkeypatch.setattr(dnsmasq.subprocess, "run", lambda *args, **kw: None)  # dhcp_release (IPv4)
+
+    def released(after: list[bytes]) -> list[tuple]:
+        sent.clear()
+        dnsmasq._release_dropped_leases(change([WEB, DB6], after), doc, leases)
+        return sent
+
+    expected = [("eth3", [lease], "00:01:00:01:11:22", IPv6Address("2001:db8:1:2::1"))]
+    assert released([WEB]) == expected  # deleted
+    assert released([WEB, DB6.replace(b"db1", b"db7")]) == expected  # renamed
+    assert released([WEB, DB6.replace(b"10.1.2.10", b"10.1.2.11")]) == []  # its IPv4 address moved
+    assert released([WEB, DB6]) == []
+
+
+def test_a_dhcpv6_release_is_what_dnsmasq_reads():
+    lease = Lease6("1", "2001:db8:1:2::10", "00:01:00:01:aa:bb")
+    packet = _release6_packet(b"xyz", lease, "00:03:00:01:02:00:00:00:00:01")
+    assert packet == bytes.fromhex(
+        "08" "78797a"  # Release, transaction id
+        "0001" "0006" "00010001aabb"  # client id
+        "0002" "000a" "00030001020000000001"  # server id
+        "0003" "0028" "00000001" "00000000" "00000000"  # IA_NA: IAID 1, T1, T2
+        "0005" "0018" "20010db8000100020000000000000010" "00000000" "00000000"  # IAADDR, lifetimes 0
+    )  # fmt: skip

@@ -12,14 +12,18 @@ import time
 
 import pytest
 
-from tests.conftest import EXAMPLES, example_lab, write_payload
+from tests.conftest import EXAMPLES, example_lab, make_ca_and_certificate, write_payload
+from tests.test_e2e_vpn import RA_IP, road_warrior_connect
+from vr.services.strongswan import vici_session
 
 LAB = EXAMPLES.parent / "lab"
 IPV6 = json.loads((LAB / "ipv6.json").read_text())
 LB = json.loads((LAB / "load-balancer.json").read_text())["load_balancer"]
 VPN = json.loads((LAB / "vpn.json").read_text())["vpn"]
 LB_IP = LB["rules"][0]["public_ip"]  # 192.0.2.12
-PUBLIC_V4 = ["192.0.2.10", "192.0.2.11", LB_IP]  # source NAT + VPN gateway, static NAT, load balancer
+# source NAT + site-to-site gateway, static NAT, load balancer, remote-access gateway (192.0.2.13)
+PUBLIC_V4 = ["192.0.2.10", "192.0.2.11", LB_IP, RA_IP]
+VPN_GATEWAYS = ["192.0.2.10", RA_IP]
 GUEST_V4 = ["10.1.1.1", "10.1.2.1"]
 CONTROL = "169.254.0.10"
 PUBLIC_V6 = "2001:db8:ffff::10"
@@ -31,16 +35,20 @@ UDP_PORTS = "53,67,123,161,500,547,4500"
 
 
 @pytest.fixture(scope="module")
-def policy_lab():
-    """The example router with IPv6, a load balancer, a VPN gateway and an ICMP ingress rule on
-    its source NAT IP; servers behind the forwards; a listener on every router address
-    (tcp+udp 3922, bound to ::), as a management SSH would be; routes from the public host to
-    the guest ranges (the lab has them) and to the control range."""
-    with example_lab() as lab:
+def policy_lab(tmp_path_factory):
+    """The example router with IPv6, a load balancer, a site-to-site and a remote-access VPN
+    gateway (the lab's road warrior may dial in), an ICMP ingress rule on its source NAT IP;
+    servers behind the forwards; a listener on every router address (tcp+udp 3922, bound to
+    ::), as a management SSH would be; routes from the public host to the guest ranges (the
+    lab has them) and to the control range."""
+    with example_lab(vpn=True) as lab:
         nat = json.loads((EXAMPLES / "router.json").read_text())["nat"]
-        nat["public_ips"].append({"ip": LB_IP})
+        nat["public_ips"] += [{"ip": LB_IP}, {"ip": RA_IP}]
         ping = {"id": "ping-snat", "public_ip": "192.0.2.10", "protocol": "icmp", "icmp_type": 8}
-        payload = {**IPV6, "generation": 2, "nat": nat, "load_balancer": LB, "vpn": VPN,
+        lab.ca_file, identity = make_ca_and_certificate(tmp_path_factory.mktemp("ca"), "vpn.lab.example")
+        access = {"public_ip": RA_IP, "pool": "10.99.0.0/24", "dns": ["10.1.1.1"], "certificate": identity,
+                  "users": [{"username": "alice", "password": "alice-password-1"}]}  # fmt: skip
+        payload = {**IPV6, "generation": 2, "nat": nat, "load_balancer": LB, "vpn": {**VPN, "remote_access": access},
                    "ingress_rules": {"upsert": [ping]}}  # fmt: skip
         lab.vr("apply", write_payload(lab.dir, payload, "policy.json"))
         lab.serve(lab.ns("g1"), "web1", 80)
@@ -74,7 +82,7 @@ def test_a_tcp_scan_from_the_public_side_finds_only_what_the_document_opens(poli
         "192.0.2.10": {"tcp/8080": "open"},  # the port forward to web1 (its firewall rule opens it)
         "192.0.2.11": {"tcp/22": "open"},  # static NAT to db1, its ingress rule
         LB_IP: {"tcp/80": "open"},  # the load balancer's listener
-        **{address: {} for address in [*GUEST_V4, CONTROL, PUBLIC_V6, *GUEST_V6]},
+        **{address: {} for address in [RA_IP, *GUEST_V4, CONTROL, PUBLIC_V6, *GUEST_V6]},
     }
 
 
@@ -82,12 +90,13 @@ def test_a_udp_scan_from_the_public_side_gets_no_answer_and_no_refusal(policy_la
     lab = policy_lab
     scan = lab.scan(lab.ns("pub"), EVERY_ADDRESS, "-Pn", "-n", "-sU", "-p", UDP_PORTS, "--max-retries", "1", "-T5")
     assert sorted(scan) == sorted(EVERY_ADDRESS), scan
-    # IKE (500, 4500) is open on the VPN gateway only: charon may answer nmap's IKEv1 probe
-    # there ("open") or not (its peer is another host: "open|filtered"). Nothing else answers,
-    # not even with an ICMP port unreachable ("closed").
+    # IKE (500, 4500) is open on the VPN gateways only: charon may answer nmap's IKEv1 probe
+    # there ("open") or not ("open|filtered"). Nothing else answers, not even with an ICMP
+    # port unreachable ("closed").
     found = answering(scan)
-    assert set(found.pop("192.0.2.10").items()) <= {("udp/500", "open"), ("udp/4500", "open")}
-    assert found == {address: {} for address in EVERY_ADDRESS if address != "192.0.2.10"}
+    for gateway in VPN_GATEWAYS:
+        assert set(found.pop(gateway).items()) <= {("udp/500", "open"), ("udp/4500", "open")}
+    assert found == {address: {} for address in EVERY_ADDRESS if address not in VPN_GATEWAYS}
 
 
 def dig(lab, server: str, name: str, *options: str) -> subprocess.CompletedProcess:
@@ -132,3 +141,19 @@ def test_the_control_interface_answers_only_the_control_ports(policy_lab):
     assert lab.ask(lab.ns("mgmt"), CONTROL, SSH_PORT) == "router ssh sees 169.254.0.1"
     assert lab.ask(lab.ns("pub"), CONTROL, SSH_PORT, timeout=1) is None  # not from the public side
     assert lab.ask(lab.ns("g1"), "10.1.1.1", SSH_PORT, timeout=1) is None  # nor from a guest
+
+
+def test_a_remote_access_user_gets_dns_through_the_tunnel_only(policy_lab):
+    """The router hands road warriors its tier's DNS (remote_access.dns): asked through the
+    tunnel it answers; asked by the same host from outside the tunnel, it does not."""
+    lab = policy_lab
+    rw = lab.ns("rw")
+    with pytest.raises(TimeoutError):  # the road warrior routes 10.1.0.0/16 through the public side
+        lab.resolve(rw, "db1.cloud.internal", "10.1.1.1", timeout=1.0)
+    client = lab.start_road_warrior()
+    try:
+        with vici_session(client, wait_s=5) as session:
+            assert road_warrior_connect(session, "alice", "alice-password-1", lab.ca_file) == ["10.99.0.1"]
+        assert lab.resolve(rw, "db1.cloud.internal", "10.1.1.1") == ["10.1.2.10"]
+    finally:
+        lab.stop_road_warrior()

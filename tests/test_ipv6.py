@@ -88,11 +88,13 @@ def test_firewall_rules_are_on_ipv6_tiers_and_never_overlap(example):
         "egress": [{"tier": "tier1", "rules": [{"protocol": "all"}, {"protocol": "all", "destination_cidrs": ["2001:db8::/32"]}]},
                    {"tier": "tier3"}],
     }))  # fmt: skip
-    assert found["ipv6.firewall.ingress[1]"] == "overlaps ipv6.firewall.ingress[0]"
+    assert found["ipv6.firewall.ingress[1]"] == (
+        "ipv6 ingress rule 'web2' overlaps ipv6 ingress rule 'web' (ipv6.firewall.ingress[0]): tcp port 85")
     assert found["ipv6.firewall.ingress[2].destination"] == "2001:db8:9::/64 is inside no IPv6 tier's prefix"
-    assert found["ipv6.firewall.ingress[3].id"] == "already ipv6.firewall.ingress[0]"
+    assert found["ipv6.firewall.ingress[3].id"] == "ipv6 ingress rule 'web' is already ipv6.firewall.ingress[0]"
     assert "ipv6.firewall.ingress[3]" not in found  # port 443 overlaps nothing
-    assert found["ipv6.firewall.egress[0].rules[1]"] == "overlaps ipv6.firewall.egress[0].rules[0]"
+    assert found["ipv6.firewall.egress[0].rules[1]"] == (
+        "ipv6 egress rule overlaps ipv6 egress rule ipv6.firewall.egress[0].rules[0]: all traffic")
     assert found["ipv6.firewall.egress[1].tier"] == "'tier3' is not an IPv6 tier"
 
 

@@ -34,7 +34,7 @@ def test_dnsmasq_ranges_and_tier_options(example, runtime):
     assert "dhcp-range=set:tier_tier1,10.1.1.100,10.1.1.150,255.255.255.0,3600\n" in conf
     assert "dhcp-range=set:tier_tier2,10.1.2.0,static,255.255.255.0,3600\n" in conf
     assert "dhcp-option=tag:tier_tier1,option:router,10.1.1.1\n" in conf
-    assert "dhcp-option=tag:tier_tier1,option:mtu,1450\n" in conf
+    assert "dhcp-option-force=tag:tier_tier1,option:mtu,1450\n" in conf
     assert "dhcp-option=tag:tier_tier2,option:dns-server,10.1.2.1\n" in conf
     assert "domain=cloud.internal\n" in conf and "server=192.0.2.1\n" in conf
 

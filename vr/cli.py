@@ -58,10 +58,22 @@ def cmd_apply(args) -> int:
     return 0
 
 
+def _recovered(settings) -> None:
+    """Commands that read state first roll back an apply a crash interrupted, so they never
+    compare against half-applied files; one that is running is said, not waited for."""
+    from vr.status import recover_first
+
+    busy = recover_first(settings)
+    if busy:
+        print(f"vr: {busy}; what follows may change when it ends", file=sys.stderr)
+
+
 def cmd_render(args) -> int:
     from vr.pipeline import Pipeline
 
-    written = Pipeline(_settings(args)).render(_read_payload(args.file), Path(args.out))
+    settings = _settings(args)
+    _recovered(settings)
+    written = Pipeline(settings).render(_read_payload(args.file), Path(args.out))
     for service, files in written.items():
         for name in files:
             print(Path(args.out) / service / name)
@@ -74,7 +86,9 @@ def cmd_diff(args) -> int:
     from vr.files import is_secret
     from vr.pipeline import Pipeline
 
-    pipeline = Pipeline(_settings(args))
+    settings = _settings(args)
+    _recovered(settings)
+    pipeline = Pipeline(settings)
     stored = pipeline.stored_document()
     doc = pipeline.validate(_read_payload(args.file), stored)
     changes = pipeline.plan(doc, stored)

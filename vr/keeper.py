@@ -1,5 +1,5 @@
 """`python -m vr.keeper`: keeps this router's supervisord alive, as the init system does on
-the appliance (a unit with Restart=always runs this same keeper there).
+the appliance (a unit with Restart=on-failure runs this same keeper there: `vr stop` ends it with 0).
 
 supervisord runs in the foreground as the keeper's child. If it dies (kill -9, a crash),
 its daemons are orphaned and keep serving, but nothing would restart them when they die:
@@ -14,9 +14,11 @@ from __future__ import annotations
 import collections
 import fcntl
 import os
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from vr.events import EventLog, event
 from vr.settings import Settings
@@ -24,11 +26,23 @@ from vr.settings import Settings
 MAX_RESTARTS, WINDOW_S = 5, 60.0  # then the keeper gives up: something is wrong beyond a crash
 START_TIMEOUT_S = 120.0
 RESOURCE = "service:supervisor"
+CONFIG_FILE = "supervisord.conf"
+
+
+def stop_marker(settings: Settings) -> Path:
+    """Present from `vr stop` until the next start: supervisord is down on purpose."""
+    return settings.run_dir / "stopping"
+
+
+def stop_requested(settings: Settings) -> bool:
+    return stop_marker(settings).exists()
+
+
+def keeper_pid_path(settings: Settings) -> Path:
+    return settings.run_dir / "keeper.pid"
 
 
 def main(settings: Settings) -> int:
-    from vr.supervisor_rpc import CONFIG_FILE, SupervisorClient, keeper_pid_path, stop_requested
-
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(keeper_pid_path(settings), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
@@ -38,19 +52,24 @@ def main(settings: Settings) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     events = EventLog(settings.events_path)
-    client = SupervisorClient(settings)
     config = settings.service_dir("supervisor") / CONFIG_FILE
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VR_NO_DISPATCH", "VR_LOCK_FD")}
     recent: collections.deque = collections.deque()
     restarted = False
     while config.exists() and not stop_requested(settings):
+        # Its output goes where the keeper's does (keeper.log): a config it refuses shows there.
         child = subprocess.Popen([str(settings.bin_dir / "supervisord"), "-n", "-c", str(config)], env=env,
-                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-        if restarted:
-            _start_daemons(settings, client, child, events)
+                                 stdin=subprocess.DEVNULL)  # fmt: skip
+        answered = _wait_answering(settings, child)
+        if answered and restarted:
+            _start_daemons(settings, child, events)
         code = child.wait()
         if stop_requested(settings) or not config.exists():
             break
+        if not answered:
+            events.write([event("keeper", RESOURCE, "failed", f"supervisord exited with {code} before it answered "
+                                f"on its socket; see {settings.log_dir / 'keeper.log'}")])  # fmt: skip
+            return 1
         now = time.monotonic()
         while recent and recent[0] < now - WINDOW_S:
             recent.popleft()
@@ -65,14 +84,24 @@ def main(settings: Settings) -> int:
     return 0
 
 
-def _start_daemons(settings: Settings, client, child: subprocess.Popen, events: EventLog) -> None:
-    """Once the new supervisord answers, `vr start`: orphans stopped, daemons started again.
-    An apply holding the lock (exit 75) is waited for, a bounded number of times."""
-    deadline = time.monotonic() + 10
-    while not client.is_running():
-        if child.poll() is not None or time.monotonic() > deadline:
-            return
-        time.sleep(0.05)
+def _wait_answering(settings: Settings, child: subprocess.Popen, timeout: float = 10.0) -> bool:
+    """supervisord accepts on its socket (a connect, not XML-RPC: xmlrpc.client would cost
+    the keeper 7 MB)."""
+    deadline = time.monotonic() + timeout
+    while child.poll() is None and time.monotonic() < deadline:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(settings.supervisor_socket))
+                return True
+            except OSError:
+                pass
+        time.sleep(0.02)
+    return False
+
+
+def _start_daemons(settings: Settings, child: subprocess.Popen, events: EventLog) -> None:
+    """The new supervisord answers: `vr start`, so orphans are stopped and the daemons start
+    again. An apply holding the lock (exit 75) is waited for, a bounded number of times."""
     env = {**os.environ, **settings.environment()}
     for _ in range(30):
         try:

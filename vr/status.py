@@ -251,7 +251,8 @@ def render_text(report: dict) -> str:
         for c in report["vpn"]:
             up = f"{c['established_s']}s" if c["established_s"] is not None else "-"
             users = ", ".join(f"{u['user']} ({u['address']})" for u in c["users"])
+            reason = f"  ({c['reason']})" if c.get("reason") else ""
             lines.append(
-                f"{c['connection']:<20}{c['state']:<13}{up:>8}{c['bytes_in']:>12}{c['bytes_out']:>12}  {users}"
+                f"{c['connection']:<20}{c['state']:<13}{up:>8}{c['bytes_in']:>12}{c['bytes_out']:>12}  {users}{reason}"
             )
     return "\n".join(lines)

@@ -17,9 +17,11 @@ import time
 import xmlrpc.client
 from pathlib import Path
 
+from vr.keeper import CONFIG_FILE, keeper_pid_path, stop_marker, stop_requested
 from vr.settings import Settings
 
-CONFIG_FILE = "supervisord.conf"
+__all__ = ["CONFIG_FILE", "SupervisorClient", "keeper_pid_path", "stop_marker", "stop_requested"]
+
 RUNNING = "RUNNING"
 FIRST_STOPPED = ("monitor",)  # stopped before the daemons it watches: a stop is no failure
 
@@ -84,7 +86,8 @@ class SupervisorClient:
         deadline = time.monotonic() + timeout
         while not self.is_running():
             if time.monotonic() > deadline:
-                raise RuntimeError(f"supervisord did not come up on {self.settings.supervisor_socket}")
+                raise RuntimeError(f"supervisord did not come up on {self.settings.supervisor_socket} "
+                                   f"(see {self.settings.log_dir / 'keeper.log'})")  # fmt: skip
             time.sleep(0.02)
 
     def update(self) -> None:
@@ -172,19 +175,6 @@ class SupervisorClient:
                 os.kill(keeper, 9)
                 break
             time.sleep(0.05)
-
-
-def stop_marker(settings: Settings) -> Path:
-    """Present from `vr stop` until the next start: supervisord is down on purpose."""
-    return settings.run_dir / "stopping"
-
-
-def stop_requested(settings: Settings) -> bool:
-    return stop_marker(settings).exists()
-
-
-def keeper_pid_path(settings: Settings) -> Path:
-    return settings.run_dir / "keeper.pid"
 
 
 def keeper_pid(settings: Settings) -> int | None:

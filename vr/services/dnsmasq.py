@@ -14,9 +14,10 @@ VM, 30+ ms for 4,000 with DNS waiting meanwhile):
   path: empty the drop-ins, SIGHUP. dnsmasq's start command empties them too.
 The main config needs a restart. The lease file is state: it lives in the state dir and
 survives restarts, patches and rebuilds. A removed VM's leases are released explicitly
-(dhcp_release; dhcp_release6 with the IAID and client id the lease file holds), never by
-deleting the lease file; so is a renamed VM's DHCPv6 lease, whose name a re-read would
-not change (IPv4 leases are renamed by it). A release is one packet per lease, no signal.
+(dhcp_release; for DHCPv6 a relayed Release with the IAID and client id the lease file
+holds, see _release6), never by deleting the lease file; so is a renamed VM's DHCPv6
+lease, whose name a re-read would not change (it renames IPv4 leases). A release is one
+packet per lease, no signal, and read from the lease file before any signal.
 A VM line that carries an IPv6 address carries no lease time, so that each family gets
 its own tier's (dhcp.tiers, ipv6.tiers) from the ranges. The tier MTU is forced: sent to
 clients that do not ask for it (busybox udhcpc).
@@ -59,10 +60,11 @@ DROP_INS = "dnsmasq-hosts.d"  # under the run dir: VM changes since dnsmasq last
 SHADOWED = b"# shadowed: "
 MAX_SHADOWED = 256  # removed VMs dnsmasq may still hold before a full re-read
 DEFAULT_LEASE_TIME = 86400  # seconds, for an entry whose tier has no dhcp.tiers item
+DHCPV6_SERVER_PORT = 547
+DHCPV6_RELEASE, DHCPV6_RELAY_FORW, DHCPV6_RELAY_REPL = b"\x08", b"\x0c", b"\x0d"  # message types
+RELEASE_WAIT = 0.5  # seconds for dnsmasq's answers to the releases (it answers in milliseconds)
 # A dhcp-host field dnsmasq reads as a lease time or a keyword whatever its place: a VM of
 # that name would get a 123 s lease and no name, or no lease at all ("ignore").
-DHCPV6_CLIENT_PORT, DHCPV6_SERVER_PORT = 546, 547
-DHCPV6_RELEASE, DHCPV6_REPLY = b"\x08", b"\x07"  # message types
 NOT_A_NAME = re.compile(r"ignore|infinite|[0-9]+[smhdw]?")
 
 
@@ -294,64 +296,67 @@ def _release_dropped_leases(change: Change, doc: RouterDocument, leases: Leases)
         return
     names = interface_names(doc)
     by_subnet = [(i.ipv4().network, names[i.id]) for i in doc.guest_interfaces()]
-    by_prefix = [(i.ipv6().network, names[i.id]) for i in doc.guest_interfaces() if i.ipv6()]
+    by_prefix = [(i.ipv6(), names[i.id]) for i in doc.guest_interfaces() if i.ipv6()]
     for mac, ip in dropped:
         address = IPv4Address(ip)
         ifname = next((name for subnet, name in by_subnet if address in subnet), None)
         if ifname:
             subprocess.run(["dhcp_release", ifname, ip, mac], capture_output=True, timeout=10, check=False)
-    by_interface: dict[str, list[Lease6]] = {}
-    for lease in dropped6 if leases.server_id else []:
-        address6 = IPv6Address(lease.address)
-        ifname = next((name for prefix, name in by_prefix if address6 in prefix), None)
-        if ifname:
-            by_interface.setdefault(ifname, []).append(lease)
-    for ifname, released in by_interface.items():
-        _release6(ifname, released, leases.server_id)
+    for own, ifname in by_prefix:
+        released = [lease for lease in dropped6 if IPv6Address(lease.address) in own.network]
+        if released and leases.server_id:
+            _release6(ifname, released, leases.server_id, own.ip)
 
 
-def _release6(ifname: str, leases: list[Lease6], server_id: str, timeout: float = 1.0) -> None:
-    """What dnsmasq-utils' dhcp_release6 sends, without its one-second sleep per lease
-    (it sleeps before it first looks for the reply): a DHCPv6 Release (RFC 8415) from the
-    router to dnsmasq on the tier (ff02::1:2, the client port, bound to the interface),
-    naming dnsmasq's DUID and the client's DUID, IAID and address as the lease file holds
-    them; then a bounded wait for dnsmasq's replies."""
-    pending = set()
+def _release6(ifname: str, leases: list[Lease6], server_id: str, link_address: IPv6Address) -> None:
+    """Release DHCPv6 leases as a relay agent on the tier would pass on their clients'
+    Releases (RFC 8415 Relay-Forward, to dnsmasq on ff02::1:2 on the tier), naming
+    dnsmasq's DUID and each client's DUID, IAID and address as the lease file holds them.
+
+    Not as dnsmasq-utils' dhcp_release6 does it: dnsmasq looks the MAC of a sender that
+    is not a relay up in the neighbour table, where the router's own address never is,
+    and sleeps 5 x 100 ms over it, its DNS answers waiting too (dhcp_release6 then sleeps
+    a second more itself). A Relay-Forward names its link (the router's address on the
+    tier) and skips that lookup; its Relay-Reply comes back to port 547 of that address,
+    where this socket, bound to the address itself, takes it before dnsmasq's wildcard
+    socket does (which would look its own address up: the same stall). Bounded wait."""
     with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # dnsmasq's [::]:547 is REUSEADDR too
         try:
-            sock.bind(("::", DHCPV6_CLIENT_PORT))
+            sock.bind((str(link_address), DHCPV6_SERVER_PORT))
         except OSError:
-            pass  # the replies will not reach us; the releases still go out
-        scope = socket.if_nametoindex(ifname)
+            pass  # the releases still reach dnsmasq; its replies to itself cost it half a second
+        destination = ("ff02::1:2", DHCPV6_SERVER_PORT, 0, socket.if_nametoindex(ifname))
+        pending = 0
         for lease in leases:
-            xid = os.urandom(3)
             try:
-                packet = _release6_packet(xid, lease, server_id)
+                release = _release6_packet(os.urandom(3), lease, server_id)
             except ValueError:
                 continue  # not a lease dnsmasq wrote (a client id that is not hex)
-            sock.sendto(packet, ("ff02::1:2", DHCPV6_SERVER_PORT, 0, scope))
-            pending.add(xid)
-        deadline = time.monotonic() + timeout
+            relayed = DHCPV6_RELAY_FORW + b"\x00" + link_address.packed + IPv6Address(lease.address).packed
+            sock.sendto(relayed + _option6(9, release), destination)
+            pending += 1
+        deadline = time.monotonic() + RELEASE_WAIT
         while pending and (left := deadline - time.monotonic()) > 0:
             sock.settimeout(left)
             try:
-                reply = sock.recv(1500)
+                if sock.recv(1500)[:1] == DHCPV6_RELAY_REPL:
+                    pending -= 1
             except TimeoutError:
                 break
-            if reply[:1] == DHCPV6_REPLY:
-                pending.discard(reply[1:4])
+
+
+def _option6(code: int, body: bytes) -> bytes:
+    return struct.pack("!HH", code, len(body)) + body
 
 
 def _release6_packet(xid: bytes, lease: Lease6, server_id: str) -> bytes:
-    def option(code: int, body: bytes) -> bytes:
-        return struct.pack("!HH", code, len(body)) + body
-
-    address = option(5, IPv6Address(lease.address).packed + struct.pack("!II", 0, 0))  # IAADDR
-    ia_na = option(3, struct.pack("!III", int(lease.iaid), 0, 0) + address)
+    """Release (RFC 8415 18.2.7): client id (1), server id (2), IA_NA (3) with its IAADDR (5)."""
+    address = _option6(5, IPv6Address(lease.address).packed + struct.pack("!II", 0, 0))
+    ia_na = _option6(3, struct.pack("!III", int(lease.iaid), 0, 0) + address)
     client, server = (bytes.fromhex(duid.replace(":", "")) for duid in (lease.client_id, server_id))
-    return DHCPV6_RELEASE + xid + option(1, client) + option(2, server) + ia_na
+    return DHCPV6_RELEASE + xid + _option6(1, client) + _option6(2, server) + ia_na
 
 
 def _check_readable_after_privilege_drop(directory: Path) -> None:

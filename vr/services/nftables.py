@@ -256,16 +256,22 @@ class NftablesService(Service):
 
 def _local_elements(doc: RouterDocument, names: dict[str, str]) -> dict[str, list[str]]:
     """The input policy's elements: each guest and control interface . its own address . the
-    ports its role answers (LOCAL_PORTS), and the guest interfaces (DHCP broadcasts, RS)."""
+    ports its role answers (LOCAL_PORTS); the guest interfaces (DHCP broadcasts, RS) and
+    their IPv4 addresses (DNS for tunnelled clients); every interface of a role (what is
+    not one is charon's TUN device)."""
     sets: dict[str, list[str]] = {"local_tcp": [], "local_udp": [], "local6_tcp": [], "local6_udp": [],
-                                  "guest_ifs": []}  # fmt: skip
+                                  "guest_ifs": [], "role_ifs": [], "guest_ips": []}  # fmt: skip
     for iface in doc.interfaces:
         name = names.get(iface.id)
+        if not name:  # not found: the network check refuses the apply
+            continue
+        sets["role_ifs"].append(f'"{name}"')
         ports = LOCAL_PORTS.get(iface.role)
-        if not name or ports is None:  # not found: the network check refuses the apply
+        if ports is None:  # public: what the document opens on its public IPs (public_local)
             continue
         if iface.role == "guest":
             sets["guest_ifs"].append(f'"{name}"')
+            sets["guest_ips"] += [str(a.ip) for a in iface.addresses if a.version == 4]
             ports = {**ports, "tcp": ports["tcp"] + METADATA_PORTS, "tcp6": ports["tcp6"] + METADATA_PORTS}
         for address in iface.addresses:
             family = "6" if address.version == 6 else ""
@@ -291,7 +297,7 @@ def _split(ruleset: str) -> tuple[str, dict[str, list[str]]]:
 _SETS = ("public_ips", "pf_tcp", "pf_udp", "pf_tcp_from", "pf_udp_from", "static_in", "static_out", "source_nat",
          "in_all", "in_tcp", "in_udp", "in_all_from", "in_tcp_from", "in_udp_from", "in_icmp", "in_icmp_typed",
          "lb", "lb_from", "vpn_gateways", "vpn_remote", "in6_all", "in6_tcp", "in6_udp", "in6_icmp", "in6_icmp_typed",
-         "local_tcp", "local_udp", "local6_tcp", "local6_udp", "guest_ifs")  # fmt: skip
+         "local_tcp", "local_udp", "local6_tcp", "local6_udp", "guest_ifs", "role_ifs", "guest_ips")  # fmt: skip
 
 
 def _element_delta(change: Change) -> str | None:
