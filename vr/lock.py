@@ -9,6 +9,7 @@ import contextlib
 import fcntl
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 from vr.errors import Busy
 from vr.settings import Settings
@@ -62,8 +63,14 @@ def _inherited_fd(settings: Settings) -> int | None:
 def holder(settings: Settings) -> int | None:
     """The PID holding the router's lock (an apply, patch or recovery in progress), or None
     when nobody does: then a journal left behind belongs to a process that is gone."""
+    return flock_holder(settings.lock_path)
+
+
+def flock_holder(path: Path) -> int | None:
+    """Who holds an exclusive flock on a PID file: its PID (-1 if the file does not say), or
+    None when the lock is free. A lock dies with its process: no stale PID file can lie."""
     try:
-        fd = os.open(settings.lock_path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     try:

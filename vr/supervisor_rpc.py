@@ -6,7 +6,6 @@ Stdlib only (the `supervisor` package's own transport would cost the monitor 14 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import http.client
 import os
 import signal
@@ -18,6 +17,7 @@ import xmlrpc.client
 from pathlib import Path
 
 from vr.keeper import CONFIG_FILE, keeper_pid_path, stop_marker, stop_requested
+from vr.lock import flock_holder
 from vr.settings import Settings
 
 __all__ = ["CONFIG_FILE", "SupervisorClient", "keeper_pid_path", "stop_marker", "stop_requested"]
@@ -179,18 +179,8 @@ class SupervisorClient:
 
 def keeper_pid(settings: Settings) -> int | None:
     """The running keeper's PID: it holds a lock on its PID file for as long as it lives."""
-    try:
-        fd = os.open(keeper_pid_path(settings), os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        text = os.pread(fd, 32, 0).decode().strip()
-        return int(text) if text.isdigit() else None
-    finally:
-        os.close(fd)
-    return None  # the lock was free: no keeper
+    pid = flock_holder(keeper_pid_path(settings))
+    return pid if pid is not None and pid > 0 else None
 
 
 def router_processes(settings: Settings, keep: set[int] = frozenset()) -> list[int]:
