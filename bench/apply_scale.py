@@ -54,10 +54,10 @@ from common import (
     yes,
 )
 
-from vr import netns
-from vr.errors import VrError
-from vr.pipeline import Pipeline
-from vr.settings import Settings
+from vr.foundation import netns
+from vr.foundation.errors import VrError
+from vr.foundation.settings import Settings
+from vr.transaction.pipeline import Pipeline
 
 TARGET_COLD_MS = 1000.0
 TARGET_INCREMENTAL_MS = 50.0

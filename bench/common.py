@@ -14,9 +14,9 @@ import xmlrpc.client
 from collections.abc import Callable
 from pathlib import Path
 
-from vr.lab import Lab, stop_process
-from vr.runtime import Runtime
-from vr.settings import Settings
+from vr.foundation.settings import Settings
+from vr.lab.harness import Lab, stop_process
+from vr.services.runtime import Runtime
 
 STEPS = ("validate", "render", "check", "switch", "reload", "health", "commit")
 STOP: dict[str, int] = {}

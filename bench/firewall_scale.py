@@ -62,12 +62,12 @@ from common import (
     yes,
 )
 
-from vr import netns
-from vr.errors import VrError
-from vr.pipeline import Pipeline
+from vr.foundation import netns
+from vr.foundation.errors import VrError
+from vr.foundation.settings import Settings
 from vr.services.base import Change
 from vr.services.nftables import RULESET, NftablesService
-from vr.settings import Settings
+from vr.transaction.pipeline import Pipeline
 
 TARGET_FULL_MS = 300.0
 TARGET_INCREMENTAL_MS = 20.0

@@ -1,6 +1,6 @@
 """Bench: requests through the load balancer (haproxy) while its config is reloaded every 200 ms.
 
-A lab router (vr.lab: namespaces <p>-r, -mgmt, -pub, -g1, -g2) with one load-balancer rule,
+A lab router (vr.lab.harness: namespaces <p>-r, -mgmt, -pub, -g1, -g2) with one load-balancer rule,
 192.0.2.12:80 (http) -> web1 (g1, 10.1.1.10:8000) and db1 (g2, 10.1.2.10:8000). From the public
 host (pub), two clients run concurrently, each sending --requests GETs spread over --seconds:
 one on a keep-alive connection, one opening a connection per request (`Connection: close`).
@@ -55,11 +55,11 @@ from common import (
     yes,
 )
 
-from vr import netns
-from vr.errors import VrError
-from vr.lab import Lab
-from vr.pipeline import Pipeline
+from vr.foundation import netns
+from vr.foundation.errors import VrError
+from vr.lab.harness import Lab
 from vr.services.haproxy import server_states
+from vr.transaction.pipeline import Pipeline
 
 TARGET_FAILED = 0
 EXAMPLES = Path(__file__).resolve().parent.parent / "configs" / "examples"

@@ -1,6 +1,6 @@
 """Bench: what clients of a lab router see while `vr patch apply` and `vr patch rollback` run.
 
-A lab router (vr.lab: namespaces <p>-r, -mgmt, -pub, -g1, -g2) with configs/examples/router.json,
+A lab router (vr.lab.harness: namespaces <p>-r, -mgmt, -pub, -g1, -g2) with configs/examples/router.json,
 guests g1 and g2 leased (10.1.1.10, 10.1.2.10), HTTP servers web1 (g1) and db1 (g2) on port 8000
 behind one load-balancer rule 192.0.2.12:80 (haproxy, HTTP mode, health checks every 200 ms), a
 TCP `serve` in g1 on port 80 behind the example port forward 192.0.2.10:8080 -> 10.1.1.10:80.
@@ -9,7 +9,7 @@ haproxy config changes, haproxy reloads, the monitor restarts on the new code), 
 here with a key made here, which the router is told to trust.
 
 Each run: a baseline window (the traffic alone), then `vr patch apply BUNDLE --json`, then
-`vr patch rollback --json`, each inside a traffic window (vr/traffic.py, --seconds long; the
+`vr patch rollback --json`, each inside a traffic window (vr/lab/traffic.py, --seconds long; the
 command starts 1 s into it):
   ping  g1 -> the public host 192.0.2.1, 1,000 packets/s (source NAT)        lost
   http  public host -> 192.0.2.12:80, 100 GETs/s, a fresh connection each      failed
@@ -69,8 +69,8 @@ from common import (
     yes,
 )
 
-from vr.lab import Lab
-from vr.traffic import Traffic
+from vr.lab.harness import Lab
+from vr.lab.traffic import Traffic
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "configs" / "examples"
@@ -94,7 +94,7 @@ TRAFFIC: list[Traffic] = []  # every traffic window, stopped (again) on the way 
 def serve(lab: Lab, guest: str, name: str, port: int, http: bool, seconds: float) -> None:
     """A labserver serve(-http) in the guest, living as long as the run; stopped by PID."""
     process = subprocess.Popen(
-        ["ip", "netns", "exec", lab.ns(guest), sys.executable, "-m", "vr.labserver",
+        ["ip", "netns", "exec", lab.ns(guest), sys.executable, "-m", "vr.lab.server",
          "serve-http" if http else "serve", "--name", name, "--port", str(port), "--seconds", f"{seconds:.0f}"],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip

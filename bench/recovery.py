@@ -1,6 +1,6 @@
-"""Bench: how fast the monitor (vr/monitor.py) brings a killed or hung daemon back.
+"""Bench: how fast the monitor (vr/control/monitor.py) brings a killed or hung daemon back.
 
-A lab router (vr.lab: namespaces <p>-r, -mgmt, -pub, -g1, -g2) with configs/examples/router.json,
+A lab router (vr.lab.harness: namespaces <p>-r, -mgmt, -pub, -g1, -g2) with configs/examples/router.json,
 guest g1 leased 10.1.1.10 and serving HTTP on port 8000, and one load-balancer rule
 192.0.2.12:80 -> 10.1.1.10:8000. Four scenarios, each repeated:
 
@@ -75,7 +75,7 @@ from common import (
     yes,
 )
 
-from vr.lab import Lab
+from vr.lab.harness import Lab
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "configs" / "examples"
 MEMBER_IP = "10.1.1.10"
@@ -326,7 +326,7 @@ def serve_http(lab: Lab, seconds: float) -> None:
     """web1 in g1 as lab.serve(..., http=True) starts it, but living as long as the run (lab.serve's
     server quits after labserver's default 600 s); stopped by PID with the helpers."""
     process = subprocess.Popen(
-        ["ip", "netns", "exec", lab.ns("g1"), sys.executable, "-m", "vr.labserver", "serve-http", "--name", "web1",
+        ["ip", "netns", "exec", lab.ns("g1"), sys.executable, "-m", "vr.lab.server", "serve-http", "--name", "web1",
          "--port", str(MEMBER_PORT), "--seconds", str(seconds)],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip

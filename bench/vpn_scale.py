@@ -1,6 +1,6 @@
 """Bench: 50 site-to-site VPN tunnels (strongSwan), loaded at once, then changed one at a time.
 
-A lab router A (vr.lab with vpn=True: namespaces <p>-r, -pub, -rb, ...) gets
+A lab router A (vr.lab.harness with vpn=True: namespaces <p>-r, -pub, -rb, ...) gets
 configs/examples/router.json (public IP 192.0.2.10, tiers 10.1.1.0/24 and 10.1.2.0/24). The
 peers are not vr routers: one plain charon in <p>-rb answers on 198.51.100.10 .. .(10+N-1),
 with N responder connections loaded over VICI (PSK, one key per tunnel, start_action none;
@@ -71,12 +71,12 @@ from common import (
 )
 from vici.exception import CommandException, SessionException
 
-from vr import netns
-from vr.errors import VrError
-from vr.lab import Lab
-from vr.pipeline import Pipeline
-from vr.runtime import Runtime
+from vr.foundation import netns
+from vr.foundation.errors import VrError
+from vr.lab.harness import Lab
+from vr.services.runtime import Runtime
 from vr.services.strongswan import CHARON, client_conf, kernel_has_esp, live_socket, vici_session
+from vr.transaction.pipeline import Pipeline
 
 TARGET_ONE_CHANGE_MS = 100.0
 TARGET_DISTURBED = 0

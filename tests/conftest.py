@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from vr.lab import Lab
+from vr.lab.harness import Lab
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO_DIR / "configs" / "examples"
@@ -115,7 +115,7 @@ def make_ca_and_certificate(tmp_path, name: str, days: int = 30):
 def workshop(tmp_path_factory) -> dict:
     """A patch publisher's key pair, a stranger's, and the example bundles built and signed:
     0.1.1 (haproxy's X-Vr-Release header) and 0.2.0 (deliberately breaks DNS)."""
-    from vr import patching
+    from vr.patching import bundles as patching
 
     where = tmp_path_factory.mktemp("workshop")
     where.chmod(0o755)

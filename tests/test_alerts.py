@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from vr.alerts import AlertQueue, make_alert
+from vr.control.alerts import AlertQueue, make_alert
 
 
 @pytest.fixture

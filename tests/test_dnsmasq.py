@@ -7,12 +7,12 @@ import json
 from ipaddress import IPv6Address
 
 from tests.conftest import EXAMPLES
-from vr import document as docmod
-from vr.runtime import Runtime
+from vr.foundation import document as docmod
+from vr.foundation.settings import Settings
 from vr.services import dnsmasq
 from vr.services.base import Change
 from vr.services.dnsmasq import HOSTS, MAIN, MAX_SHADOWED, DnsmasqService, Lease6, _drop_in, _release6_packet
-from vr.settings import Settings
+from vr.services.runtime import Runtime
 
 WEB = b"02:00:00:00:01:10,10.1.1.10,web1,3600"
 DB = b"02:00:00:00:02:10,10.1.2.10,[2001:db8:1:2::10],db1,3600"

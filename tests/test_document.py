@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from vr import document as docmod
-from vr.errors import InvalidPayload, StalePayload
-from vr.pipeline import Pipeline
-from vr.settings import Settings
+from vr.foundation import document as docmod
+from vr.foundation.errors import InvalidPayload, StalePayload
+from vr.foundation.settings import Settings
+from vr.transaction.pipeline import Pipeline
 
 
 def validate(raw: dict, stored: docmod.RouterDocument | None = None) -> docmod.RouterDocument:

@@ -1,6 +1,6 @@
 """DHCP as clients other than dhclient see it: dhcpcd (DHCPv6) and busybox udhcpc (CirrOS-style
 guests), real clients in the lab's guest namespaces, each with its own state and a script that
-only records what it was given (vr.lab: dhcpcd6, udhcpc)."""
+only records what it was given (vr.lab.harness: dhcpcd6, udhcpc)."""
 
 from __future__ import annotations
 

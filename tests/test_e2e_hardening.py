@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tests.conftest import EXAMPLES, example_lab, live_files, make_ca_and_certificate, write_payload
-from vr.lab import Lab
+from vr.lab.harness import Lab
 
 EXAMPLE = json.loads((EXAMPLES / "router.json").read_text())
 NEW_VM = {"tier": "tier1", "mac": "02:00:00:00:01:55", "ip": "10.1.1.55", "hostname": "newvm"}

@@ -227,9 +227,9 @@ class FakeSupervisor:
 
 def policy_monitor(tmp_path, monkeypatch, answers_after, restart: dict, failures: int = 1):
     """A Monitor on one service whose probe fails until answers_after(starts) says otherwise."""
-    from vr import probes
-    from vr.monitor import Monitor
-    from vr.settings import Settings
+    from vr.control.monitor import Monitor
+    from vr.foundation.settings import Settings
+    from vr.services import probes
 
     settings = Settings.under_root(tmp_path)
     settings.ensure_dirs()

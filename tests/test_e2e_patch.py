@@ -13,8 +13,8 @@ from tests.conftest import example_lab, write_payload
 from tests.test_e2e_haproxy import LB_IP, lb_rule, nat_with_lb_ip
 from tests.test_e2e_monitor import MANAGER_PORT, Manager
 from vr import __version__
-from vr.files import read_json
-from vr.traffic import Traffic
+from vr.foundation.files import read_json
+from vr.lab.traffic import Traffic
 
 PORT_FORWARD = ("192.0.2.10", 8080)  # configs/examples/router.json: to g1 (10.1.1.10) port 80
 
@@ -134,7 +134,7 @@ def test_a_patch_that_breaks_health_is_rolled_back_by_itself(router, workshop, t
 
 
 def test_a_patch_changing_a_service_it_does_not_declare_is_refused(router, workshop, tmp_path):
-    from vr import patching
+    from vr.patching import bundles as patching
 
     lab = router
     bundle = tmp_path / "undeclared.tar.gz"

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from tests.conftest import EXAMPLES, live_files, write_payload
-from vr.pipeline import Pipeline
+from vr.transaction.pipeline import Pipeline
 
 NEW_VM = {"tier": "tier1", "mac": "02:00:00:00:01:55", "ip": "10.1.1.55", "hostname": "newvm"}
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from tests.conftest import EXAMPLES, example_lab, live_files, write_payload
 from tests.test_e2e_haproxy import LB_IP, apply_lb, lb_rule
 from tests.test_e2e_monitor import alive, answers, service, status, wait_for
-from vr.lock import router_lock
+from vr.foundation.lock import router_lock
 
 NEW_VM = {"tier": "tier1", "mac": "02:00:00:00:01:55", "ip": "10.1.1.55", "hostname": "newvm"}
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import EXAMPLES, example_lab, live_files, make_ca_and_certificate
-from vr.lab import Lab
+from vr.lab.harness import Lab
 from vr.services.strongswan import vici_session
 
 LAB_VPN = json.loads((EXAMPLES.parent / "lab" / "vpn.json").read_text())["vpn"]

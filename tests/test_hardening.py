@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import EXAMPLES, make_ca_and_certificate
-from vr import document as docmod
-from vr import jsontext
-from vr.errors import InvalidPayload, StalePayload
-from vr.pipeline import Pipeline
-from vr.settings import Settings
+from vr.foundation import document as docmod
+from vr.foundation import jsontext
+from vr.foundation.errors import InvalidPayload, StalePayload
+from vr.foundation.settings import Settings
+from vr.transaction.pipeline import Pipeline
 
 EXAMPLE = json.loads((EXAMPLES / "router.json").read_text())
 

@@ -6,11 +6,11 @@ import json
 import os
 import time
 
-from vr import events as events_module
-from vr import spool as spool_module
-from vr.events import EventLog, event
-from vr.pipeline import Pipeline
-from vr.settings import Settings
+from vr.control import spool as spool_module
+from vr.foundation import events as events_module
+from vr.foundation.events import EventLog, event
+from vr.foundation.settings import Settings
+from vr.transaction.pipeline import Pipeline
 
 
 def test_spool_keeps_a_bounded_number_of_processed_files(tmp_path, monkeypatch):

@@ -8,12 +8,12 @@ import json
 from pathlib import Path
 
 from tests.conftest import EXAMPLES
-from vr import document as docmod
-from vr.errors import InvalidPayload
-from vr.runtime import Runtime
+from vr.foundation import document as docmod
+from vr.foundation.errors import InvalidPayload
+from vr.foundation.settings import Settings
 from vr.services import SERVICES
 from vr.services.radvd import CONFIG, RETIRE_S, RadvdService, _retiring
-from vr.settings import Settings
+from vr.services.runtime import Runtime
 
 LAB_IPV6 = json.loads((EXAMPLES.parent / "lab" / "ipv6.json").read_text())
 

@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from vr import document as docmod
-from vr.errors import InvalidPayload
-from vr.runtime import Runtime
+from vr.foundation import document as docmod
+from vr.foundation.errors import InvalidPayload
+from vr.foundation.settings import Settings
 from vr.services.network import NetworkService
 from vr.services.nftables import NftablesService
-from vr.settings import Settings
+from vr.services.runtime import Runtime
 
 
 def problems(example: dict) -> dict[str, str]:
@@ -175,7 +175,7 @@ def test_acl_entries_are_ordered_by_number_not_by_position(example, tmp_path):
 
 
 def test_acl_blocks_split_only_where_entries_overlap():
-    from vr.document import AclRule
+    from vr.foundation.document import AclRule
     from vr.services.nftables import _blocks
 
     def entry(number: int, **match) -> AclRule:
@@ -225,7 +225,7 @@ def test_rule_ids_are_unique(example):
 
 
 def test_single_rules_are_upserted_and_deleted_by_id(example):
-    from vr.pipeline import Pipeline
+    from vr.transaction.pipeline import Pipeline
 
     stored = Pipeline.validate(Pipeline.__new__(Pipeline), example, None)
     payload = {

@@ -19,10 +19,12 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PATCH_EXAMPLES, REPO_DIR, make_source
-from vr import __version__, patching
-from vr.lock import router_lock
-from vr.release import Releases, is_version, version_key
-from vr.settings import Settings
+from vr import __version__
+from vr.foundation.lock import router_lock
+from vr.foundation.settings import Settings
+from vr.foundation.version import is_version, version_key
+from vr.patching import bundles as patching
+from vr.patching.releases import Releases
 
 EXAMPLE = PATCH_EXAMPLES / "0.1.1"
 

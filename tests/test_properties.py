@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import EXAMPLES, example_lab, live_files
-from vr import document as docmod
-from vr import jsontext
-from vr.errors import InvalidPayload, StalePayload
+from vr.foundation import document as docmod
+from vr.foundation import jsontext
+from vr.foundation.errors import InvalidPayload, StalePayload
 
 EXAMPLE = json.loads((EXAMPLES / "router.json").read_text())
 STORED = docmod.merge(None, docmod.parse_payload(EXAMPLE))

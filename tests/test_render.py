@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from vr import document as docmod
-from vr.runtime import Runtime
+from vr.foundation import document as docmod
+from vr.foundation.settings import Settings
 from vr.services.dnsmasq import DnsmasqService
 from vr.services.network import NetworkService
+from vr.services.runtime import Runtime
 from vr.services.supervisor import SupervisorService, _ini
-from vr.settings import Settings
 
 
 @pytest.fixture

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from vr import document as docmod
-from vr.settings import Settings
-from vr.store import LOG_LIMIT, DocumentStore
+from vr.foundation import document as docmod
+from vr.foundation.settings import Settings
+from vr.transaction.store import LOG_LIMIT, DocumentStore
 
 
 def rule_payload(generation: int, port: int) -> docmod.Payload:

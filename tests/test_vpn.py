@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from vr import document as docmod
-from vr import swanctl
-from vr.errors import InvalidPayload
-from vr.runtime import Runtime
+from vr.foundation import document as docmod
+from vr.foundation.errors import InvalidPayload
+from vr.foundation.settings import Settings
+from vr.services import swanctl
 from vr.services.base import Change, CheckFailed
+from vr.services.runtime import Runtime
 from vr.services.strongswan import StrongswanService
-from vr.settings import Settings
 
 PSK = "correct-horse-battery-staple"
 

@@ -10,14 +10,14 @@ from pathlib import Path
 
 
 def _settings(args):
-    from vr.settings import Settings
+    from vr.foundation.settings import Settings
 
     return Settings.from_env(root=args.root, netns=args.netns)
 
 
 def _read_payload(source: str) -> object:
-    from vr import jsontext
-    from vr.errors import InvalidPayload, Problem
+    from vr.foundation import jsontext
+    from vr.foundation.errors import InvalidPayload, Problem
 
     try:
         if source == "-":
@@ -39,15 +39,15 @@ def _recover_interrupted_patch(args) -> None:
     settings = _settings(args)
     if not settings.patch_journal_path.exists():
         return
-    from vr.patching import Patcher
-    from vr.release import reexec_if_not_current
+    from vr.patching.bundles import Patcher
+    from vr.patching.releases import reexec_if_not_current
 
     if Patcher(settings).recover():
         reexec_if_not_current(args.argv)
 
 
 def cmd_apply(args) -> int:
-    from vr.pipeline import Pipeline
+    from vr.transaction.pipeline import Pipeline
 
     _recover_interrupted_patch(args)
     result = Pipeline(_settings(args)).apply(_read_payload(args.file))
@@ -61,7 +61,7 @@ def cmd_apply(args) -> int:
 def _recovered(settings) -> None:
     """Commands that read state first roll back an apply a crash interrupted, so they never
     compare against half-applied files; one that is running is said, not waited for."""
-    from vr.status import recover_first
+    from vr.control.status import recover_first
 
     busy = recover_first(settings)
     if busy:
@@ -69,7 +69,7 @@ def _recovered(settings) -> None:
 
 
 def cmd_render(args) -> int:
-    from vr.pipeline import Pipeline
+    from vr.transaction.pipeline import Pipeline
 
     settings = _settings(args)
     _recovered(settings)
@@ -83,8 +83,8 @@ def cmd_render(args) -> int:
 def cmd_diff(args) -> int:
     import difflib
 
-    from vr.files import is_secret
-    from vr.pipeline import Pipeline
+    from vr.foundation.files import is_secret
+    from vr.transaction.pipeline import Pipeline
 
     settings = _settings(args)
     _recovered(settings)
@@ -108,14 +108,14 @@ def cmd_diff(args) -> int:
 
 
 def cmd_schema(args) -> int:
-    from vr.document import json_schema
+    from vr.foundation.document import json_schema
 
     print(json.dumps(json_schema(), indent=2))
     return 0
 
 
 def cmd_status(args) -> int:
-    from vr.status import collect, recover_first, render_text
+    from vr.control.status import collect, recover_first, render_text
 
     settings = _settings(args)
     recover_first(settings)  # an interrupted apply is rolled back before it is reported on
@@ -125,8 +125,8 @@ def cmd_status(args) -> int:
 
 
 def cmd_events(args) -> int:
-    from vr.events import EventLog
-    from vr.status import recover_first
+    from vr.control.status import recover_first
+    from vr.foundation.events import EventLog
 
     settings = _settings(args)
     recover_first(settings)  # the recovery's own events are then among those shown
@@ -136,8 +136,8 @@ def cmd_events(args) -> int:
 
 
 def cmd_watch(args) -> int:
-    from vr.pipeline import Pipeline
-    from vr.spool import Spool
+    from vr.control.spool import Spool
+    from vr.transaction.pipeline import Pipeline
 
     spool = Spool(Pipeline(_settings(args)))
     if args.once:
@@ -148,7 +148,7 @@ def cmd_watch(args) -> int:
 
 
 def cmd_start(args) -> int:
-    from vr.pipeline import Pipeline
+    from vr.transaction.pipeline import Pipeline
 
     _recover_interrupted_patch(args)
     result = Pipeline(_settings(args)).start()
@@ -157,8 +157,8 @@ def cmd_start(args) -> int:
 
 
 def cmd_stop(args) -> int:
-    from vr.runtime import Runtime
-    from vr.supervisor_rpc import router_processes, stop_processes
+    from vr.services.runtime import Runtime
+    from vr.services.supervisor_rpc import router_processes, stop_processes
 
     settings = _settings(args)
     Runtime(settings).supervisor.shutdown()
@@ -168,7 +168,7 @@ def cmd_stop(args) -> int:
 
 
 def cmd_recover(args) -> int:
-    from vr.pipeline import Pipeline
+    from vr.transaction.pipeline import Pipeline
 
     _recover_interrupted_patch(args)
     print("recovered an interrupted apply" if Pipeline(_settings(args)).recover() else "nothing to recover")
@@ -176,11 +176,8 @@ def cmd_recover(args) -> int:
 
 
 def cmd_selftest(args) -> int:
-    import vr.monitor
-    import vr.patching
-    import vr.status  # noqa: F401
-    from vr.pipeline import Pipeline
-    from vr.release import running_version
+    from vr.foundation.version import running_version
+    from vr.transaction.pipeline import Pipeline
 
     changed = Pipeline(_settings(args)).selftest()
     report = {"version": running_version(), "changed": changed}
@@ -190,8 +187,8 @@ def cmd_selftest(args) -> int:
 
 
 def cmd_reconcile(args) -> int:
-    from vr.pipeline import Pipeline
-    from vr.release import running_version
+    from vr.foundation.version import running_version
+    from vr.transaction.pipeline import Pipeline
 
     result = Pipeline(_settings(args)).reconcile()
     changed = result.changed if result else []
@@ -202,7 +199,7 @@ def cmd_reconcile(args) -> int:
 
 
 def cmd_patch(args) -> int:
-    from vr import patching
+    from vr.patching import bundles as patching
 
     needed = {"apply": ["target"], "build": ["target", "version", "key", "out"], "keygen": ["out"],
               "remove": ["target"]}  # fmt: skip
@@ -259,7 +256,7 @@ def cmd_patch(args) -> int:
 
 
 def cmd_vpn_load(args) -> int:
-    from vr.runtime import Runtime
+    from vr.services.runtime import Runtime
     from vr.services.strongswan import load_live
 
     load_live(Runtime(_settings(args)))
@@ -268,13 +265,13 @@ def cmd_vpn_load(args) -> int:
 
 
 def cmd_monitor(args) -> int:
-    from vr import monitor
+    from vr.control import monitor
 
     return monitor.main(_settings(args))
 
 
 def cmd_lab(args) -> int:
-    from vr import lab
+    from vr.lab import harness as lab
 
     return lab.main(args)
 
@@ -286,7 +283,7 @@ class _VersionAction(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from vr.release import running_version
+        from vr.foundation.version import running_version
 
         print(f"vr {running_version()}")
         parser.exit()
@@ -367,10 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.netns and args.command != "lab":
-        from vr import netns
+        from vr.foundation import netns
 
         netns.enter(args.netns)
-    from vr.errors import InvalidPayload, VrError
+    from vr.foundation.errors import InvalidPayload, VrError
 
     try:
         return args.func(args)
@@ -396,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    from vr.release import dispatch
+    from vr.patching.releases import dispatch
 
     dispatch(sys.argv[1:])
     sys.exit(main())

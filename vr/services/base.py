@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from vr.document import RouterDocument
-    from vr.errors import Problem
-    from vr.probes import ProbeSpec
-    from vr.runtime import Runtime
+    from vr.foundation.document import RouterDocument
+    from vr.foundation.errors import Problem
+    from vr.services.probes import ProbeSpec
+    from vr.services.runtime import Runtime
 
 
 def repeats(values: Iterable[Hashable]) -> Iterator[tuple[int, int]]:
@@ -113,8 +113,8 @@ class Service:
         rolling back the very first apply: nothing of this service should remain."""
 
     def probe_spec(self, doc: RouterDocument, runtime: Runtime) -> ProbeSpec | None:
-        """What proves the service does its job, as data for vr.probes: {"program": the
-        supervisord program that must run (or None), "check": a vr.probes check, "args": its
+        """What proves the service does its job, as data for vr.services.probes: {"program": the
+        supervisord program that must run (or None), "check": a vr.services.probes check, "args": its
         arguments}. The pipeline's health gate and the monitor run the same spec. None: the
         router does not need the service, nothing to probe."""
         return None
@@ -126,7 +126,7 @@ class Service:
             return None
         if spec["program"] and (reason := runtime.supervisor.not_running(spec["program"])):
             return reason
-        from vr import probes
+        from vr.services import probes
 
         return probes.run(spec)
 

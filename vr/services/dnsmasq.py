@@ -43,12 +43,12 @@ from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from vr.document import DhcpEntry, DhcpOption, Ipv6Tier, RouterDocument
-from vr.errors import Problem
-from vr.probes import ProbeSpec
-from vr.runtime import Runtime
+from vr.foundation.document import DhcpEntry, DhcpOption, Ipv6Tier, RouterDocument
+from vr.foundation.errors import Problem
 from vr.services.base import Change, CheckFailed, Program, Service, run_checker
 from vr.services.network import interface_names
+from vr.services.probes import ProbeSpec
+from vr.services.runtime import Runtime
 
 PROGRAM = "dnsmasq"
 MAIN = "dnsmasq.conf"

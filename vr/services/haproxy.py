@@ -20,13 +20,13 @@ import io
 from pathlib import Path
 from typing import Any
 
-from vr.certificates import pem_problems, under
-from vr.document import LbCertificate, LbMember, LbRule, RouterDocument
-from vr.errors import Problem
-from vr.memo import Memo
-from vr.probes import ProbeSpec, stats_command
-from vr.runtime import Runtime
+from vr.foundation.certificates import pem_problems, under
+from vr.foundation.document import LbCertificate, LbMember, LbRule, RouterDocument
+from vr.foundation.errors import Problem
+from vr.foundation.memo import Memo
 from vr.services.base import Change, Program, Service, repeats, run_checker
+from vr.services.probes import ProbeSpec, stats_command
+from vr.services.runtime import Runtime
 
 PROGRAM = "haproxy"
 CONFIG = "haproxy.cfg"

@@ -9,9 +9,9 @@ import json
 import sys
 from typing import Any
 
-from vr.document import MONITORED, RouterDocument
-from vr.runtime import Runtime
+from vr.foundation.document import MONITORED, RouterDocument
 from vr.services.base import Change, Program, Service
+from vr.services.runtime import Runtime
 
 PROGRAM = "monitor"
 CONFIG = "monitor.json"

@@ -14,10 +14,10 @@ from ipaddress import ip_interface
 from pathlib import Path
 from typing import Any
 
-from vr.document import RouterDocument
-from vr.errors import Problem
-from vr.runtime import Runtime
+from vr.foundation.document import RouterDocument
+from vr.foundation.errors import Problem
 from vr.services.base import Change, CheckFailed, Service
+from vr.services.runtime import Runtime
 
 ROUTE_PROTO_VR = 250  # 'rtprot' number marking routes that belong to vr
 STATE_FILE = "network.json"

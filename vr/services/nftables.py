@@ -28,12 +28,12 @@ from itertools import filterfalse
 from pathlib import Path
 from typing import Any
 
-from vr.document import AclRule, EgressRule, IngressRule, LbRule, PortForward, RouterDocument
-from vr.errors import Problem
-from vr.probes import ProbeSpec, nft_table
-from vr.runtime import Runtime
+from vr.foundation.document import AclRule, EgressRule, IngressRule, LbRule, PortForward, RouterDocument
+from vr.foundation.errors import Problem
 from vr.services.base import Change, CheckFailed, Service, repeats
 from vr.services.network import interface_names
+from vr.services.probes import ProbeSpec, nft_table
+from vr.services.runtime import Runtime
 
 RULESET = "vr.nft"
 ELEMENT_BATCH_LIMIT = 500  # elements added + removed, above which the table is replaced whole

@@ -15,13 +15,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vr.document import Ipv6Tier, RouterDocument
-from vr.errors import Problem
-from vr.files import read_bytes_or_none
-from vr.probes import ProbeSpec
-from vr.runtime import Runtime
+from vr.foundation.document import Ipv6Tier, RouterDocument
+from vr.foundation.errors import Problem
+from vr.foundation.files import read_bytes_or_none
 from vr.services.base import Change, Program, Service, repeats, run_checker
 from vr.services.network import interface_names
+from vr.services.probes import ProbeSpec
+from vr.services.runtime import Runtime
 
 PROGRAM = "radvd"
 CONFIG = "radvd.conf"

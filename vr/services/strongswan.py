@@ -9,7 +9,7 @@ responder's SAs up); a removed user's sessions are terminated too.
 
 The checker is a second charon, alone in an empty network namespace (`unshare --net`):
 the changed fragments are loaded into it and unloaded again, so charon's own parser
-judges them before anything live does. swanctl cannot do this (see vr/swanctl.py).
+judges them before anything live does. swanctl cannot do this (see vr/services/swanctl.py).
 
 Kernels without ESP (some cloud kernels are built without it) get charon's userspace
 ESP (kernel-libipsec: a TUN device, ESP in UDP 4500); a probe decides at render time.
@@ -33,14 +33,14 @@ from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
-from vr import swanctl
-from vr.certificates import pem_problems, subject_name, under
-from vr.document import PROPOSAL_KEYWORDS, RemoteAccess, RouterDocument, SiteToSite
-from vr.errors import Problem
-from vr.files import listed_files, read_json
-from vr.probes import ProbeSpec
-from vr.runtime import Runtime
+from vr.foundation.certificates import pem_problems, subject_name, under
+from vr.foundation.document import PROPOSAL_KEYWORDS, RemoteAccess, RouterDocument, SiteToSite
+from vr.foundation.errors import Problem
+from vr.foundation.files import listed_files, read_json
+from vr.services import swanctl
 from vr.services.base import Change, CheckFailed, Program, Service, repeats
+from vr.services.probes import ProbeSpec
+from vr.services.runtime import Runtime
 
 PROGRAM, CHECKER = "charon", "charon-check"
 LIVE_CONF, CHECK_CONF = "strongswan.conf", "strongswan-check.conf"
@@ -263,7 +263,7 @@ def active_tunnels(doc: RouterDocument) -> list[str]:
 
 
 def tunnel_state_file(runtime: Runtime) -> Path:
-    """Why each tunnel that is down is down, kept by the probe (vr.probes.keep_tunnels_up)."""
+    """Why each tunnel that is down is down, kept by the probe (vr.services.probes.keep_tunnels_up)."""
     return runtime.settings.run_dir / "vpn-tunnels.json"
 
 
@@ -301,7 +301,7 @@ def charon_algorithms() -> dict[str, frozenset[str]] | str:
         return f"{CHARON}: {error.strerror}"
     key = (CHARON, info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
     if key not in _ALGORITHMS:
-        from vr.settings import Settings
+        from vr.foundation.settings import Settings
 
         try:
             with tempfile.TemporaryDirectory(prefix="vr-charon-algs-") as directory, \

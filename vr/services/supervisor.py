@@ -3,7 +3,7 @@
 Programs are declared by the other services (Service.programs). They do not autostart:
 each service starts its own daemon in its apply step, so that a daemon is only started
 once its files are in place; the monitor restarts them if they die. supervisord itself runs
-in the foreground under vr's keeper (vr.keeper), which brings it back if it dies.
+in the foreground under vr's keeper (vr.control.keeper), which brings it back if it dies.
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ import re
 import shlex
 from typing import Any
 
-from vr.document import RouterDocument
-from vr.runtime import Runtime
+from vr.foundation.document import RouterDocument
+from vr.foundation.settings import SUPERVISOR_CONFIG
 from vr.services.base import Change, Service
-from vr.supervisor_rpc import CONFIG_FILE, SupervisorClient
+from vr.services.runtime import Runtime
+from vr.services.supervisor_rpc import SupervisorClient
 
 __all__ = ["SupervisorClient", "SupervisorService"]
 
@@ -34,7 +35,7 @@ class SupervisorService(Service):
         settings = runtime.settings
         programs = [p for service in SERVICES for p in service.programs(doc, runtime)]
         return {
-            CONFIG_FILE: runtime.render(
+            SUPERVISOR_CONFIG: runtime.render(
                 "supervisor/supervisord.conf.j2",
                 socket=_ini(settings.supervisor_socket),
                 pidfile=_ini(settings.run_dir / "supervisord.pid"),
@@ -57,11 +58,11 @@ class SupervisorService(Service):
 
     def apply(self, change: Change, doc: RouterDocument | None, runtime: Runtime) -> None:
         client = runtime.supervisor
-        if CONFIG_FILE in change.removed:
+        if SUPERVISOR_CONFIG in change.removed:
             client.shutdown()
         elif not client.is_running():
             client.start_daemon()
-        elif change.touches(CONFIG_FILE):
+        elif change.touches(SUPERVISOR_CONFIG):
             client.update()
 
     def probe(self, doc: RouterDocument, runtime: Runtime) -> str | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import datetime
 
-from vr.errors import Problem
+from vr.foundation.errors import Problem
 
 
 def pem_problems(certificate: str, key: str, chain: str | None = None) -> list[Problem]:

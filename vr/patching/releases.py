@@ -13,52 +13,15 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from pathlib import Path
 
-from vr import __version__
-from vr.files import fsync_dir
-from vr.settings import Settings
+from vr.foundation.files import fsync_dir
+from vr.foundation.settings import Settings
+from vr.foundation.version import MANIFEST, code_dir, is_version, version_key
 
 CURRENT = "current"
-MANIFEST = "manifest.json"
 NO_DISPATCH = "VR_NO_DISPATCH"  # set: run the code on sys.path as it is (a pinned release, or a loop guard)
-SEMVER = re.compile(
-    r"(0|[1-9]\d{0,8})\.(0|[1-9]\d{0,8})\.(0|[1-9]\d{0,8})"
-    r"(?:-([0-9A-Za-z-]{1,32}(?:\.[0-9A-Za-z-]{1,32}){0,7}))?"
-    r"(?:\+[0-9A-Za-z-]{1,32}(?:\.[0-9A-Za-z-]{1,32}){0,7})?"
-)
-
-
-def is_version(text: object) -> bool:
-    return isinstance(text, str) and SEMVER.fullmatch(text) is not None
-
-
-def version_key(version: str) -> tuple:
-    """Semantic-version order: numbers numerically; a pre-release sorts before its release."""
-    match = SEMVER.fullmatch(version)
-    if match is None:
-        return (-1,)
-    major, minor, patch, pre = match.groups()
-    parts = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in (pre or "").split(".") if p)
-    return (int(major), int(minor), int(patch), 0 if pre else 1, parts)
-
-
-def code_dir() -> Path:
-    """The directory holding the running `vr` package (a release dir, or the source tree)."""
-    return Path(__file__).resolve().parent.parent
-
-
-def running_version() -> str:
-    """The version of the code that runs: its release manifest's, else the package's own."""
-    try:
-        version = json.loads((code_dir() / MANIFEST).read_text()).get("version")
-    except (OSError, ValueError, AttributeError):
-        return __version__
-    return version if is_version(version) else __version__
-
-
 class Releases:
     def __init__(self, settings: Settings):
         self.dir = settings.releases_dir

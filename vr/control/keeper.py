@@ -1,4 +1,4 @@
-"""`python -m vr.keeper`: keeps this router's supervisord alive, as the init system does on
+"""`python -m vr.control.keeper`: keeps this router's supervisord alive, as the init system does on
 the appliance (a unit with Restart=on-failure runs this same keeper there: `vr stop` ends it with 0).
 
 supervisord runs in the foreground as the keeper's child. If it dies (kill -9, a crash),
@@ -18,33 +18,18 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from vr.events import EventLog, event
-from vr.settings import Settings
+from vr.foundation.events import EventLog, event
+from vr.foundation.settings import SUPERVISOR_CONFIG, Settings
 
 MAX_RESTARTS, WINDOW_S = 5, 60.0  # then the keeper gives up: something is wrong beyond a crash
 START_TIMEOUT_S = 120.0
 RESOURCE = "service:supervisor"
-CONFIG_FILE = "supervisord.conf"
-
-
-def stop_marker(settings: Settings) -> Path:
-    """Present from `vr stop` until the next start: supervisord is down on purpose."""
-    return settings.run_dir / "stopping"
-
-
-def stop_requested(settings: Settings) -> bool:
-    return stop_marker(settings).exists()
-
-
-def keeper_pid_path(settings: Settings) -> Path:
-    return settings.run_dir / "keeper.pid"
 
 
 def main(settings: Settings) -> int:
     settings.run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(keeper_pid_path(settings), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = os.open(settings.keeper_pid_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -52,11 +37,11 @@ def main(settings: Settings) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     events = EventLog(settings.events_path)
-    config = settings.service_dir("supervisor") / CONFIG_FILE
+    config = settings.service_dir("supervisor") / SUPERVISOR_CONFIG
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VR_NO_DISPATCH", "VR_LOCK_FD")}
     recent: collections.deque = collections.deque()
     restarted = False
-    while config.exists() and not stop_requested(settings):
+    while config.exists() and not settings.stop_marker_path.exists():
         # Its output goes where the keeper's does (keeper.log): a config it refuses shows there.
         child = subprocess.Popen([str(settings.bin_dir / "supervisord"), "-n", "-c", str(config)], env=env,
                                  stdin=subprocess.DEVNULL)  # fmt: skip
@@ -64,7 +49,7 @@ def main(settings: Settings) -> int:
         if answered and restarted:
             _start_daemons(settings, child, events)
         code = child.wait()
-        if stop_requested(settings) or not config.exists():
+        if settings.stop_marker_path.exists() or not config.exists():
             break
         if not answered:
             events.write([event("keeper", RESOURCE, "failed", f"supervisord exited with {code} before it answered "

@@ -1,4 +1,4 @@
-"""Client traffic through a lab router (vr.lab.Lab) while something happens, and the figures after.
+"""Client traffic through a lab router (vr.lab.harness.Lab) while something happens, and the figures after.
 
     with Traffic(lab, seconds=4.0, lb_ip="192.0.2.12", forward=("192.0.2.10", 8080),
                  dns_name="web1.cloud.internal", dns_answer="10.1.1.10") as traffic:
@@ -72,7 +72,7 @@ import sys
 import time
 from typing import Self
 
-from vr.lab import DHCLIENT_CONF, Lab, dhclient_script, stop_process
+from vr.lab.harness import DHCLIENT_CONF, Lab, dhclient_script, stop_process
 
 READY_TIMEOUT_S = 20.0  # each client's start (Python, imports) in its namespace
 GRACE_S = 10.0  # the streams' own bounds end them within seconds + a few; then they are stopped
@@ -192,7 +192,7 @@ class Traffic:
         return ["ip", "netns", "exec", namespace, *cmd]
 
     def _labserver(self, where: str, *args: str) -> list[str]:
-        return self._in(where, sys.executable, "-m", "vr.labserver", *args)
+        return self._in(where, sys.executable, "-m", "vr.lab.server", *args)
 
     def _clients(self) -> dict[str, list[str]]:
         seconds = f"{self.seconds:g}"

@@ -33,8 +33,8 @@ from pydantic import (
     model_validator,
 )
 
-from vr.errors import InvalidPayload, Problem, StalePayload
-from vr.jsontext import quote
+from vr.foundation.errors import InvalidPayload, Problem, StalePayload
+from vr.foundation.jsontext import quote
 
 # Sections a later vr release fills in. Present in a payload today, they are refused
 # with a message that says so rather than silently dropped.

@@ -12,10 +12,10 @@ import queue
 import time
 from pathlib import Path
 
-from vr import jsontext
-from vr.errors import VrError
-from vr.events import MAX_MESSAGE
-from vr.pipeline import Pipeline
+from vr.foundation import jsontext
+from vr.foundation.errors import VrError
+from vr.foundation.events import MAX_MESSAGE
+from vr.transaction.pipeline import Pipeline
 
 KEEP_COUNT = 200
 KEEP_AGE_S = 7 * 24 * 3600

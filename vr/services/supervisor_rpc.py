@@ -16,11 +16,10 @@ import time
 import xmlrpc.client
 from pathlib import Path
 
-from vr.keeper import CONFIG_FILE, keeper_pid_path, stop_marker, stop_requested
-from vr.lock import flock_holder
-from vr.settings import Settings
+from vr.foundation.lock import flock_holder
+from vr.foundation.settings import Settings
 
-__all__ = ["CONFIG_FILE", "SupervisorClient", "keeper_pid_path", "stop_marker", "stop_requested"]
+__all__ = ["SupervisorClient", "router_processes", "stop_processes", "stop_requested"]
 
 RUNNING = "RUNNING"
 FIRST_STOPPED = ("monitor",)  # stopped before the daemons it watches: a stop is no failure
@@ -70,16 +69,16 @@ class SupervisorClient:
             return False
 
     def start_daemon(self, timeout: float = 10.0) -> None:
-        """supervisord in the foreground under vr's keeper (vr.keeper), which starts it again
+        """supervisord in the foreground under vr's keeper (vr.control.keeper), which starts it again
         if it dies. The keeper inherits this process's netns, not the code pinning of the vr
         that starts it: supervisord's programs run the current release."""
-        stop_marker(self.settings).unlink(missing_ok=True)
+        self.settings.stop_marker_path.unlink(missing_ok=True)
         if keeper_pid(self.settings) is None:
             pinned = ("PYTHONPATH", "VR_NO_DISPATCH", "VR_LOCK_FD")
             env = {k: v for k, v in os.environ.items() if k not in pinned}
             log = open(self.settings.log_dir / "keeper.log", "ab")  # noqa: SIM115 - the child holds it
             try:
-                subprocess.Popen([sys.executable, "-m", "vr.keeper"], env={**env, **self.settings.environment()},
+                subprocess.Popen([sys.executable, "-m", "vr.control.keeper"], env={**env, **self.settings.environment()},
                                  stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)  # fmt: skip
             finally:
                 log.close()
@@ -153,7 +152,7 @@ class SupervisorClient:
         back, the monitor sees no failure), the monitor before the daemons it watches, then
         every daemon and supervisord itself; returns when supervisord and the keeper are gone."""
         self.settings.run_dir.mkdir(parents=True, exist_ok=True)
-        stop_marker(self.settings).write_text(f"{os.getpid()}\n")
+        self.settings.stop_marker_path.write_text(f"{os.getpid()}\n")
         pid_path = self.settings.run_dir / "supervisord.pid"
         pid = int(pid_path.read_text()) if pid_path.exists() else None
         if self.is_running():
@@ -177,9 +176,14 @@ class SupervisorClient:
             time.sleep(0.05)
 
 
+def stop_requested(settings: Settings) -> bool:
+    """`vr stop` is under way (or done): daemons stopping now are no failure."""
+    return settings.stop_marker_path.exists()
+
+
 def keeper_pid(settings: Settings) -> int | None:
     """The running keeper's PID: it holds a lock on its PID file for as long as it lives."""
-    pid = flock_holder(keeper_pid_path(settings))
+    pid = flock_holder(settings.keeper_pid_path)
     return pid if pid is not None and pid > 0 else None
 
 

@@ -9,10 +9,13 @@ from pathlib import Path
 
 
 def _default_template_dir() -> Path:
-    source_tree = Path(__file__).resolve().parent.parent / "configs"
+    source_tree = Path(__file__).resolve().parents[2] / "configs"
     if source_tree.is_dir():
         return source_tree
     return Path(sys.prefix) / "share" / "vr" / "configs"
+
+
+SUPERVISOR_CONFIG = "supervisord.conf"  # in the supervisor service's directory
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,16 @@ class Settings:
     @property
     def supervisor_socket(self) -> Path:
         return self.run_dir / "supervisor.sock"
+
+    @property
+    def stop_marker_path(self) -> Path:
+        """Present from `vr stop` until the next start: supervisord is down on purpose."""
+        return self.run_dir / "stopping"
+
+    @property
+    def keeper_pid_path(self) -> Path:
+        """Locked by the keeper of supervisord for as long as it lives."""
+        return self.run_dir / "keeper.pid"
 
     def service_dir(self, service: str) -> Path:
         return self.config_dir / service

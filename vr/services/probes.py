@@ -123,7 +123,7 @@ def keep_tunnels_up(vici_socket: str, tunnels: list[str], state_file: Path, budg
     import vici as vici_module
     from vici.exception import CommandException, SessionException
 
-    from vr.files import read_json, write_json_atomic
+    from vr.foundation.files import read_json, write_json_atomic
 
     known = read_json(state_file)
     state = {name: dict(entry) for name, entry in (known or {}).items() if name in tunnels}

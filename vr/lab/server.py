@@ -2,7 +2,7 @@
 "<name> sees <peer address>", so a test can tell who answered and what source address
 NAT left; `ask` is the client. Lab and test use only: bounded in time, never daemonizes.
 
-Clients that measure while something happens (vr/traffic.py runs them, one per stream), each
+Clients that measure while something happens (vr/lab/traffic.py runs them, one per stream), each
 bounded in time and printing one JSON summary: `fetch` (HTTP GETs; --header counts a response
 header's values), `hold` (one long-lived TCP connection to a `serve`, a line exchanged every
 --interval), `dnsgap` (an A query every --interval; the longest time without a correct answer),
@@ -367,7 +367,7 @@ def ask(host: str, port: int, udp: bool, timeout: float) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m vr.labserver")
+    parser = argparse.ArgumentParser(prog="python -m vr.lab.server")
     sub = parser.add_subparsers(dest="mode", required=True)
     p = sub.add_parser("serve")
     p.add_argument("--name", required=True)

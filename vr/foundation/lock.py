@@ -11,8 +11,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from vr.errors import Busy
-from vr.settings import Settings
+from vr.foundation.errors import Busy
+from vr.foundation.settings import Settings
 
 INHERITED = "VR_LOCK_FD"
 

@@ -11,8 +11,8 @@ import json
 import threading
 from pathlib import Path
 
-from vr.events import timestamp
-from vr.files import write_atomic
+from vr.foundation.events import timestamp
+from vr.foundation.files import write_atomic
 
 LIMIT = 1000
 RETRY_INITIAL_S = 0.5

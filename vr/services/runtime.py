@@ -7,13 +7,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from vr.memo import Memo
-from vr.settings import Settings
+from vr.foundation.memo import Memo
+from vr.foundation.settings import Settings
 
 if TYPE_CHECKING:
     import jinja2
 
-    from vr.supervisor_rpc import SupervisorClient
+    from vr.services.supervisor_rpc import SupervisorClient
 
 
 @dataclass
@@ -53,6 +53,6 @@ class Runtime:
 
     @functools.cached_property
     def supervisor(self) -> SupervisorClient:
-        from vr.supervisor_rpc import SupervisorClient
+        from vr.services.supervisor_rpc import SupervisorClient
 
         return SupervisorClient(self.settings)

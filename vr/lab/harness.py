@@ -30,9 +30,9 @@ import sys
 import time
 from pathlib import Path
 
-from vr.settings import Settings
+from vr.foundation.settings import Settings
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "configs" / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "configs" / "examples"
 GUEST_MACS = {"g1": "02:00:00:00:01:10", "g2": "02:00:00:00:02:10"}
 # (router interface, peer namespace suffix, peer address)
 LINKS = [
@@ -144,7 +144,7 @@ class Lab:
         self.stop_road_warrior()
         for settings in (self.settings, self.site_b):
             if settings.supervisor_socket.exists() or (settings.run_dir / "supervisord.pid").exists():
-                from vr.runtime import Runtime
+                from vr.services.runtime import Runtime
 
                 try:
                     Runtime(settings).supervisor.shutdown()
@@ -204,7 +204,7 @@ class Lab:
 
     def start_road_warrior(self) -> Path:
         """A client charon in <p>-rw (the test loads its credentials over VICI); its socket."""
-        from vr.runtime import Runtime
+        from vr.services.runtime import Runtime
         from vr.services.strongswan import CHARON, client_conf
 
         directory = self.dir / "rw"
@@ -371,7 +371,7 @@ class Lab:
         """A TCP+UDP endpoint in a namespace that answers with its name and the peer it sees
         (http: an HTTP server answering with its name)."""
         process = subprocess.Popen(
-            ["ip", "netns", "exec", namespace, sys.executable, "-m", "vr.labserver",
+            ["ip", "netns", "exec", namespace, sys.executable, "-m", "vr.lab.server",
              "serve-http" if http else "serve", "--name", name, "--port", str(port)],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         )  # fmt: skip
@@ -394,7 +394,7 @@ class Lab:
 
     def ask(self, namespace: str, host: str, port: int, udp: bool = False, timeout: float = 2.0) -> str | None:
         """Connect (or send a datagram) from a namespace; the answer, or None if nothing came."""
-        cmd = ["ip", "netns", "exec", namespace, sys.executable, "-m", "vr.labserver", "ask", host, str(port),
+        cmd = ["ip", "netns", "exec", namespace, sys.executable, "-m", "vr.lab.server", "ask", host, str(port),
                "--timeout", str(timeout)]  # fmt: skip
         result = _run(*cmd, *(["--udp"] if udp else []), check=False, timeout=timeout + 10)
         return result.stdout.strip() if result.returncode == 0 else None
@@ -402,7 +402,7 @@ class Lab:
     def fetch(self, namespace: str, host: str, port: int, *options: str, wait: bool = True):
         """Bounded HTTP(S) GETs from a namespace (labserver fetch); its JSON summary, or with
         wait=False the running process (read its stdout when done)."""
-        cmd = ["ip", "netns", "exec", namespace, sys.executable, "-m", "vr.labserver", "fetch", host, str(port),
+        cmd = ["ip", "netns", "exec", namespace, sys.executable, "-m", "vr.lab.server", "fetch", host, str(port),
                *options]  # fmt: skip
         process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if not wait:

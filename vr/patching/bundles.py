@@ -43,12 +43,13 @@ from pathlib import Path
 from typing import Self
 
 from vr import __version__
-from vr.errors import VrError
-from vr.events import EventLog, event
-from vr.files import fault_point, fsync_dir, read_json, write_atomic, write_json_atomic
-from vr.lock import inheritable_lock_env, router_lock
-from vr.release import MANIFEST, Releases, code_dir, is_version, version_key
-from vr.settings import Settings
+from vr.foundation.errors import VrError
+from vr.foundation.events import EventLog, event
+from vr.foundation.files import fault_point, fsync_dir, read_json, write_atomic, write_json_atomic
+from vr.foundation.lock import inheritable_lock_env, router_lock
+from vr.foundation.settings import Settings
+from vr.foundation.version import MANIFEST, code_dir, is_version, version_key
+from vr.patching.releases import Releases
 
 FORMAT = 1
 SIGNATURE = "manifest.sig"
@@ -898,7 +899,7 @@ class Patcher:
 
     # ---------------------------------------------------------------- vr's own processes
     def _control_plane(self) -> list[str]:
-        from vr.supervisor_rpc import SupervisorClient
+        from vr.services.supervisor_rpc import SupervisorClient
 
         supervisor = SupervisorClient(self.settings)
         if not supervisor.is_running():
@@ -906,7 +907,7 @@ class Patcher:
         return [p["name"] for p in supervisor.all_processes() if p["name"] in CONTROL_PLANE]
 
     def _restart_control_plane(self, version: str) -> None:
-        from vr.supervisor_rpc import SupervisorClient
+        from vr.services.supervisor_rpc import SupervisorClient
 
         supervisor, names = SupervisorClient(self.settings), self._control_plane()
         for name in names:
@@ -916,8 +917,8 @@ class Patcher:
     def _wait_control_plane(self, version: str) -> None:
         """The restarted monitor runs the new code and works: it wrote its health report with
         its own PID and version (a monitor that dies at import never does)."""
-        from vr.monitor import HEALTH
-        from vr.supervisor_rpc import SupervisorClient
+        from vr.control.monitor import HEALTH
+        from vr.services.supervisor_rpc import SupervisorClient
 
         if "monitor" not in self._control_plane():
             return
@@ -940,7 +941,7 @@ class Patcher:
         there is a release to roll back to."""
         if self.releases.current() is not None:
             return
-        from vr.settings import _default_template_dir
+        from vr.foundation.settings import _default_template_dir
 
         target = self.releases.dir / __version__
         if not (target / MANIFEST).exists():
@@ -1023,8 +1024,8 @@ class Patcher:
         self.events.write([event("patch", resource, outcome, message)])
 
     def _alert(self, message: str) -> None:
-        from vr.alerts import AlertQueue, make_alert
-        from vr.monitor import ALERT_QUEUE
+        from vr.control.alerts import AlertQueue, make_alert
+        from vr.control.monitor import ALERT_QUEUE
 
         document = read_json(self.settings.document_path) or {}
         router = (document.get("router") or {}).get("name", "")

@@ -21,11 +21,11 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from vr import document as docmod
-from vr.document import Payload, RouterDocument
-from vr.errors import StoredDocumentUnreadable, VrError
-from vr.files import fsync_dir, write_atomic
-from vr.settings import Settings
+from vr.foundation import document as docmod
+from vr.foundation.document import Payload, RouterDocument
+from vr.foundation.errors import StoredDocumentUnreadable, VrError
+from vr.foundation.files import fsync_dir, write_atomic
+from vr.foundation.settings import Settings
 
 SECRET_MODE = 0o600  # the document holds TLS keys, pre-shared keys and VPN passwords
 LOG_LIMIT = 32  # entries: bounds the replay a freshly started process does

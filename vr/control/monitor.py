@@ -3,7 +3,7 @@
 - supervisord tells it at once when a daemon exits (PROCESS_STATE events on stdin), so a
   killed daemon is started again without waiting for a probe (daemons have autorestart
   off: the monitor owns the restart policy, and a service whose monitoring is off stays down).
-- Each monitored service has a functional probe (vr.probes) with its interval, timeout and
+- Each monitored service has a functional probe (vr.services.probes) with its interval, timeout and
   failure threshold; a daemon alive but not answering (hung) is killed and started again.
 - Restarts back off exponentially; after max_restarts in window_s the service is marked
   failed, one alert is raised, and it is retried only every failed_interval_s.
@@ -38,14 +38,14 @@ import time
 import xmlrpc.client
 from dataclasses import dataclass, field
 
-from vr import probes
-from vr.alerts import AlertQueue, AlertSender, make_alert
-from vr.events import EventLog, event
-from vr.files import read_bytes_or_none, read_json, write_json_atomic
-from vr.lock import holder
-from vr.release import running_version
-from vr.settings import Settings
-from vr.supervisor_rpc import SupervisorClient, stop_requested
+from vr.control.alerts import AlertQueue, AlertSender, make_alert
+from vr.foundation.events import EventLog, event
+from vr.foundation.files import read_bytes_or_none, read_json, write_json_atomic
+from vr.foundation.lock import holder
+from vr.foundation.settings import Settings
+from vr.foundation.version import running_version
+from vr.services import probes
+from vr.services.supervisor_rpc import SupervisorClient, stop_requested
 
 CONFIG = "monitor.json"
 HEALTH = "health.json"

@@ -20,11 +20,19 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vr import document as docmod
-from vr.document import RouterDocument
-from vr.errors import ApplyFailed, InvalidPayload, NoSpace, Problem, StalePayload, StoredDocumentUnreadable, VrError
-from vr.events import MAX_MESSAGE, EventLog, event
-from vr.files import (
+from vr.foundation import document as docmod
+from vr.foundation.document import RouterDocument
+from vr.foundation.errors import (
+    ApplyFailed,
+    InvalidPayload,
+    NoSpace,
+    Problem,
+    StalePayload,
+    StoredDocumentUnreadable,
+    VrError,
+)
+from vr.foundation.events import MAX_MESSAGE, EventLog, event
+from vr.foundation.files import (
     fault_point,
     fsync_dir,
     listed_files,
@@ -34,12 +42,12 @@ from vr.files import (
     write_atomic,
     write_json_atomic,
 )
-from vr.lock import router_lock
-from vr.runtime import Runtime
+from vr.foundation.lock import router_lock
+from vr.foundation.settings import Settings
 from vr.services import SERVICES, by_name
 from vr.services.base import Change, CheckFailed
-from vr.settings import Settings
-from vr.store import DocumentStore
+from vr.services.runtime import Runtime
+from vr.transaction.store import DocumentStore
 
 HEALTH_DEADLINE_S = 10.0
 STAGING, BACKUP = ".staging", ".backup"
@@ -133,7 +141,7 @@ class Pipeline:
         """Before a start: this router's daemons that no live supervisord runs (orphans of a
         supervisord that died, a duplicate started by hand) are stopped, so that every daemon
         runs once, under supervisord, from the files vr wrote."""
-        from vr.supervisor_rpc import router_processes, stop_processes
+        from vr.services.supervisor_rpc import router_processes, stop_processes
 
         supervisor = self.runtime.supervisor
         keep = set()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from vr.files import read_json
-from vr.settings import Settings
+from vr.foundation.files import read_json
+from vr.foundation.settings import Settings
 
 STALE_AFTER_S = 15.0  # for a health.json that does not say (written by an older monitor)
 
@@ -17,8 +17,8 @@ def recover_first(settings: Settings) -> str | None:
     (an apply holds the lock: it is in progress)."""
     if not settings.journal_path.exists():
         return None
-    from vr.errors import Busy
-    from vr.pipeline import Pipeline
+    from vr.foundation.errors import Busy
+    from vr.transaction.pipeline import Pipeline
 
     try:
         Pipeline(settings).recover()
@@ -47,10 +47,10 @@ def monitor_view(settings: Settings) -> dict:
 
 
 def collect(settings: Settings, firewall: bool = False, lb: bool = False, vpn: bool = False) -> dict:
-    from vr.errors import StoredDocumentUnreadable
-    from vr.lock import holder
-    from vr.pipeline import Pipeline
+    from vr.foundation.errors import StoredDocumentUnreadable
+    from vr.foundation.lock import holder
     from vr.services import SERVICES
+    from vr.transaction.pipeline import Pipeline
 
     pipeline = Pipeline(settings)
     document_error = None
@@ -109,7 +109,7 @@ def collect(settings: Settings, firewall: bool = False, lb: bool = False, vpn: b
     tunnels = None
     if vpn and doc is not None:
         tunnels = _vpn(doc, runtime)
-    from vr.release import running_version
+    from vr.foundation.version import running_version
     from vr.services.radvd import tier_mode
 
     return {

@@ -1,0 +1,1 @@
+"""The foundation: the document, settings, files, events, errors and the locks every layer uses."""

@@ -1,0 +1,1 @@
+"""Live patches: signed release bundles and the releases installed side by side."""

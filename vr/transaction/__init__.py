@@ -1,0 +1,1 @@
+"""The apply transaction: the pipeline and the stored last-known-good document."""
