@@ -59,11 +59,13 @@ def test_duplicates_within_a_tier_are_refused(example):
     assert "already used by dhcp.entries[0]" in found["dhcp.entries[3].mac"]
 
 
-def test_same_hostname_in_another_tier_is_fine(example):
+def test_same_hostname_in_another_tier_is_refused_while_tiers_share_one_domain(example):
+    """web1.cloud.internal can answer for one VM only: a second web1 on tier2 would get no name."""
     example["dhcp"]["entries"].append(
-        {"tier": "tier2", "mac": "02:00:00:00:02:99", "ip": "10.1.2.99", "hostname": "web1"}
+        {"tier": "tier2", "mac": "02:00:00:00:02:99", "ip": "10.1.2.99", "hostname": "Web1"}
     )
-    assert len(validate(example).dhcp.entries) == 3
+    found = problems_of(example)
+    assert "already used in another tier by dhcp.entries[0]" in found["dhcp.entries[2].hostname"]
 
 
 @pytest.mark.parametrize(

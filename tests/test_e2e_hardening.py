@@ -113,3 +113,28 @@ def test_apply_prints_the_warnings_it_accepted(lab, tmp_path):
     result = lab.vr("apply", write_payload(tmp_path, payload))
     warnings = [line for line in result.stderr.splitlines() if line.startswith("vr: warning: ")]
     assert warnings and "load_balancer.rules[0].tls.certificates[0]" in warnings[0] and "expired" in warnings[0]
+
+
+def test_damaged_state_files_never_stop_a_command(lab, tmp_path):
+    """A journal, report or log that does not read (disk damage, a careless hand): every
+    command still answers with a documented code and the router keeps serving."""
+    state, run, log = lab.settings.state_dir, lab.settings.run_dir, lab.settings.log_dir
+    one_vm = write_payload(tmp_path, {"generation": 2, "dhcp_entries": {"upsert": [NEW_VM]}})
+    for path in (state / "last_apply.json", run / "health.json", state / "patch.json"):
+        for damage in (b"garbage", b"", b"[1, 2]", b'{"time": "x", "duration_ms": "y", "last": "z"}'):
+            path.write_bytes(damage)
+            for args in (["status"], ["status", "--json"], ["patch", "status"], ["events"]):
+                result = lab.vr(*args, check=False)
+                assert "Traceback" not in result.stderr and result.returncode in (0, 1), (path.name, damage, args)
+    (log / "events.jsonl").write_bytes(b'\xff\xfe not text\n[1, 2]\n{"resource": 5}\n')
+    assert lab.vr("events", "--resource", "router").returncode == 0
+    # A journal that does not read: everything is re-rendered from last-known-good.
+    (lab.settings.config_dir / "dnsmasq" / "dnsmasq.conf").write_text("# half-applied\n")
+    lab.settings.journal_path.write_bytes(b'{"txid": "../../x", "generation": 1, "changes": {"dnsmasq": ["../x"]}}')
+    result = lab.vr("status", "--json", check=False)
+    assert "Traceback" not in result.stderr
+    assert not lab.settings.journal_path.exists() and list(state.glob("journal.unreadable.*.json"))
+    assert "# half-applied" not in (lab.settings.config_dir / "dnsmasq" / "dnsmasq.conf").read_text()
+    assert lab.vr("apply", one_vm).returncode == 0
+    assert lab.resolve(lab.ns("g1"), "newvm.cloud.internal", "10.1.1.1") == ["10.1.1.55"]
+    assert status(lab)["healthy"]

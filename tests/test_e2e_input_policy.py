@@ -157,3 +157,57 @@ def test_a_remote_access_user_gets_dns_through_the_tunnel_only(policy_lab):
         assert lab.resolve(rw, "db1.cloud.internal", "10.1.1.1") == ["10.1.2.10"]
     finally:
         lab.stop_road_warrior()
+
+
+def _in(lab, namespace: str, *cmd: str, check: bool = False) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", "netns", "exec", namespace, *cmd], capture_output=True, text=True, timeout=30,
+                          check=check)  # fmt: skip
+
+
+def dropped(lab, comment: str) -> int:
+    """Packets counted by the router's rule with this comment (vr status --firewall)."""
+    rules = json.loads(lab.vr("status", "--json", "--firewall", check=False).stdout)["firewall"]
+    return sum(r["packets"] for r in rules if r["rule"] == comment)
+
+
+def test_a_forged_source_gets_nowhere_from_a_guest_or_the_public_side(policy_lab):
+    """g1 using db1's address (a tier2 address on tier1), the public host using a guest's: the
+    router routes neither (reverse path), while the same hosts with their own addresses pass."""
+    lab = policy_lab
+    before = dropped(lab, "spoofed source dropped")
+    forged = [(lab.ns("g1"), "10.1.2.77", "192.0.2.1"), (lab.ns("pub"), "10.1.1.99", "192.0.2.11")]
+    try:
+        for namespace, source, _ in forged:
+            _in(lab, namespace, "ip", "addr", "add", f"{source}/32", "dev", "eth0", check=True)
+        for namespace, source, target in forged:
+            assert _in(lab, namespace, "ping", "-c", "2", "-W", "1", "-I", source, target).returncode != 0
+    finally:
+        for namespace, source, _ in forged:
+            _in(lab, namespace, "ip", "addr", "del", f"{source}/32", "dev", "eth0")
+    assert dropped(lab, "spoofed source dropped") >= before + 4
+    assert lab.ping(lab.ns("g1"), "192.0.2.1") and lab.ping(lab.ns("pub"), "192.0.2.10")
+
+
+def test_the_control_network_is_never_routed(policy_lab):
+    """The management host reaches the router's own control ports, never a guest or the public side."""
+    lab = policy_lab
+    mgmt = lab.ns("mgmt")
+    before = dropped(lab, "control: never routed")
+    _in(lab, mgmt, "ip", "route", "add", "10.1.0.0/16", "via", CONTROL)
+    _in(lab, mgmt, "ip", "route", "add", "192.0.2.0/24", "via", CONTROL)
+    try:
+        assert lab.ask(mgmt, "10.1.1.10", 8000) is None
+        assert not lab.ping(mgmt, "192.0.2.1")
+    finally:
+        _in(lab, mgmt, "ip", "route", "del", "10.1.0.0/16")
+        _in(lab, mgmt, "ip", "route", "del", "192.0.2.0/24")
+    assert dropped(lab, "control: never routed") > before
+    assert lab.ask(mgmt, CONTROL, SSH_PORT) is not None  # its own port still answers
+
+
+def test_dns_tells_a_guest_neither_its_version_nor_its_upstream(policy_lab):
+    lab = policy_lab
+    for name in ("version.bind", "servers.bind"):
+        answer = _in(lab, lab.ns("g1"), "dig", "+short", "+time=2", "+tries=1", "@10.1.1.1", name, "CH", "TXT").stdout
+        assert "dnsmasq" not in answer and "192.0.2.1" not in answer, (name, answer)
+    assert lab.resolve(lab.ns("g1"), "db1.cloud.internal", "10.1.1.1") == ["10.1.2.10"]

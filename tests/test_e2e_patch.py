@@ -69,9 +69,10 @@ def test_apply_and_rollback_under_traffic_lose_nothing(router, workshop):
     held = leases(lab)
     assert len(held) == 2
     for action, args, header in (("apply", [str(workshop["bundle"])], "0.1.1"), ("rollback", [], None)):
-        with Traffic(lab, seconds=4.0, lb_ip=LB_IP, forward=PORT_FORWARD, forward_server="g1",
+        # A window long enough for the command on a loaded machine: the header must show up inside it.
+        with Traffic(lab, seconds=6.0, lb_ip=LB_IP, forward=PORT_FORWARD, forward_server="g1",
                      dns_name="web1.cloud.internal", dns_answer="10.1.1.10", dns_timeout=1.0) as traffic:  # fmt: skip
-            time.sleep(1.0)
+            time.sleep(0.5)
             result = lab.vr("patch", action, *args, "--json")
         figures = traffic.result()
         assert json.loads(result.stdout)["outcome"] == "ok"

@@ -266,3 +266,63 @@ def test_version_is_printed_and_listed_in_help(tmp_path):
 def test_an_unreadable_payload_file_is_a_refusal(tmp_path):
     result = vr_offline(tmp_path / "router", "apply", str(tmp_path / "missing.json"))
     assert result.returncode == 2 and b"cannot read" in result.stderr and b"Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------ one payload, one word per item
+@pytest.mark.parametrize(
+    ("changes", "path", "reason"),
+    [
+        ({"upsert": [{"tier": "tier1", "mac": "02:00:00:00:01:77", "ip": "10.1.1.77", "hostname": "a"},
+                     {"tier": "tier1", "mac": "02:00:00:00:01:77", "ip": "10.1.1.78", "hostname": "b"}]},
+         "dhcp_entries.upsert[1].mac", "02:00:00:00:01:77 is also dhcp_entries.upsert[0]"),
+        ({"upsert": [{"tier": "tier1", "mac": "02:00:00:00:01:10", "ip": "10.1.1.10", "hostname": "web1"}],
+          "delete": ["02:00:00:00:01:10"]}, "dhcp_entries.delete[0]", "is also upserted (dhcp_entries.upsert[0])"),
+        ({"delete": ["02:00:00:00:01:10", "02:00:00:00:01:10"]}, "dhcp_entries.delete[1]",
+         "is also dhcp_entries.delete[0]"),
+    ],
+)
+def test_an_item_named_twice_in_one_payload_is_refused(changes, path, reason):
+    found = refused({"generation": 2, "dhcp_entries": changes})
+    assert path in found and reason in found[path], found
+
+
+def test_a_port_range_shorthand_is_whole_or_refused():
+    found = refused({"generation": 2, "firewall": {"ingress": [{"id": "r", "public_ip": "192.0.2.10",
+                                                                "protocol": "tcp", "ports": "8080-"}]}})  # fmt: skip
+    assert "not a valid port or port range" in found["firewall.ingress[0].ports"]
+
+
+# ------------------------------------------------------------------ which router: never guessed
+@pytest.mark.parametrize(
+    ("args", "env", "reason"),
+    [
+        (["--root", ""], {}, "--root is empty"),
+        (["--netns", ""], {}, "--netns is empty"),
+        ([], {"VR_ROOT": ""}, "VR_ROOT is set but empty"),
+        (["--netns", "../../etc"], {}, "is not a network namespace name"),
+        (["--netns", "n" * 300], {}, "is not a network namespace name"),
+        (["--netns", "vr-no-such-namespace"], {}, "does not exist"),
+    ],
+)
+def test_an_empty_or_odd_root_or_namespace_is_refused_not_taken_for_the_host(tmp_path, args, env, reason):
+    import os
+
+    result = subprocess.run([sys.executable, "-m", "vr", *args, "status"], capture_output=True, text=True,
+                            timeout=60, check=False, env={**os.environ, **env}, cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2 and reason in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not Path("/var/lib/vr/document.json").exists() or "VR_ROOT" not in env
+
+
+# ------------------------------------------------------------------ the spool reads only plain files
+def test_the_spool_refuses_a_fifo_or_a_link_without_reading_it(tmp_path):
+    import os
+
+    from vr.control.spool import Spool
+
+    spool = Spool(Pipeline(Settings.under_root(tmp_path / "router")))
+    os.mkfifo(spool.incoming / "a.json")
+    (spool.incoming / "b.json").symlink_to("/dev/zero")
+    assert [spool.process(path) for path in spool.pending()] == [False, False]  # at once: neither is read
+    for name in ("a.json", "b.json"):
+        assert (spool.failed / name).is_symlink() or (spool.failed / name).exists()
+        assert (spool.failed / (name + ".error")).read_text().strip()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -290,6 +291,28 @@ class _VersionAction(argparse.Action):
 
 
 MAX_PROBLEMS_SHOWN = 100
+NETNS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def _where_problem(args) -> str | None:
+    """Which router a command acts on is never guessed: an empty --root or VR_ROOT (an unset
+    shell variable) would otherwise mean the appliance's own paths, and an empty --netns the
+    host's network namespace."""
+    import os
+
+    for flag, variable, value in (("--root", "VR_ROOT", args.root), ("--netns", "VR_NETNS", args.netns)):
+        if value is not None and not value.strip():
+            return f"{flag} is empty: name the router's directory or namespace (an unset variable?)"
+        if value is None and variable in os.environ and not os.environ[variable].strip():
+            return f"{variable} is set but empty: unset it, or name the router's directory or namespace"
+    if args.root is not None and (len(args.root) > 1024 or "\0" in args.root):
+        return "--root: not a usable directory name"
+    netns = args.netns if args.netns is not None else os.environ.get("VR_NETNS")
+    if netns is not None and not NETNS_NAME.fullmatch(netns):
+        return f"--netns: {netns[:40]!r} is not a network namespace name (letters, digits, '_', '.', '-'; 1-64)"
+    if args.netns and args.command != "lab" and not os.path.exists(f"/run/netns/{args.netns}"):
+        return f"--netns: network namespace {args.netns!r} does not exist (/run/netns/{args.netns})"
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -363,6 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    problem = _where_problem(args)
+    if problem:
+        print(f"vr: {problem}", file=sys.stderr)
+        return 2
     if args.netns and args.command != "lab":
         from vr.foundation import netns
 

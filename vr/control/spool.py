@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import stat
 import time
 from pathlib import Path
 
@@ -19,6 +20,20 @@ from vr.transaction.pipeline import Pipeline
 
 KEEP_COUNT = 200
 KEEP_AGE_S = 7 * 24 * 3600
+
+
+def _read_dropped(path: Path) -> bytes:
+    """A dropped file is read only if it is a regular file of bounded size: a FIFO would hang
+    the watcher, a link to /dev/zero would fill its memory."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise jsontext.JsonRefused("", "not a regular file (a link, FIFO or device is never read)")
+        with os.fdopen(os.dup(fd), "rb") as file:
+            data = file.read(jsontext.MAX_BYTES + 1)
+    finally:
+        os.close(fd)
+    return data
 
 
 class Spool:
@@ -35,7 +50,7 @@ class Spool:
     def process(self, path: Path) -> bool:
         """Apply one file; True when it applied."""
         try:
-            raw = jsontext.loads(path.read_bytes())
+            raw = jsontext.loads(_read_dropped(path))
             # Wait for a running apply (CLI or agent) rather than failing the file.
             self.pipeline.apply(raw, wait=True)
         except (VrError, ValueError, OSError) as error:

@@ -5,9 +5,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from vr.foundation.files import read_json
+from vr.foundation.files import read_json, read_report
 from vr.foundation.settings import Settings
 
+NUMBER = (int, float)
+HEALTH_FIELDS = {"monitor_pid": (int, type(None)), "checked_at": NUMBER, "written_at": NUMBER, "stale_after_s": NUMBER,
+                 "services": dict}  # fmt: skip
+LAST_APPLY_FIELDS = {"time": NUMBER, "generation": (int, type(None)), "outcome": str, "message": str,
+                     "duration_ms": NUMBER, "changed": list, "timings_ms": dict}  # fmt: skip
 STALE_AFTER_S = 15.0  # for a health.json that does not say (written by an older monitor)
 
 
@@ -30,9 +35,10 @@ def recover_first(settings: Settings) -> str | None:
 def monitor_view(settings: Settings) -> dict:
     """health.json as a reader may trust it: a monitor that is gone, or has not checked for
     longer than it promised (stale_after_s), vouches for nothing: its services read unknown."""
-    health = read_json(settings.run_dir / "health.json") or {}
+    health = read_report(settings.run_dir / "health.json", HEALTH_FIELDS) or {}
     if not health:
         return {}
+    health["services"] = {name: item for name, item in health.get("services", {}).items() if isinstance(item, dict)}
     pid, checked = health.get("monitor_pid"), health.get("checked_at") or health.get("written_at") or 0
     age = time.time() - checked
     gone = not pid or not _alive(pid)
@@ -94,7 +100,7 @@ def collect(settings: Settings, firewall: bool = False, lb: bool = False, vpn: b
         if service.name in watched:
             item["monitor"] = watched[service.name]
         services.append(item)
-    last = read_json(settings.last_apply_path)
+    last = read_report(settings.last_apply_path, LAST_APPLY_FIELDS)
     counters = None
     if firewall and doc is not None:
         from vr.services.nftables import rule_counters
@@ -206,7 +212,7 @@ def render_text(report: dict) -> str:
     if report["router"] is None:
         return f"vr: {report['document_error']}" if report.get("document_error") else "no configuration applied yet"
     last = report["last_apply"] or {}
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last["time"])) if last else "-"
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last["time"])) if last.get("time") else "-"
     message = f": {last['message']}" if last.get("message") else ""
     lines = [
         f"router      {report['router']}",

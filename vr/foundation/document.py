@@ -272,7 +272,8 @@ def _port_range(value: object) -> object:
         return {"start": value, "end": value}
     if isinstance(value, str):
         low, _, high = value.partition("-")
-        if low.isascii() and low.isdigit() and (not high or (high.isascii() and high.isdigit())) and len(value) <= 11:
+        ranged = "-" in value
+        if low.isascii() and low.isdigit() and (not ranged or (high.isascii() and high.isdigit())) and len(value) <= 11:
             return {"start": int(low), "end": int(high or low)}
         raise ValueError(f"not a valid port or port range (8080 or \"8000-8010\"): {quote(value)}")
     return value
@@ -978,6 +979,24 @@ def merge(stored: RouterDocument | None, payload: Payload) -> RouterDocument:
     return doc
 
 
+def _one_change_per_item(changes: Any, key: str, where: str) -> None:
+    """One payload says one thing about an item: the same MAC or id twice, or upserted and
+    deleted at once, is refused rather than settled by whichever comes last."""
+    problems, first = [], {}
+    for n, item in enumerate(changes.upsert):
+        earlier = first.setdefault(getattr(item, key), n)
+        if earlier != n:
+            problems.append(Problem(f"{where}.upsert[{n}].{key}", f"{getattr(item, key)} is also {where}.upsert[{earlier}]"))
+    seen_delete: dict = {}
+    for n, value in enumerate(changes.delete):
+        if value in first:
+            problems.append(Problem(f"{where}.delete[{n}]", f"{value} is also upserted ({where}.upsert[{first[value]}])"))
+        elif seen_delete.setdefault(value, n) != n:
+            problems.append(Problem(f"{where}.delete[{n}]", f"{value} is also {where}.delete[{seen_delete[value]}]"))
+    if problems:
+        raise InvalidPayload(problems)
+
+
 def _within_limit(items: list, model: type[BaseModel], name: str, where: str, target: str) -> None:
     """Upserts may not grow a list past the bound the document model loads it with."""
     limit = next(m.max_length for m in model.model_fields[name].metadata if hasattr(m, "max_length"))
@@ -1009,6 +1028,7 @@ def _apply_item_changes(items: list, changes: Any, key: str, where: str) -> list
     unknown = [(n, value) for n, value in enumerate(changes.delete) if value not in position]
     if unknown:
         raise InvalidPayload([Problem(f"{where}.delete[{n}]", f"no entry with {key} {v}") for n, v in unknown])
+    _one_change_per_item(changes, key, where)
     result = list(items)
     for item in changes.upsert:
         value = getattr(item, key)

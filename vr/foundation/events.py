@@ -44,14 +44,16 @@ class EventLog:
     def read(self, resource: str | None = None) -> Iterator[dict]:
         for path in (self.path.with_name(self.path.name + ".1"), self.path):
             try:
-                lines = path.read_text().splitlines()
-            except FileNotFoundError:
+                lines = path.read_bytes().splitlines()
+            except (FileNotFoundError, IsADirectoryError, PermissionError):
                 continue
             for line in lines:
                 try:
                     event = json.loads(line)
-                except ValueError:
-                    continue  # a line torn by a crash or a full disk
+                except ValueError:  # torn by a crash or a full disk, or not text at all
+                    continue
+                if not isinstance(event, dict) or not isinstance(event.get("resource", ""), str):
+                    continue  # not one of ours
                 if (
                     resource is None
                     or event.get("resource") == resource

@@ -53,6 +53,25 @@ def read_json(path: Path) -> object | None:
         return None
 
 
+def read_report(path: Path, fields: dict[str, type | tuple[type, ...]]) -> dict | None:
+    """A report another process wrote (health.json, last_apply.json, patch.json): None when it
+    is missing or does not read as an object; a field of the wrong type is dropped. A reader
+    reports what it can, and a damaged report never stops a command."""
+    try:
+        value = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(value, dict):
+        return None
+    return {key: item for key, item in value.items() if key not in fields or _fits(item, fields[key])}
+
+
+def _fits(item: object, kinds: type | tuple[type, ...]) -> bool:
+    """isinstance, except that true and false are not numbers."""
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    return isinstance(item, kinds) and (bool in kinds or not isinstance(item, bool))
+
+
 def read_bytes_or_none(path: Path | str) -> bytes | None:
     try:
         with open(path, "rb") as file:

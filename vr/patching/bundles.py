@@ -45,7 +45,7 @@ from typing import Self
 from vr import __version__
 from vr.foundation.errors import VrError
 from vr.foundation.events import EventLog, event
-from vr.foundation.files import fault_point, fsync_dir, read_json, write_atomic, write_json_atomic
+from vr.foundation.files import fault_point, fsync_dir, read_json, read_report, write_atomic, write_json_atomic
 from vr.foundation.lock import inheritable_lock_env, router_lock
 from vr.foundation.settings import Settings
 from vr.foundation.version import MANIFEST, code_dir, is_version, version_key
@@ -65,6 +65,7 @@ MEMBER_OVERHEAD_BYTES = 4 << 10  # a member's tar header, pax header and padding
 TRAILER_BUDGET_BYTES = 1 << 20  # the end-of-archive blocks and record padding
 KEEP_RELEASES = 5  # installed releases kept after a patch: the running one, its predecessor, the newest others
 MAX_HOOK_TIMEOUT_S = 600
+PATCH_STATE_FIELDS = {"current": str, "previous": (str, type(None)), "via": str, "last": dict}
 SERVICES = ("network", "nftables", "supervisor", "dnsmasq", "radvd", "haproxy", "strongswan", "monitor")
 CONTROL_PLANE = ("monitor",)  # vr's own processes under supervisord: restarted on a switch, never the daemons
 SELFTEST_TIMEOUT_S = 120
@@ -717,7 +718,8 @@ class Patcher:
         return self.releases.current() or __version__
 
     def state(self) -> dict:
-        return read_json(self.settings.patch_state_path) or {}
+        """patch.json; a damaged one reads as no history (never a traceback: rollback must work)."""
+        return read_report(self.settings.patch_state_path, PATCH_STATE_FIELDS) or {}
 
     def rollback_target(self) -> str | None:
         """The release `vr patch rollback` would switch to: none right after a rollback."""
@@ -926,7 +928,7 @@ class Patcher:
         deadline = time.monotonic() + CONTROL_PLANE_DEADLINE_S
         while True:
             pid = supervisor.pid("monitor")
-            health = read_json(self.settings.run_dir / HEALTH) or {}
+            health = read_report(self.settings.run_dir / HEALTH, {}) or {}
             if pid and health.get("monitor_pid") == pid and health.get("version") == version:
                 return
             if time.monotonic() > deadline:
@@ -967,8 +969,13 @@ class Patcher:
         leftovers = [*self.releases.dir.glob(".incoming-*"), *self.releases.dir.glob(".removing-*")]
         for leftover in leftovers if self.releases.dir.is_dir() else ():
             shutil.rmtree(leftover, ignore_errors=True)
-        journal = read_json(self.settings.patch_journal_path)
-        if journal is None:
+        journal = read_report(self.settings.patch_journal_path, {"from": str, "to": str, "txid": str})
+        if journal is None or not {"from", "to"} <= set(journal):
+            if self.settings.patch_journal_path.exists():  # damaged: what it was switching is unknown
+                os.replace(self.settings.patch_journal_path,
+                           self.settings.patch_journal_path.with_name("patch-journal.unreadable.json"))
+                self._event(f"release:{self.running()}", "unreadable-journal", "the patch journal did not read "
+                            "(kept as patch-journal.unreadable.json); the current release stays")  # fmt: skip
             return False
         if self.state().get("last", {}).get("txid") == journal.get("txid"):
             self._clear_journal()  # it had been recorded: only the clean-up was missing
@@ -1027,8 +1034,8 @@ class Patcher:
         from vr.control.alerts import AlertQueue, make_alert
         from vr.control.monitor import ALERT_QUEUE
 
-        document = read_json(self.settings.document_path) or {}
-        router = (document.get("router") or {}).get("name", "")
+        document = read_report(self.settings.document_path, {"router": dict}) or {}
+        router = str((document.get("router") or {}).get("name", ""))
         alert = make_alert(router, "patch", "critical", message)
         self.events.write([event("alert", "service:patch", "critical", json.dumps(alert, sort_keys=True))])
         AlertQueue(self.settings.state_dir / ALERT_QUEUE).put(alert)  # the (restarted) monitor delivers it

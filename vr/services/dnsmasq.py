@@ -107,7 +107,7 @@ class DnsmasqService(Service):
             reserved = {int(subnet.network_address), int(subnet.broadcast_address), int(gateway.ip)}
             bounds[tier_id] = (int(subnet.network_address), int(subnet.broadcast_address), reserved, subnet)
         seen_ip: dict[tuple[str, int], int] = {}
-        seen_name: dict[tuple[str, str], int] = {}
+        seen_name: dict[str, int] = {}
         macs: dict[str, int] = {}
         router_name = doc.router.name.lower()
         prefixes = {}  # tier -> (its /64 as an integer, the router's address as one, the network)
@@ -137,15 +137,17 @@ class DnsmasqService(Service):
                     Problem(f"dhcp.entries[{n}].mac", f"{entry.mac} is already used by dhcp.entries[{first}]")
                 )
             hostname = entry.hostname.lower()
-            for key, value, seen in (("ip", entry.ip, seen_ip), ("hostname", hostname, seen_name)):
-                first = seen.setdefault((entry.tier, address if key == "ip" else hostname), n)
-                if first != n:
-                    problems.append(
-                        Problem(
-                            f"dhcp.entries[{n}].{key}",
-                            f"{value} is already used in tier {entry.tier} by dhcp.entries[{first}]",
-                        )
-                    )
+            first = seen_ip.setdefault((entry.tier, address), n)
+            if first != n:
+                problems.append(Problem(f"dhcp.entries[{n}].ip",
+                                        f"{entry.ip} is already used in tier {entry.tier} by dhcp.entries[{first}]"))  # fmt: skip
+            # Every tier's names live in the one domain: a name twice would answer for one VM only.
+            first = seen_name.setdefault(hostname, n)
+            if first != n:
+                where = "tier " + entry.tier if doc.dhcp.entries[first].tier == entry.tier else "another tier"
+                problems.append(Problem(f"dhcp.entries[{n}].hostname",
+                                        f"{hostname} is already used in {where} by dhcp.entries[{first}] "
+                                        "(all tiers share one DNS domain)"))  # fmt: skip
             if hostname == router_name:
                 problems.append(Problem(f"dhcp.entries[{n}].hostname", "is the router's own name"))
             elif NOT_A_NAME.fullmatch(hostname):

@@ -25,6 +25,10 @@ SYSCTLS = {
     "net/ipv4/ip_forward": "1",
     "net/ipv6/conf/all/forwarding": "1",
     "net/ipv6/conf/default/accept_ra": "0",  # the router makes advertisements; it never takes them
+    # ARP answers only for an address of the interface asked on, and from the address of the
+    # interface it leaves by: a guest gateway never shows up on the public link, nor the reverse.
+    "net/ipv4/conf/all/arp_ignore": "1",
+    "net/ipv4/conf/all/arp_announce": "2",
 }
 IFA_F_NODAD = 0x02  # the router's own IPv6 addresses are usable at once (radvd, dnsmasq bind them)
 

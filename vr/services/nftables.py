@@ -260,12 +260,14 @@ def _local_elements(doc: RouterDocument, names: dict[str, str]) -> dict[str, lis
     their IPv4 addresses (DNS for tunnelled clients); every interface of a role (what is
     not one is charon's TUN device)."""
     sets: dict[str, list[str]] = {"local_tcp": [], "local_udp": [], "local6_tcp": [], "local6_udp": [],
-                                  "guest_ifs": [], "role_ifs": [], "guest_ips": []}  # fmt: skip
+                                  "guest_ifs": [], "role_ifs": [], "guest_ips": [], "control_ifs": []}  # fmt: skip
     for iface in doc.interfaces:
         name = names.get(iface.id)
         if not name:  # not found: the network check refuses the apply
             continue
         sets["role_ifs"].append(f'"{name}"')
+        if iface.role == "control":
+            sets["control_ifs"].append(f'"{name}"')
         ports = LOCAL_PORTS.get(iface.role)
         if ports is None:  # public: what the document opens on its public IPs (public_local)
             continue
@@ -297,7 +299,8 @@ def _split(ruleset: str) -> tuple[str, dict[str, list[str]]]:
 _SETS = ("public_ips", "pf_tcp", "pf_udp", "pf_tcp_from", "pf_udp_from", "static_in", "static_out", "source_nat",
          "in_all", "in_tcp", "in_udp", "in_all_from", "in_tcp_from", "in_udp_from", "in_icmp", "in_icmp_typed",
          "lb", "lb_from", "vpn_gateways", "vpn_remote", "in6_all", "in6_tcp", "in6_udp", "in6_icmp", "in6_icmp_typed",
-         "local_tcp", "local_udp", "local6_tcp", "local6_udp", "guest_ifs", "role_ifs", "guest_ips")  # fmt: skip
+         "local_tcp", "local_udp", "local6_tcp", "local6_udp", "guest_ifs", "role_ifs", "guest_ips",
+         "control_ifs")  # fmt: skip
 
 
 def _element_delta(change: Change) -> str | None:

@@ -435,11 +435,13 @@ class Pipeline:
     # ---------------------------------------------------------------- crash recovery
     def _recover_locked(self) -> bool:
         """An apply killed half-way is rolled back to last-known-good, never left mixed."""
-        journal = read_json(self.settings.journal_path)
-        if journal is None:
+        if not self.settings.journal_path.exists():
             for area in (STAGING, BACKUP):
                 shutil.rmtree(self.settings.config_dir / area, ignore_errors=True)
             return False
+        journal = _read_journal(self.settings.journal_path)
+        if journal is None:
+            return self._recover_without_journal()
         txid = journal["txid"]
         stored = self.stored_document()
         resource = f"router:{stored.router.name}" if stored else "router:unknown"
@@ -467,6 +469,22 @@ class Pipeline:
                 )
             ]
         )
+        return True
+
+    def _recover_without_journal(self) -> bool:
+        """A journal that does not read (damaged, tampered): what it named is unknown, so every
+        service is re-rendered from last-known-good and whatever differs is put back and
+        reloaded, as after a release switch. The unreadable journal is kept aside for a look."""
+        aside = self.settings.journal_path.with_name(f"journal.unreadable.{int(time.time())}.json")
+        os.replace(self.settings.journal_path, aside)
+        for area in (STAGING, BACKUP):
+            shutil.rmtree(self.settings.config_dir / area, ignore_errors=True)
+        stored = self.stored_document()
+        resource = f"router:{stored.router.name}" if stored else "router:unknown"
+        self.events.write([event("recover", resource, "unreadable-journal",
+                                 f"the journal did not read (kept as {aside.name}); re-applying last-known-good")])  # fmt: skip
+        if stored is not None:
+            self._transaction(stored, stored, time.perf_counter(), {}, payload=None, rerender=True)
         return True
 
     # ---------------------------------------------------------------- bookkeeping
@@ -513,6 +531,29 @@ def _collector_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
+
+def _read_journal(path: Path) -> dict | None:
+    """The journal as the transaction wrote it, or None: anything else (garbage, a torn or
+    tampered file, a service vr does not have, a path that leaves its service's directory)."""
+    try:
+        journal = read_json(path)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(journal, dict) or not isinstance(journal.get("txid"), str) or not journal["txid"].isalnum():
+        return None
+    changes = journal.get("changes")
+    if not isinstance(journal.get("generation"), int) or not isinstance(changes, dict):
+        return None
+    names = {service.name for service in SERVICES}
+    for service, paths in changes.items():
+        if service not in names or not isinstance(paths, list):
+            return None
+        for relpath in paths:
+            parts = relpath.split("/") if isinstance(relpath, str) else [".."]
+            if relpath.startswith("/") or any(part in ("", ".", "..") for part in parts):
+                return None
+    return journal
 
 
 def _os_failure(step: str, error: OSError, service: str = "router") -> ApplyFailed:
