@@ -65,6 +65,7 @@ MEMBER_OVERHEAD_BYTES = 4 << 10  # a member's tar header, pax header and padding
 TRAILER_BUDGET_BYTES = 1 << 20  # the end-of-archive blocks and record padding
 KEEP_RELEASES = 5  # installed releases kept after a patch: the running one, its predecessor, the newest others
 MAX_HOOK_TIMEOUT_S = 600
+FETCH_DEADLINE_S = 120.0  # a whole download, however slowly its bytes come
 PATCH_STATE_FIELDS = {"current": str, "previous": (str, type(None)), "via": str, "last": dict}
 SERVICES = ("network", "nftables", "supervisor", "dnsmasq", "radvd", "haproxy", "strongswan", "monitor")
 CONTROL_PLANE = ("monitor",)  # vr's own processes under supervisord: restarted on a switch, never the daemons
@@ -623,12 +624,14 @@ def fetch(source: str, settings: Settings) -> Path:
         with requests.get(source, stream=True, timeout=(5, 30)) as response:
             if response.status_code != 200:
                 raise PatchRefused(f"fetching {source}: HTTP {response.status_code}")
-            size = 0
+            size, deadline = 0, time.monotonic() + FETCH_DEADLINE_S
             with open(target, "wb") as out:
-                for chunk in response.iter_content(1 << 20):
+                for chunk in response.iter_content(1 << 16):
                     size += len(chunk)
                     if size > MAX_BUNDLE_BYTES:
                         raise PatchRefused(f"fetching {source}: more than {MAX_BUNDLE_BYTES} bytes")
+                    if time.monotonic() > deadline:  # a server dripping bytes would hold the router's lock
+                        raise PatchRefused(f"fetching {source}: not done within {FETCH_DEADLINE_S:.0f} s")
                     out.write(chunk)
     except requests.RequestException as error:
         target.unlink(missing_ok=True)
