@@ -37,7 +37,11 @@ def event_count(lab) -> int:
 
 
 def supervisord_pid(lab) -> int | None:
-    path = lab.settings.run_dir / "supervisord.pid"
+    return live_pid_in(lab.settings.run_dir / "supervisord.pid")
+
+
+def live_pid_in(path: Path) -> int | None:
+    """The PID a PID file names, if that process lives."""
     try:
         pid = int(path.read_text())
     except (FileNotFoundError, ValueError):
@@ -63,12 +67,7 @@ def router_daemons(lab) -> dict[str, list[int]]:
 
 
 def keeper_pid(lab) -> int | None:
-    path = lab.settings.run_dir / "keeper.pid"
-    try:
-        pid = int(path.read_text())
-    except (FileNotFoundError, ValueError):
-        return None
-    return pid if alive(pid) else None
+    return live_pid_in(lab.settings.run_dir / "keeper.pid")
 
 
 def monitor_ok(lab, name: str = "dnsmasq") -> bool:

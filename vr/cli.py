@@ -411,11 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except OSError as error:  # outside a transaction (which reports its own): a file vr could not read or write
-        import errno
+        from vr.foundation.errors import os_error_reason
 
-        where = error.filename or "the router's disk"
-        reason = f"no space left on {where}" if error.errno == errno.ENOSPC else f"{error.strerror} ({where})"
-        print(f"vr: {args.command} failed: {reason}", file=sys.stderr)
+        print(f"vr: {args.command} failed: {os_error_reason(error)}", file=sys.stderr)
         return 4
 
 

@@ -178,6 +178,11 @@ def _json_safe(value: int) -> int:
 Generation = Annotated[int, Field(ge=1), AfterValidator(_json_safe)]
 
 
+def json_safe_generation(value: object) -> int | None:
+    """value when it is a generation a document may carry, else None (never repeated as is)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= JSON_SAFE_MAX else None
+
+
 class Strict(BaseModel):
     """strict: a JSON true is not the number 1, "13" is not 13 and "yes" is not a boolean."""
 

@@ -48,11 +48,14 @@ class ApplyFailed(VrError):
         super().__init__(f"{step} failed for {service}: {reason}")
 
 
-class NoSpace(ApplyFailed):
-    """The disk filled during an apply: reported by path, rolled back like any failed step."""
+def os_error_reason(error: OSError) -> str:
+    """A failed read or write as an operator needs it: which file, and a full disk said plainly."""
+    import errno
 
-    def __init__(self, step: str, service: str, path: str):
-        super().__init__(step, service, f"no space left on {path}")
+    where = error.filename or "the router's disk"
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on {where}"
+    return f"{error.strerror or error} ({where})"
 
 
 class StoredDocumentUnreadable(VrError):

@@ -10,7 +10,6 @@ re-applies the affected services, so the router is never left half old, half new
 from __future__ import annotations
 
 import contextlib
-import errno
 import gc
 import os
 import shutil
@@ -25,11 +24,11 @@ from vr.foundation.document import RouterDocument
 from vr.foundation.errors import (
     ApplyFailed,
     InvalidPayload,
-    NoSpace,
     Problem,
     StalePayload,
     StoredDocumentUnreadable,
     VrError,
+    os_error_reason,
 )
 from vr.foundation.events import MAX_MESSAGE, EventLog, event
 from vr.foundation.files import (
@@ -119,8 +118,7 @@ class Pipeline:
                 payload, doc, warnings = self._validated(raw, stored, unreadable)
             except VrError as error:
                 generation = raw.get("generation") if isinstance(raw, dict) else None
-                if not (isinstance(generation, int) and 0 < generation <= docmod.JSON_SAFE_MAX):
-                    generation = None  # whatever arrived is not repeated into the log
+                generation = docmod.json_safe_generation(generation)  # whatever else arrived is not logged
                 name = stored.router.name if stored else "unknown"
                 self.events.write([event("apply", f"router:{name}", "rejected", str(error), generation)])
                 self._record(generation, "rejected", str(error), started, [])
@@ -557,11 +555,7 @@ def _read_journal(path: Path) -> dict | None:
 
 
 def _os_failure(step: str, error: OSError, service: str = "router") -> ApplyFailed:
-    """A failed write as the operator needs it: which file, and a full disk said plainly."""
-    where = error.filename or "the router's disk"
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return NoSpace(step, service, str(where))
-    return ApplyFailed(step, service, f"{error.strerror or error} ({where})")
+    return ApplyFailed(step, service, os_error_reason(error))
 
 
 def _command_name(pid: int) -> str:

@@ -116,7 +116,7 @@ def _raw_generation(data: bytes) -> int | None:
         generation = json.loads(data).get("generation")
     except (ValueError, AttributeError):
         return None
-    return generation if isinstance(generation, int) and 0 < generation <= docmod.JSON_SAFE_MAX else None
+    return docmod.json_safe_generation(generation)
 
 
 def _stat_key(path: Path) -> tuple | None:
