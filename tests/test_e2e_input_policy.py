@@ -30,6 +30,7 @@ PUBLIC_V6 = "2001:db8:ffff::10"
 GUEST_V6 = ["2001:db8:1:1::1", "2001:db8:1:2::1"]
 EVERY_ADDRESS = [*PUBLIC_V4, *GUEST_V4, CONTROL, PUBLIC_V6, *GUEST_V6]
 SSH_PORT = 3922  # CloudStack's management SSH on the control address
+AGENT_PORT = 8443  # vr's agent (configs/examples/router.json: agent.port)
 TCP_SCAN = ("-Pn", "-n", "-sS", "-p-", "--max-retries", "1", "-T5", "--min-rate", "20000")
 UDP_PORTS = "53,67,123,161,500,547,4500"
 
@@ -137,7 +138,7 @@ def test_guests_keep_dns_and_dhcp_on_their_own_tier_only(policy_lab):
 def test_the_control_interface_answers_only_the_control_ports(policy_lab):
     lab = policy_lab
     scan = lab.scan(lab.ns("mgmt"), [CONTROL], *TCP_SCAN)
-    assert answering(scan) == {CONTROL: {f"tcp/{SSH_PORT}": "open"}}
+    assert answering(scan) == {CONTROL: {f"tcp/{SSH_PORT}": "open", f"tcp/{AGENT_PORT}": "open"}}
     assert lab.ask(lab.ns("mgmt"), CONTROL, SSH_PORT) == "router ssh sees 169.254.0.1"
     assert lab.ask(lab.ns("pub"), CONTROL, SSH_PORT, timeout=1) is None  # not from the public side
     assert lab.ask(lab.ns("g1"), "10.1.1.1", SSH_PORT, timeout=1) is None  # nor from a guest

@@ -16,18 +16,24 @@ def _settings(args):
     return Settings.from_env(root=args.root, netns=args.netns)
 
 
-def _read_payload(source: str) -> object:
+def _read_bytes(source: str) -> bytes:
     from vr.foundation import jsontext
     from vr.foundation.errors import InvalidPayload, Problem
 
     try:
         if source == "-":
-            data = sys.stdin.buffer.read(jsontext.MAX_BYTES + 1)
-        else:
-            with open(source, "rb") as file:
-                data = file.read(jsontext.MAX_BYTES + 1)
+            return sys.stdin.buffer.read(jsontext.MAX_BYTES + 1)
+        with open(source, "rb") as file:
+            return file.read(jsontext.MAX_BYTES + 1)
     except OSError as error:
         raise InvalidPayload([Problem("", f"cannot read {jsontext.quote(source)}: {error.strerror}")]) from None
+
+
+def _read_payload(source: str) -> object:
+    from vr.foundation import jsontext
+    from vr.foundation.errors import InvalidPayload, Problem
+
+    data = _read_bytes(source)
     try:
         return jsontext.loads(data)
     except jsontext.JsonRefused as error:
@@ -47,15 +53,57 @@ def _recover_interrupted_patch(args) -> None:
         reexec_if_not_current(args.argv)
 
 
+def _daemon(args):
+    """The running daemon's local API, or None (first boot, a test, a broken daemon): the
+    command then runs in-process, as it always could. VR_NO_DAEMON=1 asks for that."""
+    import os
+
+    if os.environ.get("VR_NO_DAEMON") == "1":
+        return None
+    from vr.client import LocalClient
+
+    client = LocalClient(_settings(args).daemon_socket)
+    return client if client.available() else None
+
+
+def _refused(status: int, body: dict) -> int:
+    """A daemon's refusal, said as the in-process command says it, with its exit code."""
+    from vr.client import error_for
+
+    error = error_for(status, body)
+    problems = error.problems
+    if status in (400, 413, 422) and not problems[0][0].startswith("service:"):
+        print(f"vr: payload refused, nothing was changed ({len(problems)} problem(s)):", file=sys.stderr)
+        for path, reason in problems[:MAX_PROBLEMS_SHOWN]:
+            print(f"  {path}: {reason}" if path else f"  {reason}", file=sys.stderr)
+        if len(problems) > MAX_PROBLEMS_SHOWN:
+            print(f"  ... and {len(problems) - MAX_PROBLEMS_SHOWN} more", file=sys.stderr)
+        return 2
+    print(f"vr: {error.reason}", file=sys.stderr)
+    return 4 if problems[0][0].startswith("service:") else error.exit_code
+
+
+def _print_applied(result: dict) -> None:
+    changed = ", ".join(result["changed"]) or "nothing"
+    print(f"applied generation {result['generation']} in {result['duration_ms']:.0f} ms; changed: {changed}")
+    for warning in result["warnings"]:
+        print(f"vr: warning: {warning}", file=sys.stderr)
+
+
 def cmd_apply(args) -> int:
+    _recover_interrupted_patch(args)
+    daemon = _daemon(args)
+    if daemon is not None:
+        status, body = daemon.request("PATCH", "/v1/config", _read_bytes(args.file))
+        if status != 200:
+            return _refused(status, body)
+        _print_applied(body)
+        return 0
+    from dataclasses import asdict
+
     from vr.transaction.pipeline import Pipeline
 
-    _recover_interrupted_patch(args)
-    result = Pipeline(_settings(args)).apply(_read_payload(args.file))
-    changed = ", ".join(result.changed) or "nothing"
-    print(f"applied generation {result.generation} in {result.duration_ms:.0f} ms; changed: {changed}")
-    for warning in result.warnings:
-        print(f"vr: warning: {warning}", file=sys.stderr)
+    _print_applied(asdict(Pipeline(_settings(args)).apply(_read_payload(args.file))))
     return 0
 
 
@@ -82,30 +130,31 @@ def cmd_render(args) -> int:
 
 
 def cmd_diff(args) -> int:
-    import difflib
-
-    from vr.foundation.files import is_secret
+    daemon = _daemon(args)
+    if daemon is not None:
+        status, body = daemon.request("POST", "/v1/config/validate", _read_bytes(args.file))
+        if status != 200:
+            return _refused(status, body)
+        _print_diffs(body["files"])
+        return 0
     from vr.transaction.pipeline import Pipeline
 
     settings = _settings(args)
     _recovered(settings)
-    pipeline = Pipeline(settings)
-    stored = pipeline.stored_document()
-    doc = pipeline.validate(_read_payload(args.file), stored)
-    changes = pipeline.plan(doc, stored)
-    for change in changes:
-        for relpath in change.paths:
-            if is_secret(relpath):
-                print(f"secret file {change.service}/{relpath} {'removed' if relpath in change.removed else 'changed'}"
-                      " (content not shown)")  # fmt: skip
-                continue
-            before = (change.previous.get(relpath) or b"").decode().splitlines(keepends=True)
-            after = change.written.get(relpath, b"").decode().splitlines(keepends=True)
-            name = f"{change.service}/{relpath}"
-            sys.stdout.writelines(difflib.unified_diff(before, after, f"live/{name}", f"new/{name}"))
-    if not any(c.paths for c in changes):
-        print("no change")
+    _, _, files = Pipeline(settings).preview(_read_payload(args.file))
+    _print_diffs(files)
     return 0
+
+
+def _print_diffs(files: list[dict]) -> None:
+    for item in files:
+        if item["diff"] is None:
+            print(f"secret file {item['service']}/{item['path']} {'removed' if item['removed'] else 'changed'}"
+                  " (content not shown)")  # fmt: skip
+        else:
+            sys.stdout.write(item["diff"])
+    if not files:
+        print("no change")
 
 
 def cmd_schema(args) -> int:
@@ -116,22 +165,42 @@ def cmd_schema(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from vr.control.status import collect, recover_first, render_text
+    from vr.control.status import render_text
 
-    settings = _settings(args)
-    recover_first(settings)  # an interrupted apply is rolled back before it is reported on
-    report = collect(settings, firewall=args.firewall, lb=args.lb, vpn=args.vpn)
+    daemon = _daemon(args)
+    if daemon is not None:
+        flags = "&".join(f"{name}={int(bool(getattr(args, name)))}" for name in ("firewall", "lb", "vpn"))
+        status, report = daemon.request("GET", f"/v1/status?{flags}")
+        if status != 200:
+            return _refused(status, report)
+    else:
+        from vr.control.status import collect, recover_first
+
+        settings = _settings(args)
+        recover_first(settings)  # an interrupted apply is rolled back before it is reported on
+        report = collect(settings, firewall=args.firewall, lb=args.lb, vpn=args.vpn)
     print(json.dumps(report, indent=2) if args.json else render_text(report))
     return 0 if report["healthy"] else 1
 
 
 def cmd_events(args) -> int:
-    from vr.control.status import recover_first
-    from vr.foundation.events import EventLog
+    daemon = _daemon(args)
+    if daemon is not None:
+        from urllib.parse import urlencode
 
-    settings = _settings(args)
-    recover_first(settings)  # the recovery's own events are then among those shown
-    for item in EventLog(settings.events_path).read(args.resource):
+        query = urlencode({"limit": 100000, **({"resource": args.resource} if args.resource else {})})
+        status, body = daemon.request("GET", f"/v1/events?{query}")
+        if status != 200:
+            return _refused(status, body)
+        found = body["events"]
+    else:
+        from vr.control.status import recover_first
+        from vr.foundation.events import EventLog
+
+        settings = _settings(args)
+        recover_first(settings)  # the recovery's own events are then among those shown
+        found = EventLog(settings.events_path).read(args.resource)
+    for item in found:
         print(json.dumps(item, sort_keys=True))
     return 0
 
@@ -271,6 +340,12 @@ def cmd_monitor(args) -> int:
     return monitor.main(_settings(args))
 
 
+def cmd_daemon(args) -> int:
+    from vr.control import daemon
+
+    return daemon.main(_settings(args))
+
+
 def cmd_lab(args) -> int:
     from vr.lab import harness as lab
 
@@ -375,6 +450,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("monitor", help="keep the services alive (supervisord runs it as its event listener)").set_defaults(
         func=cmd_monitor
     )
+    p = sub.add_parser("remote", help="drive a router through its HTTPS agent (the manager's API)")
+    from vr.client import add_remote_arguments
+
+    add_remote_arguments(p)
+    sub.add_parser("daemon", help="the router's resident process: API, agent, spool, monitor (supervisord runs it)"
+                   ).set_defaults(func=cmd_daemon)  # fmt: skip
     p = sub.add_parser("lab", help="a lab router with guests in network namespaces")
     p.add_argument("action", choices=["up", "down", "status", "demo"])
     p.add_argument("--dir", default="/tmp/vr-lab", help="where the lab keeps its state")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from vr.foundation.files import read_json, read_report
 from vr.foundation.settings import Settings
@@ -52,13 +53,15 @@ def monitor_view(settings: Settings) -> dict:
     return health
 
 
-def collect(settings: Settings, firewall: bool = False, lb: bool = False, vpn: bool = False) -> dict:
+def collect(settings: Settings, firewall: bool = False, lb: bool = False, vpn: bool = False,
+            pipeline: Any = None) -> dict:  # fmt: skip
+    """pipeline: a warm one (the daemon's) whose parsed document is reused."""
     from vr.foundation.errors import StoredDocumentUnreadable
     from vr.foundation.lock import holder
     from vr.services import SERVICES
     from vr.transaction.pipeline import Pipeline
 
-    pipeline = Pipeline(settings)
+    pipeline = pipeline or Pipeline(settings)
     document_error = None
     try:
         doc = pipeline.stored_document()

@@ -7,6 +7,7 @@ cannot open a new directive, field or quote in any of the daemons' syntaxes.
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 from ipaddress import (
     IPv4Address,
@@ -806,6 +807,43 @@ class Monitor(Strict):
         return self.services.get(service) or _default_probes().get(service) or ProbeSettings()
 
 
+def _token_hash(value: str) -> str:
+    """A bearer token is kept only as its SHA-256: the stored document, its log and every
+    answer hold a hash nobody can log in with. A token is random and long (at least 32
+    characters), so a plain hash is as strong as its entropy; a hash the manager sends
+    (`sha256:` and 64 hex digits) is kept as it is."""
+    if re.fullmatch(r"sha256:[0-9a-f]{64}", value):
+        return value
+    if len(value) < 32:
+        raise ValueError("a token needs at least 32 characters (or send its hash: sha256:<64 hex digits>)")
+    if len(value) > 256:
+        raise ValueError("a token has at most 256 characters")
+    if any(ord(c) <= 32 or ord(c) >= 127 for c in value):
+        raise ValueError("a token is printable ASCII without spaces")
+    return "sha256:" + hashlib.sha256(value.encode()).hexdigest()
+
+
+AgentToken = Annotated[str, Field(max_length=256), AfterValidator(_token_hash)]
+
+
+class AgentTls(Strict):
+    certificate: PemText
+    key: PemText
+
+
+class Agent(Strict):
+    """The manager's HTTPS API on the control interface's addresses. Served only when the
+    manager can authenticate: a token or a client CA (see vr/control/agent.py)."""
+
+    port: int = Field(8443, ge=1, le=65535)
+    tokens: list[AgentToken] = Field(default_factory=list, max_length=8)  # several: rotation
+    tls: AgentTls | None = None  # None: a self-signed pair made by the router, kept in its state dir
+    client_ca: PemText | None = None  # set: clients present a certificate it signed
+
+    def served(self) -> bool:
+        return bool(self.tokens) or self.client_ca is not None
+
+
 class RouterDocument(Strict):
     generation: Generation
     router: RouterIdentity
@@ -820,6 +858,7 @@ class RouterDocument(Strict):
     vpn: Vpn = Field(default_factory=Vpn)
     ipv6: Ipv6 = Field(default_factory=Ipv6)
     monitor: Monitor = Field(default_factory=Monitor)
+    agent: Agent = Field(default_factory=Agent)
 
     def interface(self, interface_id: str) -> Interface | None:
         return next((i for i in self.interfaces if i.id == interface_id), None)
@@ -852,7 +891,7 @@ class IngressRuleChanges(Strict):
 
 SECTIONS = (
     "router", "interfaces", "routes", "dns", "dhcp", "nat", "firewall", "network_acls", "load_balancer", "vpn",
-    "ipv6", "monitor",
+    "ipv6", "monitor", "agent",
 )  # fmt: skip
 ITEM_CHANGES = ("dhcp_entries", "port_forwarding_rules", "ingress_rules")
 

@@ -132,5 +132,20 @@ class Settings:
         """Locked by the keeper of supervisord for as long as it lives."""
         return self.run_dir / "keeper.pid"
 
+    @property
+    def daemon_socket(self) -> Path:
+        """The daemon's local API (HTTP over a unix socket, 0600): the CLI's fast path."""
+        return self.run_dir / "vr.sock"
+
+    @property
+    def agent_tls_dir(self) -> Path:
+        """The agent's self-signed certificate and key, when the document brings none."""
+        return self.state_dir / "agent-tls"
+
+    @property
+    def confirm_path(self) -> Path:
+        """A commit-confirm waiting for its confirmation: what to roll back to, and when."""
+        return self.state_dir / "confirm.json"
+
     def service_dir(self, service: str) -> Path:
         return self.config_dir / service

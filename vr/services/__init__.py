@@ -1,5 +1,7 @@
-"""The services, in the order the pipeline applies them (network first, daemons, then their monitor)."""
+"""The services, in the order the pipeline applies them (network first, daemons, then vr's daemon: its
+monitor and its agent)."""
 
+from vr.services.agent import AgentService
 from vr.services.dnsmasq import DnsmasqService
 from vr.services.haproxy import HaproxyService
 from vr.services.monitor import MonitorService
@@ -18,6 +20,7 @@ SERVICES = (
     HaproxyService(),
     StrongswanService(),
     MonitorService(),
+    AgentService(),
 )
 
 

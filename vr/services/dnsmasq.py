@@ -249,7 +249,7 @@ class DnsmasqService(Service):
             return  # supervisor removed the program with its config
         # Read before any signal: a re-read or a restart makes dnsmasq rewrite the lease file
         # (truncate, then write), and a read meanwhile would see no lease to release.
-        leases = _read_leases(self.lease_file(runtime)) if change.touches(HOSTS, MAIN) else None
+        leases = read_leases(self.lease_file(runtime)) if change.touches(HOSTS, MAIN) else None
         if client.state(PROGRAM) != "RUNNING":
             client.start(PROGRAM)
         elif change.touches(MAIN):
@@ -563,7 +563,7 @@ class Leases(NamedTuple):
     server_id: str | None  # dnsmasq's DUID, which dhcp_release6 must name
 
 
-def _read_leases(lease_file: Path) -> Leases:
+def read_leases(lease_file: Path) -> Leases:
     """dnsmasq's lease file: 'expiry mac ip name clid' (IPv4), 'duid DUID' (its own), then
     'expiry iaid ipv6 name clid' (IPv6; a temporary address's IAID starts with T)."""
     v4, v6, server_id = set(), [], None
@@ -581,3 +581,6 @@ def _read_leases(lease_file: Path) -> Leases:
         elif len(fields) >= 2:
             v4.add(fields[1])
     return Leases(v4, v6, server_id)
+
+
+_read_leases = read_leases  # TEMP: metrics.py still uses the old name (lead removes at integration)

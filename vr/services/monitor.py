@@ -1,6 +1,7 @@
 """The monitor's place in the pipeline: its settings (the document's `monitor` section and
-every service's probe, as data) rendered into monitor.json, and `vr monitor` run by
-supervisord as its event listener. The monitor re-reads monitor.json when it changes.
+every service's probe, as data) rendered into monitor.json, and `vr daemon` (the resident
+process the monitor is a thread of) run by supervisord as its event listener, program
+`monitor`. The monitor re-reads monitor.json when it changes.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class MonitorService(Service):
         return {CONFIG: (json.dumps(config, indent=1, sort_keys=True) + "\n").encode()}
 
     def programs(self, doc: RouterDocument, runtime: Runtime) -> list[Program]:
-        command = [sys.executable, "-m", "vr", "monitor"]
+        command = [sys.executable, "-m", "vr", "daemon"]
         return [Program(PROGRAM, command, environment=runtime.settings.environment(), events=("PROCESS_STATE",))]
 
     def apply(self, change: Change, doc: RouterDocument | None, runtime: Runtime) -> None:

@@ -45,7 +45,7 @@ TABLE = "inet vr"
 LOCAL_PORTS: dict[str, dict[str, tuple[int, ...]]] = {
     # DNS, DHCP (unicast renewals; broadcasts have their own rule), DHCPv6 (unicast; multicast too).
     "guest": {"tcp": (53,), "udp": (53, 67), "tcp6": (53,), "udp6": (53, 547)},
-    # CloudStack's management SSH; the agent's port joins it here.
+    # CloudStack's management SSH; the agent's port (the document's agent.port) joins it when served.
     "control": {"tcp": (3922,), "udp": (), "tcp6": (3922,), "udp6": ()},
 }
 # The guest metadata service (a later issue: 80, 8080) answers on each tier's own address.
@@ -58,7 +58,9 @@ class NftablesService(Service):
     def read(self, doc: RouterDocument) -> Any:
         vpn = (doc.vpn.gateways(), doc.vpn.remote_networks())
         ipv6 = (tuple(t.tier for t in doc.ipv6.tiers), doc.ipv6.firewall)
-        return (doc.router, doc.interfaces, doc.nat, doc.firewall, doc.network_acls, doc.load_balancer, vpn, ipv6)
+        agent = doc.agent.port if doc.agent.served() else None
+        return (doc.router, doc.interfaces, doc.nat, doc.firewall, doc.network_acls, doc.load_balancer, vpn, ipv6,
+                agent)  # fmt: skip
 
     def __init__(self) -> None:
         # What the last verify found, per rule list: merge keeps every unchanged rule
@@ -271,6 +273,8 @@ def _local_elements(doc: RouterDocument, names: dict[str, str]) -> dict[str, lis
         ports = LOCAL_PORTS.get(iface.role)
         if ports is None:  # public: what the document opens on its public IPs (public_local)
             continue
+        if iface.role == "control" and doc.agent.served():
+            ports = {**ports, "tcp": ports["tcp"] + (doc.agent.port,), "tcp6": ports["tcp6"] + (doc.agent.port,)}
         if iface.role == "guest":
             sets["guest_ifs"].append(f'"{name}"')
             sets["guest_ips"] += [str(a.ip) for a in iface.addresses if a.version == 4]

@@ -10,6 +10,7 @@ re-applies the affected services, so the router is never left half old, half new
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import os
 import shutil
@@ -59,6 +60,22 @@ class Result:
     duration_ms: float = 0.0
     timings_ms: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # accepted, but the operator should know
+    batched: int = 1  # pushes this transaction carried (a coalesced burst: more than one)
+
+
+@dataclass(frozen=True)
+class Push:
+    """One payload to apply. next_generation: it carries no generation and takes the next
+    one (pushers that do not coordinate generations: the daemon's PATCH ?generation=next)."""
+
+    raw: object
+    next_generation: bool = False
+
+    def filled(self, current: RouterDocument | None, unreadable: StoredDocumentUnreadable | None = None) -> object:
+        if not (self.next_generation and isinstance(self.raw, dict) and "generation" not in self.raw):
+            return self.raw
+        base = current.generation if current is not None else (unreadable.generation if unreadable else None)
+        return {**self.raw, "generation": (base or 0) + 1}
 
 
 class Pipeline:
@@ -106,26 +123,80 @@ class Pipeline:
 
     # ---------------------------------------------------------------- entry points
     def apply(self, raw: object, wait: bool = False) -> Result:
+        outcome = self.apply_batch([Push(raw)], wait)[0]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def apply_batch(self, pushes: Sequence[Push], wait: bool = False) -> list[Result | VrError]:
+        """Several pushes as one transaction (a burst the daemon queued while an apply ran):
+        each is validated in order against the running result, the valid ones are applied
+        together (one render per service, one reload per daemon), and each push gets its
+        own outcome: the Result that carried it, or the error that refused it. If the joint
+        transaction fails, they are applied one by one, so only a bad one is refused."""
         started = time.perf_counter()
+        outcomes: list[Result | VrError | None] = [None] * len(pushes)
         with self.lock(wait), _collector_paused():
             self._recover_locked()
-            unreadable = None
-            try:
-                stored = self.stored_document()
-            except StoredDocumentUnreadable as error:
-                stored, unreadable = None, error
-            try:
-                payload, doc, warnings = self._validated(raw, stored, unreadable)
-            except VrError as error:
-                generation = raw.get("generation") if isinstance(raw, dict) else None
-                generation = docmod.json_safe_generation(generation)  # whatever else arrived is not logged
-                name = stored.router.name if stored else "unknown"
-                self.events.write([event("apply", f"router:{name}", "rejected", str(error), generation)])
-                self._record(generation, "rejected", str(error), started, [])
-                raise
-            timings = {"validate": _ms(started)}
-            result = self._transaction(doc, stored, started, timings, payload=payload, warnings=warnings)
-        return result
+            stored, unreadable = self._stored_or_unreadable()
+            current, accepted = stored, []
+            for n, push in enumerate(pushes):
+                try:
+                    payload, doc, warnings = self._validated(push.filled(current, unreadable), current,
+                                                             unreadable if current is None else None)  # fmt: skip
+                except VrError as error:
+                    self._rejected(push.raw, current, error, started)
+                    outcomes[n] = error
+                    continue
+                current = doc
+                accepted.append((n, payload, warnings))
+            if len(accepted) == 1:
+                n, payload, warnings = accepted[0]
+                outcomes[n] = self._carried(current, stored, started, [payload], warnings)
+            elif accepted:
+                try:
+                    result = self._transaction(current, stored, started, {"validate": _ms(started)},
+                                               payload=[p for _, p, _ in accepted],
+                                               warnings=[w for _, _, found in accepted for w in found])  # fmt: skip
+                except VrError:
+                    for n, _, _ in accepted:  # the joint transaction was rolled back: one by one
+                        outcomes[n] = self._one_more(pushes[n])
+                else:
+                    for n, _, warnings in accepted:
+                        outcomes[n] = dataclasses.replace(result, warnings=[str(w) for w in warnings],
+                                                          batched=len(accepted))  # fmt: skip
+        return outcomes  # type: ignore[return-value]
+
+    def _carried(self, doc, stored, started, payloads, warnings) -> Result | VrError:
+        try:
+            return self._transaction(doc, stored, started, {"validate": _ms(started)}, payload=payloads,
+                                     warnings=warnings)  # fmt: skip
+        except VrError as error:
+            return error
+
+    def _one_more(self, push: Push) -> Result | VrError:
+        """One push on its own, the lock already held: validated against what is stored now."""
+        started = time.perf_counter()
+        stored, unreadable = self._stored_or_unreadable()
+        try:
+            payload, doc, warnings = self._validated(push.filled(stored, unreadable), stored, unreadable)
+        except VrError as error:
+            self._rejected(push.raw, stored, error, started)
+            return error
+        return self._carried(doc, stored, started, [payload], warnings)
+
+    def _stored_or_unreadable(self) -> tuple[RouterDocument | None, StoredDocumentUnreadable | None]:
+        try:
+            return self.stored_document(), None
+        except StoredDocumentUnreadable as error:
+            return None, error
+
+    def _rejected(self, raw: object, stored: RouterDocument | None, error: VrError, started: float) -> None:
+        generation = raw.get("generation") if isinstance(raw, dict) else None
+        generation = docmod.json_safe_generation(generation)  # whatever else arrived is not logged
+        name = stored.router.name if stored else "unknown"
+        self.events.write([event("apply", f"router:{name}", "rejected", str(error), generation)])
+        self._record(generation, "rejected", str(error), started, [])
 
     def start(self) -> Result | None:
         """At boot: bring every service up from last-known-good (re-rendered, checked)."""
@@ -197,6 +268,28 @@ class Pipeline:
             written[service.name] = sorted(files)
         return written
 
+    def preview(self, raw: object, next_generation: bool = False) -> tuple[RouterDocument, list[str], list[dict]]:
+        """What a payload would do, nothing touched: (merged document, warnings, one item per
+        changed file: service, path, and its unified diff - or None for a secret file, whose
+        content is never shown)."""
+        import difflib
+
+        from vr.foundation.files import is_secret
+
+        stored, unreadable = self._stored_or_unreadable()
+        _, doc, warnings = self._validated(Push(raw, next_generation).filled(stored, unreadable), stored, unreadable)
+        files = []
+        for change in self.plan(doc, stored):
+            for relpath in change.paths:
+                item = {"service": change.service, "path": relpath, "removed": relpath in change.removed, "diff": None}
+                if not is_secret(relpath):
+                    before = (change.previous.get(relpath) or b"").decode().splitlines(keepends=True)
+                    after = change.written.get(relpath, b"").decode().splitlines(keepends=True)
+                    name = f"{change.service}/{relpath}"
+                    item["diff"] = "".join(difflib.unified_diff(before, after, f"live/{name}", f"new/{name}"))
+                files.append(item)
+        return doc, [str(w) for w in warnings], files
+
     def plan(
         self, doc: RouterDocument, old: RouterDocument | None, force: bool = False, rerender: bool = False
     ) -> list[Change]:
@@ -231,7 +324,7 @@ class Pipeline:
         old: RouterDocument | None,
         started: float,
         timings: dict,
-        payload: docmod.Payload | None,
+        payload: Sequence[docmod.Payload] | None,
         force: bool = False,
         warnings: Sequence[Problem] = (),
         rerender: bool = False,
@@ -590,4 +683,4 @@ def _vm_events(doc: RouterDocument, old: RouterDocument | None) -> list[dict]:
     return out
 
 
-__all__ = ["Pipeline", "Problem", "Result"]
+__all__ = ["Pipeline", "Problem", "Push", "Result"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -57,16 +58,19 @@ class DocumentStore:
             settle_garbage_collector()
         return self._cached[1]
 
-    def commit(self, doc: RouterDocument, payload: Payload | None) -> None:
+    def commit(self, doc: RouterDocument, payload: Payload | Sequence[Payload] | None) -> None:
         """Make doc the last-known-good, durably. payload is what merge applied to the
-        stored document to make doc (None: doc is written whole)."""
+        stored document to make doc: one payload, or several merged in order (a coalesced
+        burst); None: doc is written whole."""
+        payloads = [] if payload is None else [payload] if isinstance(payload, Payload) else list(payload)
         log = self._read_log()
-        small = payload is not None and payload.model_fields_set <= ITEM_CHANGES
+        small = bool(payloads) and all(p.model_fields_set <= ITEM_CHANGES for p in payloads)
         entries = log or b""
         torn = bool(entries) and not entries.endswith(b"\n")  # never append after a torn line
-        appendable = not torn and entries.count(b"\n") < LOG_LIMIT
+        appendable = not torn and entries.count(b"\n") + len(payloads) <= LOG_LIMIT
         if small and appendable and self.path.exists():
-            self._append(payload.model_dump_json(exclude_unset=True).encode() + b"\n", created=log is None)
+            lines = b"".join(p.model_dump_json(exclude_unset=True).encode() + b"\n" for p in payloads)
+            self._append(lines, created=log is None)
         else:
             write_atomic(self.path, doc.model_dump_json().encode(), mode=SECRET_MODE)
             if log is not None:
