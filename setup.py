@@ -24,6 +24,8 @@ setup(
         "vici>=5.9",
         "pip-nftables>=1.0",
         "cryptography>=42",  # load-balancer certificates: parse, match key, expiry
+        "aiohttp>=3.9",  # the daemon's local API and the manager's HTTPS agent (vr.control.agent)
+        "prometheus-client>=0.17",  # the daemon's GET /metrics (vr.control.metrics)
     ],
     data_files=configs,
     entry_points={"console_scripts": ["vr = vr.cli:entry"]},

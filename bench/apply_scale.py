@@ -7,6 +7,8 @@ Measures what the resident control-plane process pays, in-process:
   cold_apply_ms      first Pipeline.apply(full document) on an empty state dir, push to healthy
                      (starts supervisord, dnsmasq and radvd; lazily imported modules included)
   incremental_*_ms   one-VM dhcp_entries upsert / delete payloads, --repeat times each
+  incremental_*_agent_ms   the same (other VMs) through the daemon: vr.client.RouterClient over
+                     HTTPS with a token to the agent on the control address (--no-agent: not)
 
 By default every tier also has an IPv6 /64 in DHCPv6 mode (radvd runs; its probe solicits an
 advertisement on every tier at each apply) and every VM an IPv6 address (--vms DHCPv6 entries);
@@ -19,198 +21,78 @@ the time the apply spent in Python's cyclic garbage collector. --profile adds a 
 
 Run as root:  .venv/bin/python bench/apply_scale.py [--vms 4000 --tiers 8 --repeat 20] [--no-ipv6] [--json]
 
-Everything it creates (namespace vrbench-<pid> with veth pairs, a temp root, supervisord,
+Everything it creates (a lab router, bench/harness.py's BenchRouter: namespaces vrb3as<pid>-*, the
+tiers beyond the lab's two on veth pairs inside the router namespace, a temp root, supervisord,
 dnsmasq and radvd) is removed on exit, on error and on SIGINT/SIGTERM/SIGHUP. The host's own
-interfaces are never touched: the process moves itself into the namespace first.
+interfaces are never touched: the process moves itself into the router namespace first.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import ipaddress
 import json
-import math
 import os
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
-from common import (
+from harness import (
+    BASE_INTERFACES,
+    DOMAIN,
     STEPS,
+    BenchRouter,
+    GcClock,
+    InProcessDriver,
     aligned,
+    attach_agent,
     check_stop,
-    guarded,
+    extra_vm,
     median_of,
     ms,
     p90,
+    push_series,
     report,
+    run_bench,
+    series_figures,
+    series_text,
     steps_text,
-    stop_router,
-    with_commit,
+    vm_entries,
+    vm_interfaces,
+    vm_sections,
+    vm_tiers,
+    wait_resolves,
     yes,
 )
 
-from vr.foundation import netns
+from vr.client import ClientError
 from vr.foundation.errors import VrError
-from vr.foundation.settings import Settings
-from vr.transaction.pipeline import Pipeline
 
 TARGET_COLD_MS = 1000.0
 TARGET_INCREMENTAL_MS = 50.0
-DOMAIN = "cloud.internal"
 ROUTER = "r-bench-vm"
-BASE_NET = ipaddress.IPv4Address("10.64.0.0")  # guest tiers are carved from 10.64.0.0/10
-BASE_NET6 = ipaddress.IPv6Address("2001:db8:64::")  # and their /64s from 2001:db8:64::/48 (documentation range)
-HEADROOM = 64  # addresses per tier kept free beyond the initial VMs, for the incremental adds
 DNS_TRIES = 50  # bounded wait for a HUP'd dnsmasq to answer for a new name (x 10 ms)
-# Result.timings_ms steps; "commit" is ours: duration_ms minus their sum (document.json, events, clean-up).
-
-
-# The signal that asked us to stop. Its handler raises SystemExit, but an exception raised
-# inside a gc callback is swallowed, and one inside an apply becomes ApplyFailed after the
-# rollback: so every loop also checks this.
-
-
-class GcClock:
-    """Time the interpreter spends in its cyclic garbage collector (all generations)."""
-
-    def __init__(self) -> None:
-        self.total_ms, self.full, self._start = 0.0, 0, 0.0
-
-    def __call__(self, phase: str, info: dict) -> None:
-        if phase == "start":
-            self._start = time.perf_counter()
-        else:
-            self.total_ms += ms(self._start)
-            self.full += info["generation"] == 2
 
 
 # ---------------------------------------------------------------------------- the document
-def tier_layout(vms: int, tiers: int) -> list[dict]:
-    """One subnet per tier, each big enough for its share of the VMs plus headroom, and a /64.
-    A VM's IPv6 address has the same offset in the /64 as its IPv4 address in the subnet."""
-    per_tier = math.ceil(vms / tiers)
-    bits = max(8, math.ceil(math.log2(per_tier + HEADROOM + 4)))
-    size = 2**bits
-    if tiers * size > 2**22:
-        raise SystemExit("too many VMs for 10.64.0.0/10")
-    layout = []
-    for n in range(tiers):
-        network = ipaddress.IPv4Network((int(BASE_NET) + n * size, 32 - bits))
-        network6 = ipaddress.IPv6Network((int(BASE_NET6) + ((n + 1) << 64), 64))
-        layout.append(
-            {
-                "id": f"tier{n + 1}",
-                "name": f"eth{n + 2}",
-                "network": network,
-                "gateway": network.network_address + 1,
-                "network6": network6,
-                "gateway6": network6.network_address + 1,  # the router's own address in the /64
-                # VM addresses start at .10 (relative to the subnet); the first per_tier are the
-                # initial VMs, the next HEADROOM are for the incremental adds.
-                "first": network.network_address + 10,
-                "count": per_tier,
-            }
-        )
-    return layout
-
-
-def mac_for(prefix: int, n: int) -> str:
-    return f"02:{prefix:02x}:" + ":".join(f"{(n >> shift) & 0xFF:02x}" for shift in (24, 16, 8, 0))
-
-
-def vm_entry(tier: dict, index: int, mac: str, hostname: str, ipv6: bool) -> dict:
-    """The dhcp entry of the VM at index (from .10) in its tier; with ipv6, at the same offset in the /64."""
-    offset = int(tier["first"]) - int(tier["network"].network_address) + index
-    entry = {"tier": tier["id"], "mac": mac, "ip": str(tier["first"] + index), "hostname": hostname}
-    if ipv6:
-        entry["ipv6"] = str(tier["network6"].network_address + offset)
-    return entry
-
-
 def build_document(vms: int, tiers: int, ipv6: bool = True) -> tuple[dict, list[dict]]:
-    layout = tier_layout(vms, tiers)
-    width = max(4, len(str(vms)))
-    interfaces = [
-        {"id": "control", "role": "control", "name": "eth0", "addresses": ["169.254.0.10/16"]},
-        {"id": "public", "role": "public", "name": "eth1", "addresses": ["192.0.2.10/24"]},
-    ]
-    dhcp_tiers, ipv6_tiers = [], []
-    for tier in layout:
-        addresses = [f"{tier['gateway']}/{tier['network'].prefixlen}"]
-        if ipv6:
-            addresses.append(f"{tier['gateway6']}/64")
-            ipv6_tiers.append({"tier": tier["id"], "mode": "dhcpv6", "lease_time": 3600})
-        interfaces.append({"id": tier["id"], "role": "guest", "name": tier["name"], "addresses": addresses})
-        dhcp_tiers.append({"tier": tier["id"], "lease_time": 3600})
-    entries = [
-        vm_entry(layout[n % tiers], n // tiers, mac_for(0, n + 1), f"vm-{n + 1:0{width}d}", ipv6) for n in range(vms)
-    ]
+    """The VM router: tiers on eth2.., every VM with DHCPv4 (and DHCPv6 with ipv6)."""
+    layout = vm_tiers(vms, tiers)
+    dhcp_tiers, ipv6_tiers = vm_sections(layout, ipv6)
     doc = {
         "generation": 1,
         "router": {"name": ROUTER, "type": "isolated"},
-        "interfaces": interfaces,
+        "interfaces": BASE_INTERFACES + vm_interfaces(layout, ipv6),
         "routes": [{"destination": "0.0.0.0/0", "gateway": "192.0.2.1"}],
         "dns": {"domain": DOMAIN, "upstream": ["192.0.2.1"]},
-        "dhcp": {"tiers": dhcp_tiers, "entries": entries},
+        "dhcp": {"tiers": dhcp_tiers, "entries": vm_entries(layout, vms, ipv6)},
     }
     if ipv6:
         doc["ipv6"] = {"tiers": ipv6_tiers}
     return doc, layout
 
 
-def extra_vm(layout: list[dict], k: int, ipv6: bool) -> tuple[dict, dict]:
-    """The k-th VM added incrementally (its own MAC prefix, addresses above the initial VMs), and its tier."""
-    tier = layout[k % len(layout)]
-    index = tier["count"] + k // len(layout)
-    return vm_entry(tier, index, mac_for(1, k + 1), f"vm-add-{k + 1:04d}", ipv6), tier
-
-
-# ---------------------------------------------------------------------------- namespace
-def run(*argv: str) -> None:
-    subprocess.run(argv, check=True, timeout=20, stdin=subprocess.DEVNULL, capture_output=True)
-
-
-def add_veths(name: str, ifnames: list[str]) -> None:
-    for n, ifname in enumerate(ifnames):
-        peer = f"p{n}"
-        run("ip", "netns", "exec", name, "ip", "link", "add", ifname, "type", "veth", "peer", "name", peer)
-        run("ip", "netns", "exec", name, "ip", "link", "set", peer, "up")
-
-
 # ---------------------------------------------------------------------------- measuring
-
-
-def resolve(name: str, server: str, rdtype: str = "A", timeout: float = 0.5) -> list[str]:
-    import dns.message
-    import dns.query
-    import dns.rdatatype
-
-    wanted = dns.rdatatype.from_text(rdtype)
-    query = dns.message.make_query(name, wanted)
-    response = dns.query.udp(query, server, timeout=timeout)
-    return [str(r) for rrset in response.answer for r in rrset if rrset.rdtype == wanted]
-
-
-def wait_resolves(name: str, server: str, want: str | None, rdtype: str = "A") -> tuple[bool, int]:
-    """(passed, tries): want=None means the name must no longer resolve. Bounded by DNS_TRIES."""
-    import dns.exception
-
-    for attempt in range(1, DNS_TRIES + 1):
-        try:
-            answers = resolve(name, server, rdtype)
-        except (dns.exception.Timeout, OSError):
-            answers = None
-        if answers is not None and ((want is None and not answers) or (want is not None and want in answers)):
-            return True, attempt
-        time.sleep(0.01)
-    return False, DNS_TRIES
-
-
 class DnsCheck:
     """One record type's checks: after each add (timed, not in the apply) and after each remove."""
 
@@ -221,7 +103,7 @@ class DnsCheck:
         self.passed = self.gone = True
 
     def ask(self, vm: dict, tier: dict, want: str | None) -> tuple[bool, int]:
-        return wait_resolves(f"{vm['hostname']}.{DOMAIN}.", str(tier[self.server]), want, self.rdtype)
+        return wait_resolves(f"{vm['hostname']}.{DOMAIN}.", str(tier[self.server]), want, self.rdtype, DNS_TRIES)
 
     def added(self, vm: dict, tier: dict) -> None:
         mark = time.perf_counter()
@@ -248,7 +130,7 @@ class DnsCheck:
         return result
 
 
-def bench(args, settings: Settings) -> dict:
+def bench(args, router: BenchRouter) -> dict:
     """All the figures; an apply that fails is recorded under "error" and ends the run."""
     raw, layout = build_document(args.vms, args.tiers, args.ipv6)
     figures: dict = {
@@ -263,8 +145,8 @@ def bench(args, settings: Settings) -> dict:
         "targets": {"cold_apply_ms": TARGET_COLD_MS, "incremental_ms": TARGET_INCREMENTAL_MS},
     }
     try:
-        measure(args, settings, raw, layout, figures)
-    except VrError as error:
+        measure(args, InProcessDriver(router.settings), raw, layout, figures)
+    except (VrError, ClientError, RuntimeError) as error:
         check_stop()
         figures["error"] = f"{figures.pop('_phase', 'apply')}: {type(error).__name__}: {error}"
     figures.pop("_phase", None)
@@ -277,16 +159,15 @@ def bench(args, settings: Settings) -> dict:
     return figures
 
 
-def measure(args, settings: Settings, raw: dict, layout: list[dict], figures: dict) -> None:
+def measure(args, driver: InProcessDriver, raw: dict, layout: list[dict], figures: dict) -> None:
     # Cold: a fresh pipeline on an empty state dir, push to healthy.
     figures["_phase"] = "cold apply"
-    pipeline = Pipeline(settings)
-    mark = time.perf_counter()
-    result = pipeline.apply(raw)
-    figures["cold_apply_ms"] = round(ms(mark), 1)
+    pipeline = driver.pipeline
+    pushed = driver.push(raw)
+    figures["cold_apply_ms"] = round(pushed.wall_ms, 1)
     figures["cold_apply_met"] = figures["cold_apply_ms"] < TARGET_COLD_MS
-    figures["cold_apply_timings_ms"] = with_commit(result)
-    figures["cold_apply_changed"] = result.changed
+    figures["cold_apply_timings_ms"] = pushed.timings_ms
+    figures["cold_apply_changed"] = pushed.changed
 
     # Validate and render the full document, in the now warm process.
     figures["_phase"] = "validate"
@@ -316,13 +197,12 @@ def measure(args, settings: Settings, raw: dict, layout: list[dict], figures: di
         check_stop()
         figures["_phase"] = f"incremental {kind} #{len(series[kind]['ms']) + 1}"
         gc_ms, gc_full = gc_clock.total_ms, gc_clock.full
-        mark = time.perf_counter()
-        result = pipeline.apply(payload)
-        series[kind]["ms"].append(ms(mark))
+        pushed = driver.push(payload)
+        series[kind]["ms"].append(pushed.wall_ms)
         series[kind]["gc_ms"].append(gc_clock.total_ms - gc_ms)
         series[kind]["gc_full"] += gc_clock.full - gc_full
-        series[kind]["changed"].update(result.changed)
-        for step, value in with_commit(result).items():
+        series[kind]["changed"].update(pushed.changed)
+        for step, value in pushed.timings_ms.items():
             series[kind]["steps"][step].append(value)
         for program, seen in pids_seen.items():
             seen.add(supervisor.pid(program))
@@ -365,10 +245,30 @@ def measure(args, settings: Settings, raw: dict, layout: list[dict], figures: di
 
     if args.profile:
         figures["_phase"] = "profiled add"
+        generation += 1
         profile_one(pipeline, layout, generation, args.repeat, args.ipv6)
+    if args.agent:
+        through_agent(args, driver, layout, generation + 1, figures)
 
 
-def profile_one(pipeline: Pipeline, layout: list[dict], generation: int, k: int, ipv6: bool) -> None:
+def through_agent(args, driver: InProcessDriver, layout: list[dict], generation: int, figures: dict) -> None:
+    """The same one-VM adds and removes (other VMs) through the daemon: vr.client.RouterClient
+    over HTTPS with a token, to the agent on the control address, as a manager pushes."""
+    figures["_phase"] = "agent on"
+    agent = attach_agent(driver, driver.pipeline.settings, generation)
+    vms = [extra_vm(layout, args.repeat + 1 + k, args.ipv6)[0] for k in range(args.repeat)]
+    try:
+        figures["_phase"] = "incremental adds through the agent"
+        adds = push_series(agent, ({"dhcp_entries": {"upsert": [vm]}} for vm in vms))
+        figures |= series_figures("incremental_add_agent_ms", adds)
+        figures["_phase"] = "incremental removes through the agent"
+        removes = push_series(agent, ({"dhcp_entries": {"delete": [vm["mac"]]}} for vm in vms))
+        figures |= series_figures("incremental_remove_agent_ms", removes)
+    finally:
+        agent.close()
+
+
+def profile_one(pipeline, layout: list[dict], generation: int, k: int, ipv6: bool) -> None:
     """One extra one-VM add under cProfile (not part of the figures), top functions on stderr."""
     import cProfile
     import io
@@ -430,6 +330,14 @@ def table(f: dict) -> str:
                 ),
             ),
         ]
+    for kind in ("add", "remove"):
+        name = f"incremental_{kind}_agent_ms"
+        if f"{name}_median" in f:
+            rows += [
+                (f"{name} (x{f[f'{name}_count']}, through the agent)",
+                 f"{series_text(f, name)}  target < {TARGET_INCREMENTAL_MS:.0f}"),
+                ("  timings_ms (median, as the daemon reports)", steps_text(f[f"incremental_{kind}_agent_timings_ms_median"])),
+            ]  # fmt: skip
     for k, label in (("dns", "DNS"), ("dns_aaaa", "DNS AAAA")):
         if f"{k}_check_passed" in f:
             rows.append(
@@ -463,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=5, help="runs of validate and render (median)")
     parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line, last")
     parser.add_argument("--profile", action="store_true", help="cProfile one extra add (stderr)")
+    parser.add_argument("--no-agent", dest="agent", action="store_false",
+                        help="in-process only: not the same adds and removes through the daemon's agent")  # fmt: skip
     parser.add_argument(
         "--no-ipv6", dest="ipv6", action="store_false", help="IPv4 only: no IPv6 tiers, no DHCPv6 entries"
     )
@@ -472,33 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         parser.error("run as root: it creates a network namespace")
 
-    name = f"vrbench-{os.getpid()}"
-    root = tempfile.mkdtemp(prefix="vrbench-")
-    os.chmod(root, 0o755)  # dnsmasq drops privileges and must still read its files
-    settings = Settings.under_root(root, netns=name)
-    ns_created = entered = False
-
-    def work() -> dict:
-        nonlocal ns_created, entered
-        if os.path.exists(f"/run/netns/{name}"):
-            raise SystemExit(f"apply_scale: namespace {name} already exists; not touching it")
-        ns_created = True  # from here on it is ours, even if 'ip netns add' is interrupted half-way
-        run("ip", "netns", "add", name)
-        add_veths(name, ["eth0", "eth1"] + [f"eth{n + 2}" for n in range(args.tiers)])
-        netns.enter(name)  # before any thread exists: daemons and probes all live in there
-        entered = True
-        return bench(args, settings)
-
-    figures = guarded(work, lambda: cleanup(settings, name, root, ns_created, entered))
+    router = BenchRouter("apply_scale", "as", extra_interfaces=max(0, args.tiers - 2))
+    figures = run_bench(router, lambda r: bench(args, r))
     return report(table(figures), figures, args.json)
-
-
-def cleanup(settings: Settings, name: str, root: str, ns_created: bool, entered: bool) -> None:
-    if entered:
-        stop_router(settings, root, "apply_scale")
-    if ns_created:
-        subprocess.run(["ip", "netns", "del", name], check=False, timeout=20, capture_output=True)
-    shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ Measured in-process, in the router's namespace:
   incremental_apply_ms   Pipeline.apply of a one-rule payload (port_forwarding_rules/ingress_rules upsert) adding ONE port forward
                          and its ingress rule to the 10k                         (median of --repeat)
                          (each apply's Result.timings_ms and its time in Python's GC are reported too)
+  incremental_apply_agent_ms   the same one-rule changes (other ports) through the daemon:
+                         vr.client.RouterClient over HTTPS with a token to the agent (--no-agent: not)
   rule_by_rule_ms        the same kind of rules created one `nft add rule` process per rule, in a
                          separate namespace: --naive-rules of them measured, extrapolated linearly
   throughput_*_gbps      iperf3 guest (g1) -> router (forward, source NAT) -> public host (pub),
@@ -25,8 +27,9 @@ Measured in-process, in the router's namespace:
 Run as root:  .venv/bin/python bench/firewall_scale.py [--rules 10000 --naive-rules 1000 --repeat 10
               --iperf-seconds 3] [--json]
 
-Everything it creates (namespaces vrfw<pid>-r, -pub, -g1, -naive, a temp root, supervisord, dnsmasq,
-iperf3) is removed on exit, on error and on SIGINT/SIGTERM/SIGHUP; processes are stopped by PID.
+Everything it creates (a lab router, bench/harness.py's BenchRouter: namespaces vrb3fw<pid>-r, -pub,
+-g1 (web1's address, static), ... and -naive, a temp root, supervisord, dnsmasq, iperf3) is removed
+on exit, on error and on SIGINT/SIGTERM/SIGHUP; processes are stopped by PID.
 The host's own interfaces are never touched: the process moves itself into the router namespace.
 """
 
@@ -34,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import ipaddress
 import json
 import os
 import shutil
@@ -45,214 +47,72 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import (
-    STEPS,
+from harness import (
+    BASE_INTERFACES,
+    DOMAIN,
+    GUEST_IP,
+    PUBLIC_IPS,
+    PUBLIC_PEER,
+    SOURCE_NAT_IP,
+    BenchRouter,
+    GcClock,
+    InProcessDriver,
+    acl_count,
     aligned,
+    attach_agent,
+    baseline_rules,
     check_stop,
-    guarded,
+    incremental_rules,
     median_of,
+    median_steps,
     ms,
     p90,
+    push_series,
     report,
+    rule_sections,
+    rule_tier_dhcp,
+    rule_tier_interface,
+    run,
+    run_bench,
+    series_figures,
+    series_text,
     steps_text,
     stop_process,
     stop_processes,
-    stop_router,
-    with_commit,
     yes,
 )
 
+from vr.client import ClientError
 from vr.foundation import netns
 from vr.foundation.errors import VrError
-from vr.foundation.settings import Settings
 from vr.services.base import Change
 from vr.services.nftables import RULESET, NftablesService
-from vr.transaction.pipeline import Pipeline
 
 TARGET_FULL_MS = 300.0
 TARGET_INCREMENTAL_MS = 20.0
 TARGET_THROUGHPUT_RATIO = 0.95
 ROUTER = "r-fwbench-vm"
-DOMAIN = "cloud.internal"
-PUBLIC_NET = ipaddress.IPv4Network("192.0.2.0/24")
-PUBLIC_PEER = "192.0.2.1"  # the public host (pub namespace): iperf3 server, the router's default gateway
-PUBLIC_IPS = [str(ipaddress.IPv4Address("192.0.2.10") + n) for n in range(16)]  # all assigned, all on eth1
-SOURCE_NAT_IP = PUBLIC_IPS[0]
-GUEST_IP, GUEST_MAC = "10.1.1.10", "02:00:00:00:01:10"  # the g1 namespace (static address, no DHCP)
-PF_PORT_BASE = 10000  # port forwards: 10000.. per (public IP, protocol)
-FW_PORT_BASE = 30000  # ingress rules that do not open a port forward: 30000.. per (public IP, protocol)
-INC_PORT_BASE = 60000  # the incremental adds
 IPERF_PORT = "5201"
-ACL_SHARE = 10  # one rule in ten is an ACL entry
-ACL_LIST_MAX = 2000  # entries per ACL list (document limit)
 INCREMENTAL_NOTE = "a change that only adds or removes elements is applied as one add/delete element batch"
 PF_SETS = ("pf_tcp", "pf_udp", "pf_tcp_from", "pf_udp_from")
 INGRESS_SETS = ("in_all", "in_tcp", "in_udp", "in_all_from", "in_tcp_from", "in_udp_from", "in_icmp", "in_icmp_typed")
-# Result.timings_ms steps; "commit" is ours: duration_ms minus their sum (document.json, events, clean-up).
 LISTEN_TRIES = 300  # bounded wait for iperf3's server to listen (x 10 ms)
-
-# The signal that asked us to stop (its handler raises SystemExit; an apply turns that into a
-# rollback and re-raises it, but every loop checks this too).
 CHILDREN: list[subprocess.Popen] = []  # started processes (iperf3 servers), stopped by PID
-
-
-class GcClock:
-    """Time the interpreter spends in its cyclic garbage collector (all generations)."""
-
-    def __init__(self) -> None:
-        self.total_ms, self._start = 0.0, 0.0
-
-    def __call__(self, phase: str, info: dict) -> None:
-        if phase == "start":
-            self._start = time.perf_counter()
-        else:
-            self.total_ms += ms(self._start)
-
-
-def median_steps(series: list[dict[str, float]]) -> dict[str, float]:
-    return {s: round(statistics.median(t.get(s, 0.0) for t in series), 2) for s in STEPS if series}
 
 
 # ---------------------------------------------------------------------------- the document
 def base_document() -> dict:
-    """The router (one guest tier, as configs/examples/router.json minus tier2), example-size rules."""
+    """The VPC router (one guest tier, as configs/examples/router.json minus tier2), example-size rules."""
+    dhcp_tier, entries = rule_tier_dhcp()
     return {
         "generation": 1,
         "router": {"name": ROUTER, "type": "vpc"},
-        "interfaces": [
-            {"id": "control", "role": "control", "name": "eth0", "addresses": ["169.254.0.10/16"]},
-            {
-                "id": "public",
-                "role": "public",
-                "name": "eth1",
-                "addresses": [f"{PUBLIC_IPS[0]}/{PUBLIC_NET.prefixlen}"],
-            },
-            {"id": "tier1", "role": "guest", "name": "eth2", "addresses": ["10.1.1.1/24"]},
-        ],
+        "interfaces": [*BASE_INTERFACES, rule_tier_interface()],
         "routes": [{"destination": "0.0.0.0/0", "gateway": PUBLIC_PEER}],
         "dns": {"domain": DOMAIN, "upstream": [PUBLIC_PEER]},
-        "dhcp": {
-            "tiers": [{"tier": "tier1", "range": {"start": "10.1.1.100", "end": "10.1.1.150"}, "lease_time": 3600}],
-            "entries": [
-                {"tier": "tier1", "mac": GUEST_MAC, "ip": GUEST_IP, "hostname": "web1"},
-                {"tier": "tier1", "mac": "02:00:00:00:01:11", "ip": "10.1.1.11", "hostname": "web2"},
-            ],
-        },
-        **baseline_sections(),
+        "dhcp": {"tiers": [dhcp_tier], "entries": entries},
+        **baseline_rules(),
     }
-
-
-def nat_section(port_forwarding: list[dict]) -> dict:
-    # The same public IPs and source NAT in both rule sets: only the nftables service changes.
-    return {
-        "public_ips": [{"ip": ip} for ip in PUBLIC_IPS],
-        "source_nat": [{"tier": "tier1", "ip": SOURCE_NAT_IP}],
-        "static_nat": [],
-        "port_forwarding": port_forwarding,
-    }
-
-
-def firewall_section(ingress: list[dict]) -> dict:
-    return {"ingress": ingress, "egress": [{"tier": "tier1", "default": "allow"}]}
-
-
-def acl_section(entries: int) -> list[dict]:
-    """tier1's ACL with this many entries: ingress and egress alternately, each list ending in
-    an allow-all (so that port forwards still reach the guest and the guest reaches the public
-    host); no other entry matches that traffic (their CIDRs are elsewhere)."""
-    lists: dict[str, list[dict]] = {"ingress": [], "egress": []}
-    for k in range(max(0, entries - 2)):
-        side = lists[("ingress", "egress")[k % 2]]
-        protocol = ("tcp", "udp", "icmp", "all")[k % 4]
-        entry = {"number": len(side) + 1, "action": ("deny", "allow")[k % 3 == 0], "protocol": protocol,
-                 "cidrs": [f"198.18.{k // 256 % 256}.{k % 256}/32", f"100.{64 + k % 64}.{k % 256}.0/24"]}  # fmt: skip
-        if protocol in ("tcp", "udp"):
-            entry["ports"] = 1000 + k % 5000
-        elif protocol == "icmp":
-            entry["icmp_type"] = 8
-        side.append(entry)
-    for side in lists.values():
-        side.append({"number": len(side) + 1, "action": "allow", "protocol": "all"})
-    return [{"tier": "tier1", **lists, "ingress_default": "deny", "egress_default": "allow"}]
-
-
-def acl_count(sections: dict) -> int:
-    return sum(len(acl["ingress"]) + len(acl["egress"]) for acl in sections["network_acls"])
-
-
-def baseline_sections() -> dict:
-    """The example's rules ("0 rules"): two port forwards, their two ingress rules, source NAT,
-    tier1's ACL with its two allow-alls."""
-    ip = PUBLIC_IPS[0]
-    forwards = [
-        {"id": "web-http", "public_ip": ip, "protocol": "tcp", "public_ports": 8080,
-         "private_ip": GUEST_IP, "private_ports": 80},
-        {"id": "web-udp", "public_ip": ip, "protocol": "udp", "public_ports": 5353,
-         "private_ip": GUEST_IP, "private_ports": 5353},
-    ]  # fmt: skip
-    ingress = [
-        {"id": "http", "public_ip": ip, "protocol": "tcp", "ports": 8080, "source_cidrs": ["0.0.0.0/0"]},
-        {"id": "udp", "public_ip": ip, "protocol": "udp", "ports": 5353},
-    ]
-    return {"nat": nat_section(forwards), "firewall": firewall_section(ingress), "network_acls": acl_section(2)}
-
-
-def sources_for(k: int) -> list[str]:
-    """One to three source CIDRs, disjoint within a rule (overlapping elements are refused by nft)."""
-    kind = k % 4
-    if kind == 0:
-        return ["0.0.0.0/0"]
-    if kind == 1:
-        return [f"{11 + k % 50}.{k % 256}.0.0/16"]
-    if kind == 2:
-        return [f"203.0.113.{k % 256}/32", "198.51.100.0/24"]
-    return [f"172.{16 + k % 16}.{k % 256}.0/24", f"100.{64 + k % 64}.0.0/16", "192.0.2.0/28"]
-
-
-def scale_sections(rules: int) -> dict:
-    """rules // 10 ACL entries; of the rest, half port forwards and half ingress rules. Every
-    (public IP, protocol, port) is claimed once, so no two elements of a set overlap."""
-    n_acl = min(max(2, rules // ACL_SHARE), 2 * ACL_LIST_MAX)
-    n_pf = (rules - n_acl) // 2
-    n_in = rules - n_acl - n_pf
-    nips = len(PUBLIC_IPS)
-    forwards = []
-    for k in range(n_pf):
-        forwards.append(
-            {
-                "id": f"pf-{k}",
-                "public_ip": PUBLIC_IPS[k % nips],
-                "protocol": ("tcp", "udp")[(k // nips) % 2],
-                "public_ports": PF_PORT_BASE + k // (2 * nips),
-                "private_ip": f"10.1.1.{20 + k % 200}",
-                "private_ports": 1024 + k % 4000,
-            }
-        )
-    cursor: dict[tuple[str, str], int] = {}
-    ingress = []
-    for k in range(n_in):
-        if k % 2 == 0 and k < n_pf:  # opens port forward k
-            pf = forwards[k]
-            ip, protocol, ports = pf["public_ip"], pf["protocol"], str(pf["public_ports"])
-        else:  # opens a port (every 7th: a range of 10) on a public IP itself
-            ip, protocol = PUBLIC_IPS[k % nips], ("tcp", "udp")[(k // nips) % 2]
-            start = cursor.get((ip, protocol), FW_PORT_BASE)
-            width = 10 if k % 7 == 0 else 1
-            cursor[(ip, protocol)] = start + width
-            ports = f"{start}-{start + width - 1}" if width > 1 else str(start)
-        ingress.append(
-            {"id": f"in-{k}", "public_ip": ip, "protocol": protocol, "ports": ports, "source_cidrs": sources_for(k)}
-        )
-    return {"nat": nat_section(forwards), "firewall": firewall_section(ingress), "network_acls": acl_section(n_acl)}
-
-
-def incremental_rules(j: int) -> tuple[dict, dict]:
-    """The j-th single port forward added incrementally, and the ingress rule that opens it."""
-    ip, port = PUBLIC_IPS[0], INC_PORT_BASE + j
-    forward = {"id": f"inc-{j}", "public_ip": ip, "protocol": "tcp", "public_ports": port,
-               "private_ip": GUEST_IP, "private_ports": 8000 + j}  # fmt: skip
-    rule = {"id": f"inc-{j}", "public_ip": ip, "protocol": "tcp", "ports": port, "source_cidrs": ["0.0.0.0/0"]}
-    return forward, rule
 
 
 def element_count(sections: dict) -> dict[str, int]:
@@ -263,39 +123,18 @@ def element_count(sections: dict) -> dict[str, int]:
     return {"pf": forwards, "ingress": ingress, "acl": acl}
 
 
-# ---------------------------------------------------------------------------- namespaces
-def run(*argv: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, check=True, timeout=20, input=stdin, capture_output=True, text=True)
-
-
-def build_lab(prefix: str, created: list[str]) -> dict[str, str]:
-    """<p>-r (eth0 control with a local peer, eth1 public, eth2 tier1), <p>-pub, <p>-g1, <p>-naive."""
-    names = {s: f"{prefix}-{s}" for s in ("r", "pub", "g1", "naive")}
-    for name in names.values():
-        if os.path.exists(f"/run/netns/{name}"):
-            raise SystemExit(f"firewall_scale: namespace {name} already exists; not touching it")
-    for name in names.values():
-        created.append(name)  # from here on it is ours, even if 'ip netns add' is interrupted half-way
-        run("ip", "netns", "add", name)
-        run("ip", "-n", name, "link", "set", "lo", "up")
-    r, pub, g1 = names["r"], names["pub"], names["g1"]
-    run("ip", "-n", r, "link", "add", "eth0", "type", "veth", "peer", "name", "p0")
-    run("ip", "-n", r, "link", "set", "p0", "up")
-    run("ip", "link", "add", "eth1", "netns", r, "type", "veth", "peer", "name", "eth0", "netns", pub)
-    run("ip", "link", "add", "eth2", "netns", r, "type", "veth", "peer", "name", "eth0", "netns", g1)
-    run("ip", "-n", pub, "addr", "add", f"{PUBLIC_PEER}/{PUBLIC_NET.prefixlen}", "dev", "eth0")
-    run("ip", "-n", pub, "link", "set", "eth0", "up")
-    run("ip", "-n", g1, "link", "set", "eth0", "address", GUEST_MAC)
+# ---------------------------------------------------------------------------- the lab
+def guest_g1(router: BenchRouter) -> None:
+    """g1 (the lab gives it web1's MAC) with web1's address, statically: no DHCP client to wait for."""
+    g1 = router.ns("g1")
     run("ip", "-n", g1, "addr", "add", f"{GUEST_IP}/24", "dev", "eth0")
-    run("ip", "-n", g1, "link", "set", "eth0", "up")
     run("ip", "-n", g1, "route", "add", "default", "via", "10.1.1.1")
-    return names
 
 
 # ---------------------------------------------------------------------------- throughput
-def iperf(names: dict[str, str], seconds: int) -> dict:
+def iperf(router: BenchRouter, seconds: int) -> dict:
     """One iperf3 run, g1 -> pub through the router. Server: one-shot, bound to the public host."""
-    pub, g1 = names["pub"], names["g1"]
+    pub, g1 = router.ns("pub"), router.ns("g1")
     # 'ip netns exec' execs iperf3 in place: this PID is iperf3's own, and it is stopped by it.
     server = subprocess.Popen(
         ["ip", "netns", "exec", pub, "iperf3", "-s", "-1", "-J", "-B", PUBLIC_PEER, "-p", IPERF_PORT],
@@ -418,7 +257,7 @@ def loaded_elements() -> dict[str, int]:
     return counts
 
 
-def bench(args, settings: Settings, names: dict[str, str]) -> dict:
+def bench(args, router: BenchRouter) -> dict:
     """All the figures; a step that fails is recorded under "error" and ends the run."""
     figures: dict = {
         "rules": args.rules,
@@ -437,8 +276,8 @@ def bench(args, settings: Settings, names: dict[str, str]) -> dict:
     gc_clock = GcClock()
     gc.callbacks.append(gc_clock)
     try:
-        measure(args, settings, names, figures, gc_clock)
-    except (VrError, RuntimeError, subprocess.SubprocessError, OSError, ValueError, KeyError) as error:
+        measure(args, router, figures, gc_clock)
+    except (VrError, ClientError, RuntimeError, subprocess.SubprocessError, OSError, ValueError, KeyError) as error:
         check_stop()
         figures["error"] = f"{figures.pop('_phase', '?')}: {type(error).__name__}: {error}"
     finally:
@@ -449,9 +288,11 @@ def bench(args, settings: Settings, names: dict[str, str]) -> dict:
     return figures
 
 
-def measure(args, settings: Settings, names: dict[str, str], figures: dict, gc_clock: GcClock) -> None:
+def measure(args, router: BenchRouter, figures: dict, gc_clock: GcClock) -> None:
+    guest_g1(router)
+    settings = router.settings
     raw = base_document()
-    big = scale_sections(args.rules)
+    big = rule_sections(args.rules)
     small = {name: raw[name] for name in big}
     expected = element_count(big)
     figures["port_forwards"] = len(big["nat"]["port_forwarding"])
@@ -461,10 +302,9 @@ def measure(args, settings: Settings, names: dict[str, str], figures: dict, gc_c
     figures["document_bytes"] = len(json.dumps(big))
 
     figures["_phase"] = "cold apply"
-    pipeline = Pipeline(settings)
-    mark = time.perf_counter()
-    result = pipeline.apply(raw)
-    figures["cold_apply_ms"] = round(ms(mark), 1)
+    driver = InProcessDriver(settings)
+    pipeline = driver.pipeline
+    figures["cold_apply_ms"] = round(driver.push(raw).wall_ms, 1)
     generation = raw["generation"]
 
     # Full applies, alternating example-size <-> 10k; throughput measured under each, interleaved
@@ -476,19 +316,18 @@ def measure(args, settings: Settings, names: dict[str, str], figures: dict, gc_c
     for cycle in range(cycles):
         if cycle < args.iperf_runs and args.iperf_seconds > 0:
             figures["_phase"] = f"throughput, example-size rules #{cycle + 1}"
-            run_ = iperf(names, args.iperf_seconds)
+            run_ = iperf(router, args.iperf_seconds)
             tput["0"].append(run_["gbps"])
             server_saw.add(run_["server_saw"])
         check_stop()
         figures["_phase"] = f"full apply #{cycle + 1}"
         generation += 1
         gc_before = gc_clock.total_ms
-        mark = time.perf_counter()
-        result = pipeline.apply({"generation": generation, **big})
-        full.append(ms(mark))
+        pushed = driver.push({"generation": generation, **big})
+        full.append(pushed.wall_ms)
         full_gc.append(gc_clock.total_ms - gc_before)
-        full_steps.append(with_commit(result))
-        figures["full_apply_changed"] = result.changed
+        full_steps.append(pushed.timings_ms)
+        figures["full_apply_changed"] = pushed.changed
         if cycle == 0:
             figures["_phase"] = "count loaded elements"
             counts = loaded_elements()
@@ -503,16 +342,15 @@ def measure(args, settings: Settings, names: dict[str, str], figures: dict, gc_c
                 raise RuntimeError(f"the live table holds {want}, expected {expected}")
         if cycle < args.iperf_runs and args.iperf_seconds > 0:
             figures["_phase"] = f"throughput, {args.rules} rules #{cycle + 1}"
-            run_ = iperf(names, args.iperf_seconds)
+            run_ = iperf(router, args.iperf_seconds)
             tput["10k"].append(run_["gbps"])
             server_saw.add(run_["server_saw"])
         if cycle < cycles - 1:
             figures["_phase"] = f"apply back to example-size rules #{cycle + 1}"
             generation += 1
-            mark = time.perf_counter()
-            result = pipeline.apply({"generation": generation, **small})
-            back.append(ms(mark))
-            back_steps.append(with_commit(result))
+            pushed = driver.push({"generation": generation, **small})
+            back.append(pushed.wall_ms)
+            back_steps.append(pushed.timings_ms)
     figures |= {
         "full_apply_ms": round(statistics.median(full), 1),
         "full_apply_ms_min": round(min(full), 1),
@@ -579,12 +417,11 @@ def measure(args, settings: Settings, names: dict[str, str], figures: dict, gc_c
         payload = {"generation": generation, "port_forwarding_rules": {"upsert": [forward]},
                    "ingress_rules": {"upsert": [rule]}}  # fmt: skip
         gc_before = gc_clock.total_ms
-        mark = time.perf_counter()
-        result = pipeline.apply(payload)
-        series.append(ms(mark))
+        pushed = driver.push(payload)
+        series.append(pushed.wall_ms)
         gc_ms.append(gc_clock.total_ms - gc_before)
-        steps.append(with_commit(result))
-        changed.update(result.changed)
+        steps.append(pushed.timings_ms)
+        changed.update(pushed.changed)
     if series:
         figures |= {
             "incremental_apply_ms_median": round(statistics.median(series), 1),
@@ -600,11 +437,25 @@ def measure(args, settings: Settings, names: dict[str, str], figures: dict, gc_c
         counts = loaded_elements()
         figures["incremental_rules_loaded"] = sum(counts.get(s, 0) for s in PF_SETS) == len(forwards)
 
+    if args.agent and args.repeat:
+        # The same one-rule changes (other ports) through the daemon's agent, as a manager pushes.
+        figures["_phase"] = "agent on"
+        generation += 1
+        agent = attach_agent(driver, settings, generation)
+        try:
+            figures["_phase"] = "incremental applies through the agent"
+            pairs = [incremental_rules(args.repeat + j) for j in range(args.repeat)]
+            payloads = ({"port_forwarding_rules": {"upsert": [forward]}, "ingress_rules": {"upsert": [rule]}}
+                        for forward, rule in pairs)  # fmt: skip
+            figures |= series_figures("incremental_apply_agent_ms", push_series(agent, payloads))
+        finally:
+            agent.close()
+
     # Rule by rule, in the naive namespace.
     figures["_phase"] = "rule by rule"
     commands = naive_commands(big, min(args.naive_rules, args.rules))
     if commands:
-        times = rule_by_rule(names["naive"], commands)
+        times = rule_by_rule(router.ns("naive"), commands)
         measured = sum(times)
         tenth = max(1, len(times) // 10)
         extrapolated = measured * args.rules / len(times)
@@ -680,6 +531,12 @@ def table(f: dict) -> str:
             ("  services changed", ", ".join(f["incremental_apply_changed"]) or "none"),
             ("  note", f["note_incremental"]),
         ]
+    if "incremental_apply_agent_ms_median" in f:
+        rows += [
+            (f"incremental_apply_agent_ms (x{f['incremental_apply_agent_ms_count']}, through the agent)",
+             f"{series_text(f, 'incremental_apply_agent_ms')}  target < {TARGET_INCREMENTAL_MS:.0f}"),
+            ("  timings_ms (median, as the daemon reports)", steps_text(f["incremental_apply_agent_timings_ms_median"])),
+        ]  # fmt: skip
     if "rule_by_rule_ms_extrapolated" in f:
         label = "EXTRAPOLATED linearly" if f["rule_by_rule_is_extrapolated"] else "measured"
         rows += [
@@ -723,6 +580,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=5, help="render/check/transaction runs and full-apply cycles")
     parser.add_argument("--iperf-seconds", type=int, default=3, help="per iperf3 run; 0 skips throughput")
     parser.add_argument("--iperf-runs", type=int, default=3, help="iperf3 runs per ruleset (median)")
+    parser.add_argument("--no-agent", dest="agent", action="store_false",
+                        help="in-process only: not the same one-rule changes through the daemon's agent")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line, last")
     args = parser.parse_args(argv)
     if not 2 <= args.rules <= 40000 or args.naive_rules < 0 or args.repeat < 0 or args.runs < 1:
@@ -732,31 +591,10 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         parser.error("run as root: it creates network namespaces")
 
-    prefix = f"vrfw{os.getpid()}"
-    root = tempfile.mkdtemp(prefix="vrfw-")
-    os.chmod(root, 0o755)  # dnsmasq drops privileges and must still read its files
-    settings = Settings.under_root(root, netns=f"{prefix}-r")
-    created: list[str] = []
-    entered = False
-
-    def work() -> dict:
-        nonlocal entered
-        names = build_lab(prefix, created)
-        netns.enter(names["r"])  # before any thread exists: daemons, probes and nft all live in there
-        entered = True
-        return bench(args, settings, names)
-
-    figures = guarded(work, lambda: cleanup(settings, root, created, entered))
+    router = BenchRouter("firewall_scale", "fw", namespaces=("naive",))
+    router.cleanups.append(lambda: stop_processes(CHILDREN, "firewall_scale"))
+    figures = run_bench(router, lambda r: bench(args, r))
     return report(table(figures), figures, args.json)
-
-
-def cleanup(settings: Settings, root: str, created: list[str], entered: bool) -> None:
-    stop_processes(CHILDREN, "firewall_scale")
-    if entered:
-        stop_router(settings, root, "firewall_scale")
-    for name in created:
-        subprocess.run(["ip", "netns", "del", name], check=False, timeout=20, capture_output=True)
-    shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@ one on a keep-alive connection, one opening a connection per request (`Connectio
            each apply changes haproxy.cfg, so each is `haproxy -c` then SIGUSR2 to the
            master (a hitless reload: listeners handed over to the new worker)
 
+  phase C  (unless --no-agent) the same as B, each weight flip pushed through the daemon: vr.client.
+           RouterClient over HTTPS with a token to the agent on the control address
+
 Reported per phase and client: requests sent, failed (with the client's error messages),
 p50/p99 latency in ms; for phase B, the reloads done, the achieved period and the apply times
 (Pipeline.apply, push to healthy: median, p90, max, and the median of each step). The
@@ -18,7 +21,7 @@ target: 0 failed requests in phase B.
 
 Run as root:  .venv/bin/python bench/lb_reload.py [--requests 2000 --seconds 10 --reload-ms 200] [--json]
 
-Everything it creates (namespaces vrlbb<pid>-*, a temp root, supervisord, haproxy, dnsmasq,
+Everything it creates (bench/harness.py's BenchRouter: namespaces vrb3lb<pid>-*, a temp root, supervisord, haproxy, dnsmasq,
 dhclient, HTTP servers, fetch clients) is removed on exit, on error and on SIGINT/SIGTERM/SIGHUP;
 processes are stopped by PID. The host's own interfaces are never touched: the process moves
 itself into the router namespace before it applies anything.
@@ -30,46 +33,49 @@ import argparse
 import json
 import math
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from common import (
-    STEPS,
+from harness import (
+    EXAMPLE_ROUTER,
+    LB_IP,
+    LB_PORT,
+    MEMBER_PORT,
+    AgentDriver,
+    BenchRouter,
+    InProcessDriver,
     aligned,
+    attach_agent,
     check_stop,
-    guarded,
+    lb_rule,
+    median_steps,
     ms,
     namespace_inode,
     p90,
     report,
+    run_bench,
+    series_text,
     steps_text,
     stop_process,
     stop_processes,
-    stop_router,
-    with_commit,
     yes,
 )
 
-from vr.foundation import netns
+from vr.client import ClientError
 from vr.foundation.errors import VrError
 from vr.lab.harness import Lab
 from vr.services.haproxy import server_states
-from vr.transaction.pipeline import Pipeline
 
 TARGET_FAILED = 0
-EXAMPLES = Path(__file__).resolve().parent.parent / "configs" / "examples"
-LB_IP, LB_PORT, MEMBER_PORT = "192.0.2.12", 80, 8000
 RULE_ID = "web"
 BACKENDS = {"g1": ("web1", "10.1.1.10"), "g2": ("db1", "10.1.2.10")}  # guest -> (server name, DHCP address)
 CLIENTS = {"keepalive": ["--keepalive"], "close": []}  # client kind -> labserver fetch options
 KIND_LABEL = {"keepalive": "keep-alive", "close": "new connection per request"}
-PHASES = ("no_reload", "with_reloads")
-PHASE_LABEL = {"no_reload": "no reloads", "with_reloads": "reloads"}
+PHASES = ("no_reload", "with_reloads", "with_reloads_agent")
+PHASE_LABEL = {"no_reload": "no reloads", "with_reloads": "reloads", "with_reloads_agent": "reloads through the agent"}
 READY_TRIES = 100  # bounded wait for both members UP (x 100 ms)
 CLIENT_GRACE_S = 60  # a client may run this long beyond --seconds before it is killed
 CHILDREN: list[subprocess.Popen] = []  # fetch clients, stopped by PID
@@ -77,16 +83,14 @@ CHILDREN: list[subprocess.Popen] = []  # fetch clients, stopped by PID
 
 # ---------------------------------------------------------------------------- the document
 def nat_section() -> dict:
-    nat = json.loads((EXAMPLES / "router.json").read_text())["nat"]
+    nat = json.loads(EXAMPLE_ROUTER.read_text())["nat"]
     nat["public_ips"].append({"ip": LB_IP})
     return nat
 
 
 def lb_payload(generation: int, web1_weight: int, interval_ms: int) -> dict:
     members = [{"ip": BACKENDS["g1"][1], "weight": web1_weight}, {"ip": BACKENDS["g2"][1], "weight": 1}]
-    rule = {"id": RULE_ID, "public_ip": LB_IP, "public_port": LB_PORT, "private_port": MEMBER_PORT,
-            "protocol": "http", "members": members,
-            "health_check": {"type": "http", "interval_ms": interval_ms}}  # fmt: skip
+    rule = lb_rule(RULE_ID, LB_IP, LB_PORT, members, interval_ms, protocol="http")
     return {"generation": generation, "nat": nat_section(), "load_balancer": {"rules": [rule]}}
 
 
@@ -151,14 +155,14 @@ def finish_clients(clients: dict[str, subprocess.Popen], ended: dict[str, float]
 
 
 # ---------------------------------------------------------------------------- measuring
-def wait_ready(lab: Lab, pipeline: Pipeline) -> float:
+def wait_ready(lab: Lab, driver: InProcessDriver) -> float:
     """Both members UP by haproxy's health checks, then both answer through the LB. Bounded."""
     mark = time.perf_counter()
     states: dict = {}
     for _ in range(READY_TRIES):
         check_stop()
         try:
-            states = server_states(pipeline.runtime).get(RULE_ID, {})
+            states = server_states(driver.runtime).get(RULE_ID, {})
         except OSError:
             states = {}
         if len(states) == len(BACKENDS) and all(state == "UP" for state in states.values()):
@@ -172,13 +176,13 @@ def wait_ready(lab: Lab, pipeline: Pipeline) -> float:
     return ms(mark)
 
 
-def reload_loop(pipeline: Pipeline, clients: dict[str, subprocess.Popen], ended: dict, started: float,
-                state: dict, args) -> dict:  # fmt: skip
+def reload_loop(driver: InProcessDriver | AgentDriver, runtime, clients: dict[str, subprocess.Popen], ended: dict,
+                started: float, state: dict, args) -> dict:  # fmt: skip
     """Apply a weight flip every --reload-ms until both clients are done. Bounded in count and time."""
     period = args.reload_ms / 1000
     limit = math.ceil((args.seconds + CLIENT_GRACE_S) / period)
     inode = namespace_inode()
-    supervisor = pipeline.runtime.supervisor
+    supervisor = runtime.supervisor
     master_before = supervisor.pid("haproxy")
     durations, steps, starts, changed, processes = [], [], [], set(), []
     not_reloaded = 0
@@ -193,12 +197,11 @@ def reload_loop(pipeline: Pipeline, clients: dict[str, subprocess.Popen], ended:
         next_at = max(next_at + period, time.monotonic())  # late: no catch-up burst
         state["generation"] += 1
         state["phase"] = f"reload #{n + 1}"
-        mark = time.perf_counter()
-        result = pipeline.apply(lb_payload(state["generation"], 2 if n % 2 == 0 else 1, args.interval_ms))
-        durations.append(ms(mark))
-        steps.append(with_commit(result))
-        changed.update(result.changed)
-        not_reloaded += "haproxy" not in result.changed
+        pushed = driver.push(lb_payload(state["generation"], 2 if n % 2 == 0 else 1, args.interval_ms))
+        durations.append(pushed.wall_ms)
+        steps.append(pushed.timings_ms)
+        changed.update(pushed.changed)
+        not_reloaded += "haproxy" not in pushed.changed
         processes.append(haproxy_processes(inode))
     master_after = supervisor.pid("haproxy")
     report = {
@@ -215,9 +218,7 @@ def reload_loop(pipeline: Pipeline, clients: dict[str, subprocess.Popen], ended:
             "reload_apply_ms_median": round(statistics.median(durations), 1),
             "reload_apply_ms_p90": round(p90(durations), 1),
             "reload_apply_ms_max": round(max(durations), 1),
-            "reload_apply_timings_ms_median": {
-                s: round(statistics.median(t.get(s, 0.0) for t in steps), 2) for s in STEPS
-            },
+            "reload_apply_timings_ms_median": median_steps(steps),
         }
     if len(starts) > 1:
         report["reload_period_ms_achieved"] = round((starts[-1] - starts[0]) * 1000 / (len(starts) - 1), 1)
@@ -269,22 +270,26 @@ def bench(args, lab: Lab) -> dict:
     state = {"generation": 0, "phase": "?"}
     try:
         measure(args, lab, figures, state)
-    except (VrError, RuntimeError, subprocess.SubprocessError, OSError, ValueError, KeyError) as error:
+    except (VrError, ClientError, RuntimeError, subprocess.SubprocessError, OSError, ValueError, KeyError) as error:
         check_stop()
         figures["error"] = f"{state['phase']}: {type(error).__name__}: {error}"
     if "failed_with_reloads" in figures:
         figures["reload_met"] = figures["failed_with_reloads"] <= TARGET_FAILED and figures.get("reloads_done", 0) > 0
     else:
         figures["reload_met"] = False
-    figures["all_met"] = figures["reload_met"] and figures.get("failed_no_reload") == 0 and "error" not in figures
+    if "failed_with_reloads_agent" in figures:
+        figures["reload_agent_met"] = (figures["failed_with_reloads_agent"] <= TARGET_FAILED
+                                       and figures.get("reloads_done_agent", 0) > 0)  # fmt: skip
+    figures["all_met"] = (figures["reload_met"] and figures.get("reload_agent_met", True)
+                          and figures.get("failed_no_reload") == 0 and "error" not in figures)  # fmt: skip
     return figures
 
 
 def measure(args, lab: Lab, figures: dict, state: dict) -> None:
-    pipeline = Pipeline(lab.settings)
+    driver = InProcessDriver(lab.settings)
     state["phase"] = "apply configs/examples/router.json"
-    example = json.loads((EXAMPLES / "router.json").read_text())
-    pipeline.apply(example)
+    example = json.loads(EXAMPLE_ROUTER.read_text())
+    driver.push(example)
     state["generation"] = example["generation"]
     for guest in BACKENDS:
         check_stop()
@@ -297,12 +302,11 @@ def measure(args, lab: Lab, figures: dict, state: dict) -> None:
         lab.serve(lab.ns(guest), name, MEMBER_PORT, http=True)
     state["phase"] = "apply the load-balancer rule"
     state["generation"] += 1
-    mark = time.perf_counter()
-    result = pipeline.apply(lb_payload(state["generation"], 1, args.interval_ms))
-    figures["lb_first_apply_ms"] = round(ms(mark), 1)
-    figures["lb_first_apply_changed"] = result.changed
+    pushed = driver.push(lb_payload(state["generation"], 1, args.interval_ms))
+    figures["lb_first_apply_ms"] = round(pushed.wall_ms, 1)
+    figures["lb_first_apply_changed"] = pushed.changed
     state["phase"] = "wait for both members"
-    figures["ready_ms"] = round(wait_ready(lab, pipeline), 1)
+    figures["ready_ms"] = round(wait_ready(lab, driver), 1)
 
     check_stop()
     state["phase"] = "phase A (no reloads)"
@@ -310,10 +314,29 @@ def measure(args, lab: Lab, figures: dict, state: dict) -> None:
 
     check_stop()
     state["phase"] = "phase B (reloads)"
-    outcome = phase(lab, args, lambda *running: reload_loop(pipeline, *running, state, args))
+    outcome = phase(lab, args, lambda *running: reload_loop(driver, driver.runtime, *running, state, args))
     state["phase"] = "phase B (reloads), results"
     record(figures, "with_reloads", outcome.pop("clients"))
     figures |= outcome
+
+    if args.agent:  # phase C: the same, the weight flips pushed through the daemon's agent
+        check_stop()
+        state["phase"] = "agent on"
+        state["generation"] += 1
+        agent = attach_agent(driver, lab.settings, state["generation"])
+        try:
+            state["phase"] = "phase C (reloads through the agent)"
+            outcome = phase(lab, args, lambda *running: reload_loop(agent, driver.runtime, *running, state, args))
+        finally:
+            agent.close()
+        state["phase"] = "phase C (reloads through the agent), results"
+        record(figures, "with_reloads_agent", outcome.pop("clients"))
+        figures |= {agent_name(k): v for k, v in outcome.items()}
+
+
+def agent_name(key: str) -> str:
+    """A reload figure's name for phase C: reload_apply_ms_median -> reload_apply_agent_ms_median."""
+    return key.replace("_ms", "_agent_ms", 1) if "_ms" in key else f"{key}_agent"
 
 
 def haproxy_version() -> str:
@@ -407,6 +430,15 @@ def table(f: dict) -> str:
                 f"max {f['haproxy_processes_max']}, {f['haproxy_processes_after_last_reload']} after the last reload",
             ),
         ]
+    if "reload_applies_agent" in f:
+        done = f"{f['reloads_done_agent']} reloads in {f['reload_applies_agent']} applies"
+        kept = yes(f["haproxy_master_pid_unchanged_agent"])
+        rows.append(("reloads through the agent", f"{done}; haproxy master pid unchanged: {kept}"))
+        if "reload_apply_agent_ms_median" in f:
+            rows.append(("  reload apply ms (push to healthy, agent)", series_text(f, "reload_apply_agent_ms")))
+    if "failed_with_reloads_agent" in f:
+        verdict = f"{f['failed_with_reloads_agent']}  target {TARGET_FAILED}  met: {yes(f['reload_agent_met'])}"
+        rows.append(("failed_with_reloads_agent", verdict))
     if "failed_with_reloads" in f:
         rows.append(
             (
@@ -425,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reload-ms", type=int, default=200, help="period of the reloads in phase B")
     parser.add_argument("--interval-ms", type=int, default=500, help="haproxy's health-check interval")
     parser.add_argument("--timeout", type=float, default=5.0, help="the clients' per-request timeout (s)")
+    parser.add_argument("--no-agent", dest="agent", action="store_false",
+                        help="no phase C: the same reloads pushed through the daemon's agent")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line, last")
     args = parser.parse_args(argv)
     if not 1 <= args.requests <= 100_000 or not 0.1 <= args.seconds <= 600:
@@ -434,31 +468,10 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         parser.error("run as root: it creates network namespaces")
 
-    root = tempfile.mkdtemp(prefix="vrlbb-")
-    os.chmod(root, 0o755)  # dnsmasq drops privileges and must still read its files
-    lab = Lab(root, prefix=f"vrlbb{os.getpid() % 100000}")
-    entered = False
-
-    def work() -> dict:
-        nonlocal entered
-        lab.up()  # removes what it made if it fails
-        netns.enter(lab.router_ns)  # before any thread exists: supervisord and its daemons live in there
-        entered = True
-        return bench(args, lab)
-
-    figures = guarded(work, lambda: cleanup(lab, root, entered))
+    router = BenchRouter("lb_reload", "lb")
+    router.cleanups.append(lambda: stop_processes(CHILDREN, "lb_reload"))
+    figures = run_bench(router, lambda r: bench(args, r.lab))
     return report(table(figures), figures, args.json)
-
-
-def cleanup(lab: Lab, root: str, entered: bool) -> None:
-    stop_processes(CHILDREN, "lb_reload")
-    if entered:
-        stop_router(lab.settings, root, "lb_reload")  # supervisord, haproxy (old workers too), dnsmasq
-    try:
-        lab.down()  # HTTP servers, dhclients, namespaces
-    except (OSError, subprocess.SubprocessError) as error:
-        print(f"lb_reload: lab down: {error}", file=sys.stderr)
-    shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

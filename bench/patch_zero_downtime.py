@@ -9,7 +9,8 @@ haproxy config changes, haproxy reloads, the monitor restarts on the new code), 
 here with a key made here, which the router is told to trust.
 
 Each run: a baseline window (the traffic alone), then `vr patch apply BUNDLE --json`, then
-`vr patch rollback --json`, each inside a traffic window (vr/lab/traffic.py, --seconds long; the
+`vr patch rollback --json`, each inside a traffic window (a command refused because a push
+holds the router's lock, exit 75, is run again every 20 ms, at most 100 times, and counted) (vr/lab/traffic.py, --seconds long; the
 command starts 1 s into it):
   ping  g1 -> the public host 192.0.2.1, 1,000 packets/s (source NAT)        lost
   http  public host -> 192.0.2.12:80, 100 GETs/s, a fresh connection each      failed
@@ -17,6 +18,8 @@ command starts 1 s into it):
   dns   g2 -> 10.1.2.1, A web1.cloud.internal every 10 ms, 50 ms to answer     failed, longest gap
                                              (and how many of the failed were answered late, < 1 s)
   dhcp  g2: a real dhclient renewal (DHCPREQUEST of its lease) every 0.5 s     failed, address kept
+  agent the manager (mgmt namespace) -> the agent on 169.254.0.10:8443 over HTTPS with a token,
+        --agent-rate requests/s: GET /v1/status and one-VM pushes in turn, no retries   failed
 After each command: 10 GETs with the header read: X-Vr-Release 0.1.1 after apply, absent after
 rollback. The command's wall time and the duration_ms it reports are recorded, and how much of
 the window was left after it (under 0.5 s: the window did not cover it; a longer --seconds does).
@@ -27,7 +30,7 @@ task waited for a CPU), dnsmasq's own wait for a CPU (/proc/<pid>/schedstat; a D
 ~N ms with dnsmasq waiting ~N ms is CPU starvation, not the router), and how many network
 namespaces of others exist (other sessions' labs on the same CPUs).
 
-Targets: 0 pings lost, 0 HTTP requests failed, the TCP connection held, 0 DNS queries failed and
+Targets: 0 pings lost, 0 HTTP requests failed, 0 agent requests failed, the TCP connection held, 0 DNS queries failed and
 the longest DNS gap < 100 ms, 0 DHCP renewals failed and the address kept, the header right
 (the baseline's are shown, not counted). With --runs N, baseline + apply + rollback N times;
 the worst of the runs is reported (the most lost,
@@ -36,7 +39,7 @@ is printed (exit 0); an error exits 1.
 
 Run as root:  .venv/bin/python bench/patch_zero_downtime.py [--seconds 4 --runs 1] [--json]
 
-Everything it creates (namespaces vrpz<pid>-*, a temp root with the bundle and the key,
+Everything it creates (bench/harness.py's BenchRouter: namespaces vrb3pz<pid>-*, a temp root with the bundle and the key,
 supervisord and its daemons, dhclient, the servers, the traffic clients) is removed on exit,
 on error and on SIGINT/SIGTERM/SIGHUP; processes are stopped by PID.
 """
@@ -51,21 +54,26 @@ import select
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from common import (
+from harness import (
     LB_IP,
     LB_PORT,
     MEMBER_PORT,
+    BenchRouter,
+    CliDriver,
+    agent_section,
+    agent_traffic_result,
     aligned,
+    bench_token,
     check_stop,
-    guarded,
-    lab_cleanup,
     lb_payload,
     report,
+    run_bench,
+    start_agent_traffic,
     stop_processes,
+    wait_healthz,
     yes,
 )
 
@@ -75,6 +83,8 @@ from vr.lab.traffic import Traffic
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "configs" / "examples"
 PATCH_EXAMPLE, VERSION, HEADER = REPO / "patches" / "examples" / "0.1.1", "0.1.1", "X-Vr-Release"
+BUSY_EXIT, BUSY_RETRIES, BUSY_PAUSE_S = 75, 100, 0.02  # `vr patch` finding the router's lock held: tried again
+AGENT_VM = {"tier": "tier1", "mac": "02:00:00:00:01:60", "ip": "10.1.1.60", "hostname": "agent-vm"}  # pushed in turn
 MEMBERS = {"g1": ("web1", "10.1.1.10"), "g2": ("db1", "10.1.2.10")}  # guest -> (server name, leased address)
 FORWARD, FORWARD_GUEST, FORWARD_PORT = ("192.0.2.10", 8080), "g1", 80  # router.json's port forward web-http
 DNS_NAME, DNS_ANSWER = "web1.cloud.internal", "10.1.1.10"
@@ -85,7 +95,7 @@ PHASES = ("apply", "rollback")  # the measured commands
 WINDOWS = ("baseline", *PHASES)  # baseline: the same traffic window without a command
 PER_RUN = ("wall_ms", "duration_ms", "ping_lost", "http_failed", "tcp_held", "dns_failed", "dns_max_gap_ms",
            "dns_late_answers", "dhcp_failed", "dhcp_address_kept", "tail_s", "load_1m", "cpu_pressure_pct",
-           "dnsmasq_cpu_wait_ms")  # fmt: skip
+           "dnsmasq_cpu_wait_ms", "agent_failed")  # fmt: skip
 CHILDREN: list[subprocess.Popen] = []  # the servers, stopped by PID
 TRAFFIC: list[Traffic] = []  # every traffic window, stopped (again) on the way out
 
@@ -111,10 +121,9 @@ def lifetime_s(args) -> float:
 
 def build(lab: Lab, root: Path, args, state: dict) -> Path:
     """The lab, its servers and LB rule; the signed bundle, its key trusted. The bundle's path."""
-    state["phase"] = "lab up"
-    lab.up()
     state["phase"] = "apply configs/examples/router.json"
-    lab.vr("apply", str(EXAMPLES / "router.json"))
+    cli = CliDriver(lab)  # an operator's `vr apply` processes
+    cli.push(json.loads((EXAMPLES / "router.json").read_text()))
     for guest, (name, address) in MEMBERS.items():
         state["phase"] = f"DHCP in {guest}"
         lease = lab.dhcp(guest)
@@ -124,11 +133,15 @@ def build(lab: Lab, root: Path, args, state: dict) -> Path:
         serve(lab, guest, name, MEMBER_PORT, http=True, seconds=lifetime_s(args))
     serve(lab, FORWARD_GUEST, "web1", FORWARD_PORT, http=False, seconds=lifetime_s(args))
     state["phase"] = "apply the load-balancer rule"
-    payload = root / "lb.json"
-    payload.write_text(json.dumps(lb_payload(2, [ip for _, ip in MEMBERS.values()])))
-    lab.vr("apply", str(payload))
+    token = bench_token()  # the agent on: the manager's requests are part of the traffic
+    state["token_file"] = root / "agent.token"
+    state["token_file"].write_text(token)
+    state["token_file"].chmod(0o600)
+    cli.push(lb_payload(2, [ip for _, ip in MEMBERS.values()]) | agent_section(token))
     if not lab.wait_lb_up():
         raise RuntimeError(f"the LB members never came up: {lab.lb_states()}")
+    state["phase"] = "the agent answers"
+    wait_healthz(lab.settings, namespace=lab.ns("mgmt"))
     state["phase"] = f"make the {VERSION} bundle"
     source, keys, bundle = root / f"src-{VERSION}", root / "keys", root / f"vr-{VERSION}.tar.gz"
     keys.mkdir(mode=0o700)
@@ -145,15 +158,17 @@ def build(lab: Lab, root: Path, args, state: dict) -> Path:
 
 
 # ---------------------------------------------------------------------------- measuring
-def window(lab: Lab, args, command: list[str] | None, state: dict) -> dict:
+def window(router: BenchRouter, args, command: list[str] | None, state: dict) -> dict:
     """Traffic for --seconds, the command LEAD_S into it (None: no command, the baseline); the
     command's and the traffic's figures, and the machine's load average when the window began."""
+    lab = router.lab
+    manager = start_agent_traffic(router, state["token_file"], args.seconds, args.agent_rate, AGENT_VM)
     traffic = Traffic(lab, seconds=args.seconds, lb_ip=LB_IP, lb_port=LB_PORT, header=HEADER, forward=FORWARD,
                       dns_name=DNS_NAME, dns_answer=DNS_ANSWER, dns_guest="g2", ping_guest="g1", dhcp_guest="g2")  # fmt: skip
     TRAFFIC.append(traffic)
     load, dnsmasq = os.getloadavg()[0], service_pid(lab, "dnsmasq")
     waited, stalled, began = runqueue_wait_ns(dnsmasq), cpu_stall_us(), time.monotonic()
-    result, mark, done = None, None, None
+    result, mark, done, busy = None, None, None, 0
     with traffic:
         while time.monotonic() < traffic.started + LEAD_S:
             check_stop()
@@ -161,8 +176,14 @@ def window(lab: Lab, args, command: list[str] | None, state: dict) -> dict:
         if command is not None:
             mark = time.monotonic()
             result = lab.vr(*command, check=False)
+            while result.returncode == BUSY_EXIT and busy < BUSY_RETRIES:  # a push through the agent holds the lock
+                busy += 1
+                time.sleep(BUSY_PAUSE_S)
+                result = lab.vr(*command, check=False)
             done = time.monotonic()
     elapsed = time.monotonic() - began
+    agent = agent_traffic_result(manager, args.seconds + 30)
+    router.children.remove(manager)
     machine = {
         "load_1m": round(load, 2),
         "cpu_pressure_pct": None if stalled is None else round((cpu_stall_us() - stalled) / 1e4 / elapsed, 1),
@@ -170,7 +191,9 @@ def window(lab: Lab, args, command: list[str] | None, state: dict) -> dict:
         "dnsmasq_pid_kept": service_pid(lab, "dnsmasq") == dnsmasq,
         "other_namespaces": len(other_namespaces(lab)),
     }
-    figures = traffic.result() | machine
+    figures = traffic.result() | machine | {"agent_sent": agent["sent"], "agent_failed": agent["failed"],
+                                              "agent_pushes": agent["pushes"], "agent_errors": agent["errors"],
+                                              "agent_max_ms": round(agent["max_ms"], 1), "busy_retries": busy}  # fmt: skip
     if result is None:
         return figures | dict.fromkeys(("wall_ms", "duration_ms", "from_to", "outcome", "lead_s", "tail_s"))
     if result.returncode != 0:
@@ -221,9 +244,10 @@ def header_after(lab: Lab) -> dict:
 
 def worst(runs: list[dict]) -> dict:
     """The worst of the runs for each figure (see the docstring)."""
-    low = ("ping_sent", "http_sent", "tcp_exchanges", "dns_queries", "dhcp_renewals", "tail_s")
+    low = ("ping_sent", "http_sent", "tcp_exchanges", "dns_queries", "dhcp_renewals", "tail_s", "agent_sent")
     high = ("ping_lost", "http_failed", "dns_failed", "dns_max_gap_ms", "dns_late_answers", "dhcp_failed", "wall_ms",
-            "duration_ms", "load_1m", "cpu_pressure_pct", "dnsmasq_cpu_wait_ms", "other_namespaces")  # fmt: skip
+            "duration_ms", "load_1m", "cpu_pressure_pct", "dnsmasq_cpu_wait_ms", "other_namespaces", "agent_failed",
+            "agent_max_ms", "busy_retries")  # fmt: skip
     out = {}
     for keys, pick in ((low, min), (high, max)):
         for key in keys:
@@ -233,7 +257,7 @@ def worst(runs: list[dict]) -> dict:
     out["dhcp_address_kept"] = all(r["dhcp_address_kept"] for r in runs)
     out["dnsmasq_pid_kept"] = all(r["dnsmasq_pid_kept"] for r in runs)
     out["headers_during"] = runs[-1]["headers"]
-    for key in ("http_errors", "dns_errors", "dns_late", "dhcp_errors"):
+    for key in ("http_errors", "dns_errors", "dns_late", "dhcp_errors", "agent_errors"):
         out[key] = [e for r in runs for e in r[key]][:5]
     out["tcp_error"] = next((r["tcp_error"] for r in runs if r["tcp_error"]), None)
     return out
@@ -247,20 +271,22 @@ def met(phase: dict) -> dict:
         "dns_failed": phase["dns_failed"] == 0,
         "dns_gap": phase["dns_max_gap_ms"] < TARGET_DNS_GAP_MS,
         "dhcp": phase["dhcp_failed"] == 0 and phase["dhcp_address_kept"],
+        "agent": phase["agent_failed"] == 0,
     }
 
 
-def bench(args, lab: Lab, root: Path) -> dict:
+def bench(args, router: BenchRouter) -> dict:
     """All the figures; a step that fails is recorded under "error" and ends the run."""
     targets = {"ping_lost": 0, "http_failed": 0, "tcp_held": True, "dns_failed": 0,
                "dns_max_gap_ms_below": TARGET_DNS_GAP_MS, "dhcp_failed": 0, "dhcp_address_kept": True,
                "header_after_apply": VERSION, "header_after_rollback": None}  # fmt: skip
-    figures: dict = {"lab": lab.prefix, "patch": VERSION, "seconds": args.seconds, "runs": args.runs,
+    figures: dict = {"lab": router.lab.prefix, "patch": VERSION, "seconds": args.seconds, "runs": args.runs,
                      "cpus": len(os.sched_getaffinity(0)), "targets": targets}  # fmt: skip
     state = {"phase": "?"}
     measured: dict[str, list[dict]] = {p: [] for p in WINDOWS}
     headers: dict[str, list[dict]] = {p: [] for p in PHASES}
     try:
+        lab, root = router.lab, Path(router.root)
         bundle = build(lab, root, args, state)
         commands = {"baseline": None, "apply": ["patch", "apply", str(bundle), "--json"],
                     "rollback": ["patch", "rollback", "--json"]}  # fmt: skip
@@ -268,7 +294,7 @@ def bench(args, lab: Lab, root: Path) -> dict:
             for phase in WINDOWS:
                 check_stop()
                 state["phase"] = f"run {n + 1}: {phase}"
-                measured[phase].append(window(lab, args, commands[phase], state))
+                measured[phase].append(window(router, args, commands[phase], state))
                 if phase in PHASES:
                     headers[phase].append(header_after(lab))
     except (RuntimeError, subprocess.SubprocessError, OSError, ValueError, KeyError, TypeError) as error:
@@ -344,6 +370,10 @@ def table(f: dict) -> str:
     line("dhcp renewals / failed", lambda p: f"{f[f'{p}_dhcp_renewals']} / {f[f'{p}_dhcp_failed']}",
          "0 failed, kept", "dhcp")  # fmt: skip
     line("dhcp address kept", lambda p: yes(f[f"{p}_dhcp_address_kept"]))
+    line("agent requests / failed", lambda p: f"{f[f'{p}_agent_sent']} / {f[f'{p}_agent_failed']}", "0 failed",
+         "agent")  # fmt: skip
+    line("  agent slowest ms", lambda p: f"{f[f'{p}_agent_max_ms']:.0f}")
+    line("command refused busy, retried", lambda p: str(f[f"{p}_busy_retries"]))
     line(f"{HEADER} during", lambda p: _headers(f[f"{p}_headers_during"]))
     line(f"{HEADER} after (10)", lambda p: _headers(f[f"{p}_header_after"]), f"{VERSION} / absent", "header")
     line("dnsmasq kept its pid", lambda p: yes(f[f"{p}_dnsmasq_pid_kept"]))
@@ -351,7 +381,7 @@ def table(f: dict) -> str:
     line("cpu pressure % (PSI)", lambda p: _num(f[f"{p}_cpu_pressure_pct"], ".1f"))
     line("dnsmasq cpu wait ms, sum", lambda p: _num(f[f"{p}_dnsmasq_cpu_wait_ms"], ".1f"))
     for p in present:
-        for key in ("http_errors", "dns_errors", "dns_late", "dhcp_errors"):
+        for key in ("http_errors", "dns_errors", "dns_late", "dhcp_errors", "agent_errors"):
             label = {"dns_late": "dns late"}.get(key, key.replace("_", " ")[:-1])
             rows += [(f"  {p} {label}", e) for e in f[f"{p}_{key}"]]
         if f[f"{p}_tcp_error"]:
@@ -384,28 +414,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=4.0, help="each traffic window (the command starts 1 s in)")
     parser.add_argument("--runs", type=int, default=1, help="apply + rollback this many times; the worst is shown")
+    parser.add_argument("--agent-rate", type=float, default=20.0,
+                        help="the manager's requests to the agent per second (half status, half one-VM pushes)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line, last")
     args = parser.parse_args(argv)
-    if not 2 <= args.seconds <= 120 or not 1 <= args.runs <= 50:
-        parser.error("need 2 <= seconds <= 120 and 1 <= runs <= 50")
+    if not 2 <= args.seconds <= 120 or not 1 <= args.runs <= 50 or not 1 <= args.agent_rate <= 200:
+        parser.error("need 2 <= seconds <= 120, 1 <= runs <= 50 and 1 <= agent-rate <= 200")
     if os.geteuid() != 0:
         parser.error("run as root: it creates network namespaces")
 
-    root = Path(tempfile.mkdtemp(prefix="vrpz-"))
-    os.chmod(root, 0o755)  # dnsmasq drops privileges and must still read its files
-    lab = Lab(root, prefix=f"vrpz{os.getpid() % 100000}")
-    figures = guarded(lambda: bench(args, lab, root), lambda: cleanup(lab, root))
+    router = BenchRouter("patch_zero_downtime", "pz")
+    router.cleanups += [lambda: stop_processes(CHILDREN, "patch_zero_downtime"), stop_traffic]
+    figures = run_bench(router, lambda r: bench(args, r), enter=False)
     return report(table(figures), figures, args.json)
 
 
-def cleanup(lab: Lab, root: Path) -> None:
+def stop_traffic() -> None:
     for traffic in TRAFFIC:  # each stops its own on the way out of its block; again, in case a signal cut that
         try:
             traffic.stop()
         except (OSError, subprocess.SubprocessError) as error:
             print(f"patch_zero_downtime: stopping traffic: {error}", file=sys.stderr)
-    stop_processes(CHILDREN, "patch_zero_downtime")
-    lab_cleanup(lab, str(root), "patch_zero_downtime")
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ Targets: killed < 1 s, hung < 5 s (both the median and the max); monitor < 30 MB
 
 Run as root:  .venv/bin/python bench/recovery.py [--kills 20 --hangs 20 --idle-seconds 10 --stable-s 2] [--json]
 
-Everything it creates (namespaces vrrec<pid>-*, a temp root, supervisord and its daemons,
+Everything it creates (bench/harness.py's BenchRouter: namespaces vrb3rec<pid>-*, a temp root, supervisord and its daemons,
 dhclient, the HTTP server, the helpers) is removed on exit, on error and on SIGINT/SIGTERM/
 SIGHUP; processes are stopped by PID, and a process it stopped (SIGSTOP) is continued first.
 """
@@ -57,20 +57,20 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from common import (
+from harness import (
     LB_IP,
     LB_PORT,
     MEMBER_PORT,
+    BenchRouter,
+    CliDriver,
     aligned,
     check_stop,
-    guarded,
-    lab_cleanup,
     lb_payload,
     report,
+    run_bench,
     stop_processes,
     yes,
 )
@@ -336,10 +336,9 @@ def serve_http(lab: Lab, seconds: float) -> None:
         raise RuntimeError("the HTTP server in g1 did not start")
 
 
-def apply(lab: Lab, root: str, payload: dict) -> str:
-    path = Path(root) / f"payload-{payload['generation']}.json"
-    path.write_text(json.dumps(payload))
-    return lab.vr("apply", str(path)).stdout.strip()
+def apply(lab: Lab, root: str, payload: dict) -> None:
+    """A push through a fresh `vr apply` process (the CLI driver), as an operator's."""
+    CliDriver(lab).push(payload)
 
 
 def policy(window_s: float) -> dict:
@@ -348,10 +347,8 @@ def policy(window_s: float) -> dict:
 
 
 def build(lab: Lab, root: str, args, state: dict) -> None:
-    state["phase"] = "lab up"
-    lab.up()
     state["phase"] = "apply configs/examples/router.json"
-    lab.vr("apply", str(EXAMPLES / "router.json"))
+    apply(lab, root, json.loads((EXAMPLES / "router.json").read_text()))
     state["phase"] = "DHCP in g1"
     lease = lab.dhcp("g1")
     if lease["address"] != MEMBER_IP:
@@ -534,6 +531,9 @@ def bench(args, lab: Lab, root: str) -> dict:
             count = args.kills if signum == signal.SIGKILL else args.hangs
             if count:
                 scenario(lab, root, helpers[daemon], name, count, args, state, figures)
+        killed = [figures[f"{n}_max_ms"] for n in ("dnsmasq_killed", "haproxy_killed") if figures.get(f"{n}_max_ms")]
+        if killed:  # killed -> answering again, the worst over every kill of every daemon
+            figures["kill_recovery_max_ms"] = max(killed)
         idle(lab, args.idle_seconds, state, figures)
         figures["restarts_counted"] = {d: service(lab, d)["monitor"]["restarts"] for d in ("dnsmasq", "haproxy")}
     except (RuntimeError, subprocess.SubprocessError, OSError, ValueError, KeyError, TypeError) as error:
@@ -596,6 +596,8 @@ def table(f: dict) -> str:
         notes.append((f"  {label}", note))
         notes += [(f"  {label} error", error) for error in f.get(f"{name}_errors", [])]
     rows += notes
+    if f.get("kill_recovery_max_ms") is not None:
+        rows.append(("kill_recovery_max_ms (every kill)", f"{f['kill_recovery_max_ms']:.1f}"))
     if "monitor_rss_mb" in f:
         rows += [
             ("", ""),
@@ -642,18 +644,10 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         parser.error("run as root: it creates network namespaces")
 
-    root = tempfile.mkdtemp(prefix="vrrec-")
-    os.chmod(root, 0o755)  # dnsmasq drops privileges and must still read its files
-    lab = Lab(root, prefix=f"vrrec{os.getpid() % 100000}")
-    figures = guarded(lambda: bench(args, lab, root), lambda: cleanup(lab, root))
+    router = BenchRouter("recovery", "rec")
+    router.cleanups += [lambda: stop_processes(CHILDREN, "recovery"), kill_orphans, continue_stopped]
+    figures = run_bench(router, lambda r: bench(args, r.lab, r.root), enter=False)
     return report(table(figures), figures, args.json)
-
-
-def cleanup(lab: Lab, root: str) -> None:
-    continue_stopped()
-    kill_orphans()
-    stop_processes(CHILDREN, "recovery")
-    lab_cleanup(lab, str(root), "recovery")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,10 @@ Measured in-process, in the router's namespace (Pipeline.apply, push to healthy)
                         from those recorded once all were up, on router A's charon and on the
                         peer's, checked after every change (--settle-s after the re-establishment)
 
+  one_change_agent_ms   (unless --no-agent) --changes more one-tunnel changes (esp_lifetime_s
+                        flipped) pushed through the daemon: vr.client.RouterClient over HTTPS
+                        with a token to the agent on the control address (wall time)
+
 Each apply's Result.timings_ms is shown per step (as in last_apply.json), plus "commit". Its
 "check" step includes Pipeline._stage (changed files written, unchanged ones hard-linked).
 
@@ -35,7 +39,7 @@ bench itself broke.
 Run as root:  .venv/bin/python bench/vpn_scale.py [--tunnels 50 --changes 5 --settle-s 1] [--json]
               (--profile: cProfile one more change, on stderr; --keep-logs DIR: the charons' logs)
 
-Everything it creates (namespaces vrbv<pid>-*, a temp root, supervisord, dnsmasq, router A's
+Everything it creates (bench/harness.py's BenchRouter: namespaces vrb3bv<pid>-*, a temp root, supervisord, dnsmasq, router A's
 charon and checker, the peer charon) is removed on exit, on error and on SIGINT/SIGTERM/SIGHUP;
 processes are stopped by PID. The host's own interfaces are never touched: the process moves
 itself into the router namespace before it applies anything.
@@ -47,47 +51,47 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import NamedTuple
 
-from common import (
+from harness import (
+    EXAMPLE_ROUTER,
     STEPS,
+    VPN_LOCAL_IP,
+    BenchRouter,
+    InProcessDriver,
+    Sa,
     aligned,
+    attach_agent,
     check_stop,
-    guarded,
+    load_peer,
     ms,
+    peer_ip,
+    peer_subnet,
+    push_series,
     report,
+    router_connection,
+    run_bench,
+    series_figures,
+    series_text,
+    snapshot,
+    start_peer,
     steps_text,
-    stop_process,
-    stop_router,
-    with_commit,
+    tunnel,
     yes,
 )
 from vici.exception import CommandException, SessionException
 
-from vr.foundation import netns
+from vr.client import ClientError
 from vr.foundation.errors import VrError
 from vr.lab.harness import Lab
-from vr.services.runtime import Runtime
-from vr.services.strongswan import CHARON, client_conf, kernel_has_esp, live_socket, vici_session
-from vr.transaction.pipeline import Pipeline
+from vr.services.strongswan import kernel_has_esp, live_socket, vici_session
 
 TARGET_ONE_CHANGE_MS = 100.0
 TARGET_DISTURBED = 0
-EXAMPLES = Path(__file__).resolve().parent.parent / "configs" / "examples"
-LOCAL_IP = "192.0.2.10"  # router A's public IP (configs/examples/router.json)
-LOCAL_SUBNET = "10.1.1.0/24"  # router A's tier1
-PEER_GATEWAY = "198.51.100.1"  # the "internet" namespace, towards <p>-rb
-SITES_IF = "sites"  # a veth pair (no dummy driver here) in <p>-rb: 10.200.i.1/24 of every site
-PEER_HALF_OPEN = 1000  # the peer charon's half-open IKE_SA limits (see peer_conf)
-PEER_BASE = 10  # peer i answers on 198.51.100.(PEER_BASE + i)
-IKE_PROPOSALS, ESP_PROPOSALS = ["aes256-sha256-modp2048"], ["aes256-sha256"]  # vr's defaults, mirrored
 ESTABLISH_TIMEOUT_S = 60.0  # bounded wait for all tunnels up
 REESTABLISH_TIMEOUT_S = 15.0  # bounded wait for a changed tunnel up again
 ALL_POLL_S, ONE_POLL_S = 0.02, 0.005
@@ -97,34 +101,9 @@ KIND_LABEL = {
     "dpd_interval": "dpd_interval_s 30 -> 20",
     "peer_subnet": "peer_subnets /24 -> /25",
 }
-PEER: dict[str, subprocess.Popen] = {}  # the peer charon, stopped by PID
-
-
-class Sa(NamedTuple):
-    ike: str  # IKE_SA uniqueid
-    children: tuple[str, ...]  # CHILD_SA uniqueids
-    up: bool  # ESTABLISHED with an INSTALLED child
-    remote_ts: tuple[str, ...]  # of the installed children
 
 
 # ---------------------------------------------------------------------------- the documents
-def peer_ip(i: int) -> str:
-    return f"198.51.100.{PEER_BASE + i}"
-
-
-def peer_subnet(i: int, prefix: int = 24) -> str:
-    return f"10.200.{i}.0/{prefix}"
-
-
-def psk(i: int) -> str:
-    return f"bench-only-psk-{i:03d}-vpn-scale"
-
-
-def tunnel(i: int) -> dict:
-    return {"id": f"peer-{i}", "local_ip": LOCAL_IP, "peer_ip": peer_ip(i), "local_subnets": [LOCAL_SUBNET],
-            "peer_subnets": [peer_subnet(i)], "psk": psk(i)}  # fmt: skip
-
-
 def changed(t: dict, i: int, kind: str) -> dict:
     if kind == "esp_lifetime":
         return {**t, "esp_lifetime_s": 3000}
@@ -137,43 +116,7 @@ def vpn_payload(generation: int, tunnels: list[dict]) -> dict:
     return {"generation": generation, "vpn": {"site_to_site": tunnels}}
 
 
-def peer_conn(i: int) -> dict:
-    """The peer's responder side of tunnel i: it accepts router A's proposals and subnets
-    (and the narrower /25 of a peer_subnet change: a responder narrows to what is proposed)."""
-    name = f"peer-{i}"
-    child = {"local_ts": [peer_subnet(i)], "remote_ts": [LOCAL_SUBNET], "esp_proposals": ESP_PROPOSALS,
-             "start_action": "none", "dpd_action": "clear"}  # fmt: skip
-    return {name: {"version": "2", "local_addrs": [peer_ip(i)], "remote_addrs": [LOCAL_IP],
-                   "proposals": IKE_PROPOSALS, "mobike": "no",
-                   "local": {"auth": "psk", "id": peer_ip(i)}, "remote": {"auth": "psk", "id": LOCAL_IP},
-                   "children": {name: child}}}  # fmt: skip
-
-
-def router_name(i: int) -> str:
-    return f"s2s-peer-{i}"
-
-
 # ---------------------------------------------------------------------------- charon's view
-def snapshot(socket_path: Path, ike: str | None = None) -> dict[str, list[Sa]]:
-    """Connection -> its IKE_SAs, as that charon lists them (the listing consumed in full)."""
-    with vici_session(socket_path) as session:
-        items = list(session.list_sas({"ike": ike} if ike else None))
-    found: dict[str, list[Sa]] = {}
-    for item in items:
-        for name, sa in item.items():
-            children = list(sa.get("child-sas", {}).values())
-            installed = [c for c in children if c.get("state") == b"INSTALLED"]
-            found.setdefault(name, []).append(
-                Sa(
-                    ike=sa["uniqueid"].decode(),
-                    children=tuple(sorted(c["uniqueid"].decode() for c in children)),
-                    up=sa["state"] == b"ESTABLISHED" and bool(installed),
-                    remote_ts=tuple(sorted(ts.decode() for c in installed for ts in c.get("remote-ts", []))),
-                )
-            )
-    return found
-
-
 def ids(snap: dict[str, list[Sa]]) -> dict[str, tuple]:
     """Connection -> the ids that must not change unless it did: (IKE uniqueid, CHILD uniqueids) each."""
     return {name: tuple(sorted((sa.ike, sa.children) for sa in sas)) for name, sas in snap.items()}
@@ -212,72 +155,8 @@ def wait_changed(socket_path: Path, name: str, old: tuple, since: float, want_ts
     return None
 
 
-# ---------------------------------------------------------------------------- the peer
-def peer_conf(lab: Lab, socket_path: Path) -> bytes:
-    """strongswan.conf of the peer charon: the lab client's, without virtual IPs or policy routes
-    (N children share one remote subnet, and nothing is sent through the tunnels), and without
-    charon's half-open limits per peer IP. Those model N peers as one: left at their defaults
-    (block_threshold 5, cookie_threshold_ip 3), the one charon would drop or cookie all but the
-    first few of router A's N simultaneous IKE_SA_INITs, and the rest would come up only at
-    their retransmits, tens of seconds later; N separate peers never see that."""
-    conf = client_conf(Runtime(lab.settings), socket_path)
-    conf = conf.replace(b"install_routes = yes", b"install_routes = no")
-    conf = conf.replace(b"install_virtual_ip = yes", b"install_virtual_ip = no")
-    limits = "".join(f"  {key} = {PEER_HALF_OPEN}\n" for key in ("block_threshold", "cookie_threshold",
-                                                                   "cookie_threshold_ip"))  # fmt: skip
-    if b"charon {\n" not in conf:
-        raise RuntimeError("the peer's strongswan.conf has no 'charon {' section to extend")
-    return conf.replace(b"charon {\n", b"charon {\n" + limits.encode(), 1)
-
-
-def start_peer(lab: Lab, tunnels: int) -> Path:
-    """The peer's addresses and default route in <p>-rb, then its charon; the VICI socket.
-    Each site's subnet gets an address (10.200.i.1) on a veth pair of its own: kernel-libipsec routes
-    every CHILD_SA into its TUN device from a local address inside the local traffic selector,
-    and refuses the CHILD_SA (TS_UNACCEPTABLE) without one."""
-    namespace = lab.ns("rb")
-    batch = "".join(f"addr add {peer_ip(i)}/24 dev eth1\n" for i in range(tunnels))
-    batch += f"route add default via {PEER_GATEWAY}\nlink add {SITES_IF} type veth peer name {SITES_IF}-end\n"
-    batch += f"link set {SITES_IF} up\nlink set {SITES_IF}-end up\n"
-    batch += "".join(f"addr add {peer_subnet(i).replace('.0/', '.1/')} dev {SITES_IF}\n" for i in range(tunnels))
-    done = subprocess.run(["ip", "-n", namespace, "-batch", "-"], input=batch, check=False, capture_output=True,
-                          text=True, timeout=30)  # fmt: skip
-    if done.returncode != 0:
-        raise RuntimeError(f"ip -n {namespace} -batch: {done.stderr.strip()[-300:]}")
-    directory = lab.dir / "peer"
-    directory.mkdir(exist_ok=True)
-    socket_path, conf = directory / "charon.vici", directory / "strongswan.conf"
-    conf.write_bytes(peer_conf(lab, socket_path))
-    with open(directory / "charon.log", "ab") as log:
-        PEER["charon"] = subprocess.Popen(["ip", "netns", "exec", namespace, CHARON], stdin=subprocess.DEVNULL,
-                                          stdout=log, stderr=subprocess.STDOUT,
-                                          env={**os.environ, "STRONGSWAN_CONF": str(conf)})  # fmt: skip
-    return socket_path
-
-
-def load_peer(socket_path: Path, tunnels: int) -> tuple[float, str]:
-    """Every responder connection and its key, over VICI (waits up to 5 s for the socket);
-    ms taken, and the daemon's version."""
-    try:
-        with vici_session(socket_path, wait_s=5) as session:
-            version = session.version()
-            mark = time.perf_counter()
-            for i in range(tunnels):
-                session.load_shared({"id": f"psk-peer-{i}", "type": "IKE", "data": psk(i),
-                                     "owners": [peer_ip(i), LOCAL_IP]})  # fmt: skip
-                session.load_conn(peer_conn(i))
-            took = ms(mark)
-            loaded = len(session.get_conns()["conns"])
-    except OSError as error:
-        log = (socket_path.parent / "charon.log").read_text(errors="replace").strip()
-        raise RuntimeError(f"the peer charon does not answer ({error}): {log[-300:]}") from None
-    if loaded != tunnels:
-        raise RuntimeError(f"the peer charon loaded {loaded} connections of {tunnels}")
-    return took, f"{version['daemon'].decode()} {version['version'].decode()}"
-
-
 # ---------------------------------------------------------------------------- measuring
-def bench(args, lab: Lab) -> dict:
+def bench(args, router: BenchRouter) -> dict:
     """All the figures; a step that fails is recorded under "error" and ends the run."""
     figures: dict = {
         "tunnels": args.tunnels,
@@ -288,9 +167,9 @@ def bench(args, lab: Lab) -> dict:
     }
     state = {"generation": 0, "phase": "?"}
     try:
-        measure(args, lab, figures, state)
+        measure(args, router, figures, state)
     except (VrError, RuntimeError, subprocess.SubprocessError, OSError, ValueError, KeyError,
-            CommandException, SessionException) as error:  # fmt: skip
+            CommandException, SessionException, ClientError) as error:  # fmt: skip
         check_stop()
         figures["error"] = f"{state['phase']}: {type(error).__name__}: {error}"
     runs = figures.get("change_runs", [])
@@ -306,18 +185,18 @@ def bench(args, lab: Lab) -> dict:
     return figures
 
 
-def measure(args, lab: Lab, figures: dict, state: dict) -> None:
-    pipeline = Pipeline(lab.settings)
-    router_socket = live_socket(pipeline.runtime)
+def measure(args, router: BenchRouter, figures: dict, state: dict) -> None:
+    driver = InProcessDriver(router.settings)
+    router_socket = live_socket(driver.runtime)
     state["phase"] = "apply configs/examples/router.json"
-    example = json.loads((EXAMPLES / "router.json").read_text())
-    figures["router_apply_ms"] = round(pipeline.apply(example).duration_ms, 1)
+    example = json.loads(EXAMPLE_ROUTER.read_text())
+    figures["router_apply_ms"] = round(driver.push(example).duration_ms, 1)
     state["generation"] = example["generation"]
     figures["esp"] = "kernel" if kernel_has_esp() else "kernel-libipsec (charon's userspace ESP)"
 
     check_stop()
     state["phase"] = "start the peer charon"
-    peer_socket = start_peer(lab, args.tunnels)
+    peer_socket = start_peer(router, args.tunnels)
     state["phase"] = "load the peer's connections"
     took, figures["strongswan_version"] = load_peer(peer_socket, args.tunnels)
     figures["peer_load_ms"] = round(took, 1)
@@ -325,13 +204,13 @@ def measure(args, lab: Lab, figures: dict, state: dict) -> None:
     check_stop()
     state["phase"] = f"apply {args.tunnels} tunnels"
     tunnels = [tunnel(i) for i in range(args.tunnels)]
-    names = [router_name(i) for i in range(args.tunnels)]
+    names = [router_connection(i) for i in range(args.tunnels)]
     state["generation"] += 1
     mark = time.perf_counter()
-    result = pipeline.apply(vpn_payload(state["generation"], tunnels))
-    figures["load_all_ms"] = round(result.duration_ms, 1)
-    figures["load_all_timings_ms"] = {step: round(v, 2) for step, v in with_commit(result).items()}
-    figures["load_all_changed"] = result.changed
+    pushed = driver.push(vpn_payload(state["generation"], tunnels))
+    figures["load_all_ms"] = round(pushed.duration_ms, 1)
+    figures["load_all_timings_ms"] = {step: round(v, 2) for step, v in pushed.timings_ms.items()}
+    figures["load_all_changed"] = pushed.changed
     state["phase"] = f"wait for all {args.tunnels} tunnels"
     established, _ = wait_all_up(router_socket, names, mark)
     figures["all_established_ms"] = round(established, 1)
@@ -354,15 +233,15 @@ def measure(args, lab: Lab, figures: dict, state: dict) -> None:
     for k in range(args.changes):
         check_stop()
         i, kind = k * args.tunnels // args.changes, KINDS[k % len(KINDS)]
-        name, peer_name = router_name(i), f"peer-{i}"
+        name, peer_name = router_connection(i), f"peer-{i}"
         state["phase"] = f"change {k + 1}: {name} {KIND_LABEL[kind]}"
         touched.add(i)
         tunnels[i] = changed(tunnels[i], i, kind)
         state["generation"] += 1
         old = baseline[name]
         mark = time.perf_counter()
-        result = pipeline.apply(vpn_payload(state["generation"], tunnels))
-        wall = ms(mark)
+        pushed = driver.push(vpn_payload(state["generation"], tunnels))
+        wall = pushed.wall_ms
         back = wait_changed(router_socket, name, old, mark, peer_subnet(i, 25) if kind == "peer_subnet" else None)
         time.sleep(args.settle_s)
         now, peer_now = ids(snapshot(router_socket)), ids(snapshot(peer_socket))
@@ -372,10 +251,10 @@ def measure(args, lab: Lab, figures: dict, state: dict) -> None:
             {
                 "tunnel": f"peer-{i}",
                 "kind": kind,
-                "apply_ms": round(result.duration_ms, 1),
+                "apply_ms": round(pushed.duration_ms, 1),
                 "apply_wall_ms": round(wall, 1),
-                "timings_ms": {step: round(v, 2) for step, v in with_commit(result).items()},
-                "changed": result.changed,
+                "timings_ms": {step: round(v, 2) for step, v in pushed.timings_ms.items()},
+                "changed": pushed.changed,
                 "reestablished_ms": None if back is None else round(back, 1),
                 "sa_before": ids_text(old),
                 "sa_after": ids_text(now.get(name)),
@@ -391,7 +270,7 @@ def measure(args, lab: Lab, figures: dict, state: dict) -> None:
         for n in peer_moved:
             peer_baseline[n] = peer_now.get(n)
 
-    untouched = {router_name(i) for i in range(args.tunnels)} - {router_name(i) for i in touched}
+    untouched = {router_connection(i) for i in range(args.tunnels)} - {router_connection(i) for i in touched}
     figures["untouched_tunnels"] = len(untouched)
     figures["untouched_disturbed"] = len(disturbed & untouched)
     figures["untouched_disturbed_names"] = sorted(disturbed & untouched)
@@ -415,10 +294,35 @@ def measure(args, lab: Lab, figures: dict, state: dict) -> None:
         state["generation"] += 1
         i = untried[-1]
         tunnels[i] = changed(tunnels[i], i, "esp_lifetime")
-        profile_one(pipeline, vpn_payload(state["generation"], tunnels))
+        profile_one(driver.pipeline, vpn_payload(state["generation"], tunnels))
+    if args.agent and args.changes:
+        through_agent(args, router, driver, tunnels, state, figures)
 
 
-def profile_one(pipeline: Pipeline, payload: dict) -> None:
+def through_agent(args, router: BenchRouter, driver: InProcessDriver, tunnels: list[dict], state: dict,
+                  figures: dict) -> None:  # fmt: skip
+    """--changes one-tunnel changes (esp_lifetime_s flipped, the least touched tunnels first)
+    pushed through the daemon: vr.client.RouterClient over HTTPS with a token to the agent."""
+    state["phase"] = "agent on"
+    state["generation"] += 1
+    agent = attach_agent(driver, router.settings, state["generation"])
+    order = list(reversed(range(args.tunnels)))
+
+    def payloads():
+        for k in range(args.changes):
+            t = tunnels[order[k % len(order)]]
+            t["esp_lifetime_s"] = 3000 if t.get("esp_lifetime_s", 3600) != 3000 else 3600
+            state["phase"] = f"change {k + 1} through the agent: {t['id']}"
+            yield {"vpn": {"site_to_site": tunnels}}
+
+    try:
+        done = push_series(agent, payloads())
+    finally:
+        agent.close()
+    figures |= series_figures("one_change_agent_ms", done)
+
+
+def profile_one(pipeline, payload: dict) -> None:
     """One extra one-tunnel change under cProfile (not part of the figures), top functions on stderr."""
     import cProfile
     import io
@@ -443,7 +347,7 @@ def table(f: dict) -> str:
         (
             "tunnels",
             (
-                f"{f['tunnels']} site-to-site, IKEv2 PSK: router A {LOCAL_IP} (initiates) -> one peer charon "
+                f"{f['tunnels']} site-to-site, IKEv2 PSK: router A {VPN_LOCAL_IP} (initiates) -> one peer charon "
                 f"on {peer_ip(0)} .. {peer_ip(f['tunnels'] - 1)}"
             ),
         ),
@@ -510,6 +414,9 @@ def table(f: dict) -> str:
                 ),
             )
         )
+    if "one_change_agent_ms_median" in f:
+        rows.append((f"one_change_agent_ms (x{f['one_change_agent_ms_count']}, through the agent)",
+                     f"{series_text(f, 'one_change_agent_ms')}  target max < {TARGET_ONE_CHANGE_MS:.0f}"))  # fmt: skip
     if "untouched_disturbed" in f:
         rows.append(
             (
@@ -524,25 +431,6 @@ def table(f: dict) -> str:
 
 
 # ---------------------------------------------------------------------------- clean-up
-def our_charons(root: str) -> list[int]:
-    """charon processes reading a strongswan.conf under our temp root: router A's, its checker
-    (in a namespace of its own), the peer's. Only ever ours."""
-    found = []
-    marker = f"STRONGSWAN_CONF={root}/".encode()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            if Path(f"/proc/{entry}/comm").read_text().strip() != Path(CHARON).name[:15]:
-                continue
-            environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if any(item.startswith(marker) for item in environ):
-            found.append(int(entry))
-    return found
-
-
 def keep_logs(lab: Lab, target: str) -> None:
     """The charons' and supervisord's logs, copied out before the temp root goes."""
     try:
@@ -556,29 +444,6 @@ def keep_logs(lab: Lab, target: str) -> None:
         print(f"vpn_scale: keeping the logs: {error}", file=sys.stderr)
 
 
-def cleanup(lab: Lab, root: str, entered: bool, logs: str | None) -> None:
-    if entered:
-        stop_router(lab.settings, root, "vpn_scale")  # supervisord, router A's charon and checker, dnsmasq
-    for process in PEER.values():
-        try:
-            stop_process(process)
-        except (OSError, subprocess.SubprocessError) as error:  # clean-up goes on
-            print(f"vpn_scale: stopping the peer charon (pid {process.pid}): {error}", file=sys.stderr)
-    for pid in our_charons(root):  # only if supervisord or a TERM failed to stop them
-        print(f"vpn_scale: killing leftover charon pid {pid}", file=sys.stderr)
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    if logs:
-        keep_logs(lab, logs)
-    try:
-        lab.down()  # namespaces
-    except (OSError, subprocess.SubprocessError) as error:
-        print(f"vpn_scale: lab down: {error}", file=sys.stderr)
-    shutil.rmtree(root, ignore_errors=True)
-
-
 # ---------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -588,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="wait this long after a tunnel is up before SA ids are compared")  # fmt: skip
     parser.add_argument("--profile", action="store_true", help="cProfile one extra one-tunnel change (stderr)")
     parser.add_argument("--keep-logs", metavar="DIR", help="copy the charons' and supervisord's logs there at the end")
+    parser.add_argument("--no-agent", dest="agent", action="store_false",
+                        help="in-process only: no one-tunnel changes through the daemon's agent")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line, last")
     args = parser.parse_args(argv)
     if not 1 <= args.tunnels <= 200 or not 0 <= args.changes <= args.tunnels or not 0 <= args.settle_s <= 30:
@@ -595,19 +462,10 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         parser.error("run as root: it creates network namespaces")
 
-    root = tempfile.mkdtemp(prefix="vrbv-")
-    os.chmod(root, 0o755)  # dnsmasq drops privileges and must still read its files
-    lab = Lab(root, prefix=f"vrbv{os.getpid() % 100000}", vpn=True)
-    entered = False
-
-    def work() -> dict:
-        nonlocal entered
-        lab.up()  # removes what it made if it fails
-        netns.enter(lab.router_ns)  # before any thread exists: supervisord and its daemons live in there
-        entered = True
-        return bench(args, lab)
-
-    figures = guarded(work, lambda: cleanup(lab, root, entered, args.keep_logs))
+    router = BenchRouter("vpn_scale", "bv", vpn=True)
+    if args.keep_logs:  # the cleanups run before the root goes
+        router.cleanups.append(lambda: keep_logs(router.lab, args.keep_logs))
+    figures = run_bench(router, lambda r: bench(args, r))
     return report(table(figures), figures, args.json)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
+import time
 
 import pytest
 
@@ -105,15 +107,23 @@ def test_a_second_apply_is_refused_while_one_runs(lab, tmp_path):
     assert result.returncode == 75 and "another apply or patch is running" in result.stderr
 
 
-def test_spool_applies_each_file_once_in_order(lab):
-    spool = lab.settings.spool_dir
+def wait_spool_empty(lab, timeout: float = 30) -> None:
+    incoming = lab.settings.spool_dir / "incoming"
+    deadline = time.monotonic() + timeout
+    while list(incoming.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def drop_three(spool) -> None:
     (spool / "incoming").mkdir(parents=True, exist_ok=True)
     (spool / "incoming" / "001-add.json").write_text(
         json.dumps({"generation": 2, "dhcp_entries": {"upsert": [NEW_VM]}})
     )
     (spool / "incoming" / "002-bad.json").write_text(json.dumps({"generation": 3, "dns": {"domain": "bad domain"}}))
     (spool / "incoming" / "003-broken.json").write_text("{not json")
-    assert lab.vr("watch", "--once").stdout.strip() == "processed 3 file(s)"
+
+
+def assert_three_processed(lab, spool) -> None:
     assert sorted(p.name for p in (spool / "done").iterdir()) == ["001-add.json"]
     assert "dns.domain: not a valid domain name" in (spool / "failed" / "002-bad.json.error").read_text()
     assert "not valid JSON" in (spool / "failed" / "003-broken.json.error").read_text()
@@ -121,25 +131,39 @@ def test_spool_applies_each_file_once_in_order(lab):
     assert lab.resolve(lab.ns("g1"), "newvm.cloud.internal", "10.1.1.1") == ["10.1.1.55"]
 
 
-def test_spool_watcher_picks_up_a_dropped_file(lab):
+def test_the_daemon_applies_each_spooled_file_once_in_order(lab):
+    """Files written in place are taken when their writer closes them, never half written."""
+    spool = lab.settings.spool_dir
+    drop_three(spool)
+    wait_spool_empty(lab)
+    assert_three_processed(lab, spool)
+    assert lab.vr("watch", "--once", check=False).returncode == 2  # the daemon watches: no second watcher
+
+
+def test_the_daemon_picks_up_a_file_renamed_into_the_spool(lab):
     incoming = lab.settings.spool_dir / "incoming"
     incoming.mkdir(parents=True, exist_ok=True)
-    watcher = subprocess.Popen(
-        [*lab_vr_command(lab), "watch", "--seconds", "20"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    try:
-        temp = incoming / ".drop.tmp"
-        temp.write_text(json.dumps({"generation": 2, "dhcp_entries": {"upsert": [NEW_VM]}}))
-        temp.rename(incoming / "drop.json")  # how a manager should drop a file: write, then rename
-        for _ in range(100):
-            if (lab.settings.spool_dir / "done" / "drop.json").exists():
-                break
-            subprocess.run(["sleep", "0.1"], check=True)
-        assert (lab.settings.spool_dir / "done" / "drop.json").exists()
-    finally:
-        watcher.terminate()
-        watcher.wait(timeout=10)
+    temp = incoming / ".drop.tmp"
+    temp.write_text(json.dumps({"generation": 2, "dhcp_entries": {"upsert": [NEW_VM]}}))
+    assert not (lab.settings.spool_dir / "done" / ".drop.tmp").exists()
+    temp.rename(incoming / "drop.json")  # how a manager should drop a file: write, then rename
+    wait_spool_empty(lab)
+    assert (lab.settings.spool_dir / "done" / "drop.json").exists()
     assert status(lab)["generation"] == 2
+
+
+def test_vr_watch_applies_the_spool_when_no_daemon_runs(lab):
+    supervisorctl(lab, "stop", "monitor")  # the daemon (supervisord's event listener `monitor`)
+    spool = lab.settings.spool_dir
+    drop_three(spool)
+    assert lab.vr("watch", "--once").stdout.strip() == "processed 3 file(s)"
+    assert_three_processed(lab, spool)
+
+
+def supervisorctl(lab, *args: str) -> str:
+    config = lab.settings.service_dir("supervisor") / "supervisord.conf"
+    return subprocess.run([sys.executable, "-m", "supervisor.supervisorctl", "-c", str(config), *args],
+                          capture_output=True, text=True, timeout=60, check=False).stdout  # fmt: skip
 
 
 def lab_vr_command(lab) -> list[str]:
@@ -198,3 +222,45 @@ def test_removing_an_interface_removes_all_its_addresses(lab, tmp_path):
     payload = {"generation": 2, "interfaces": without_public, "routes": [], "nat": {}, "firewall": {}}
     lab.vr("apply", write_payload(tmp_path, payload))
     assert "inet " not in router_ip(lab, "-o", "addr", "show", "eth1")  # primary and secondaries gone
+
+
+BURST_SCRIPT = """
+import json, sys
+from vr.foundation.settings import Settings
+from vr.services.base import CheckFailed
+from vr.services.dnsmasq import DnsmasqService
+from vr.transaction.pipeline import Pipeline, Push, Result
+
+checked = DnsmasqService.check
+
+def refusing_check(self, staged_dir, change, runtime):
+    if any(b"refuseme" in content for content in change.written.values()):
+        raise CheckFailed("dnsmasq: this name is refused")
+    return checked(self, staged_dir, change, runtime)
+
+DnsmasqService.check = refusing_check  # a checker that refuses one of the three
+pushes = [Push(raw, next_generation=True) for raw in json.loads(sys.argv[2])]
+outcomes = Pipeline(Settings.under_root(sys.argv[1])).apply_batch(pushes)
+print(json.dumps([{"generation": o.generation, "batched": o.batched} if isinstance(o, Result)
+                  else {"error": type(o).__name__, "step": o.step, "message": str(o)} for o in outcomes]))
+"""
+
+
+def test_a_burst_whose_joint_transaction_fails_is_applied_one_by_one(lab):
+    """Three valid payloads, one of which dnsmasq's checker refuses (standing in for any step
+    that fails after validation): together they fail, so each is tried alone and only that one
+    is refused; the other two apply, each in its own transaction."""
+    vms = [{**NEW_VM, "mac": f"02:00:00:00:01:6{n}", "ip": f"10.1.1.6{n}", "hostname": name}
+           for n, name in enumerate(("first", "refuseme", "third"))]  # fmt: skip
+    payloads = json.dumps([{"dhcp_entries": {"upsert": [vm]}} for vm in vms])
+    run = subprocess.run(["ip", "netns", "exec", lab.router_ns, sys.executable, "-c", BURST_SCRIPT,
+                          str(lab.settings.state_dir.parent), payloads],
+                         capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
+    first, refused, third = json.loads(run.stdout)
+    assert refused["error"] == "ApplyFailed" and refused["step"] == "check", refused
+    assert "this name is refused" in refused["message"]
+    assert (first, third) == ({"generation": 2, "batched": 1}, {"generation": 3, "batched": 1})
+    assert lab.resolve(lab.ns("g1"), "first.cloud.internal", "10.1.1.1") == ["10.1.1.60"]
+    assert lab.resolve(lab.ns("g1"), "third.cloud.internal", "10.1.1.1") == ["10.1.1.62"]
+    assert lab.resolve(lab.ns("g1"), "refuseme.cloud.internal", "10.1.1.1") == []  # NXDOMAIN
+    assert status(lab)["generation"] == 3

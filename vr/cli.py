@@ -58,12 +58,39 @@ def _daemon(args):
     command then runs in-process, as it always could. VR_NO_DAEMON=1 asks for that."""
     import os
 
-    if os.environ.get("VR_NO_DAEMON") == "1":
+    # Fault points (VR_FAULT_*) are test hooks of the in-process pipeline: a command carrying one runs there.
+    if os.environ.get("VR_NO_DAEMON") == "1" or os.environ.get("VR_FAULT_AT") or os.environ.get("VR_FAULT_ENOSPC"):
         return None
     from vr.client import LocalClient
+    from vr.foundation.lock import flock_holder
 
-    client = LocalClient(_settings(args).daemon_socket)
+    settings = _settings(args)
+    if flock_holder(settings.daemon_pid_path) is None:
+        return None  # no daemon process: its socket may still take a connection (kept for the next one)
+    client = LocalClient(settings.daemon_socket)
     return client if client.available() else None
+
+
+DAEMON_RESTART_WAIT_S = 60.0
+
+
+def _ask(daemon, method: str, path: str, body: bytes | None = None) -> tuple[int, dict]:
+    """One request to the daemon; while it restarts (503, or its socket refuses for a moment:
+    a live patch replaces it), asked again, for at most DAEMON_RESTART_WAIT_S."""
+    import time
+
+    deadline = time.monotonic() + DAEMON_RESTART_WAIT_S
+    while True:
+        try:
+            status, answer = daemon.request(method, path, body)
+        except (ConnectionRefusedError, FileNotFoundError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+            continue
+        if status != 503 or time.monotonic() > deadline:
+            return status, answer
+        time.sleep(0.2)
 
 
 def _refused(status: int, body: dict) -> int:
@@ -94,7 +121,7 @@ def cmd_apply(args) -> int:
     _recover_interrupted_patch(args)
     daemon = _daemon(args)
     if daemon is not None:
-        status, body = daemon.request("PATCH", "/v1/config", _read_bytes(args.file))
+        status, body = _ask(daemon, "PATCH", "/v1/config", _read_bytes(args.file))
         if status != 200:
             return _refused(status, body)
         _print_applied(body)
@@ -132,7 +159,7 @@ def cmd_render(args) -> int:
 def cmd_diff(args) -> int:
     daemon = _daemon(args)
     if daemon is not None:
-        status, body = daemon.request("POST", "/v1/config/validate", _read_bytes(args.file))
+        status, body = _ask(daemon, "POST", "/v1/config/validate", _read_bytes(args.file))
         if status != 200:
             return _refused(status, body)
         _print_diffs(body["files"])
@@ -170,7 +197,7 @@ def cmd_status(args) -> int:
     daemon = _daemon(args)
     if daemon is not None:
         flags = "&".join(f"{name}={int(bool(getattr(args, name)))}" for name in ("firewall", "lb", "vpn"))
-        status, report = daemon.request("GET", f"/v1/status?{flags}")
+        status, report = _ask(daemon, "GET", f"/v1/status?{flags}")
         if status != 200:
             return _refused(status, report)
     else:
@@ -189,7 +216,7 @@ def cmd_events(args) -> int:
         from urllib.parse import urlencode
 
         query = urlencode({"limit": 100000, **({"resource": args.resource} if args.resource else {})})
-        status, body = daemon.request("GET", f"/v1/events?{query}")
+        status, body = _ask(daemon, "GET", f"/v1/events?{query}")
         if status != 200:
             return _refused(status, body)
         found = body["events"]
@@ -206,6 +233,10 @@ def cmd_events(args) -> int:
 
 
 def cmd_watch(args) -> int:
+    if _daemon(args) is not None:
+        print("vr: the router's daemon watches the spool already (vr daemon); files dropped there are applied",
+              file=sys.stderr)  # fmt: skip
+        return 2
     from vr.control.spool import Spool
     from vr.transaction.pipeline import Pipeline
 

@@ -43,6 +43,7 @@ from vr.services.agent import CLIENT_CA, CONFIG
 MAX_CONFIG_BYTES = jsontext.MAX_BYTES
 MAX_BUNDLE_BYTES = 256 * 1024 * 1024
 BODY_TIMEOUT_S = 60.0  # a client that sends its body slower than this is cut off
+IDLE_TIMEOUT_S = 15.0  # a connection without a whole request's headers this long is closed (aiohttp's keep-alive)
 PATCH_TIMEOUT_S = 900.0
 REDACTED = "<redacted>"
 SECRET_FIELDS = frozenset({"psk", "password", "key", "tokens"})  # keys, pre-shared keys, passwords, token hashes
@@ -73,15 +74,16 @@ def refusal(error: BaseException) -> RequestRefused:
     if isinstance(error, StalePayload):
         return RequestRefused(409, Problem("generation", str(error)))
     if isinstance(error, Busy):
-        return RequestRefused(409, Problem("", str(error)), {"Retry-After": "1"})
+        return RequestRefused(409, Problem("lock", str(error)), {"Retry-After": "1"})
     if isinstance(error, StoredDocumentUnreadable):
-        return RequestRefused(409, Problem("", str(error)))
+        return RequestRefused(409, Problem("document", str(error)))
     if isinstance(error, ApplyFailed):
         if error.step == "check":  # the daemon's own checker refused the files: nothing live was touched
             return RequestRefused(422, Problem(f"service:{error.service}", f"{error}; nothing was changed"))
         return RequestRefused(500, Problem(f"service:{error.service}", f"{error}; rolled back to last-known-good"))
     if isinstance(error, VrError):
-        return RequestRefused(getattr(error, "http_status", 409), Problem("", str(error)))
+        status = getattr(error, "http_status", 409)
+        return RequestRefused(status, Problem("", str(error)), {"Retry-After": "1"} if status == 503 else None)
     return RequestRefused(500, Problem("", f"internal error ({type(error).__name__}); see the router's log"))
 
 
@@ -334,6 +336,7 @@ def _start_patch(daemon: Any, arguments: list[str]) -> web.Response:
         raise RequestRefused(409, Problem("", f"a patch is in progress (pid {running.pid})"), {"Retry-After": "5"})
     log = daemon.settings.log_dir / "patch-api.log"
     with open(log, "ab") as output:
+        daemon.patch_started = (arguments[0], output.tell())  # what it says is read back from here
         daemon.patch_process = subprocess.Popen([sys.executable, "-m", "vr", "patch", *arguments],
                                                 env={**os.environ, **daemon.settings.environment()},
                                                 stdin=subprocess.DEVNULL, stdout=output, stderr=output,
@@ -354,7 +357,27 @@ async def get_patch(request: web.Request) -> web.Response:
     report = jsontext.loads(out)
     running = daemon.patch_process
     report["in_progress"] = running is not None and running.poll() is None
+    report["last_request"] = _last_patch_request(daemon)
     return web.json_response(report)
+
+
+def _last_patch_request(daemon: Any) -> dict | None:
+    """The last patch this daemon ran for a client: its exit code and, when it refused before
+    it began (a bad signature: patch.json then says nothing), its own last words."""
+    running = daemon.patch_process
+    if running is None or running.poll() is None:
+        return None
+    action, offset = daemon.patch_started
+    said = ""
+    try:
+        with open(daemon.settings.log_dir / "patch-api.log", "rb") as log:
+            log.seek(offset)
+            said = log.read(4096).decode(errors="replace").strip()
+    except OSError:
+        pass
+    if running.returncode == 0:
+        said = ""
+    return {"action": action, "exit_code": running.returncode, "message": said.splitlines()[-1][:500] if said else ""}
 
 
 def make_app(daemon: Any, server: AgentServer | None) -> web.Application:
@@ -389,45 +412,77 @@ class AgentServer:
         self.sites: list[web.TCPSite] = []
         self.serving: tuple | None = None  # what the sites were made from
         daemon.patch_process = None
+        daemon.patch_started = ("", 0)
 
     async def start_local(self) -> None:
-        self.local_runner = web.AppRunner(make_app(self.daemon, None), access_log=None, handle_signals=False)
+        """The local socket: the one the keeper held for the daemon before this one (so the
+        connections queued while no daemon ran are answered now), else bound anew."""
+        from vr.control import keeper
+        from vr.control.daemon import DRAIN_S
+
+        self.held = keeper.take_listeners(self.settings)  # the previous daemon's, by name
+        self.listeners: dict[str, keeper.Listener] = {}
+        self.local_runner = web.AppRunner(make_app(self.daemon, None), access_log=None, handle_signals=False,
+                                          keepalive_timeout=IDLE_TIMEOUT_S, shutdown_timeout=DRAIN_S)
         await self.local_runner.setup()
         path = self.settings.daemon_socket
-        path.unlink(missing_ok=True)
-        previous = os.umask(0o177)  # 0600 from the start: never a moment open to others
-        try:
-            await web.UnixSite(self.local_runner, str(path)).start()
-        finally:
-            os.umask(previous)
+        name = keeper.unix_name(path)
+        listener = self.held.pop(name, None)
+        if listener is not None and not keeper.still_bound(listener[0], path):
+            listener[1].close()  # someone bound a new socket there: that one is what clients reach
+            listener = None
+        self.listeners[name] = listener or keeper.bind_unix(path)
+        await web.SockSite(self.local_runner, self.listeners[name][1].dup()).start()
+        keeper.hand_over(self.settings, [*self.listeners.values(), *self.held.values()])
 
     async def reload(self) -> None:
-        """Serve what agent.json says now. New listeners open before the old ones close
-        (SO_REUSEPORT), so a token or certificate change refuses no connection."""
+        """Serve what agent.json says now. A listening socket is kept (or taken over from the
+        keeper) for as long as its address and port are wanted; new sites on it start before
+        the old ones stop, so a token or certificate change refuses no connection."""
+        from vr.control import keeper
+        from vr.control.daemon import DRAIN_S
+
         config = read_json(self.settings.service_dir("agent") / CONFIG) if self._config_exists() else None
         self.tokens = list(config.get("tokens", [])) if config else []
         wanted = self._wanted(config)
-        if wanted == self.serving:
+        held = getattr(self, "held", {})
+        if wanted == self.serving and not held:
             return
+        listeners = getattr(self, "listeners", {})
         if self.remote_runner is None and wanted is not None:
-            self.remote_runner = web.AppRunner(make_app(self.daemon, self), access_log=None, handle_signals=False)
+            self.remote_runner = web.AppRunner(make_app(self.daemon, self), access_log=None, handle_signals=False,
+                                               keepalive_timeout=IDLE_TIMEOUT_S, shutdown_timeout=DRAIN_S)
             await self.remote_runner.setup()
         old, self.sites = self.sites, []
-        if wanted is not None:
+        names: set[str] = set()
+        if wanted is not None and wanted != self.serving:
             addresses, port = wanted[0], wanted[1]
             context = self._tls_context(config, addresses)
             for address in addresses:
-                site = web.TCPSite(self.remote_runner, address, port, ssl_context=context, reuse_port=True,
-                                   backlog=512)  # fmt: skip
+                name = keeper.tcp_name(address, port)
                 try:
+                    if name not in listeners:
+                        listeners[name] = held.pop(name, None) or keeper.bind_tcp(address, port)
+                    site = web.SockSite(self.remote_runner, listeners[name][1].dup(), ssl_context=context,
+                                        backlog=512)  # fmt: skip
                     await site.start()
                 except OSError as error:
                     print(f"vr daemon: agent cannot listen on {address} port {port}: {error.strerror}", file=sys.stderr)
                     continue
+                names.add(name)
                 self.sites.append(site)
+        elif wanted is not None:  # only the held sockets to settle: the sites stay
+            self.sites, old = old, []
+            names = {n for n in listeners if n.startswith("tcp:")}
         for site in old:
             await site.stop()
+        for name in [n for n in listeners if n.startswith("tcp:") and n not in names]:
+            listeners.pop(name)[1].close()
+        for _, sock in held.values():  # the previous daemon's that this document no longer serves
+            sock.close()
+        held.clear()
         self.serving = wanted
+        keeper.hand_over(self.settings, list(listeners.values()))
 
     def _config_exists(self) -> bool:
         return (self.settings.service_dir("agent") / CONFIG).exists()
@@ -454,11 +509,15 @@ class AgentServer:
         return context
 
     async def stop(self) -> None:
-        for site in self.sites:
-            await site.stop()
-        for runner in (self.remote_runner, self.local_runner):
-            if runner is not None:
-                await runner.cleanup()
+        """Stop accepting on every site first (the keeper's copies of the sockets keep queueing
+        connections for the next daemon), then let the requests in progress finish."""
+        runners = [r for r in (self.remote_runner, self.local_runner) if r is not None]
+        for runner in runners:
+            for site in list(runner.sites):
+                await site.stop()
+        await asyncio.gather(*(runner.cleanup() for runner in runners))
+        for _, sock in getattr(self, "listeners", {}).values():
+            sock.close()
 
 
 def _stamp(path: Path) -> tuple | None:

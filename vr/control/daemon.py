@@ -29,14 +29,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vr.foundation.errors import ApplyFailed, InvalidPayload, StalePayload, VrError
+from vr.foundation.errors import ApplyFailed, Busy, InvalidPayload, StalePayload, VrError
 from vr.foundation.events import EventLog, event, timestamp
 from vr.foundation.files import read_json, write_json_atomic
 from vr.foundation.settings import Settings
 from vr.foundation.version import running_version
+from vr.services.dnsmasq import lease_count
 from vr.transaction.pipeline import Pipeline, Push, Result
 
 MAX_BATCH = 1000  # pushes one transaction carries at most
+PATCH_WAIT_S = 600.0  # a push waits this long for a live patch to end
 DRAIN_S = 8.0  # on SIGTERM, queued work still answered within this (supervisord kills at 10 s)
 MONITOR_STALE_S = 10.0  # /healthz says not-ok when the monitor thread has not looped for this long
 STATUS_CACHE_S = 1.0
@@ -44,6 +46,13 @@ STATUS_CACHE_S = 1.0
 
 class ConfirmPending(VrError):
     exit_code = 75
+
+
+class Restarting(VrError):
+    """The daemon stops (SIGTERM, a patch's restart) before this push's turn came."""
+
+    exit_code = 75
+    http_status = 503
 
 
 @dataclass
@@ -129,6 +138,21 @@ class Worker(threading.Thread):
         except Exception as error:  # noqa: BLE001 - the caller gets it, the worker goes on
             job.answer(error)
 
+    def _apply_when_free(self, batch: list[Job]) -> list:
+        """Another process holding the router's lock refuses the pushes (busy), as it always
+        did - except a live patch: pushes wait for it to end (PATCH_WAIT_S), or, if the patch
+        restarts this daemon meanwhile, are answered 503 so that the client asks the next one."""
+        pipeline, deadline = self.owner.pipeline, time.monotonic() + PATCH_WAIT_S
+        while True:
+            try:
+                return pipeline.apply_batch([job.push for job in batch], wait=False)
+            except Busy:
+                if not self.owner.settings.patch_journal_path.exists() or time.monotonic() > deadline:
+                    raise
+            if self.owner.stopping_requested:
+                raise Restarting("the router's vr daemon is being replaced (a live patch): send it again")
+            time.sleep(0.05)
+
     def _pushes(self, batch: list[Job]) -> None:
         pipeline = self.owner.pipeline
         try:
@@ -136,10 +160,13 @@ class Worker(threading.Thread):
         except VrError:
             before = None
         try:
-            outcomes = pipeline.apply_batch([job.push for job in batch], wait=True)
+            outcomes = self._apply_when_free(batch)
         except Exception as error:  # noqa: BLE001 - the lock, the disk: every caller hears it
             outcomes = [error] * len(batch)
         self.transactions += 1
+        self.owner.forget_status()  # the next poll sees this transaction
+        if any(isinstance(o, Result) and "agent" in o.changed for o in outcomes):
+            self.owner.serve_agent_now()  # the answer comes once the new token, port or certificate is served
         for job, outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, Result):
                 self.owner.after_apply(outcome, job.confirm_s, before)
@@ -158,6 +185,7 @@ class Daemon:
         self.monitor = None
         self.monitor_thread: threading.Thread | None = None
         self.stopping: asyncio.Event | None = None
+        self.stopping_requested = False  # read by the worker thread
         self.loop: asyncio.AbstractEventLoop | None = None
         self.confirm_lock = threading.Lock()
         self.confirm: Confirm | None = self._load_confirm()
@@ -175,7 +203,7 @@ class Daemon:
         self.loop = asyncio.get_running_loop()
         self.stopping = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            self.loop.add_signal_handler(signum, self.stopping.set)
+            self.loop.add_signal_handler(signum, self._stop_requested)
         self.loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.agent.reload()))
         self.metrics = RouterMetrics(self.settings, pipeline=self.pipeline)
         self.worker.start()
@@ -192,12 +220,21 @@ class Daemon:
         finally:
             await self._shutdown(observer)
 
+    def _stop_requested(self) -> None:
+        self.stopping_requested = True
+        self.stopping.set()
+
     async def _shutdown(self, observer: Any) -> None:
-        """Queued pushes are answered before the daemon goes (a patch restarts it)."""
+        """Queued pushes are answered before the daemon goes (a patch restarts it). It stops
+        accepting first: connections that come meanwhile wait in the backlog of the sockets
+        the keeper holds, for the next daemon; the keeper's watchdog leaves a stopping one be."""
+        from vr.control import keeper
+
         deadline = time.monotonic() + DRAIN_S
+        await asyncio.get_running_loop().run_in_executor(None, keeper.leaving, self.settings)
+        await self.agent.stop()  # in-flight requests end as the worker answers them
         while not self.worker.idle() and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        await self.agent.stop()
         if observer is not None:
             observer.stop()
         self.worker.stop()
@@ -261,6 +298,15 @@ class Daemon:
         self._status_cache = (time.monotonic(), key, report)
         return report
 
+    def serve_agent_now(self) -> None:
+        """From the worker: the agent serves what the transaction wrote before the push is
+        answered (the service's SIGHUP does it for an apply made outside the daemon)."""
+        if self.agent is not None and self.loop is not None:
+            asyncio.run_coroutine_threadsafe(self.agent.reload(), self.loop).result(timeout=30)
+
+    def forget_status(self) -> None:
+        self._status_cache = None
+
     def _collect(self, firewall: bool, lb: bool, vpn: bool) -> dict:
         from vr.control.status import collect
 
@@ -269,13 +315,15 @@ class Daemon:
                             "pushes": self.pushes, "transactions": self.worker.transactions,
                             "confirm_pending": self.confirm_report()}  # fmt: skip
         report["system"] = system_report(self.settings)
-        report["dhcp_leases"] = dhcp_lease_count(self.settings)
+        report["dhcp_leases"] = lease_count(self.settings)
         report["vpn_sas"] = sum(1 for c in report.get("vpn") or [] if c.get("state") == "ESTABLISHED")
         report["lb_members_up"] = sum(1 for m in report.get("lb") or [] if str(m.get("state", "")).startswith("UP"))
         return report
 
     def read_events(self, resource: str | None, since: float | None, limit: int) -> list[dict]:
-        start = None if since is None else time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(since))
+        # Event times are UTC to the millisecond in one format: as text, they sort as times.
+        start = None if since is None else time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(since)) + \
+            f".{int(since * 1000) % 1000:03d}Z"  # fmt: skip
         found: collections.deque = collections.deque(maxlen=limit)
         for item in self.events.read(resource):
             if start is None or str(item.get("time", "")) >= start:
@@ -284,35 +332,50 @@ class Daemon:
 
     def _watch_spool(self) -> Any:
         """Files dropped in the spool are applied in the worker's turn, each on its own (a file
-        is an operator's one change, with its own done/ or failed/)."""
+        is an operator's one change, with its own done/ or failed/). A file is taken once its
+        writer is done with it: renamed in (the documented way) or closed after writing; never
+        when it is merely created, half written."""
         from watchdog.events import FileSystemEventHandler
         from watchdog.observers import Observer
 
         from vr.control.spool import Spool
 
         spool = Spool(self.pipeline)
+        ready: set[str] = {path.name for path in spool.pending()}  # what landed while no daemon ran
         daemon = self
 
         class Handler(FileSystemEventHandler):
             def on_any_event(self, change: Any) -> None:
-                if change.event_type in ("created", "moved", "closed"):
-                    daemon.loop.call_soon_threadsafe(daemon._drain_spool, spool)
+                if change.event_type == "moved":
+                    name = os.path.basename(change.dest_path)
+                elif change.event_type == "closed":
+                    name = os.path.basename(change.src_path)
+                else:
+                    return
+                daemon.loop.call_soon_threadsafe(daemon._spool_ready, spool, ready, name)
 
         observer = Observer()
         observer.schedule(Handler(), str(spool.incoming), recursive=False)
         observer.start()
-        self._drain_spool(spool)  # what landed while no daemon ran
+        if ready:
+            self._drain_spool(spool, ready)
         return observer
 
-    def _drain_spool(self, spool: Any) -> None:
+    def _spool_ready(self, spool: Any, ready: set[str], name: str) -> None:
+        ready.add(name)
+        self._drain_spool(spool, ready)
+
+    def _drain_spool(self, spool: Any, ready: set[str]) -> None:
         if getattr(spool, "queued", False):
-            return  # one drain waits already: it takes every file there is
-        spool.queued = True
+            return  # one drain waits for its turn already: it takes every ready file there is
 
         def drain() -> int:
             spool.queued = False
-            return spool.drain()
+            names = set(ready)
+            ready.difference_update(names)
+            return spool.drain(only=names)
 
+        spool.queued = True
         asyncio.ensure_future(self.call(drain))
 
     # ------------------------------------------------------------ commit-confirm
@@ -402,7 +465,7 @@ class Daemon:
         if self.metrics is None:
             return
         if isinstance(outcome, Result):
-            self.metrics.observe_apply("applied", outcome.timings_ms, outcome.duration_ms)
+            self.metrics.observe_apply("applied", outcome.timings_ms, outcome.duration_ms, outcome.service_ms)
         elif isinstance(outcome, StalePayload):
             self.metrics.observe_apply("stale", {})
         elif isinstance(outcome, InvalidPayload):
@@ -434,14 +497,6 @@ def system_report(settings: Settings) -> dict:
     }
 
 
-def dhcp_lease_count(settings: Settings) -> int:
-    """Leases dnsmasq holds now, IPv4 and IPv6 (its lease file; 0 before the first)."""
-    from vr.services.dnsmasq import read_leases
-
-    leases = read_leases(settings.state_dir / "dnsmasq.leases")
-    return len(leases.v4) + len(leases.v6)
-
-
 def _read_int(path: str) -> int | None:
     try:
         return int(Path(path).read_text().strip())
@@ -450,9 +505,21 @@ def _read_int(path: str) -> int | None:
 
 
 def main(settings: Settings) -> int:
+    import fcntl
     import sys
 
     supervised = not os.isatty(0) and os.environ.get("SUPERVISOR_PROCESS_NAME") is not None
+    settings.ensure_dirs()
+    # Held for as long as this process lives (a lock dies with it): whether a daemon runs,
+    # for the CLI, without a connection that the keeper's socket store would let wait.
+    pid_fd = os.open(settings.daemon_pid_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(pid_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print("vr daemon: another daemon runs for this router", file=sys.stderr)
+        return 1
+    os.ftruncate(pid_fd, 0)
+    os.pwrite(pid_fd, str(os.getpid()).encode(), 0)
     try:
         asyncio.run(Daemon(settings, supervised=supervised).run())
     except OSError as error:

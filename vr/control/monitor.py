@@ -1,8 +1,14 @@
 """`vr monitor`: keeps the router's services alive, as supervisord's event listener.
 
-- supervisord tells it at once when a daemon exits (PROCESS_STATE events on stdin), so a
-  killed daemon is started again without waiting for a probe (daemons have autorestart
-  off: the monitor owns the restart policy, and a service whose monitoring is off stays down).
+- supervisord tells it when a daemon exits (PROCESS_STATE events on stdin), so a killed
+  daemon is started again without waiting for a probe (daemons have autorestart off: the
+  monitor owns the restart policy, and a service whose monitoring is off stays down).
+- Faster still: it holds a pidfd for each running monitored daemon and waits on them beside
+  stdin. supervisord notices a dead child only at its next loop (its poll() sleeps up to 1 s
+  and SIGCHLD does not wake it); the monitor sees the exit at once, wakes supervisord with an
+  XML-RPC call and starts the daemon as soon as supervisord has reaped it. The EXITED event
+  that follows for that PID is no news. The probes run in a worker thread of their own, so a
+  slow or hung service's probe (up to its timeout) never holds that up.
 - Each monitored service has a functional probe (vr.services.probes) with its interval, timeout and
   failure threshold; a daemon alive but not answering (hung) is killed and started again.
 - Restarts back off exponentially; after max_restarts in window_s the service is marked
@@ -20,20 +26,26 @@
 
 It reads monitor.json (rendered from the document by the monitor service) and never loads
 the document model itself: an idle monitor stays small (see bench/recovery.py).
+
+It runs as `vr monitor` (main(): SIGTERM stops it) or as a thread of the resident daemon,
+which calls Monitor.stop() and reads Monitor.heartbeat; it never exits the process itself.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import os
+import queue
 import select
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import xmlrpc.client
 from dataclasses import dataclass, field
@@ -59,7 +71,11 @@ HANG_DELAY_MAX_S = 0.5  # back-off after a hang kill: a hung service is serving 
 HEARTBEAT_S = 3.0  # health.json is rewritten at least this often: its checked_at says who still checks
 ORPHAN_GRACE_S = 3.0  # a journal without owner this long is recovered (a command run meanwhile does it)
 STALE_MARGIN_S = 10.0  # stale_after_s: this beyond the longest probe timeout without a check
+NOTICE_S = 1.0  # a pidfd said a daemon exited: supervisord reaps it within this (its own tick)
+NOTICE_POLL_S = 0.002  # meanwhile it is asked this often (each call wakes it)
 SUPERVISOR_ERRORS = (OSError, xmlrpc.client.Fault, xmlrpc.client.ProtocolError)
+EXIT_EVENTS = ("PROCESS_STATE_EXITED", "PROCESS_STATE_FATAL")
+GONE_EVENTS = (*EXIT_EVENTS, "PROCESS_STATE_STOPPED", "PROCESS_STATE_BACKOFF")  # no process of that PID any more
 
 
 @dataclass
@@ -84,6 +100,8 @@ class Watch:
     last_probe_at: float | None = None
     starting_until: float = 0.0  # after a restart: its start-up time (monotonic)
     hung: bool = False  # the last failure was the daemon running but not answering
+    probing: bool = False  # a probe of it runs in the probe worker
+    epoch: int = 0  # bumped by each restart: a probe started before it answers for the old daemon
 
     def report(self) -> dict:
         return {
@@ -102,6 +120,8 @@ class Monitor:
         self.settings = settings
         self.stdin_fd, self.stdout_fd = stdin_fd, stdout_fd
         self.supervisor = SupervisorClient(settings)
+        self.probe_supervisor = SupervisorClient(settings)  # the probe worker's: a connection is not shared
+        self.prober: ProbeWorker | None = None  # while run() runs; without it (tests) probes run inline
         self.events = EventLog(settings.events_path)
         self.alerts = AlertQueue(settings.state_dir / ALERT_QUEUE)
         self.sender: AlertSender | None = None
@@ -117,32 +137,69 @@ class Monitor:
         self.recovery: subprocess.Popen | None = None  # `vr recover` for a journal whose owner died
         self.orphaned_since: float | None = None  # when the journal was first seen without owner
         self.saved = read_json(settings.state_dir / RESTARTS) or {}
+        self.pids: dict[str, tuple[int, int]] = {}  # program -> (PID, its pidfd), for running daemons
+        self.pidfds: dict[int, tuple[str, int]] = {}  # pidfd -> (program, PID)
+        self.exits_seen: set[str] = set()  # PIDs whose exit a pidfd told: their EXITED event is no news
+        self.heartbeat = 0.0  # monotonic time of the last completed loop iteration (0: none yet)
+        self._stopping = threading.Event()
+        # Wakes the loop's select() on stop(). Kept open for the monitor's life: stop() may come
+        # from a signal handler or another thread at any time, never onto a closed (reused) fd.
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     # ------------------------------------------------------------ the loop
     def run(self) -> None:
-        signal.signal(signal.SIGTERM, _exit)  # supervisord stops it: health.json then says so
+        """Until stop() (or SIGTERM when it runs in the main thread, as `vr monitor`) or until
+        supervisord goes away; then health.json says nobody checks any more."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda signum, frame: self.stop())  # supervisord stops it
+        self.prober = ProbeWorker(self.probe_supervisor, self._wake_w)
         try:
             self._loop()
         finally:
+            self.prober.stop()
+            self.prober = None
+            for program in list(self.pids):
+                self._forget_pid(program)
             self._write_stopped()
+
+    def stop(self) -> None:
+        """run() returns after the step under way (a probe is bounded by its timeout). Safe from
+        another thread and from a signal handler."""
+        self._stopping.set()
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass  # the pipe is full: the loop is woken already
 
     def _loop(self) -> None:
         self._send(b"READY\n")
-        while True:
+        self.heartbeat = time.monotonic()  # the loop runs: a reader does not take it for stuck meanwhile
+        while not self._stopping.is_set():
             now = time.monotonic()
             self._load_config()
             due = [w.restart_at for w in self.watches.values() if w.restart_at is not None]
-            due += [w.next_probe for w in self.watches.values() if w.enabled]
+            due += [w.next_probe for w in self.watches.values() if w.enabled and not w.probing]
             wait = max(0.0, min([now + TICK_S, *due]) - now)
-            readable, _, _ = select.select([self.stdin_fd], [], [], wait)
-            if readable:
+            readable, _, _ = select.select([self.stdin_fd, self._wake_r, *self.pidfds], [], [], wait)
+            for fd in readable:
+                if fd in self.pidfds:  # first: an EXITED event read meanwhile is then known news
+                    self._on_pid_exit(fd)
+            if self._wake_r in readable:
+                while _read_some(self._wake_r):
+                    pass
+            for result in self.prober.finished() if self.prober else []:
+                self._probe_finished(*result)
+            if self.stdin_fd in readable:
                 data = os.read(self.stdin_fd, 65536)
                 if not data:
                     return  # supervisord went away
                 self.buffer += data
                 for headers, payload in self._events():
                     self._on_event(headers, payload)
+            if self._stopping.is_set():
+                return
             self._tick()
+            self.heartbeat = time.monotonic()
 
     def _events(self):
         """Complete events in the buffer, each acknowledged at once (supervisord sends the
@@ -162,18 +219,109 @@ class Monitor:
 
     def _on_event(self, headers: dict, payload: dict) -> None:
         name = headers.get("eventname", "")
-        watch = self.by_program.get(payload.get("processname", ""))
-        if watch is None or not watch.enabled or name not in ("PROCESS_STATE_EXITED", "PROCESS_STATE_FATAL"):
+        program = payload.get("processname", "")
+        watch = self.by_program.get(program)
+        if watch is None:
+            return
+        if name == "PROCESS_STATE_RUNNING":
+            self._watch_pid(program, payload.get("pid"))
+            return
+        if name in GONE_EVENTS:
+            self._forget_pid(program, payload.get("pid"))
+        if not watch.enabled or name not in EXIT_EVENTS:
             return
         if payload.get("pid") in self.killed:
             self.killed.discard(payload["pid"])
             return
+        if payload.get("pid") in self.exits_seen:
+            self.exits_seen.discard(payload["pid"])
+            return  # its pidfd told first: handled already
         if stop_requested(self.settings):
             return  # `vr stop`: daemons stop on purpose
         reason = f"{watch.program} exited (was {payload.get('from_state', '?')}, pid {payload.get('pid', '?')})"
         watch.hung = False  # an exit, backed off as such
         self._record(watch, "exited", reason)
         self._need_restart(watch, reason)
+
+    # ------------------------------------------------------------ pidfds
+    def _watch_pid(self, program: str, pid: object) -> None:
+        """A pidfd for this running daemon (a RUNNING event, or supervisord's list)."""
+        watch = self.by_program.get(program)
+        if watch is None or not watch.enabled or not str(pid or "").isdigit() or int(pid) <= 0:
+            return
+        pid = int(pid)
+        if self.pids.get(program, (None,))[0] == pid:
+            return
+        self._forget_pid(program)
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            return  # exited already (its EXITED event follows) or no pidfds here: the events tell
+        self.pids[program] = (pid, fd)
+        self.pidfds[fd] = (program, pid)
+
+    def _forget_pid(self, program: str, pid: object = None) -> None:
+        """Closes the program's pidfd (only if it is that PID's, when one is given)."""
+        known = self.pids.get(program)
+        if known is None or (pid is not None and str(pid) != str(known[0])):
+            return
+        del self.pids[program]
+        del self.pidfds[known[1]]
+        os.close(known[1])
+
+    def _sync_pids(self) -> None:
+        """pidfds for exactly the monitored daemons supervisord runs now (the config changed,
+        or this monitor just started)."""
+        try:
+            running = {info["name"]: info["pid"] for info in self.supervisor.all_processes()
+                       if info["statename"] == "RUNNING" and info["pid"]}  # fmt: skip
+        except SUPERVISOR_ERRORS:
+            return  # supervisord not up: RUNNING events will tell
+        for program in list(self.pids):
+            watch = self.by_program.get(program)
+            if watch is None or not watch.enabled or running.get(program) != self.pids[program][0]:
+                self._forget_pid(program)
+        for program in self.by_program:
+            if program in running:
+                self._watch_pid(program, running[program])
+
+    def _on_pid_exit(self, fd: int) -> None:
+        """A pidfd became readable: that daemon exited. Handled as its EXITED event would be,
+        without waiting for supervisord's next tick to notice."""
+        program, pid = self.pidfds[fd]
+        self._forget_pid(program)
+        watch = self.by_program.get(program)
+        if watch is None or not watch.enabled or str(pid) in self.killed or stop_requested(self.settings):
+            return  # not watched, killed by this monitor (a hang), or `vr stop`
+        info = self._info(program)  # also wakes supervisord: it reaps the child in this loop
+        if info is None or info["statename"] in ("STOPPING", "STOPPED") or info["pid"] not in (0, pid):
+            return  # stopped on purpose (an apply restarts it, monitoring turned off), or started again
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)  # what lives on of its group: haproxy's workers hold the ports
+        self._wait_reaped(program, pid)
+        if len(self.exits_seen) > 100:
+            self.exits_seen.clear()  # EXITED events that never came (supervisord restarted)
+        self.exits_seen.add(str(pid))
+        reason = f"{program} exited (was RUNNING, pid {pid})"
+        watch.hung = False  # an exit, backed off as such
+        self._record(watch, "exited", reason)
+        self._need_restart(watch, reason)
+
+    def _info(self, program: str) -> dict | None:
+        try:
+            return self.supervisor.info(program)
+        except SUPERVISOR_ERRORS:
+            return None
+
+    def _wait_reaped(self, program: str, pid: int) -> None:
+        """Until supervisord no longer says this dead PID runs (it refuses to start a RUNNING
+        program); every call wakes it, bounded by its own tick."""
+        deadline = time.monotonic() + NOTICE_S
+        while time.monotonic() < deadline:
+            info = self._info(program)
+            if info is None or info["statename"] != "RUNNING" or info["pid"] != pid:
+                return
+            time.sleep(NOTICE_POLL_S)
 
     def _tick(self) -> None:
         now = time.monotonic()
@@ -188,15 +336,39 @@ class Monitor:
                 continue
             if watch.restart_at is not None and now >= watch.restart_at and not applying:
                 self._restart(watch)
-            elif now >= watch.next_probe and not applying:
+            elif now >= watch.next_probe and not applying and not watch.probing:
                 self._probe(watch)
         self._write_health()
 
     # ------------------------------------------------------------ probes and restarts
     def _probe(self, watch: Watch) -> None:
+        """In the probe worker (the nftables check inline: it is the monitor's own state and a
+        netlink round trip); without a worker, inline."""
+        if self.prober is not None and watch.name != "nftables":
+            watch.probing = True
+            self.prober.submit(watch)
+            return
         started = time.monotonic()
-        reason = self._probe_reason(watch)
-        watch.last_probe_ms = round((time.monotonic() - started) * 1000, 1)
+        if watch.name == "nftables":
+            reason, watch.hung = self.drift.check(), False
+        else:
+            reason, watch.hung = probe_daemon(self.supervisor, watch.program, watch.spec, watch.timeout_s)
+        self._judge(watch, started, time.monotonic(), reason)
+
+    def _probe_finished(self, name: str, epoch: int, started: float, ended: float, reason: str | None,
+                        hung: bool) -> None:  # fmt: skip
+        watch = self.watches.get(name)
+        if watch is None:
+            return  # no longer monitored
+        watch.probing = False
+        if epoch != watch.epoch or not watch.enabled:
+            return  # restarted (or turned off) meanwhile: the answer is the old daemon's
+        watch.hung = hung
+        self._judge(watch, started, ended, reason)
+
+    def _judge(self, watch: Watch, started: float, ended: float, reason: str | None) -> None:
+        """A probe's outcome: the state, the next probe, and a restart after `failures` in a row."""
+        watch.last_probe_ms = round((ended - started) * 1000, 1)
         watch.last_probe_at = time.time()
         if reason is None:
             if watch.state in ("restarting", "failed", "failing"):
@@ -227,23 +399,6 @@ class Monitor:
             self._record(watch, "probe failed", f"{reason} ({watch.consecutive} times)")
             self._need_restart(watch, reason)
 
-    def _probe_reason(self, watch: Watch) -> str | None:
-        watch.hung = False
-        if watch.name == "nftables":
-            return self.drift.check()
-        if watch.program:
-            state = self.supervisor.state(watch.program)
-            if state != "RUNNING":
-                return f"{watch.program} is {state or 'not configured in supervisord'}"
-        if watch.spec is None:
-            return None
-        try:
-            reason = probes.run(watch.spec, timeout=watch.timeout_s)
-        except Exception as error:  # noqa: BLE001 - a probe that breaks is a failing probe, not a dead monitor
-            reason = f"probe error: {type(error).__name__}: {error}"
-        watch.hung = reason is not None and watch.program is not None  # running, yet not answering
-        return reason
-
     def _need_restart(self, watch: Watch, reason: str) -> None:
         if watch.state == "failed" or watch.restart_at is not None:
             return
@@ -271,9 +426,9 @@ class Monitor:
 
     def _restart(self, watch: Watch) -> None:
         watch.restart_at = None
+        watch.epoch += 1
         watch.recent.append(time.time())
         watch.restarts += 1
-        self._save_restarts()
         if watch.name == "nftables":
             error = self.drift.repair()
             self._record(watch, "repaired" if error is None else "repair failed", error or "ruleset loaded again")
@@ -281,6 +436,7 @@ class Monitor:
             self._kill(watch)
             self._start(watch)
             self._record(watch, "restarted", watch.reason or "")
+        self._save_restarts()  # after the start: its fsync is not on the way of a daemon coming back
         watch.consecutive = 0
         watch.next_probe = time.monotonic() + SETTLE_S
         watch.starting_until = time.monotonic() + STARTUP_S
@@ -412,7 +568,7 @@ class Monitor:
                     old.recent,
                 )
                 watch.restart_at, watch.consecutive = old.restart_at, old.consecutive
-                watch.starting_until = old.starting_until
+                watch.starting_until, watch.probing, watch.epoch = old.starting_until, old.probing, old.epoch
             elif item["name"] in self.saved:  # what the monitor before this one counted
                 saved = self.saved[item["name"]]
                 watch.restarts, watch.recent = saved.get("restarts", 0), collections.deque(saved.get("recent", []))
@@ -425,12 +581,70 @@ class Monitor:
             watches[watch.name] = watch
         self.watches = watches
         self.by_program = {w.program: w for w in watches.values() if w.program}
+        self._sync_pids()
         url = self.config.get("alert_url")
         if self.sender is None:
             self.sender = AlertSender(self.alerts, url)
             self.sender.start()
         self.sender.url = url
         self.sender.notify()
+
+
+def probe_daemon(supervisor: SupervisorClient, program: str | None, spec: dict | None,
+                 timeout: float) -> tuple[str | None, bool]:  # fmt: skip
+    """(why the service fails, or None; whether it is hung: running, yet not answering)."""
+    try:
+        if program:
+            state = supervisor.state(program)
+            if state != "RUNNING":
+                return f"{program} is {state or 'not configured in supervisord'}", False
+        if spec is None:
+            return None, False
+        reason = probes.run(spec, timeout=timeout)
+    except Exception as error:  # noqa: BLE001 - a probe that breaks is a failing probe, not a dead monitor
+        return f"probe error: {type(error).__name__}: {error}", False
+    return reason, reason is not None and program is not None
+
+
+class ProbeWorker:
+    """Runs the services' probes one after another in a thread of its own: a probe may take its
+    whole timeout (a hung daemon), and meanwhile the monitor's loop still handles exits and
+    events at once. Each result wakes the loop (wake_fd)."""
+
+    def __init__(self, supervisor: SupervisorClient, wake_fd: int):
+        self.supervisor, self.wake_fd = supervisor, wake_fd
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.results: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="vr-monitor-probes", daemon=True)
+        self.thread.start()
+
+    def submit(self, watch: Watch) -> None:
+        self.jobs.put((watch.name, watch.epoch, watch.program, watch.spec, watch.timeout_s))
+
+    def finished(self) -> list[tuple]:
+        """(name, epoch, started, ended, reason, hung) of each probe done since the last call."""
+        done = []
+        while True:
+            try:
+                done.append(self.results.get_nowait())
+            except queue.Empty:
+                return done
+
+    def stop(self) -> None:
+        """The worker ends after the probe under way (bounded by its timeout; not waited for long)."""
+        self.jobs.put(None)
+        self.thread.join(1.0)
+
+    def _run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            name, epoch, program, spec, timeout = job
+            started = time.monotonic()
+            reason, hung = probe_daemon(self.supervisor, program, spec, timeout)
+            self.results.put((name, epoch, started, time.monotonic(), reason, hung))
+            try:
+                os.write(self.wake_fd, b"p")
+            except BlockingIOError:
+                pass  # the pipe is full: the loop is woken already
 
 
 class RulesetDrift:
@@ -509,8 +723,11 @@ def _list_table() -> str | None:
     return output if rc == 0 else None
 
 
-def _exit(signum, frame) -> None:
-    raise SystemExit(0)
+def _read_some(fd: int) -> bytes:
+    try:
+        return os.read(fd, 4096)
+    except BlockingIOError:
+        return b""
 
 
 def main(settings: Settings) -> int:

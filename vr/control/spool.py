@@ -65,9 +65,13 @@ class Spool:
         self._trim()
         return True
 
-    def drain(self) -> int:
+    def drain(self, only: set[str] | None = None) -> int:
+        """Apply what is pending, in name order; only: just these names (files whose writer is
+        known to be done with them)."""
         count = 0
         for path in self.pending():
+            if only is not None and path.name not in only:
+                continue
             self.process(path)
             count += 1
         return count

@@ -138,6 +138,11 @@ class Settings:
         return self.run_dir / "vr.sock"
 
     @property
+    def daemon_pid_path(self) -> Path:
+        """Locked by `vr daemon` for as long as it lives: the CLI asks it only then."""
+        return self.run_dir / "daemon.pid"
+
+    @property
     def agent_tls_dir(self) -> Path:
         """The agent's self-signed certificate and key, when the document brings none."""
         return self.state_dir / "agent-tls"

@@ -177,6 +177,34 @@ class Lab:
         payloads = sorted(examples_dir().glob("*.json"), key=lambda p: json.loads(p.read_text())["generation"])
         return [self.vr("apply", str(p)).stdout.strip() for p in payloads]
 
+    # ------------------------------------------------------------ the manager's side: the agent
+    AGENT_URL = "https://169.254.0.10:8443"  # configs/examples/router.json: the control address, agent.port
+
+    @property
+    def agent_token_file(self) -> Path:
+        """The lab's token (configs/lab/agent-token; its hash is in router.json), 0600 as the
+        client wants it: a checkout does not keep the mode."""
+        path = self.dir / "agent-token"
+        if not path.exists():
+            self.dir.mkdir(parents=True, exist_ok=True)
+            path.write_text((examples_dir().parent / "lab" / "agent-token").read_text())
+            path.chmod(0o600)
+        return path
+
+    @property
+    def agent_ca(self) -> Path:
+        """The agent's self-signed certificate: the CA the manager trusts it with."""
+        return self.settings.agent_tls_dir / "certificate.pem"
+
+    def remote(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """`vr remote ...` from the management network, as a manager would run it."""
+        cmd = ["ip", "netns", "exec", self.ns("mgmt"), sys.executable, "-m", "vr", "remote", "--url", self.AGENT_URL,
+               "--token-file", str(self.agent_token_file), "--ca", str(self.agent_ca), *args]  # fmt: skip
+        result = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
+        if check and result.returncode != 0:
+            raise RuntimeError(f"vr remote {' '.join(args)} exited {result.returncode}: {result.stderr.strip()}")
+        return result
+
     # ------------------------------------------------------------ VPN peers
     def apply_site_b(self) -> str:
         """Router B: its own vr and payload; its tunnel to A is passive (A initiates)."""
@@ -506,8 +534,7 @@ def main(args) -> int:
     lab = Lab(args.dir, args.prefix, vpn=True)
     if args.action == "up":
         lab.up()
-        for line in lab.apply_examples():
-            print(f"router: {line}")
+        apply_demo_payloads(lab)
         show(lab)
     elif args.action == "status":
         show(lab)
@@ -517,13 +544,23 @@ def main(args) -> int:
     elif args.action == "demo":
         try:
             lab.up()
-            for line in lab.apply_examples():
-                print(f"router: {line}")
+            apply_demo_payloads(lab)
             show(lab)
         finally:
             lab.down()
             print(f"\nlab {lab.prefix} torn down: namespaces deleted, daemons stopped")
     return 0
+
+
+def apply_demo_payloads(lab: Lab) -> None:
+    """The first payload as at a router's first boot (`vr apply`, no daemon yet: in-process;
+    it starts the daemon); the next ones as a manager sends them: through the agent, over
+    HTTPS with the lab's token, by `vr remote` (vr.client.RouterClient)."""
+    first, *rest = sorted(examples_dir().glob("*.json"), key=lambda p: json.loads(p.read_text())["generation"])
+    print(f"router: {lab.vr('apply', str(first)).stdout.strip()}  ({first.name}, vr apply on the router)")
+    for payload in rest:
+        answer = lab.remote("apply", str(payload)).stdout.strip()
+        print(f"manager: {answer}  ({payload.name}, vr remote apply through the agent {lab.AGENT_URL})")
 
 
 def show(lab: Lab) -> None:
@@ -550,8 +587,8 @@ def show(lab: Lab) -> None:
     show_lb(lab)
     show_ipv6(lab)
     show_vpn(lab)
-    print()
-    print(lab.vr("status", check=False).stdout)
+    print(f"\nthe manager asks the agent ({lab.AGENT_URL}): vr remote status")
+    print(lab.remote("status", check=False).stdout)
 
 
 def show_nat(lab: Lab) -> None:

@@ -921,23 +921,31 @@ class Patcher:
 
     def _wait_control_plane(self, version: str) -> None:
         """The restarted monitor runs the new code and works: it wrote its health report with
-        its own PID and version (a monitor that dies at import never does)."""
+        its own PID and version (a monitor that dies at import never does), and, for a release
+        with a daemon, that daemon answers GET /healthz on its local socket (requests sent
+        meanwhile wait for it in the backlog of the sockets the keeper holds)."""
+        from vr.control.keeper import probe_health
         from vr.control.monitor import HEALTH
         from vr.services.supervisor_rpc import SupervisorClient
 
         if "monitor" not in self._control_plane():
             return
         supervisor = SupervisorClient(self.settings)
+        serves = (self.releases.path(version) / "vr" / "control" / "daemon.py").exists()
         deadline = time.monotonic() + CONTROL_PLANE_DEADLINE_S
+        answer = None
         while True:
             pid = supervisor.pid("monitor")
             health = read_report(self.settings.run_dir / HEALTH, {}) or {}
             if pid and health.get("monitor_pid") == pid and health.get("version") == version:
-                return
+                answer = probe_health(self.settings.daemon_socket, 1.0) if serves else None
+                if answer is None:
+                    return
             if time.monotonic() > deadline:
                 raise PatchFailed(f"the monitor did not come up on release {version} within "
                                   f"{CONTROL_PLANE_DEADLINE_S:.0f} s (state {supervisor.state('monitor')}, "
-                                  f"reports {health.get('version')} pid {health.get('monitor_pid')})")  # fmt: skip
+                                  f"reports {health.get('version')} pid {health.get('monitor_pid')}"
+                                  f"{f'; /healthz: {answer}' if answer else ''})")  # fmt: skip
             time.sleep(0.05)
 
     # ---------------------------------------------------------------- the installed package as a release

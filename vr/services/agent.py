@@ -85,8 +85,12 @@ class AgentService(Service):
     def probe(self, doc: RouterDocument, runtime: Runtime) -> str | None:
         """Served: its port accepts connections on the first control address (the daemon
         binds them all at once)."""
-        if doc is None or not doc.agent.served() or runtime.supervisor.not_running(DAEMON_PROGRAM):
+        if doc is None or not doc.agent.served():
             return None
+        if not runtime.supervisor.is_running():
+            return "supervisord is down: no daemon serves the agent"
+        if reason := runtime.supervisor.not_running(DAEMON_PROGRAM):
+            return f"no daemon serves the agent: {reason}"
         address = listen_addresses(doc)[0]
         try:
             with socket.create_connection((address, doc.agent.port), timeout=0.5):

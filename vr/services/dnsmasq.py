@@ -45,6 +45,7 @@ from typing import Any, NamedTuple
 
 from vr.foundation.document import DhcpEntry, DhcpOption, Ipv6Tier, RouterDocument
 from vr.foundation.errors import Problem
+from vr.foundation.settings import Settings
 from vr.services.base import Change, CheckFailed, Program, Service, run_checker
 from vr.services.network import interface_names
 from vr.services.probes import ProbeSpec
@@ -59,6 +60,7 @@ NAME_SHARDS = 256  # 4,000 VMs: about 16 per shard, a 1 ms re-read
 DROP_INS = "dnsmasq-hosts.d"  # under the run dir: VM changes since dnsmasq last read dhcp-hosts
 SHADOWED = b"# shadowed: "
 MAX_SHADOWED = 256  # removed VMs dnsmasq may still hold before a full re-read
+LEASE_FILE = "dnsmasq.leases"  # in the state dir: leases outlive restarts, patches and rebuilds
 DEFAULT_LEASE_TIME = 86400  # seconds, for an entry whose tier has no dhcp.tiers item
 DHCPV6_SERVER_PORT = 547
 DHCPV6_RELEASE, DHCPV6_RELAY_FORW, DHCPV6_RELAY_REPL = b"\x08", b"\x0c", b"\x0d"  # message types
@@ -278,7 +280,7 @@ class DnsmasqService(Service):
         return {"program": PROGRAM, "check": "dns", "args": args}
 
     def lease_file(self, runtime: Runtime) -> Path:
-        return runtime.settings.state_dir / "dnsmasq.leases"
+        return runtime.settings.state_dir / LEASE_FILE
 
 
 def _release_dropped_leases(change: Change, doc: RouterDocument, leases: Leases) -> None:
@@ -583,4 +585,7 @@ def read_leases(lease_file: Path) -> Leases:
     return Leases(v4, v6, server_id)
 
 
-_read_leases = read_leases  # TEMP: metrics.py still uses the old name (lead removes at integration)
+def lease_count(settings: Settings) -> int:
+    """Leases dnsmasq holds now, IPv4 and IPv6 (its lease file; 0 before the first)."""
+    leases = read_leases(settings.state_dir / LEASE_FILE)
+    return len(leases.v4) + len(leases.v6)

@@ -122,9 +122,13 @@ class SupervisorClient:
         return info["statename"] if info else None
 
     def not_running(self, name: str) -> str | None:
-        """None when the program runs; otherwise the probe's reason."""
-        state = self.state(name)
-        return None if state == RUNNING else f"{name} is {state or 'not configured in supervisord'}"
+        """None when the program runs; otherwise the probe's reason. The program the caller
+        itself is runs, even while supervisord stops it (the daemon answering its last pushes)."""
+        info = self.info(name)
+        state = info["statename"] if info else None
+        if state == RUNNING or (info and info.get("pid") == os.getpid()):
+            return None
+        return f"{name} is {state or 'not configured in supervisord'}"
 
     def pid(self, name: str) -> int | None:
         info = self.info(name)

@@ -61,6 +61,7 @@ class Result:
     timings_ms: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # accepted, but the operator should know
     batched: int = 1  # pushes this transaction carried (a coalesced burst: more than one)
+    service_ms: dict[str, float] = field(default_factory=dict)  # each changed service's apply (reload) time
 
 
 @dataclass(frozen=True)
@@ -358,6 +359,7 @@ class Pipeline:
             raise error from None
         fault_point("journaled")
         step, current = "switch", ""
+        service_ms: dict[str, float] = {}  # each service's apply step (its daemon's reload)
         try:
             self._switch(changes, staging)
             timings["switch"] = _ms(mark)
@@ -365,8 +367,9 @@ class Pipeline:
             step = "apply"
             mark = time.perf_counter()
             for change in changes:
-                current = change.service
+                current, applying = change.service, time.perf_counter()
                 by_name(current).apply(change, doc, self.runtime)
+                service_ms[current] = _ms(applying)
             current = ""
             self._start_stopped(doc, {c.service for c in changes})
             timings["reload"] = _ms(mark)
@@ -396,7 +399,7 @@ class Pipeline:
         fault_point("committed")
         self._finish(txid)
         changed = [c.service for c in changes if c.paths]
-        result = Result(doc.generation, changed, _ms(started), timings)
+        result = Result(doc.generation, changed, _ms(started), timings, service_ms=service_ms)
         self.events.write(
             [event("apply", resource, "ok", f"services changed: {', '.join(changed) or 'none'}", doc.generation)]
             + [event("service", f"service:{name}", "applied", "", doc.generation) for name in changed]
