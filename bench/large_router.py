@@ -468,6 +468,7 @@ def bench(args, router: BenchRouter) -> dict:
     run = Run(args, router, doc, layout)
     run.token = token
     run.figures |= {"driver": args.driver, "quick": args.quick, "cpus": len(os.sched_getaffinity(0)),
+                    "load_1m_start": round(os.getloadavg()[0], 2),
                     "document_bytes": len(json.dumps(doc)),
                     **{name: getattr(args, name) for name in SIZES},
                     "targets": {k: f"{op} {v}" for k, (v, op) in TARGETS.items()}}  # fmt: skip
@@ -486,6 +487,7 @@ def bench(args, router: BenchRouter) -> dict:
         check_stop()
         run.figures["error"] = f"{run.phase}: {type(error).__name__}: {error}"
     f = run.figures
+    f["load_1m_end"] = round(os.getloadavg()[0], 2)
     if f.get("one_vm_p50_ms") and f.get("limit_one_vm_ms"):
         f["one_vm_limit_ratio"] = round(f["one_vm_p50_ms"] / f["limit_one_vm_ms"], 1)
     if f.get("one_rule_p50_ms") and f.get("limit_one_rule_ms"):
@@ -521,6 +523,7 @@ def table(f: dict) -> str:
                     f"{f['lb_rules']} LB rules, {f['tunnels']} tunnels; document {f['document_bytes'] / 1024:.0f} KiB"
                     + ("  (--quick)" if f["quick"] else ""))),
         ("driver / cpus", f"{f['driver']} / {f['cpus']}"),
+        ("machine load (1 min), start / end", f"{f['load_1m_start']:g} / {f['load_1m_end']:g}  (others' work shares the cpus)"),
         ("cold_push_ms", cell("cold_push_ms")),
     ]  # fmt: skip
     if "tunnels_established" in f:

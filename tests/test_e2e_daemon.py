@@ -16,25 +16,34 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import example_lab, live_files, write_payload
-from vr.client import LocalClient
+from tests.conftest import REPO_DIR, example_lab, live_files, write_payload
+from vr.client import ClientError, LocalClient, RouterClient
 from vr.control.agent import redact
 from vr.foundation import document as docmod
+from vr.foundation import netns
 from vr.services.runtime import Runtime
 from vr.transaction.store import DocumentStore
 
 ROUTER = "router:r-101-vm"
+AGENT_URL = "https://169.254.0.10:8443"  # the example's control address and agent port
+AGENT_TOKEN = (REPO_DIR / "configs" / "lab" / "agent-token").read_text().strip()  # the example's token, in clear
 CLIENTS = 20
 PUSHES = 60  # in all, CLIENTS x 3
 APPLIED_LINE = re.compile(r"applied generation (\d+) in \d+ ms; changed: ([a-z, ]+)\n")
 
 
 @pytest.fixture(scope="module")
-def router(tmp_path_factory):
-    """The example router (its daemon serving the local socket), no guests: nothing here
-    needs a lease."""
+def router():
+    """The example router, its daemon serving the local socket and the agent (the example's
+    token) on the control address; no guests: nothing here needs a lease."""
     with example_lab(guests=()) as lab:
         wait_for_daemon(lab)
+        manager = RouterClient(AGENT_URL, AGENT_TOKEN, ca=lab.settings.agent_tls_dir / "certificate.pem")
+        with ThreadPoolExecutor(1, initializer=netns.enter, initargs=(lab.ns("mgmt"),)) as there:
+            deadline = time.monotonic() + 60
+            while not there.submit(manager.healthz).result(timeout=60):
+                assert time.monotonic() < deadline, "the agent never answered on the control address"
+                time.sleep(0.2)
         yield lab
 
 
@@ -130,19 +139,29 @@ def key_of(payload: dict) -> str:
             "ingress_rules": f"in:{item.get('id')}"}[kind]  # fmt: skip
 
 
-def burst(lab, pushes: list[tuple[str, object]], clients: int) -> list[tuple[int, dict]]:
-    """Each (query, payload) PATCHed by one of `clients` threads, all started together; the
-    answers in the pushes' order. A client sends its next push when its last one answered."""
+def burst(lab, pushes: list[tuple[str, object]], clients: int, door: str = "socket") -> list[tuple[int, dict]]:
+    """Each (query, payload) PATCHed by one of `clients` threads, all started together, through
+    the daemon's local socket or (door "agent") as the manager does: RouterClient over HTTPS
+    with the token, from the manager's namespace. The answers in the pushes' order; a client
+    sends its next push when its last one answered."""
     answers: list[tuple[int, dict] | None] = [None] * len(pushes)
     start = threading.Barrier(clients)
 
     def client(k: int) -> None:
+        manager = RouterClient(AGENT_URL, AGENT_TOKEN, ca=lab.settings.agent_tls_dir / "certificate.pem", retries=0)
         start.wait(timeout=60)
         for n in range(k, len(pushes), clients):
             query, payload = pushes[n]
-            answers[n] = api(lab, "PATCH", f"/v1/config{query}", payload)
+            if door == "socket":
+                answers[n] = api(lab, "PATCH", f"/v1/config{query}", payload)
+                continue
+            try:
+                answers[n] = (200, manager.push(payload, next_generation=query == "?generation=next"))
+            except ClientError as error:
+                answers[n] = (error.status, {"error": [{"path": p, "reason": r} for p, r in error.problems]})
 
-    with ThreadPoolExecutor(clients) as pool:
+    initializer = (netns.enter, (lab.ns("mgmt"),)) if door == "agent" else (None, ())
+    with ThreadPoolExecutor(clients, initializer=initializer[0], initargs=initializer[1]) as pool:
         for done in [pool.submit(client, k) for k in range(clients)]:
             done.result(timeout=300)
     return answers  # type: ignore[return-value]
@@ -151,13 +170,14 @@ def burst(lab, pushes: list[tuple[str, object]], clients: int) -> list[tuple[int
 # ------------------------------------------------------------------ coalescing
 
 
-def test_twenty_clients_are_coalesced_and_every_answer_is_true(router):
+@pytest.mark.parametrize("door, first", [("socket", 0), ("agent", 200)])
+def test_twenty_clients_are_coalesced_and_every_answer_is_true(router, door, first):
     lab = router
     start = stored(lab)
     pushes_before, transactions_before = daemon_counts(lab)
-    payloads = [one_item(n) for n in range(PUSHES)]
+    payloads = [one_item(first + n) for n in range(PUSHES)]
 
-    answers = burst(lab, [("?generation=next", p) for p in payloads], CLIENTS)
+    answers = burst(lab, [("?generation=next", p) for p in payloads], CLIENTS, door)
 
     assert [status for status, _ in answers] == [200] * PUSHES, [b for s, b in answers if s != 200][:3]
     assert {body["outcome"] for _, body in answers} == {"applied"}
@@ -300,10 +320,20 @@ def test_vr_apply_goes_through_the_daemon_and_prints_what_it_printed_in_process(
     fallback = APPLIED_LINE.fullmatch(in_process.stdout)
     assert fallback and int(fallback[1]) == g + 2 and fallback[2] == thin[2], in_process.stdout
     assert in_process.stderr == ""
-    status = get(lab, "/v1/status")
+    assert get(lab, "/v1/config")["generation"] == g + 2  # the warm daemon sees what the other process applied
+    deadline = time.monotonic() + 10
+    while (status := get(lab, "/v1/status"))["generation"] != g + 2:  # the report is cached for up to a second
+        assert time.monotonic() < deadline, status["generation"]
+        time.sleep(0.2)
     assert status["daemon"]["pushes"] == pushes_before + 1  # not through the daemon
-    assert status["generation"] == g + 2  # and the warm daemon sees what the other process applied
     assert f"vm:{vm(103)['mac']}" in items_of(get(lab, "/v1/config"))
+
+    # From stdin, as a script pipes it: through the daemon too.
+    piped = lab.vr("apply", "-", input=json.dumps({"generation": g + 3, "dhcp_entries": {"upsert": [vm(112)]}}))
+    line = APPLIED_LINE.fullmatch(piped.stdout)
+    assert line and int(line[1]) == g + 3 and line[2] == "dnsmasq", piped.stdout
+    assert get(lab, "/v1/config")["generation"] == g + 3
+    assert daemon_counts(lab)[0] == pushes_before + 2
 
 
 REFUSALS = {  # what an operator may get wrong, with the exit code vr gives it

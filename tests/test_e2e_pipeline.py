@@ -99,12 +99,20 @@ def test_an_interrupted_apply_is_also_recovered_by_the_next_apply(lab, tmp_path)
     assert any(e["type"] == "recover" and e["outcome"] == "rolled-back" for e in recovered)
 
 
-def test_a_second_apply_is_refused_while_one_runs(lab, tmp_path):
+def test_a_second_apply_waits_its_turn_in_the_daemon_and_is_refused_in_process(lab, tmp_path):
+    """Another process holds the router's lock (an apply, a patch): in-process, `vr apply` is
+    refused at once (75); through the daemon the push is queued and applied once it is free."""
+    payload = write_payload(tmp_path, {"generation": 2, "dns": {"domain": "x.internal"}})
     with Pipeline(lab.settings).lock():
-        result = lab.vr(
-            "apply", write_payload(tmp_path, {"generation": 2, "dns": {"domain": "x.internal"}}), check=False
-        )
-    assert result.returncode == 75 and "another apply or patch is running" in result.stderr
+        result = lab.vr("apply", payload, env={"VR_NO_DAEMON": "1"}, check=False)
+        assert result.returncode == 75 and "another apply or patch is running" in result.stderr
+        queued = subprocess.Popen([*lab_vr_command(lab), "apply", payload], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)  # fmt: skip
+        time.sleep(1.5)
+        assert queued.poll() is None  # waiting, not refused
+    out, err = queued.communicate(timeout=60)
+    assert queued.returncode == 0 and out.startswith("applied generation 2"), err
+    assert status(lab)["generation"] == 2
 
 
 def wait_spool_empty(lab, timeout: float = 30) -> None:

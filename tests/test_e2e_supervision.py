@@ -151,15 +151,27 @@ def test_killed_supervisord_is_brought_back_with_its_daemons_once(lab):
 
 
 def test_health_nobody_checks_is_not_reported(lab):
+    """A monitor that stopped checking (its daemon hung) vouches for nothing: read in-process
+    (the hung daemon answers no one), its services are unknown once its report is stale. The
+    keeper, whose watchdog would kill the hung daemon first, is paused meanwhile."""
     assert wait_for(lambda: monitor_ok(lab), 10)
     health = json.loads((lab.settings.run_dir / "health.json").read_text())
     assert health["monitor_pid"] and health["checked_at"]
+    in_process = {"VR_NO_DAEMON": "1"}
+
+    def report() -> dict:
+        return json.loads(lab.vr("status", "--json", env=in_process, check=False).stdout)
+
+    keeper = keeper_pid(lab)
+    os.kill(keeper, signal.SIGSTOP)
     os.kill(health["monitor_pid"], signal.SIGSTOP)
     try:
-        assert wait_for(lambda: service(lab, "dnsmasq").get("monitor", {}).get("state") == "unknown", 30)
-        assert status(lab)["monitor"]["stale"]
+        dnsmasq = lambda: next(s for s in report()["services"] if s["name"] == "dnsmasq")
+        assert wait_for(lambda: dnsmasq().get("monitor", {}).get("state") == "unknown", 30, step=0.5)
+        assert report()["monitor"]["stale"]
     finally:
         os.kill(health["monitor_pid"], signal.SIGCONT)
+        os.kill(keeper, signal.SIGCONT)
     assert wait_for(lambda: monitor_ok(lab), 10)
 
 

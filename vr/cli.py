@@ -22,22 +22,21 @@ def _read_bytes(source: str) -> bytes:
 
     try:
         if source == "-":
-            return sys.stdin.buffer.read(jsontext.MAX_BYTES + 1)
-        with open(source, "rb") as file:
-            return file.read(jsontext.MAX_BYTES + 1)
+            data = sys.stdin.buffer.read(jsontext.MAX_BYTES + 1)
+        else:
+            with open(source, "rb") as file:
+                data = file.read(jsontext.MAX_BYTES + 1)
     except OSError as error:
         raise InvalidPayload([Problem("", f"cannot read {jsontext.quote(source)}: {error.strerror}")]) from None
+    try:
+        jsontext.check_size(len(data))  # refused here as in-process: not sent to the daemon
+    except jsontext.JsonRefused as error:
+        raise InvalidPayload([Problem(error.path, error.reason)]) from None
+    return data
 
 
 def _read_payload(source: str) -> object:
-    from vr.foundation import jsontext
-    from vr.foundation.errors import InvalidPayload, Problem
-
-    data = _read_bytes(source)
-    try:
-        return jsontext.loads(data)
-    except jsontext.JsonRefused as error:
-        raise InvalidPayload([Problem(error.path, error.reason)]) from None
+    return _payload_of(_read_bytes(source))
 
 
 def _recover_interrupted_patch(args) -> None:
@@ -74,23 +73,54 @@ def _daemon(args):
 DAEMON_RESTART_WAIT_S = 60.0
 
 
-def _ask(daemon, method: str, path: str, body: bytes | None = None) -> tuple[int, dict]:
-    """One request to the daemon; while it restarts (503, or its socket refuses for a moment:
-    a live patch replaces it), asked again, for at most DAEMON_RESTART_WAIT_S."""
+class _DaemonGone(Exception):
+    """The daemon went away and none took its place: the command runs in-process instead."""
+
+
+def _ask(args, daemon, method: str, path: str, body: bytes | None = None) -> tuple[int, dict]:
+    """One request to the daemon. While it restarts (503, its socket refuses for a moment, a
+    connection it dropped when killed or replaced by a patch), asked again, for at most
+    DAEMON_RESTART_WAIT_S; once no daemon process is left, _DaemonGone."""
+    import http.client
     import time
+
+    from vr.foundation.lock import flock_holder
 
     deadline = time.monotonic() + DAEMON_RESTART_WAIT_S
     while True:
         try:
             status, answer = daemon.request(method, path, body)
-        except (ConnectionRefusedError, FileNotFoundError):
+            if status != 503 or time.monotonic() > deadline:
+                return status, answer
+        except (ConnectionError, FileNotFoundError, http.client.HTTPException):
             if time.monotonic() > deadline:
                 raise
-            time.sleep(0.2)
-            continue
-        if status != 503 or time.monotonic() > deadline:
-            return status, answer
         time.sleep(0.2)
+        if flock_holder(_settings(args).daemon_pid_path) is None:
+            time.sleep(1.0)  # supervisord starts the next one at once: give it a moment to lock
+            if flock_holder(_settings(args).daemon_pid_path) is None:
+                raise _DaemonGone()
+
+
+def _through_daemon(args, method: str, path: str, body: bytes | None = None) -> tuple[int, dict] | None:
+    """The daemon's answer, or None when there is no daemon to ask (the caller runs in-process)."""
+    daemon = _daemon(args)
+    if daemon is None:
+        return None
+    try:
+        return _ask(args, daemon, method, path, body)
+    except _DaemonGone:
+        return None
+
+
+def _payload_of(data: bytes) -> object:
+    from vr.foundation import jsontext
+    from vr.foundation.errors import InvalidPayload, Problem
+
+    try:
+        return jsontext.loads(data)
+    except jsontext.JsonRefused as error:
+        raise InvalidPayload([Problem(error.path, error.reason)]) from None
 
 
 def _refused(status: int, body: dict) -> int:
@@ -119,9 +149,10 @@ def _print_applied(result: dict) -> None:
 
 def cmd_apply(args) -> int:
     _recover_interrupted_patch(args)
-    daemon = _daemon(args)
-    if daemon is not None:
-        status, body = _ask(daemon, "PATCH", "/v1/config", _read_bytes(args.file))
+    data = _read_bytes(args.file)  # once: stdin does not read twice
+    answer = _through_daemon(args, "PATCH", "/v1/config", data)
+    if answer is not None:
+        status, body = answer
         if status != 200:
             return _refused(status, body)
         _print_applied(body)
@@ -130,7 +161,7 @@ def cmd_apply(args) -> int:
 
     from vr.transaction.pipeline import Pipeline
 
-    _print_applied(asdict(Pipeline(_settings(args)).apply(_read_payload(args.file))))
+    _print_applied(asdict(Pipeline(_settings(args)).apply(_payload_of(data))))
     return 0
 
 
@@ -157,9 +188,10 @@ def cmd_render(args) -> int:
 
 
 def cmd_diff(args) -> int:
-    daemon = _daemon(args)
-    if daemon is not None:
-        status, body = _ask(daemon, "POST", "/v1/config/validate", _read_bytes(args.file))
+    data = _read_bytes(args.file)
+    answer = _through_daemon(args, "POST", "/v1/config/validate", data)
+    if answer is not None:
+        status, body = answer
         if status != 200:
             return _refused(status, body)
         _print_diffs(body["files"])
@@ -168,7 +200,7 @@ def cmd_diff(args) -> int:
 
     settings = _settings(args)
     _recovered(settings)
-    _, _, files = Pipeline(settings).preview(_read_payload(args.file))
+    _, _, files = Pipeline(settings).preview(_payload_of(data))
     _print_diffs(files)
     return 0
 
@@ -194,10 +226,10 @@ def cmd_schema(args) -> int:
 def cmd_status(args) -> int:
     from vr.control.status import render_text
 
-    daemon = _daemon(args)
-    if daemon is not None:
-        flags = "&".join(f"{name}={int(bool(getattr(args, name)))}" for name in ("firewall", "lb", "vpn"))
-        status, report = _ask(daemon, "GET", f"/v1/status?{flags}")
+    flags = "&".join(f"{name}={int(bool(getattr(args, name)))}" for name in ("firewall", "lb", "vpn"))
+    answer = _through_daemon(args, "GET", f"/v1/status?{flags}")
+    if answer is not None:
+        status, report = answer
         if status != 200:
             return _refused(status, report)
     else:
@@ -211,12 +243,12 @@ def cmd_status(args) -> int:
 
 
 def cmd_events(args) -> int:
-    daemon = _daemon(args)
-    if daemon is not None:
-        from urllib.parse import urlencode
+    from urllib.parse import urlencode
 
-        query = urlencode({"limit": 100000, **({"resource": args.resource} if args.resource else {})})
-        status, body = _ask(daemon, "GET", f"/v1/events?{query}")
+    query = urlencode({"limit": 100000, **({"resource": args.resource} if args.resource else {})})
+    answer = _through_daemon(args, "GET", f"/v1/events?{query}")
+    if answer is not None:
+        status, body = answer
         if status != 200:
             return _refused(status, body)
         found = body["events"]

@@ -136,14 +136,14 @@ def _authenticator(server: AgentServer) -> Any:
 # ------------------------------------------------------------------ reading requests
 async def _body(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
-        raise RequestRefused(413, Problem("", f"{request.content_length} bytes; at most {limit}"))
+        raise RequestRefused(413, Problem("", f"{request.content_length} bytes; a request has at most {limit}"))
     chunks, size = [], 0
     try:
         async with asyncio.timeout(BODY_TIMEOUT_S):
             async for chunk in request.content.iter_chunked(1 << 20):
                 size += len(chunk)
                 if size > limit:
-                    raise RequestRefused(413, Problem("", f"more than {limit} bytes"))
+                    raise RequestRefused(413, Problem("", f"more than {limit} bytes; a request has at most {limit}"))
                 chunks.append(chunk)
     except TimeoutError:
         raise RequestRefused(408, Problem("", f"the body did not arrive within {BODY_TIMEOUT_S:.0f} s")) from None
@@ -295,6 +295,7 @@ async def events(request: web.Request) -> web.Response:
         raise RequestRefused(400, Problem("resource", "KIND or KIND:ID, printable, at most 256 characters"))
     since = _number(request, "since", 0, 1e11)
     limit = _number(request, "limit", 1, 100000)
+    await _daemon(request).recover_first()  # the recovery's own events are then among those shown
     found = await asyncio.get_running_loop().run_in_executor(
         None, _daemon(request).read_events, resource, since, int(limit or 1000)
     )
@@ -423,7 +424,7 @@ class AgentServer:
         self.held = keeper.take_listeners(self.settings)  # the previous daemon's, by name
         self.listeners: dict[str, keeper.Listener] = {}
         self.local_runner = web.AppRunner(make_app(self.daemon, None), access_log=None, handle_signals=False,
-                                          keepalive_timeout=IDLE_TIMEOUT_S, shutdown_timeout=DRAIN_S)
+                                          keepalive_timeout=IDLE_TIMEOUT_S, shutdown_timeout=DRAIN_S)  # fmt: skip
         await self.local_runner.setup()
         path = self.settings.daemon_socket
         name = keeper.unix_name(path)
@@ -451,7 +452,7 @@ class AgentServer:
         listeners = getattr(self, "listeners", {})
         if self.remote_runner is None and wanted is not None:
             self.remote_runner = web.AppRunner(make_app(self.daemon, self), access_log=None, handle_signals=False,
-                                               keepalive_timeout=IDLE_TIMEOUT_S, shutdown_timeout=DRAIN_S)
+                                               keepalive_timeout=IDLE_TIMEOUT_S, shutdown_timeout=DRAIN_S)  # fmt: skip
             await self.remote_runner.setup()
         old, self.sites = self.sites, []
         names: set[str] = set()

@@ -38,7 +38,7 @@ from vr.services.dnsmasq import lease_count
 from vr.transaction.pipeline import Pipeline, Push, Result
 
 MAX_BATCH = 1000  # pushes one transaction carries at most
-PATCH_WAIT_S = 600.0  # a push waits this long for a live patch to end
+LOCK_WAIT_S = 600.0  # a push waits this long for another process's apply or patch to end
 DRAIN_S = 8.0  # on SIGTERM, queued work still answered within this (supervisord kills at 10 s)
 MONITOR_STALE_S = 10.0  # /healthz says not-ok when the monitor thread has not looped for this long
 STATUS_CACHE_S = 1.0
@@ -139,19 +139,20 @@ class Worker(threading.Thread):
             job.answer(error)
 
     def _apply_when_free(self, batch: list[Job]) -> list:
-        """Another process holding the router's lock refuses the pushes (busy), as it always
-        did - except a live patch: pushes wait for it to end (PATCH_WAIT_S), or, if the patch
-        restarts this daemon meanwhile, are answered 503 so that the client asks the next one."""
-        pipeline, deadline = self.owner.pipeline, time.monotonic() + PATCH_WAIT_S
+        """Another process holding the router's lock (a live patch, a fallback `vr apply`, a
+        recovery) makes the pushes wait, not fail: they are queued, as every other push is,
+        for up to LOCK_WAIT_S; if this daemon is replaced meanwhile (a patch restarts it) they
+        are answered 503, so that the client asks the next one."""
+        pipeline, deadline = self.owner.pipeline, time.monotonic() + LOCK_WAIT_S
         while True:
             try:
                 return pipeline.apply_batch([job.push for job in batch], wait=False)
             except Busy:
-                if not self.owner.settings.patch_journal_path.exists() or time.monotonic() > deadline:
+                if time.monotonic() > deadline:
                     raise
             if self.owner.stopping_requested:
                 raise Restarting("the router's vr daemon is being replaced (a live patch): send it again")
-            time.sleep(0.05)
+            time.sleep(0.02)
 
     def _pushes(self, batch: list[Job]) -> None:
         pipeline = self.owner.pipeline
@@ -165,6 +166,7 @@ class Worker(threading.Thread):
             outcomes = [error] * len(batch)
         self.transactions += 1
         self.owner.forget_status()  # the next poll sees this transaction
+        release_free_memory()
         if any(isinstance(o, Result) and "agent" in o.changed for o in outcomes):
             self.owner.serve_agent_now()  # the answer comes once the new token, port or certificate is served
         for job, outcome in zip(batch, outcomes, strict=True):
@@ -207,6 +209,8 @@ class Daemon:
         self.loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.agent.reload()))
         self.metrics = RouterMetrics(self.settings, pipeline=self.pipeline)
         self.worker.start()
+        if self.settings.journal_path.exists():  # the daemon before this one was killed mid-apply
+            asyncio.ensure_future(self.recover_first())
         self._start_monitor()
         self.agent = AgentServer(self)
         await self.agent.start_local()
@@ -290,7 +294,11 @@ class Daemon:
     async def status(self, firewall: bool = True, lb: bool = True, vpn: bool = True) -> dict:
         """The report a manager polls: `vr status --json` and the daemon's own figures. Collected
         beside the worker (it only reads), cached for a second against a polling storm."""
-        key = (firewall, lb, vpn)
+        await self.recover_first()
+        # Whoever applied (this daemon, a fallback `vr apply`, a patch) or restarted a daemon
+        # (the monitor's health.json): the next poll sees it.
+        key = (firewall, lb, vpn, self.pipeline.store.version(), _stamp(self.settings.last_apply_path),
+               _stamp(self.settings.run_dir / "health.json"))  # fmt: skip
         now = time.monotonic()
         if self._status_cache and self._status_cache[1] == key and now - self._status_cache[0] < STATUS_CACHE_S:
             return self._status_cache[2]
@@ -319,6 +327,16 @@ class Daemon:
         report["vpn_sas"] = sum(1 for c in report.get("vpn") or [] if c.get("state") == "ESTABLISHED")
         report["lb_members_up"] = sum(1 for m in report.get("lb") or [] if str(m.get("state", "")).startswith("UP"))
         return report
+
+    async def recover_first(self) -> None:
+        """As every command that reads state: an apply a crash interrupted (a fallback `vr apply`
+        killed) is rolled back before it is reported on; one still running is left to finish."""
+        if not self.settings.journal_path.exists():
+            return
+        try:
+            await self.call(self.pipeline.recover)
+        except Busy:
+            pass
 
     def read_events(self, resource: str | None, since: float | None, limit: int) -> list[dict]:
         # Event times are UTC to the millisecond in one format: as text, they sort as times.
@@ -476,6 +494,25 @@ class Daemon:
             self.metrics.observe_apply("failed", {})
 
 
+def release_free_memory() -> None:
+    """After a transaction, the heap pages its garbage left free go back to the system
+    (glibc's malloc_trim: ~1 ms): a cold push's parsed payload would otherwise stay in the
+    resident set of a process that lives for months."""
+    global _libc
+    if _libc is None:
+        import ctypes
+
+        try:
+            _libc = ctypes.CDLL("libc.so.6")
+        except OSError:
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
+
+
+_libc = None
+
+
 def system_report(settings: Settings) -> dict:
     """Load, memory, disk and conntrack as the router sees them (the daemon runs in its namespace)."""
     memory = {}
@@ -497,6 +534,13 @@ def system_report(settings: Settings) -> dict:
     }
 
 
+def _stamp(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
+
+
 def _read_int(path: str) -> int | None:
     try:
         return int(Path(path).read_text().strip())
@@ -508,6 +552,9 @@ def main(settings: Settings) -> int:
     import fcntl
     import sys
 
+    # The agent service's SIGHUP ("re-read agent.json") may come before the loop handles it:
+    # the daemon reads the file when it starts anyway.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     supervised = not os.isatty(0) and os.environ.get("SUPERVISOR_PROCESS_NAME") is not None
     settings.ensure_dirs()
     # Held for as long as this process lives (a lock dies with it): whether a daemon runs,

@@ -162,6 +162,7 @@ class SocketStore:
         self.lock = threading.Lock()
         self.held: list[tuple[dict, int]] = []
         self.watched: Watched | None = None
+        self.closing: list[int] = []  # pidfds let go of: closed by the store's thread, which selects on them
         self.orphaned_since: float | None = None  # when the last daemon went without a successor
 
     def start(self) -> None:
@@ -176,13 +177,23 @@ class SocketStore:
     # ------------------------------------------------------------ the store
     def _serve(self, listener: socket.socket) -> None:
         while True:
+            with self.lock:
+                for fd in self.closing:
+                    os.close(fd)
+                self.closing.clear()
+                watched = self.watched
             try:
-                connection, _ = listener.accept()
-            except TimeoutError:
+                ready = select.select([listener, *([watched.pidfd] if watched else [])], [], [], 0.5)[0]
+            except (OSError, ValueError):
+                ready = []
+            if watched is not None and watched.pidfd in ready:
+                self._gone(watched)
+            if listener not in ready:
                 self._let_go_if_unwanted()
                 continue
+            try:
+                connection, _ = listener.accept()
             except OSError:
-                time.sleep(0.1)
                 continue
             with connection:
                 connection.settimeout(STORE_TIMEOUT_S)
@@ -190,11 +201,14 @@ class SocketStore:
                     self._answer(connection)
                 except (OSError, ValueError):
                     pass  # that daemon hears nothing and binds its own; the store is unchanged
+                except Exception as error:  # noqa: BLE001 - the store outlives any one request
+                    print(f"vr keeper: socket store: {type(error).__name__}: {error}", file=sys.stderr)
 
     def _answer(self, connection: socket.socket) -> None:
         message, fds, flags, _ = socket.recv_fds(connection, MAX_MESSAGE, MAX_FDS)
         try:
             request = json.loads(message)
+            request = request if isinstance(request, dict) else {}  # refused below: no op
             names = request.get("names", [])
             if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC) or not isinstance(names, list) or len(names) != len(fds) \
                     or not all(isinstance(n, dict) and isinstance(n.get("name"), str) for n in names):  # fmt: skip
@@ -207,7 +221,9 @@ class SocketStore:
                 with self.lock:
                     held = list(self.held)
                     self._watch(pid, ready=False)
-                socket.send_fds(connection, [json.dumps({"names": [m for m, _ in held]}).encode()], [f for _, f in held])
+                socket.send_fds(
+                    connection, [json.dumps({"names": [m for m, _ in held]}).encode()], [f for _, f in held]
+                )
                 return
             if op == "put":
                 with self.lock:
@@ -242,9 +258,24 @@ class SocketStore:
 
     def _unwatch(self) -> None:
         if self.watched is not None:
-            os.close(self.watched.pidfd)
+            self.closing.append(self.watched.pidfd)
             self.watched = None
             self.orphaned_since = time.monotonic()
+
+    def _gone(self, watched: Watched) -> None:
+        """The daemon exited (killed, crashed, stopped): supervisord restarts it at its next
+        loop, up to a second away; a connection on its socket wakes it now (twice: the first
+        may come before it has reaped the child)."""
+        with self.lock:
+            if self.watched is watched:
+                self._unwatch()
+        for pause in (0.01, 0.1):
+            time.sleep(pause)
+            if self.settings.stop_marker_path.exists():
+                return
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as poke, contextlib.suppress(OSError):
+                poke.settimeout(0.5)
+                poke.connect(str(self.settings.supervisor_socket))
 
     def _let_go_if_unwanted(self) -> None:
         """`vr stop` under way, or no daemon took the sockets back for ORPHAN_S: close them, so
@@ -264,6 +295,14 @@ class SocketStore:
 
     # ------------------------------------------------------------ the watchdog
     def _watchdog(self) -> None:
+        while True:
+            try:
+                self._watch_daemon()
+            except Exception as error:  # noqa: BLE001 - the watchdog outlives any one probe
+                print(f"vr keeper: watchdog: {type(error).__name__}: {error}", file=sys.stderr)
+                time.sleep(PROBE_INTERVAL_S)
+
+    def _watch_daemon(self) -> None:
         pause = PROBE_INTERVAL_S
         while True:
             time.sleep(pause)
@@ -284,7 +323,9 @@ class SocketStore:
                     continue
                 with contextlib.suppress(OSError):
                     signal.pidfd_send_signal(watched.pidfd, signal.SIGKILL)
-                self._unwatch()
+            with contextlib.suppress(OSError, ValueError):
+                select.select([watched.pidfd], [], [], 1.0)  # dead (the store's thread may see it first)
+            self._gone(watched)
             self.events.write([event("keeper", DAEMON_RESOURCE, "killed", f"vr daemon pid {watched.pid} did not "
                                      f"answer /healthz {PROBE_FAILURES} times in a row ({reason}): killed, "
                                      "supervisord starts it again")])  # fmt: skip

@@ -140,7 +140,7 @@ class Monitor:
         self.pids: dict[str, tuple[int, int]] = {}  # program -> (PID, its pidfd), for running daemons
         self.pidfds: dict[int, tuple[str, int]] = {}  # pidfd -> (program, PID)
         self.exits_seen: set[str] = set()  # PIDs whose exit a pidfd told: their EXITED event is no news
-        self.heartbeat = 0.0  # monotonic time of the last completed loop iteration (0: none yet)
+        self.heartbeat = 0.0  # monotonic time of the last completed loop iteration (set as it starts; 0: not run)
         self._stopping = threading.Event()
         # Wakes the loop's select() on stop(). Kept open for the monitor's life: stop() may come
         # from a signal handler or another thread at any time, never onto a closed (reused) fd.

@@ -77,11 +77,15 @@ def _constant(name: str) -> None:
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abAB]|\\u[dD][c-fC-F]")
 
 
+def check_size(size: int, limit: int = MAX_BYTES) -> None:
+    if size > limit:
+        raise JsonRefused("", f"{size} bytes; a payload has at most {limit}")
+
+
 def loads(data: bytes | str) -> object:
     """Parse JSON text from outside, or raise JsonRefused saying where and why."""
     if isinstance(data, bytes):
-        if len(data) > MAX_BYTES:
-            raise JsonRefused("", f"{len(data)} bytes; a payload has at most {MAX_BYTES}")
+        check_size(len(data))
         if data.startswith((b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff")):
             raise JsonRefused("", "starts with a byte order mark: send UTF-8 without one")
         try:

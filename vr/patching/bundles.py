@@ -24,6 +24,7 @@ roll back a patch a crash interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gzip
 import hashlib
@@ -38,15 +39,16 @@ import tarfile
 import time
 import uuid
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
 from vr import __version__
-from vr.foundation.errors import VrError
+from vr.foundation.errors import Busy, VrError
 from vr.foundation.events import EventLog, event
 from vr.foundation.files import fault_point, fsync_dir, read_json, read_report, write_atomic, write_json_atomic
-from vr.foundation.lock import inheritable_lock_env, router_lock
+from vr.foundation.lock import flock_holder, holder, inheritable_lock_env, router_lock
 from vr.foundation.settings import Settings
 from vr.foundation.version import MANIFEST, code_dir, is_version, version_key
 from vr.patching.releases import Releases
@@ -72,6 +74,7 @@ CONTROL_PLANE = ("monitor",)  # vr's own processes under supervisord: restarted 
 SELFTEST_TIMEOUT_S = 120
 RECONCILE_TIMEOUT_S = 180
 CONTROL_PLANE_DEADLINE_S = 15.0
+DAEMON_APPLY_WAIT_S = 60.0  # a patch waits this long for the daemon's apply in progress
 REQUIRED = ("vr/__init__.py", "vr/__main__.py", "vr/cli.py")
 IGNORED_NAMES = ("__pycache__", ".pytest_cache", ".ruff_cache")
 
@@ -654,12 +657,30 @@ class Patcher:
         settings.ensure_dirs()
         self.lock_fd: int | None = None
 
+    @contextlib.contextmanager
+    def _router_lock(self) -> Iterator[int]:
+        """The router's lock. While the router's daemon holds it (an apply it runs for a push:
+        seconds at most) the patch waits its turn, up to DAEMON_APPLY_WAIT_S; anyone else
+        holding it (another patch, an operator's in-process apply) refuses the patch at once."""
+        deadline, held = time.monotonic() + DAEMON_APPLY_WAIT_S, contextlib.ExitStack()
+        while True:
+            try:
+                lock_fd = held.enter_context(router_lock(self.settings))
+                break
+            except Busy:
+                daemon = flock_holder(self.settings.daemon_pid_path)
+                if daemon is None or holder(self.settings) != daemon or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.02)
+        with held:
+            yield lock_fd
+
     # ---------------------------------------------------------------- commands
     def apply(self, source: str, allow_downgrade: bool = False) -> dict:
         """A bundle, verified, unpacked, self-tested and switched in; a lower version than the
         running one only when the operator asks for it (allow_downgrade)."""
         started = time.monotonic()
-        with router_lock(self.settings) as lock_fd:
+        with self._router_lock() as lock_fd:
             self.lock_fd = lock_fd
             self._recover_locked()
             downloaded = fetch(source, self.settings)
@@ -671,7 +692,7 @@ class Patcher:
 
     def rollback(self) -> dict:
         started = time.monotonic()
-        with router_lock(self.settings) as lock_fd:
+        with self._router_lock() as lock_fd:
             self.lock_fd = lock_fd
             self._recover_locked()
             state = self.state()
@@ -693,7 +714,7 @@ class Patcher:
     def remove(self, version: str, force: bool = False) -> dict:
         """An installed release deleted: never the running one, nor the one a rollback would
         return to unless forced (a rollback then has nowhere to go)."""
-        with router_lock(self.settings) as lock_fd:
+        with self._router_lock() as lock_fd:
             self.lock_fd = lock_fd
             self._recover_locked()
             if not is_version(version):
@@ -712,7 +733,7 @@ class Patcher:
             return {"removed": version, "installed": self.releases.installed()}
 
     def recover(self) -> bool:
-        with router_lock(self.settings) as lock_fd:
+        with self._router_lock() as lock_fd:
             self.lock_fd = lock_fd
             return self._recover_locked()
 

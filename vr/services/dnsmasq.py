@@ -40,11 +40,13 @@ import subprocess
 import time
 import zlib
 from ipaddress import IPv4Address, IPv6Address
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from vr.foundation.document import DhcpEntry, DhcpOption, Ipv6Tier, RouterDocument
 from vr.foundation.errors import Problem
+from vr.foundation.memo import Memo
 from vr.foundation.settings import Settings
 from vr.services.base import Change, CheckFailed, Program, Service, run_checker
 from vr.services.network import interface_names
@@ -117,6 +119,8 @@ class DnsmasqService(Service):
             own = guests[t.tier].ipv6() if t.tier in guests else None
             if own is not None:
                 prefixes[t.tier] = (int(own.ip) >> 64, int(own.ip), own.network)
+        if self._entries_fine(doc.dhcp.entries, (bounds, prefixes, router_name)):
+            return problems  # the per-VM pass below finds nothing: no need to run it
         seen_ipv6: dict[object, int] = {}
         for n, entry in enumerate(doc.dhcp.entries):
             tier = bounds.get(entry.tier)
@@ -162,6 +166,24 @@ class DnsmasqService(Service):
             if entry.ipv6 is not None or entry.duid is not None:
                 problems += _ipv6_entry_problems(n, entry, prefixes, seen_ipv6)
         return problems
+
+    def __init__(self) -> None:
+        self._memo = Memo()  # each VM's own facts, per entry object: a one-VM change computes one
+
+    def _entries_fine(self, entries: list[DhcpEntry], setting: tuple) -> bool:
+        """Whether every VM passes its own checks and no MAC, address, name or IPv6 address is
+        taken twice: C-speed set sizes over each VM's memoized facts, so a push to a 4,000-VM
+        router does not walk them all in Python. When anything is wrong, verify's full pass
+        names it (the same problems, in the same words)."""
+        facts = self._memo.map("entries", entries, _entry_facts, setting)
+        if not all(map(itemgetter(0), facts)):
+            return False
+        for column in (1, 2, 3):
+            values = list(map(itemgetter(column), facts))
+            if len(set(values)) != len(values):
+                return False
+        ipv6 = [f[4] for f in facts if f[4] is not None]
+        return len(set(ipv6)) == len(ipv6)
 
     def generate(self, doc: RouterDocument, runtime: Runtime) -> dict[str, bytes]:
         if not doc.guest_interfaces():
@@ -372,6 +394,26 @@ def _check_readable_after_privilege_drop(directory: Path) -> None:
                 f"dnsmasq drops privileges and could not read its host files: directory {parent} "
                 f"is mode {parent.stat().st_mode & 0o777:o} (needs o+x)"
             )
+
+
+def _entry_facts(entry: DhcpEntry, setting: tuple) -> tuple:
+    """(passes its own checks, mac, (tier, address), name, IPv6 address or None): verify's
+    per-VM conditions, for the entry alone (its tier's bounds, the router's name)."""
+    bounds, prefixes, router_name = setting
+    tier = bounds.get(entry.tier)
+    if tier is None:
+        return (False, None, None, None, None)
+    low, high, reserved, _ = tier
+    address = int(entry.ip)
+    hostname = entry.hostname.lower()
+    fine = low <= address <= high and address not in reserved and hostname != router_name \
+        and not NOT_A_NAME.fullmatch(hostname)  # fmt: skip
+    ipv6 = None
+    if entry.ipv6 is not None or entry.duid is not None:
+        own = prefixes.get(entry.tier)
+        ipv6 = int(entry.ipv6) if entry.ipv6 is not None else None
+        fine = fine and own is not None and ipv6 is not None and ipv6 >> 64 == own[0] and ipv6 != own[1]
+    return (fine, entry.mac, (entry.tier, address), hostname, ipv6)
 
 
 def _ipv6_entry_problems(n: int, entry: DhcpEntry, prefixes: dict, seen: dict) -> list[Problem]:

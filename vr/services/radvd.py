@@ -89,7 +89,9 @@ class RadvdService(Service):
                                                "stderr_clean"], staged_dir)  # fmt: skip
 
     def programs(self, doc: RouterDocument, runtime: Runtime) -> list[Program]:
-        if not self.generate(doc, runtime):  # no tier, and no prefix still retiring
+        advertising = any((iface := doc.interface(t.tier)) is not None and iface.ipv6() is not None
+                          for t in doc.ipv6.tiers)  # fmt: skip
+        if not advertising and not self.generate(doc, runtime):  # no tier, and no prefix still retiring
             return []
         settings = runtime.settings
         command = ["radvd", "--nodaemon", "--config", str(settings.service_dir(self.name) / CONFIG),

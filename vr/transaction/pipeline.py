@@ -110,13 +110,14 @@ class Pipeline:
             if missing:
                 raise unreadable
         doc = docmod.merge(stored, payload)
-        # A service whose inputs are those of the stored document was verified with it.
-        found = [
-            p
-            for service in SERVICES
-            if stored is None or service.read(doc) != service.read(stored)
-            for p in service.verify(doc)
-        ]
+        # A service whose inputs are those of the stored document was verified with it. The
+        # network's problems stop the rest: the others read interfaces it found broken.
+        found: list[Problem] = []
+        for service in SERVICES:
+            if stored is None or service.read(doc) != service.read(stored):
+                found += service.verify(doc)
+            if service.name == "network" and any(not p.warning for p in found):
+                break
         problems = [p for p in found if not p.warning]
         if problems:
             raise InvalidPayload(docmod.in_payload_terms(problems, payload, doc))
@@ -376,7 +377,7 @@ class Pipeline:
             fault_point("applied")
             step, current = "health", ""
             mark = time.perf_counter()
-            failure = self._health(doc)
+            failure = self._health(doc, {c.service for c in changes}, everything=force or rerender)
             timings["health"] = _ms(mark)
             if failure:
                 current, reason = failure
@@ -486,9 +487,15 @@ class Pipeline:
             if states.get(name) in ("STOPPED", "EXITED", "FATAL", "BACKOFF"):
                 self.runtime.supervisor.start(name)
 
-    def _health(self, doc: RouterDocument) -> tuple[str, str] | None:
+    def _health(self, doc: RouterDocument, changed: set[str], everything: bool = False) -> tuple[str, str] | None:
+        """The services this transaction changed must come out healthy; the rest were before it
+        and the monitor watches them. A network change (addresses, routes: what every daemon
+        stands on), a start or a new release's re-render gates on every service."""
         deadline = time.monotonic() + HEALTH_DEADLINE_S
+        everything = everything or "network" in changed
         for service in SERVICES:
+            if not everything and service.name not in changed:
+                continue
             while (reason := service.probe(doc, self.runtime)) is not None:
                 if time.monotonic() > deadline:
                     return service.name, reason

@@ -101,6 +101,10 @@ class DocumentStore:
         # Whatever follows the last newline was never committed.
         return (self._read_log() or b"").split(b"\n")[:-1]
 
+    def version(self) -> tuple:
+        """Changes whenever the stored document does (whoever committed it)."""
+        return self._key()
+
     def _key(self) -> tuple:
         return (_stat_key(self.path), _stat_key(self.log_path))
 
@@ -133,6 +137,10 @@ def _stat_key(path: Path) -> tuple | None:
 
 def settle_garbage_collector() -> None:
     """A large router is ~100k long-lived objects; a full GC pass over them costs ~50 ms.
-    Freeze what is loaded (it lives as long as the process) and collect less eagerly."""
+    Freeze what is loaded (it lives as long as the process) and collect less eagerly. The
+    garbage an apply left (the collector is paused meanwhile) is collected first: frozen, a
+    cycle would never be freed, and a resident daemon would grow with every push. The pass
+    walks only what is not frozen yet: what this apply made."""
+    gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
