@@ -16,6 +16,7 @@ test: deps
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests
 
 bench: deps
+	$(VENV)/bin/python bench/large_router.py
 	$(VENV)/bin/python bench/apply_scale.py
 	$(VENV)/bin/python bench/firewall_scale.py
 	$(VENV)/bin/python bench/lb_reload.py

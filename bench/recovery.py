@@ -36,7 +36,8 @@ kills would measure the back-off (0.05 s doubling up to 1 s), not the monitor's 
 Then the monitor idles (3 s to settle) and its RSS (VmRSS) and CPU use over --idle-seconds
 ((utime + stime) of /proc/<pid>/stat, children's included, per wall second) are sampled.
 
-Targets: killed < 1 s, hung < 5 s (both the median and the max); monitor < 30 MB RSS and
+Targets: killed < 300 ms, hung < 5 s (both the median and the max); the monitor's process (vr
+daemon, which it is a thread of since issue 18; the JSON names keep "monitor") < 100 MB RSS and
 < 1 % of one core while idle. A missed target is printed (exit 0); an error exits 1.
 
 Run as root:  .venv/bin/python bench/recovery.py [--kills 20 --hangs 20 --idle-seconds 10 --stable-s 2] [--json]
@@ -80,8 +81,8 @@ from vr.lab.harness import Lab
 EXAMPLES = Path(__file__).resolve().parent.parent / "configs" / "examples"
 MEMBER_IP = "10.1.1.10"
 DNS_SERVER, DNS_NAME = "10.1.1.1", "web1.cloud.internal"
-TARGET_KILLED_MS, TARGET_HUNG_MS = 1000.0, 5000.0
-TARGET_RSS_MB, TARGET_CPU_PERCENT = 30.0, 1.0
+TARGET_KILLED_MS, TARGET_HUNG_MS = 300.0, 5000.0  # killed: issue 18's target (pidfd), was 1 s
+TARGET_RSS_MB, TARGET_CPU_PERCENT = 100.0, 1.0  # the monitor is a thread of vr daemon now: its budget
 RECOVERY_DEADLINE_S = 10.0  # a helper gives up this long after the signal (twice the longest target)
 HEALTHY_DEADLINE_S = 30.0  # the monitor must report the service ok again within this
 SETTLE_S = 3.0  # the monitor's quiet time before it is sampled idle
@@ -602,7 +603,7 @@ def table(f: dict) -> str:
         rows += [
             ("", ""),
             (
-                "monitor RSS (idle)",
+                "monitor RSS (idle; vr daemon)",
                 (
                     f"{f['monitor_rss_mb']:.1f} MB (peak {f['monitor_rss_peak_mb']:.1f})  "
                     f"target < {TARGET_RSS_MB:.0f} MB  met: {yes(f['monitor_rss_met'])}"

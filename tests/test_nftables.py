@@ -303,8 +303,9 @@ def test_each_role_answers_only_on_its_own_addresses(example, tmp_path):
     text = ruleset(example, tmp_path)
     sets = {line.split()[1]: line for line in text.splitlines() if line.startswith("  set local")}
     assert sets["local_tcp"].endswith(
-        'elements = { "eth0" . 169.254.0.10 . 3922, "eth2" . 10.1.1.1 . 53, "eth3" . 10.1.2.1 . 53 }; }'
-    )  # control: SSH only; guests: DNS on their own gateway
+        'elements = { "eth0" . 169.254.0.10 . 3922, "eth0" . 169.254.0.10 . 8443, "eth2" . 10.1.1.1 . 53, '
+        '"eth3" . 10.1.2.1 . 53 }; }'
+    )  # control: SSH and the agent (agent.port); guests: DNS on their own gateway
     assert sets["local_udp"].endswith(
         'elements = { "eth2" . 10.1.1.1 . 53, "eth2" . 10.1.1.1 . 67, "eth3" . 10.1.2.1 . 53, "eth3" . 10.1.2.1 . 67 }; }'
     )
@@ -315,6 +316,14 @@ def test_each_role_answers_only_on_its_own_addresses(example, tmp_path):
     # document's interfaces is charon's userspace-ESP TUN device.
     assert "set guest_ips { type ipv4_addr; elements = { 10.1.1.1, 10.1.2.1 }; }" in text
     assert 'set role_ifs { type ifname; elements = { "eth0", "eth1", "eth2", "eth3" }; }' in text
+
+
+def test_the_agents_port_opens_only_while_the_agent_is_served(example, tmp_path):
+    moved = {**example, "agent": {"port": 9443, "tokens": ["x" * 40]}}
+    assert '"eth0" . 169.254.0.10 . 9443' in ruleset(moved, tmp_path / "moved")
+    unserved = {**example, "agent": {"port": 9443, "tokens": []}}  # no way to authenticate: not served
+    text = ruleset(unserved, tmp_path / "unserved")
+    assert "9443" not in text and '"eth0" . 169.254.0.10 . 3922' in text
 
 
 def test_overlap_messages_name_the_rules_of_both_sides(example):

@@ -57,8 +57,9 @@ def _daemon(args):
     command then runs in-process, as it always could. VR_NO_DAEMON=1 asks for that."""
     import os
 
-    # Fault points (VR_FAULT_*) are test hooks of the in-process pipeline: a command carrying one runs there.
-    if os.environ.get("VR_NO_DAEMON") == "1" or os.environ.get("VR_FAULT_AT") or os.environ.get("VR_FAULT_ENOSPC"):
+    # Fault points (VR_FAULT_*) are test hooks of the in-process pipeline, and templates of its
+    # own (VR_TEMPLATE_DIR) are not the daemon's: a command carrying one runs in-process.
+    if os.environ.get("VR_NO_DAEMON") == "1" or any(os.environ.get(name) for name in IN_PROCESS_ONLY):
         return None
     from vr.client import LocalClient
     from vr.foundation.lock import flock_holder
@@ -71,6 +72,7 @@ def _daemon(args):
 
 
 DAEMON_RESTART_WAIT_S = 60.0
+IN_PROCESS_ONLY = ("VR_FAULT_AT", "VR_FAULT_ENOSPC", "VR_TEMPLATE_DIR")
 
 
 class _DaemonGone(Exception):
