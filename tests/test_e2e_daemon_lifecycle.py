@@ -29,6 +29,7 @@ import pytest
 
 from tests.conftest import REPO_DIR, example_lab
 from tests.test_e2e_agent import InNamespace, connects, router_certificate
+from tests.test_e2e_monitor import wait_for
 from vr import client as vc
 from vr.foundation.events import EventLog
 from vr.foundation.settings import SUPERVISOR_CONFIG
@@ -40,16 +41,6 @@ CONTROL, PORT = "169.254.0.10", 8443
 URL = f"https://{CONTROL}:{PORT}"
 REQUESTS = 16  # per client and scenario: half pushes, half reads
 RESENDS = 3  # a request the dying daemon took is sent again at most this often
-
-
-def wait_for(predicate, timeout: float, step: float = 0.05):
-    """Bounded wait; the predicate's last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(step)
 
 
 def daemon_pid(lab) -> int | None:

@@ -41,7 +41,6 @@ MAX_BATCH = 1000  # pushes one transaction carries at most
 LOCK_WAIT_S = 600.0  # a push waits this long for another process's apply or patch to end
 DRAIN_S = 8.0  # on SIGTERM, queued work still answered within this (supervisord kills at 10 s)
 MONITOR_STALE_S = 10.0  # /healthz says not-ok when the monitor thread has not looped for this long
-STATUS_CACHE_S = 1.0
 
 
 class ConfirmPending(VrError):
@@ -165,7 +164,6 @@ class Worker(threading.Thread):
         except Exception as error:  # noqa: BLE001 - the lock, the disk: every caller hears it
             outcomes = [error] * len(batch)
         self.transactions += 1
-        self.owner.forget_status()  # the next poll sees this transaction
         release_free_memory()
         if any(isinstance(o, Result) and "agent" in o.changed for o in outcomes):
             self.owner.serve_agent_now()  # the answer comes once the new token, port or certificate is served
@@ -195,7 +193,7 @@ class Daemon:
         self.agent = None  # vr.control.agent.AgentServer
         self.metrics = None
         self.pushes = 0
-        self._status_cache: tuple[float, tuple, dict] | None = None
+        self._collecting: dict[tuple, asyncio.Future] = {}  # status reports being collected, by parts
 
     # ------------------------------------------------------------ the process
     async def run(self) -> None:
@@ -292,28 +290,23 @@ class Daemon:
         return await future
 
     async def status(self, firewall: bool = True, lb: bool = True, vpn: bool = True) -> dict:
-        """The report a manager polls: `vr status --json` and the daemon's own figures. Collected
-        beside the worker (it only reads), cached for a second against a polling storm."""
+        """The report a manager polls: `vr status --json` and the daemon's own figures, collected
+        beside the worker (it only reads). Never cached (counters move with every packet);
+        polls that arrive while one is collected share it, so a polling storm costs one."""
         await self.recover_first()
-        # Whoever applied (this daemon, a fallback `vr apply`, a patch) or restarted a daemon
-        # (the monitor's health.json): the next poll sees it.
-        key = (firewall, lb, vpn, self.pipeline.store.version(), _stamp(self.settings.last_apply_path),
-               _stamp(self.settings.run_dir / "health.json"))  # fmt: skip
-        now = time.monotonic()
-        if self._status_cache and self._status_cache[1] == key and now - self._status_cache[0] < STATUS_CACHE_S:
-            return self._status_cache[2]
-        report = await asyncio.get_running_loop().run_in_executor(None, self._collect, firewall, lb, vpn)
-        self._status_cache = (time.monotonic(), key, report)
-        return report
+        key = (firewall, lb, vpn)
+        running = self._collecting.get(key)
+        if running is None:
+            running = asyncio.get_running_loop().run_in_executor(None, self._collect, firewall, lb, vpn)
+            self._collecting[key] = running
+            running.add_done_callback(lambda _: self._collecting.pop(key, None))
+        return await asyncio.shield(running)
 
     def serve_agent_now(self) -> None:
         """From the worker: the agent serves what the transaction wrote before the push is
         answered (the service's SIGHUP does it for an apply made outside the daemon)."""
         if self.agent is not None and self.loop is not None:
             asyncio.run_coroutine_threadsafe(self.agent.reload(), self.loop).result(timeout=30)
-
-    def forget_status(self) -> None:
-        self._status_cache = None
 
     def _collect(self, firewall: bool, lb: bool, vpn: bool) -> dict:
         from vr.control.status import collect
@@ -532,13 +525,6 @@ def system_report(settings: Settings) -> dict:
         "conntrack_count": _read_int("/proc/sys/net/netfilter/nf_conntrack_count"),
         "conntrack_limit": _read_int("/proc/sys/net/netfilter/nf_conntrack_max"),
     }
-
-
-def _stamp(path: Path) -> int | None:
-    try:
-        return path.stat().st_mtime_ns
-    except OSError:
-        return None
 
 
 def _read_int(path: str) -> int | None:

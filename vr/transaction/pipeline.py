@@ -154,19 +154,7 @@ class Pipeline:
             stored, unreadable = self._stored_or_unreadable()
             current, accepted = self._verified_together(pushes, stored, unreadable, outcomes, started)
             if accepted is None:  # the burst as a whole did not verify cleanly: each push on its own
-                current, accepted = stored, []
-                for n, push in enumerate(pushes):
-                    if outcomes[n] is not None:
-                        continue  # refused already, by its schema or generation
-                    try:
-                        payload, doc, warnings = self._validated(push.filled(current, unreadable), current,
-                                                                 unreadable if current is None else None)  # fmt: skip
-                    except VrError as error:
-                        self._rejected(push.raw, current, error, started)
-                        outcomes[n] = error
-                        continue
-                    current = doc
-                    accepted.append((n, payload, warnings))
+                current, accepted = self._chain(pushes, stored, unreadable, outcomes, started, self._validated)
             if len(accepted) == 1:
                 n, payload, warnings = accepted[0]
                 outcomes[n] = self._carried(current, stored, started, [payload], warnings)
@@ -192,17 +180,8 @@ class Pipeline:
         then found by verifying each on its own."""
         if len(pushes) == 1:
             return None, None
-        current, merged = stored, []
-        for n, push in enumerate(pushes):
-            try:
-                payload, doc = self._merged(push.filled(current, unreadable), current,
-                                            unreadable if current is None else None)  # fmt: skip
-            except VrError as error:
-                self._rejected(push.raw, current, error, started)
-                outcomes[n] = error
-                continue
-            current = doc
-            merged.append((n, payload, []))
+        current, merged = self._chain(pushes, stored, unreadable, outcomes, started,
+                                      lambda raw, doc, unread: (*self._merged(raw, doc, unread), []))  # fmt: skip
         if not merged:
             return current, []
         try:
@@ -211,6 +190,25 @@ class Pipeline:
         except InvalidPayload:
             return None, None
         return current, merged
+
+    def _chain(self, pushes, stored, unreadable, outcomes, started, read) -> tuple[Any, list]:
+        """Each push not answered yet, read (read: merge only, or merge and verify) against the
+        result of the ones before it; one that is refused is answered with its own reason and
+        the next reads against what came before it. (the result, [(n, payload, warnings)])."""
+        current, accepted = stored, []
+        for n, push in enumerate(pushes):
+            if outcomes[n] is not None:
+                continue  # refused already, by its schema or generation
+            try:
+                payload, doc, warnings = read(push.filled(current, unreadable), current,
+                                              unreadable if current is None else None)  # fmt: skip
+            except VrError as error:
+                self._rejected(push.raw, current, error, started)
+                outcomes[n] = error
+                continue
+            current = doc
+            accepted.append((n, payload, warnings))
+        return current, accepted
 
     def _carried(self, doc, stored, started, payloads, warnings) -> Result | VrError:
         try:
