@@ -127,24 +127,20 @@ def _payload_of(data: bytes) -> object:
 
 def _refused(status: int, body: dict) -> int:
     """A daemon's refusal, said as the in-process command says it, with its exit code."""
-    from vr.client import error_for
+    from vr.client import BadRequest, Invalid, TooLarge, error_for, print_refused
 
     error = error_for(status, body)
-    problems = error.problems
-    if status in (400, 413, 422) and not problems[0][0].startswith("service:"):
-        print(f"vr: payload refused, nothing was changed ({len(problems)} problem(s)):", file=sys.stderr)
-        for path, reason in problems[:MAX_PROBLEMS_SHOWN]:
-            print(f"  {path}: {reason}" if path else f"  {reason}", file=sys.stderr)
-        if len(problems) > MAX_PROBLEMS_SHOWN:
-            print(f"  ... and {len(problems) - MAX_PROBLEMS_SHOWN} more", file=sys.stderr)
+    if isinstance(error, BadRequest | TooLarge | Invalid):
+        print_refused(error.problems)
         return 2
     print(f"vr: {error.reason}", file=sys.stderr)
-    return 4 if problems[0][0].startswith("service:") else error.exit_code
+    return error.exit_code
 
 
 def _print_applied(result: dict) -> None:
-    changed = ", ".join(result["changed"]) or "nothing"
-    print(f"applied generation {result['generation']} in {result['duration_ms']:.0f} ms; changed: {changed}")
+    from vr.client import applied_text
+
+    print(applied_text(result))
     for warning in result["warnings"]:
         print(f"vr: warning: {warning}", file=sys.stderr)
 
@@ -430,7 +426,6 @@ class _VersionAction(argparse.Action):
         parser.exit()
 
 
-MAX_PROBLEMS_SHOWN = 100
 NETNS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
@@ -545,11 +540,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except InvalidPayload as error:
-        print(f"vr: payload refused, nothing was changed ({len(error.problems)} problem(s)):", file=sys.stderr)
-        for problem in error.problems[:MAX_PROBLEMS_SHOWN]:
-            print(f"  {problem}", file=sys.stderr)
-        if len(error.problems) > MAX_PROBLEMS_SHOWN:
-            print(f"  ... and {len(error.problems) - MAX_PROBLEMS_SHOWN} more", file=sys.stderr)
+        from vr.client import print_refused
+
+        print_refused([(p.path, p.reason) for p in error.problems])
         return error.exit_code
     except VrError as error:
         print(f"vr: {error}", file=sys.stderr)

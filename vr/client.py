@@ -111,6 +111,13 @@ class Invalid(ClientError):
     exit_code = 2
 
 
+class CheckRefused(ClientError):
+    """422 naming a service (`service:NAME`): the daemon's own checker refused the files the
+    payload would make; nothing was changed. The local command's exit code for it: 4."""
+
+    exit_code = 4
+
+
 class ApplyFailed(ClientError):
     """500: the apply failed after validation and the router rolled back to last-known-good."""
 
@@ -153,6 +160,8 @@ def error_for(status: int, body: object) -> ClientError:
     kind = BY_STATUS.get(status, ClientError)
     if status == 409:
         kind = {"lock": Busy, "generation": Stale, "document": DocumentUnreadable}.get(problems[0][0], Conflict)
+    elif status == 422 and problems[0][0].startswith("service:"):
+        kind = CheckRefused
     return kind(status, problems)
 
 
@@ -626,14 +635,20 @@ def patch_status_text(report: dict) -> str:
     return "\n".join(lines)
 
 
+def print_refused(problems: list[tuple[str, str]]) -> None:
+    """How every vr command says a payload was refused: its problems, one a line, at most
+    MAX_PROBLEMS_SHOWN of them."""
+    print(f"vr: payload refused, nothing was changed ({len(problems)} problem(s)):", file=sys.stderr)
+    for path, reason in problems[:MAX_PROBLEMS_SHOWN]:
+        print(f"  {path}: {reason}" if path else f"  {reason}", file=sys.stderr)
+    if len(problems) > MAX_PROBLEMS_SHOWN:
+        print(f"  ... and {len(problems) - MAX_PROBLEMS_SHOWN} more", file=sys.stderr)
+
+
 def print_error(error: ClientError) -> None:
     """As the local commands word it: an invalid payload lists its problems, one a line."""
-    if isinstance(error, Invalid) and not error.problems[0][0].startswith("service:"):
-        print(f"vr: payload refused, nothing was changed ({len(error.problems)} problem(s)):", file=sys.stderr)
-        for path, reason in error.problems[:MAX_PROBLEMS_SHOWN]:
-            print(f"  {path}: {reason}" if path else f"  {reason}", file=sys.stderr)
-        if len(error.problems) > MAX_PROBLEMS_SHOWN:
-            print(f"  ... and {len(error.problems) - MAX_PROBLEMS_SHOWN} more", file=sys.stderr)
+    if isinstance(error, Invalid):
+        print_refused(error.problems)
         return
     status = f" (HTTP {error.status})" if error.status else ""
     print(f"vr: {error}{status}", file=sys.stderr)
@@ -708,8 +723,7 @@ def run_remote(args) -> int:
         return 2
     except ClientError as error:
         print_error(error)
-        # A daemon's own checker refusing the files (path service:NAME): the local command's ApplyFailed.
-        return 4 if error.problems[0][0].startswith("service:") else error.exit_code
+        return error.exit_code
 
 
 def _remote_action(client: RouterClient, args) -> int:

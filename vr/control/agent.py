@@ -14,7 +14,6 @@ status: 400 unreadable, 401, 404, 405, 409 stale/busy/nothing to confirm, 413 to
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import os
 import ssl
@@ -28,6 +27,7 @@ from typing import Any
 from aiohttp import web
 
 from vr.foundation import jsontext
+from vr.foundation.document import token_digest
 from vr.foundation.errors import (
     ApplyFailed,
     Busy,
@@ -37,17 +37,15 @@ from vr.foundation.errors import (
     StoredDocumentUnreadable,
     VrError,
 )
-from vr.foundation.files import read_json
+from vr.foundation.files import read_json, stat_key
 from vr.services.agent import CLIENT_CA, CONFIG
 
 MAX_CONFIG_BYTES = jsontext.MAX_BYTES
 MAX_BUNDLE_BYTES = 256 * 1024 * 1024
 BODY_TIMEOUT_S = 60.0  # a client that sends its body slower than this is cut off
 IDLE_TIMEOUT_S = 15.0  # a connection without a whole request's headers this long is closed (aiohttp's keep-alive)
-PATCH_TIMEOUT_S = 900.0
 REDACTED = "<redacted>"
 SECRET_FIELDS = frozenset({"psk", "password", "key", "tokens"})  # keys, pre-shared keys, passwords, token hashes
-PUSH_ROUTES = ("/v1/config",)
 
 
 class RequestRefused(Exception):
@@ -65,8 +63,6 @@ def error_body(problems: list[Problem]) -> dict:
 
 def refusal(error: BaseException) -> RequestRefused:
     """What the pipeline raised, as the client hears it."""
-    if isinstance(error, RequestRefused):
-        return error
     if isinstance(error, InvalidPayload):
         return RequestRefused(422, error.problems)
     if isinstance(error, jsontext.JsonRefused):
@@ -121,7 +117,7 @@ def _authenticator(server: AgentServer) -> Any:
             if scheme.lower() != "bearer" or not presented.strip():
                 raise RequestRefused(401, Problem("Authorization", "a bearer token is required"),
                                      {"WWW-Authenticate": "Bearer"})  # fmt: skip
-            digest = "sha256:" + hashlib.sha256(presented.strip().encode("utf-8", "replace")).hexdigest()
+            digest = token_digest(presented.strip())
             matched = False
             for stored in tokens:  # every one compared: the time does not tell which matched
                 matched |= hmac.compare_digest(digest, stored)
@@ -412,6 +408,8 @@ class AgentServer:
         self.remote_runner: web.AppRunner | None = None
         self.sites: list[web.TCPSite] = []
         self.serving: tuple | None = None  # what the sites were made from
+        self.listeners: dict[str, Any] = {}  # name -> keeper.Listener: the sockets this daemon serves
+        self.held: dict[str, Any] = {}  # the previous daemon's, from the keeper, not settled yet
         daemon.patch_process = None
         daemon.patch_started = ("", 0)
 
@@ -422,7 +420,6 @@ class AgentServer:
         from vr.control.daemon import DRAIN_S
 
         self.held = keeper.take_listeners(self.settings)  # the previous daemon's, by name
-        self.listeners: dict[str, keeper.Listener] = {}
         self.local_runner = web.AppRunner(make_app(self.daemon, None), access_log=None, handle_signals=False,
                                           keepalive_timeout=IDLE_TIMEOUT_S, shutdown_timeout=DRAIN_S)  # fmt: skip
         await self.local_runner.setup()
@@ -443,13 +440,13 @@ class AgentServer:
         from vr.control import keeper
         from vr.control.daemon import DRAIN_S
 
-        config = read_json(self.settings.service_dir("agent") / CONFIG) if self._config_exists() else None
+        config = read_json(self.settings.service_dir("agent") / CONFIG)
         self.tokens = list(config.get("tokens", [])) if config else []
         wanted = self._wanted(config)
-        held = getattr(self, "held", {})
+        held = self.held
         if wanted == self.serving and not held:
             return
-        listeners = getattr(self, "listeners", {})
+        listeners = self.listeners
         if self.remote_runner is None and wanted is not None:
             self.remote_runner = web.AppRunner(make_app(self.daemon, self), access_log=None, handle_signals=False,
                                                keepalive_timeout=IDLE_TIMEOUT_S, shutdown_timeout=DRAIN_S)  # fmt: skip
@@ -485,16 +482,13 @@ class AgentServer:
         self.serving = wanted
         keeper.hand_over(self.settings, list(listeners.values()))
 
-    def _config_exists(self) -> bool:
-        return (self.settings.service_dir("agent") / CONFIG).exists()
-
     def _wanted(self, config: dict | None) -> tuple | None:
         if not config or not config.get("listen"):
             return None
         files = []
         for name in (config.get("tls"), config.get("client_ca")):
             path = self.settings.service_dir("agent") / name if name else None
-            files.append(_stamp(path) if path else None)
+            files.append(stat_key(path) if path else None)
         return (tuple(config["listen"]), int(config["port"]), tuple(files), bool(config.get("client_ca")))
 
     def _tls_context(self, config: dict, addresses: tuple) -> ssl.SSLContext:
@@ -517,16 +511,8 @@ class AgentServer:
             for site in list(runner.sites):
                 await site.stop()
         await asyncio.gather(*(runner.cleanup() for runner in runners))
-        for _, sock in getattr(self, "listeners", {}).values():
+        for _, sock in self.listeners.values():
             sock.close()
-
-
-def _stamp(path: Path) -> tuple | None:
-    try:
-        status = path.stat()
-    except FileNotFoundError:
-        return None
-    return (status.st_ino, status.st_mtime_ns, status.st_size)
 
 
 def self_signed(directory: Path, addresses: list[str]) -> Path:

@@ -154,11 +154,10 @@ class Worker(threading.Thread):
             time.sleep(0.02)
 
     def _pushes(self, batch: list[Job]) -> None:
-        pipeline = self.owner.pipeline
-        try:
-            before = pipeline.stored_document()
-        except VrError:
-            before = None
+        before = None  # what a commit-confirm would go back to
+        if any(job.confirm_s is not None for job in batch):
+            with contextlib.suppress(VrError):
+                before = self.owner.pipeline.stored_document()
         try:
             outcomes = self._apply_when_free(batch)
         except Exception as error:  # noqa: BLE001 - the lock, the disk: every caller hears it
@@ -275,7 +274,7 @@ class Daemon:
 
     # ------------------------------------------------------------ the ways in
     async def push(self, raw: object, next_generation: bool = False, confirm_s: float | None = None) -> Result:
-        if confirm_s is not None and self.pipeline.store.path.exists() is False:
+        if confirm_s is not None and not self.pipeline.store.path.exists():
             raise ConfirmPending("confirm_s needs an applied document to return to: the first push cannot be "
                                  "confirmed")  # fmt: skip
         future = self.loop.create_future()
@@ -332,9 +331,7 @@ class Daemon:
             pass
 
     def read_events(self, resource: str | None, since: float | None, limit: int) -> list[dict]:
-        # Event times are UTC to the millisecond in one format: as text, they sort as times.
-        start = None if since is None else time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(since)) + \
-            f".{int(since * 1000) % 1000:03d}Z"  # fmt: skip
+        start = None if since is None else timestamp(since)  # one format, to the millisecond: sorts as time
         found: collections.deque = collections.deque(maxlen=limit)
         for item in self.events.read(resource):
             if start is None or str(item.get("time", "")) >= start:

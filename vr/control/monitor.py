@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 
 from vr.control.alerts import AlertQueue, AlertSender, make_alert
 from vr.foundation.events import EventLog, event
-from vr.foundation.files import read_bytes_or_none, read_json, write_json_atomic
+from vr.foundation.files import read_bytes_or_none, read_json, stat_key, write_json_atomic
 from vr.foundation.lock import holder
 from vr.foundation.settings import Settings
 from vr.foundation.version import running_version
@@ -546,12 +546,8 @@ class Monitor:
     # ------------------------------------------------------------ configuration
     def _load_config(self) -> None:
         path = self.settings.service_dir("monitor") / CONFIG
-        try:
-            status = path.stat()
-        except FileNotFoundError:
-            return
-        stamp = (status.st_mtime_ns, status.st_size, status.st_ino)
-        if stamp == self.config_stamp:
+        stamp = stat_key(path)
+        if stamp is None or stamp == self.config_stamp:
             return
         self.config_stamp = stamp
         self.config = read_json(path) or {}

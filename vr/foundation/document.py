@@ -807,6 +807,11 @@ class Monitor(Strict):
         return self.services.get(service) or _default_probes().get(service) or ProbeSettings()
 
 
+def token_digest(token: str) -> str:
+    """How a bearer token is kept and compared: never the token itself."""
+    return "sha256:" + hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()
+
+
 def _token_hash(value: str) -> str:
     """A bearer token is kept only as its SHA-256: the stored document, its log and every
     answer hold a hash nobody can log in with. A token is random and long (at least 32
@@ -820,7 +825,7 @@ def _token_hash(value: str) -> str:
         raise ValueError("a token has at most 256 characters")
     if any(ord(c) <= 32 or ord(c) >= 127 for c in value):
         raise ValueError("a token is printable ASCII without spaces")
-    return "sha256:" + hashlib.sha256(value.encode()).hexdigest()
+    return token_digest(value)
 
 
 AgentToken = Annotated[str, Field(max_length=256), AfterValidator(_token_hash)]

@@ -62,9 +62,10 @@ class EventLog:
                     yield event
 
 
-def timestamp() -> str:
-    """UTC, to the millisecond: what events and alerts carry as their time."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z"
+def timestamp(at: float | None = None) -> str:
+    """UTC, to the millisecond: what events and alerts carry as their time (now, or at)."""
+    at = time.time() if at is None else at
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(at)) + f".{int(at * 1000) % 1000:03d}Z"
 
 
 def event(type_: str, resource: str, outcome: str, message: str = "", generation: int | None = None) -> dict:

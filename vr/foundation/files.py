@@ -46,6 +46,15 @@ def write_json_atomic(path: Path, obj: object, mode: int = 0o644, sync: bool = T
     write_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode(), mode, sync=sync)
 
 
+def stat_key(path: Path) -> tuple | None:
+    """What changes whenever a file is replaced or rewritten (inode, mtime, size); None when absent."""
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        return None
+    return (status.st_ino, status.st_mtime_ns, status.st_size)
+
+
 def read_json(path: Path) -> object | None:
     try:
         return json.loads(path.read_bytes())

@@ -18,14 +18,13 @@ import gc
 import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 from pydantic import ValidationError
 
 from vr.foundation import document as docmod
 from vr.foundation.document import Payload, RouterDocument
 from vr.foundation.errors import StoredDocumentUnreadable, VrError
-from vr.foundation.files import fsync_dir, write_atomic
+from vr.foundation.files import fsync_dir, stat_key, write_atomic
 from vr.foundation.settings import Settings
 
 SECRET_MODE = 0o600  # the document holds TLS keys, pre-shared keys and VPN passwords
@@ -106,7 +105,7 @@ class DocumentStore:
         return self._key()
 
     def _key(self) -> tuple:
-        return (_stat_key(self.path), _stat_key(self.log_path))
+        return (stat_key(self.path), stat_key(self.log_path))
 
 
 def _first_problem(error: Exception) -> str:
@@ -125,14 +124,6 @@ def _raw_generation(data: bytes) -> int | None:
     except (ValueError, AttributeError):
         return None
     return docmod.json_safe_generation(generation)
-
-
-def _stat_key(path: Path) -> tuple | None:
-    try:
-        stat = path.stat()
-    except FileNotFoundError:
-        return None
-    return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
 
 def settle_garbage_collector() -> None:
