@@ -163,7 +163,6 @@ class Worker(threading.Thread):
         except Exception as error:  # noqa: BLE001 - the lock, the disk: every caller hears it
             outcomes = [error] * len(batch)
         self.transactions += 1
-        release_free_memory()
         if any(isinstance(o, Result) and "agent" in o.changed for o in outcomes):
             self.owner.serve_agent_now()  # the answer comes once the new token, port or certificate is served
         for job, outcome in zip(batch, outcomes, strict=True):
@@ -171,6 +170,10 @@ class Worker(threading.Thread):
                 self.owner.after_apply(outcome, job.confirm_s, before)
             self.owner.count_outcome(outcome)
             job.answer(outcome)
+        # After the answers, not before them: what no caller waits for.
+        release_free_memory()
+        if not self.jobs:
+            self.owner.pipeline.tidy()
 
 
 class Daemon:
@@ -248,8 +251,11 @@ class Daemon:
         if not self.supervised:
             return
         from vr.control.monitor import Monitor
+        from vr.services.supervisor_rpc import ObservedStates
 
-        self.monitor = Monitor(self.settings)
+        observed = ObservedStates()  # the pipeline's health gate and restarts read supervisord's events
+        self.pipeline.runtime.supervisor.observed = observed
+        self.monitor = Monitor(self.settings, observed=observed)
         self.monitor_thread = threading.Thread(target=self._run_monitor, name="vr-monitor", daemon=True)
         self.monitor_thread.start()
 

@@ -57,7 +57,7 @@ from vr.foundation.lock import holder
 from vr.foundation.settings import Settings
 from vr.foundation.version import running_version
 from vr.services import probes
-from vr.services.supervisor_rpc import SupervisorClient, stop_requested
+from vr.services.supervisor_rpc import ObservedStates, SupervisorClient, stop_requested
 
 CONFIG = "monitor.json"
 HEALTH = "health.json"
@@ -116,11 +116,16 @@ class Watch:
 
 
 class Monitor:
-    def __init__(self, settings: Settings, stdin_fd: int = 0, stdout_fd: int = 1):
+    def __init__(self, settings: Settings, stdin_fd: int = 0, stdout_fd: int = 1,
+                 observed: ObservedStates | None = None):  # fmt: skip
         self.settings = settings
         self.stdin_fd, self.stdout_fd = stdin_fd, stdout_fd
+        # The states supervisord's events tell, kept for the other threads' clients (the probe
+        # worker's, the daemon's pipeline). Not for this thread's own: it waits on states that
+        # only its own reading of the events would change.
+        self.observed = observed or ObservedStates()
         self.supervisor = SupervisorClient(settings)
-        self.probe_supervisor = SupervisorClient(settings)  # the probe worker's: a connection is not shared
+        self.probe_supervisor = SupervisorClient(settings, self.observed)  # a connection is not shared
         self.prober: ProbeWorker | None = None  # while run() runs; without it (tests) probes run inline
         self.events = EventLog(settings.events_path)
         self.alerts = AlertQueue(settings.state_dir / ALERT_QUEUE)
@@ -156,6 +161,7 @@ class Monitor:
         try:
             self._loop()
         finally:
+            self.observed.stop()
             self.prober.stop()
             self.prober = None
             for program in list(self.pids):
@@ -173,6 +179,8 @@ class Monitor:
 
     def _loop(self) -> None:
         self._send(b"READY\n")
+        with contextlib.suppress(*SUPERVISOR_ERRORS):  # the events that follow keep it up to date
+            self.observed.reset(self.supervisor.all_processes())
         self.heartbeat = time.monotonic()  # the loop runs: a reader does not take it for stuck meanwhile
         while not self._stopping.is_set():
             now = time.monotonic()
@@ -220,6 +228,8 @@ class Monitor:
     def _on_event(self, headers: dict, payload: dict) -> None:
         name = headers.get("eventname", "")
         program = payload.get("processname", "")
+        if name.startswith("PROCESS_STATE_"):
+            self.observed.saw(program, name.removeprefix("PROCESS_STATE_"), payload.get("pid"))
         watch = self.by_program.get(program)
         if watch is None:
             return

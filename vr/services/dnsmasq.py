@@ -32,6 +32,7 @@ one of those restarts dnsmasq, with its leases kept in the lease file.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import socket
@@ -40,7 +41,8 @@ import subprocess
 import time
 import zlib
 from ipaddress import IPv4Address, IPv6Address
-from operator import itemgetter
+from itertools import compress
+from operator import itemgetter, not_
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -191,17 +193,11 @@ class DnsmasqService(Service):
         settings = runtime.settings
         here = settings.service_dir(self.name)
         lease_times = {t.tier: t.lease_time for t in doc.dhcp.tiers}
-        plain_hosts, tagged_hosts = [], []
-        for entry in doc.dhcp.entries:
-            options = [_option(o) for o in entry.options]
-            if not entry.default_gateway:
-                # An empty router option: a VM's second NIC must not install a second default route.
-                options.insert(0, "option:router")
-            if options:
-                tag = "vm" + entry.mac.replace(":", "")
-                tagged_hosts.append({**_host_values(entry, lease_times), "tag": tag, "options": options})
-            else:
-                plain_hosts.append(entry)
+        # Per VM, memoized: its main-config declaration when it needs one, else None (most VMs).
+        entries = doc.dhcp.entries
+        tagged = runtime.memoized("dnsmasq/tagged", entries, _tagged_values, lease_times)
+        tagged_hosts = list(filter(None, tagged))
+        plain_hosts = list(compress(entries, map(not_, tagged))) if tagged_hosts else entries
         ipv6_tiers = {t.tier: t for t in doc.ipv6.tiers}
         routed = [i for i in doc.guest_interfaces() if i.id in ipv6_tiers and i.ipv6()]  # IPv6 tiers
         names = _name_shards(runtime, doc.dhcp.entries, doc.dns.domain)
@@ -438,17 +434,16 @@ def _ipv6_entry_problems(n: int, entry: DhcpEntry, prefixes: dict, seen: dict) -
 
 
 def _name_shards(runtime: Runtime, entries: list[DhcpEntry], domain: str) -> dict[str, bytes]:
-    """The VMs' names, in shard files by a hash of the MAC (stable while the VM exists)."""
+    """The VMs' names, in shard files by a hash of the MAC (stable while the VM exists), each
+    shard's lines sorted."""
     compiled = runtime.templates.get_template("dnsmasq/host-name.j2")
 
-    def shard_and_lines(entry: DhcpEntry, domain: str) -> tuple[str, str]:
+    def shard_and_lines(entry: DhcpEntry, domain: str) -> list[tuple[str, str]]:
         shard = f"{NAMES}/{zlib.crc32(entry.mac.encode()) % NAME_SHARDS:03d}"
-        return shard, compiled.render(**_name_values(entry, domain))
+        return [(shard, compiled.render(**_name_values(entry, domain)))]
 
-    shards: dict[str, list[str]] = {}
-    for shard, lines in runtime.memoized("dnsmasq/names", entries, shard_and_lines, domain):
-        shards.setdefault(shard, []).append(lines)
-    return {shard: "".join(lines).encode() for shard, lines in shards.items()}
+    shards = runtime.memo.grouped("dnsmasq/names", entries, shard_and_lines, domain)
+    return {shard: lines.encode() for shard, lines in shards.items()}
 
 
 def _drop_in_dir(runtime: Runtime) -> Path:
@@ -469,7 +464,7 @@ def _drop_in(change: Change, shadowed: list[bytes]) -> bytes | None:
     before, after = change.previous.get(HOSTS), change.written.get(HOSTS)
     if before is None or after is None:
         return None
-    old, new = set(before.splitlines()), set(after.splitlines())
+    old, new = _line_set(before), _line_set(after)
     added, gone = sorted(new - old), sorted(old - new)
     if len(shadowed) + len(gone) > MAX_SHADOWED:
         return None
@@ -478,6 +473,11 @@ def _drop_in(change: Change, shadowed: list[bytes]) -> bytes | None:
         return None  # a MAC, DUID or address dnsmasq still holds for a removed VM
     lines = [SHADOWED + line for line in gone] + [_keys(line)[0] + b",ignore" for line in gone] + added
     return b"".join(line + b"\n" for line in lines)
+
+
+@functools.lru_cache(maxsize=2)  # the hosts file applied now is the one the next change starts from
+def _line_set(content: bytes) -> frozenset[bytes]:
+    return frozenset(content.splitlines())
 
 
 def _shadowed(drop_ins: Path) -> list[bytes]:
@@ -502,6 +502,18 @@ def _drop(drop_ins: Path, content: bytes) -> None:
 def _empty(drop_ins: Path) -> None:
     for name in os.listdir(drop_ins) if drop_ins.is_dir() else []:
         (drop_ins / name).unlink(missing_ok=True)
+
+
+def _tagged_values(entry: DhcpEntry, lease_times: dict[str, int]) -> dict | None:
+    """A VM with per-VM options (a second NIC without default gateway, extra options) is
+    declared in the main config with a tag (see the module's docstring); None for the rest."""
+    options = [_option(o) for o in entry.options]
+    if not entry.default_gateway:
+        # An empty router option: a VM's second NIC must not install a second default route.
+        options.insert(0, "option:router")
+    if not options:
+        return None
+    return {**_host_values(entry, lease_times), "tag": "vm" + entry.mac.replace(":", ""), "options": options}
 
 
 def _host_values(entry: DhcpEntry, lease_times: dict[str, int]) -> dict:

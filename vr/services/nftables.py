@@ -153,12 +153,12 @@ class NftablesService(Service):
         # Elements by set name. Exact keys (no source restriction, one port) go in hash maps
         # and sets, which the kernel loads in linear time; only the rest needs interval sets.
         sets: dict[str, list[str]] = {name: [] for name in _SETS}
-        for elements in runtime.memoized("nftables.pf", nat.port_forwarding, _forward_elements):
-            for name, element in elements:
-                sets[name].append(element)
-        for elements in runtime.memoized("nftables.in", doc.firewall.ingress, _ingress_elements):
-            for name, element in elements:
-                sets[name].append(element)
+        # The rules' elements, each set's sorted and joined (only the sets a change touches
+        # are joined again), then listed as one item per rule list.
+        for slot, rules, elements_of in (("nftables.pf", nat.port_forwarding, _forward_elements),
+                                         ("nftables.in", doc.firewall.ingress, _ingress_elements)):  # fmt: skip
+            for name, joined in runtime.memo.grouped(slot, rules, elements_of, separator=", ").items():
+                sets[name].append(joined)
         sets["public_ips"] = sorted(str(p.ip) for p in nat.public_ips if not p.reserved)
         sets["static_in"] = [f"{s.public_ip} : {s.private_ip}" for s in nat.static_nat]
         sets["static_out"] = [f"{s.private_ip} : {s.public_ip}" for s in nat.static_nat]
@@ -218,9 +218,12 @@ class NftablesService(Service):
                     "acl_in_default": ("accept" if acl.ingress_default == "allow" else "drop") if acl else "accept",
                 }
             )
+        # Each set's elements joined here, in one C call: the template's join filter over
+        # 10,000 elements cost a one-rule change several milliseconds.
+        listed = {name: f" elements = {{ {', '.join(elements)} }};" if elements else "" for name, elements in sets.items()}
         ruleset = runtime.render(
             "nftables/vr.nft.j2", router=doc.router.name, public_if=names[public.id] if public else None, tiers=tiers,
-            sets=sets,
+            sets=listed,
         )  # fmt: skip
         return {RULESET: ruleset}
 
