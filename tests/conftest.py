@@ -59,9 +59,12 @@ def lab():
 
 
 def live_files(lab: Lab) -> dict[str, bytes]:
-    """Every rendered file and the stored document, to prove a refused payload changed nothing."""
+    """Every rendered file and the stored document, to prove a refused payload changed nothing.
+    Not the pipeline's own temporaries (.staging, .backup: a committed transaction's are
+    removed after its answer)."""
     config = lab.settings.config_dir
-    files = {str(p.relative_to(config)): p.read_bytes() for p in config.rglob("*") if p.is_file()}
+    files = {str(p.relative_to(config)): p.read_bytes() for p in config.rglob("*")
+             if p.is_file() and not p.relative_to(config).parts[0].startswith(".")}  # fmt: skip
     for stored in (lab.settings.document_path, lab.settings.document_log_path):
         files[stored.name] = stored.read_bytes() if stored.exists() else None
     return files

@@ -192,7 +192,7 @@ def test_one_rule_change_updates_elements_and_ends_identical_to_a_full_apply(ser
         # batch is refused in apply, atomically, and the rollback restores the whole table.
         (
             lambda t: t.replace(
-                "elements(sets.source_nat)", 'elements(sets.source_nat + ["10.1.0.0/16 : 192.0.2.10"])'
+                "{{ sets.source_nat }}", '{{ sets.source_nat | replace(" };", ", 10.1.0.0/16 : 192.0.2.10 };") }}'
             ),
             "apply failed for nftables",
         ),

@@ -170,10 +170,7 @@ class Worker(threading.Thread):
                 self.owner.after_apply(outcome, job.confirm_s, before)
             self.owner.count_outcome(outcome)
             job.answer(outcome)
-        # After the answers, not before them: what no caller waits for.
-        release_free_memory()
-        if not self.jobs:
-            self.owner.pipeline.tidy()
+        release_free_memory()  # after the answers: no caller waits for it
 
 
 class Daemon:

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 class Runtime:
     settings: Settings
     memo: Memo = field(default_factory=Memo, repr=False)
+    _rendered: dict[str, tuple[dict, bytes]] = field(default_factory=dict, repr=False)
 
     @functools.cached_property
     def templates(self) -> jinja2.Environment:
@@ -35,7 +36,14 @@ class Runtime:
         )
 
     def render(self, template: str, **values: object) -> bytes:
-        return self.templates.get_template(template).render(**values).encode()
+        """The last rendering of a template is kept with its values: a warm process asked
+        for the same again (supervisord's config on every apply) compares, not renders."""
+        last = self._rendered.get(template)
+        if last is not None and last[0] == values:
+            return last[1]
+        rendered = self.templates.get_template(template).render(**values).encode()
+        self._rendered[template] = (values, rendered)
+        return rendered
 
     def render_each(
         self, template: str, items: Sequence[object], values: Callable[[Any, Any], dict], setting: Any = None

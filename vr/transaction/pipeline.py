@@ -32,7 +32,6 @@ from vr.foundation import document as docmod
 from vr.foundation.document import RouterDocument
 from vr.foundation.errors import (
     ApplyFailed,
-    Busy,
     InvalidPayload,
     Problem,
     StalePayload,
@@ -450,7 +449,7 @@ class Pipeline:
             self._fail(doc, resource, error, started, rolled_back=True)
             raise error from None
         fault_point("committed")
-        self._finish(txid, committed=True)
+        self._finish(txid, changes)
         changed = [c.service for c in changes if c.paths]
         result = Result(doc.generation, changed, _ms(started), timings, service_ms=service_ms)
         self.events.write(
@@ -571,34 +570,34 @@ class Pipeline:
             undo.generated = {p: (live_dir / p).read_bytes() for p in listed_files(live_dir)}
             reverse.append(undo)
         for undo in reverse:  # with old None (first apply), each service removes what it made
-            by_name(undo.service).apply(undo, old, self.runtime)
+            service = by_name(undo.service)
+            if old is not None and service.programs(old, self.runtime) and not self.runtime.supervisor.is_running():
+                continue  # its daemons run under supervisord, which is down (a boot): they start from these files
+            service.apply(undo, old, self.runtime)
         self._finish(txid)
 
-    def _finish(self, txid: str, committed: bool = False) -> None:
+    def _finish(self, txid: str, committed: list[Change] | None = None) -> None:
         """The journal goes before the backups: a journal that outlived its backups would
-        restore nothing. After a commit the staging and backup directories are left to
-        tidy(): nobody waits for their removal."""
+        restore nothing. committed: the changes of a transaction that committed, whose
+        staging and backup files are known and removed one by one (a tree walk costs ~2 ms)."""
         self.settings.journal_path.unlink(missing_ok=True)
-        if committed:
-            return
-        for area in (STAGING, BACKUP):
-            shutil.rmtree(self.settings.config_dir / area / txid, ignore_errors=True)
-
-    def tidy(self) -> None:
-        """What committed transactions left (their staging and backup directories) removed,
-        when no transaction runs: the daemon calls it once it has answered, and the next
-        transaction does it first otherwise."""
-        try:
-            with self.lock():
-                self._tidy_locked()
-        except Busy:
-            pass  # a transaction runs: it tidies first
+        for area, made in ((STAGING, self._staged_paths), (BACKUP, _backed_up_paths)):
+            root = self.settings.config_dir / area / txid
+            if committed is None or not _removed(root, committed, made):
+                shutil.rmtree(root, ignore_errors=True)
 
     def _tidy_locked(self) -> None:
-        if not self.settings.journal_path.exists():
-            for area in (STAGING, BACKUP):
-                if os.path.lexists(self.settings.config_dir / area):
-                    shutil.rmtree(self.settings.config_dir / area, ignore_errors=True)
+        """What a transaction cut off left in the staging and backup areas (no journal names it)."""
+        for area in (STAGING, BACKUP):
+            try:
+                os.rmdir(self.settings.config_dir / area)  # empty, as a committed transaction leaves it
+            except FileNotFoundError:
+                pass
+            except OSError:
+                shutil.rmtree(self.settings.config_dir / area, ignore_errors=True)
+
+    def _staged_paths(self, change: Change) -> list[str]:
+        return list(change.generated if by_name(change.service).checker_reads_unchanged else change.written)
 
     # ---------------------------------------------------------------- crash recovery
     def _recover_locked(self) -> bool:
@@ -736,6 +735,31 @@ def _command_name(pid: int) -> str:
 
 def _ms(since: float) -> float:
     return round((time.perf_counter() - since) * 1000, 2)
+
+
+def _backed_up_paths(change: Change) -> list[str]:
+    return [relpath for relpath in change.paths if change.previous.get(relpath) is not None]
+
+
+def _removed(root: Path, changes: list[Change], paths_of) -> bool:
+    """A transaction's own directory under root, made of each change's paths_of(change)
+    (relative to root/service) and their directories: those files unlinked, the directories
+    removed deepest first. False when something else is there (rmtree it then)."""
+    directories = {root}
+    try:
+        for change in changes:
+            base = root / change.service
+            directories.add(base)
+            for relpath in paths_of(change):
+                with contextlib.suppress(FileNotFoundError):  # a staged file was renamed in
+                    os.unlink(base / relpath)
+                directories.update(base / parent for parent in Path(relpath).parents if parent != Path("."))
+        for directory in sorted(directories, key=lambda d: len(d.parts), reverse=True):
+            if os.path.lexists(directory):
+                os.rmdir(directory)
+    except OSError:
+        return False
+    return True
 
 
 _mac = operator.attrgetter("mac")

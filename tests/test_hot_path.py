@@ -1,0 +1,113 @@
+"""What the warm daemon keeps between applies, so that a one-VM change does not redo the
+whole router: each kept result must equal what a fresh process computes, whatever changed."""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vr.foundation.files import LiveContent
+from vr.foundation.memo import Memo
+from vr.services.supervisor_rpc import ObservedStates, SupervisorClient
+
+
+class Item:
+    """A document model stand-in: compared by identity, as merge's reused models are."""
+
+    def __init__(self, group: int, text: str) -> None:
+        self.group, self.text = group, text
+
+
+def pairs(item: Item, setting: str) -> list[tuple[int, str]]:
+    return [(item.group, f"{setting}{item.text}"), (item.group + 100, item.text)]
+
+
+def fresh(items: list[Item], setting: str) -> dict:
+    groups: dict[int, list[str]] = {}
+    for item in items:
+        for group, text in pairs(item, setting):
+            groups.setdefault(group, []).append(text)
+    return {group: ",".join(sorted(texts)) for group, texts in groups.items()}
+
+
+edits = st.lists(st.tuples(st.sampled_from(["add", "remove", "replace", "reverse", "setting"]),
+                           st.integers(0, 5), st.text("abc", max_size=3)), max_size=30)  # fmt: skip
+
+
+@settings(max_examples=200, deadline=None)
+@given(edits)
+def test_grouped_equals_a_fresh_pass_after_any_changes(changes):
+    memo, items, setting = Memo(), [Item(n % 3, str(n)) for n in range(6)], "s"
+    assert memo.grouped("slot", items, pairs, setting, ",") == fresh(items, setting)
+    for action, number, text in changes:
+        items = list(items)
+        if action == "add":
+            items.insert(number % (len(items) + 1), Item(number, text))
+        elif action == "remove" and items:
+            del items[number % len(items)]
+        elif action == "replace" and items:
+            items[number % len(items)] = Item(number, text)
+        elif action == "reverse":
+            items.reverse()
+        elif action == "setting":
+            setting = text
+        assert memo.grouped("slot", items, pairs, setting, ",") == fresh(items, setting)
+
+
+def test_grouped_joins_again_only_the_groups_a_change_touches():
+    computed = []
+
+    def counting(item: Item, setting: None) -> list[tuple[int, str]]:
+        computed.append(item)
+        return [(item.group, item.text)]
+
+    memo, items = Memo(), [Item(n % 4, f"{n}\n") for n in range(400)]
+    first = memo.grouped("names", items, counting)
+    added = Item(2, "new\n")
+    second = memo.grouped("names", [*items[1:], added], counting)
+    assert computed[400:] == [added]  # one new item computed, none of the 399 kept ones
+    assert {g for g in first if first[g] != second[g]} == {0, 2}  # the removed item's group and the added one's
+
+
+def test_live_content_reads_again_a_file_changed_behind_its_back(tmp_path):
+    path = tmp_path / "dhcp-hosts"
+    path.write_bytes(b"one\n")
+    live = LiveContent()
+    assert live.read(str(path)) == b"one\n"
+    path.write_bytes(b"two, longer\n")  # an operator's edit: size and mtime change
+    assert live.read(str(path)) == b"two, longer\n"
+    replaced = tmp_path / "new"
+    replaced.write_bytes(b"same\n")
+    os.replace(replaced, path)  # a rename: a new inode
+    assert live.read(str(path)) == b"same\n"
+    path.unlink()
+    assert live.read(str(path)) is None
+
+
+class CountingClient(SupervisorClient):
+    """Answers getProcessInfo itself, counting the calls (the events view is under test)."""
+
+    def __init__(self, observed: ObservedStates) -> None:
+        super().__init__(settings=None, observed=observed)  # type: ignore[arg-type]
+        self.asked: list[str] = []
+
+    def info(self, name: str) -> dict | None:
+        self.asked.append(name)
+        return {"name": name, "statename": "STARTING", "pid": 0}
+
+
+def test_states_come_from_the_events_and_an_action_asks_again():
+    observed = ObservedStates()
+    client = CountingClient(observed)
+    assert client.state("dnsmasq") == "STARTING" and client.asked == ["dnsmasq"]  # no events read yet
+    observed.reset([{"name": "dnsmasq", "statename": "RUNNING", "pid": 42}])
+    assert client.not_running("dnsmasq") is None and client.asked == ["dnsmasq"]  # from the list
+    with client._acting("dnsmasq"):  # a start or stop: the view's state may be older than it
+        pass
+    assert client.state("dnsmasq") == "STARTING" and client.asked == ["dnsmasq", "dnsmasq"]
+    observed.saw("dnsmasq", "EXITED", 42)  # the event after the action
+    assert client.not_running("dnsmasq") == "dnsmasq is EXITED" and len(client.asked) == 2
+    observed.stop()  # the listener stopped reading: nothing it saw is trusted
+    assert client.state("dnsmasq") == "STARTING" and len(client.asked) == 3
