@@ -56,6 +56,33 @@ def test_grouped_equals_a_fresh_pass_after_any_changes(changes):
         assert memo.grouped("slot", items, pairs, setting, ",") == fresh(items, setting)
 
 
+@settings(max_examples=200, deadline=None)
+@given(edits)
+def test_map_equals_a_fresh_pass_and_computes_only_new_objects(changes):
+    memo, items, setting = Memo(), [Item(n % 3, str(n)) for n in range(6)], "s"
+    computed: list[Item] = []
+
+    def text(item: Item, setting: str) -> str:
+        computed.append(item)
+        return f"{setting}{item.text}"
+
+    assert memo.map("slot", items, text, setting) == [f"s{i.text}" for i in items]
+    for action, number, value in changes:
+        before, items, computed[:] = set(map(id, items)), list(items), []
+        if action == "add":
+            items.insert(number % (len(items) + 1), Item(number, value))
+        elif action == "remove" and items:
+            del items[number % len(items)]
+        elif action == "replace" and items:
+            items[number % len(items)] = Item(number, value)
+        elif action == "reverse":
+            items.reverse()
+        elif action == "setting":
+            setting, before = value, (before if value == setting else set())  # a new setting: all again
+        assert memo.map("slot", items, text, setting) == [f"{setting}{i.text}" for i in items]
+        assert {id(i) for i in computed} == {id(i) for i in items} - before  # the kept ones were not computed
+
+
 def test_grouped_joins_again_only_the_groups_a_change_touches():
     computed = []
 

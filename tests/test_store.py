@@ -8,7 +8,7 @@ import pytest
 
 from vr.foundation import document as docmod
 from vr.foundation.settings import Settings
-from vr.transaction.store import LOG_LIMIT, DocumentStore
+from vr.transaction.store import COMPACT_AFTER, LOG_LIMIT, DocumentStore
 
 
 def rule_payload(generation: int, port: int) -> docmod.Payload:
@@ -61,6 +61,17 @@ def test_the_log_is_compacted_into_the_document_when_full_or_when_a_section_chan
     section = docmod.parse_payload({"generation": doc.generation + 1, "dns": example["dns"] | {"cache_size": 300}})
     doc = docmod.merge(doc, section)
     store.commit(doc, section)
+    assert not settings.document_log_path.exists()
+    assert json.loads(settings.document_path.read_bytes())["generation"] == doc.generation
+    assert fresh(settings).load() == doc
+
+
+def test_the_daemon_compacts_a_long_log_when_idle_and_not_a_short_one(stored):
+    settings, store, doc = stored
+    doc = commit_rules(store, doc, COMPACT_AFTER - 1)
+    assert store.compact_if_due() is False and settings.document_log_path.exists()
+    doc = commit_rules(store, doc, 1)
+    assert store.compact_if_due() is True
     assert not settings.document_log_path.exists()
     assert json.loads(settings.document_path.read_bytes())["generation"] == doc.generation
     assert fresh(settings).load() == doc

@@ -39,6 +39,7 @@ from vr.transaction.pipeline import Pipeline, Push, Result
 
 MAX_BATCH = 1000  # pushes one transaction carries at most
 LOCK_WAIT_S = 600.0  # a push waits this long for another process's apply or patch to end
+IDLE_WORK_S = 1.0  # the worker does its own work (the store's compaction) after this long without a push
 DRAIN_S = 8.0  # on SIGTERM, queued work still answered within this (supervisord kills at 10 s)
 MONITOR_STALE_S = 10.0  # /healthz says not-ok when the monitor thread has not looped for this long
 
@@ -111,25 +112,38 @@ class Worker(threading.Thread):
             self.ready.notify()
 
     def run(self) -> None:
+        compaction_due = False  # pushes were applied since the worker was last idle
         while True:
             with self.ready:
                 while not self.jobs and not self.stopping:
-                    self.ready.wait()
-                if not self.jobs:
+                    if not self.ready.wait(IDLE_WORK_S if compaction_due else None):
+                        break  # no push for a while: the store's compaction, which nobody waits for
+                if self.stopping and not self.jobs:
                     return
-                first = self.jobs.popleft()
-                batch = [first]
-                while first.push is not None and self.jobs and self.jobs[0].push is not None and len(batch) < MAX_BATCH:
-                    batch.append(self.jobs.popleft())
+                batch = self._next_batch()
+                if batch and batch[0].push is not None:
+                    compaction_due = True
                 self.busy = True
             try:
-                if first.push is not None:
+                if not batch:
+                    self.owner.pipeline.compact_store()
+                    compaction_due = False
+                elif batch[0].push is not None:
                     self._pushes(batch)
                 else:
-                    self._call(first)
+                    self._call(batch[0])
             finally:
                 with self.ready:
                     self.busy = False
+
+    def _next_batch(self) -> list[Job]:
+        """The next job, or the pushes queued one after another (coalesced); [] when idle."""
+        if not self.jobs:
+            return []
+        batch = [self.jobs.popleft()]
+        while batch[0].push is not None and self.jobs and self.jobs[0].push is not None and len(batch) < MAX_BATCH:
+            batch.append(self.jobs.popleft())
+        return batch
 
     def _call(self, job: Job) -> None:
         try:

@@ -290,13 +290,15 @@ def _local_elements(doc: RouterDocument, names: dict[str, str]) -> dict[str, lis
     return sets
 
 
-def _split(ruleset: str) -> tuple[str, dict[str, list[str]]]:
-    """Our own rendering -> (the ruleset without element lists, set name -> elements)."""
+def _split(ruleset: str) -> tuple[str, dict[str, str]]:
+    """Our own rendering -> (the ruleset without element lists, set name -> its elements as
+    listed: "A, B"). Listed, not split: a change compares each set's text and splits only
+    the sets that differ (splitting all 10,000 elements cost 4 ms a change)."""
     skeleton, elements = [], {}
     for line in ruleset.split("\n"):
         if line.startswith(("  set ", "  map ")):  # "  set NAME { DEFINITION;[ elements = { A, B };] }"
             head, listed, items = line.partition(" elements = { ")
-            elements[head.split(" ", 4)[3]] = items.removesuffix(" }; }").split(", ") if listed else []
+            elements[head.split(" ", 4)[3]] = items.removesuffix(" }; }") if listed else ""
             line = "  set-or-map" + (head + " }" if listed else line)[5:]
         skeleton.append(line)
     return "\n".join(skeleton), elements
@@ -320,7 +322,7 @@ def _element_delta(change: Change) -> str | None:
 
 
 @functools.lru_cache(maxsize=3)  # the ruleset being applied is the live one of the next change
-def _parts(ruleset: bytes) -> tuple[str, dict[str, list[str]]]:
+def _parts(ruleset: bytes) -> tuple[str, dict[str, str]]:
     return _split(ruleset.decode())
 
 
@@ -334,7 +336,7 @@ def _delta_between(old: bytes, new: bytes) -> str | None:
     for name, wanted in new_elements.items():
         if old_elements[name] == wanted:
             continue
-        before, after = set(old_elements[name]), set(wanted)
+        before, after = _elements(old_elements[name]), _elements(wanted)
         gone = sorted(e.split(" : ")[0] for e in before - after)
         moved += len(gone) + len(after - before)
         if gone:
@@ -345,6 +347,10 @@ def _delta_between(old: bytes, new: bytes) -> str | None:
     # Mass changes are cheaper as a fresh table: deleting elements one by one from the
     # concatenated interval sets costs far more than loading them anew.
     return "\n".join(commands) + "\n" if moved <= ELEMENT_BATCH_LIMIT else None
+
+
+def _elements(listed: str) -> set[str]:
+    return set(listed.split(", ")) if listed else set()
 
 
 _ELEMENTS = re.compile(r" elements = \{ .* \};(?= \}$)", re.MULTILINE)

@@ -32,6 +32,7 @@ from vr.foundation import document as docmod
 from vr.foundation.document import RouterDocument
 from vr.foundation.errors import (
     ApplyFailed,
+    Busy,
     InvalidPayload,
     Problem,
     StalePayload,
@@ -585,6 +586,15 @@ class Pipeline:
             root = self.settings.config_dir / area / txid
             if committed is None or not _removed(root, committed, made):
                 shutil.rmtree(root, ignore_errors=True)
+
+    def compact_store(self) -> None:
+        """The stored document's log folded in, if it is due and no transaction runs (the
+        daemon, once no push waits); see vr.transaction.store."""
+        try:
+            with self.lock():
+                self.store.compact_if_due()
+        except (Busy, StoredDocumentUnreadable, OSError):
+            pass  # a transaction runs, the disk is full (the log stays, and is read), nothing to fold into
 
     def _tidy_locked(self) -> None:
         """What a transaction cut off left in the staging and backup areas (no journal names it)."""

@@ -5,6 +5,8 @@ payload (a few hundred bytes, fsynced) costs well under one. A payload that carr
 item changes (dhcp_entries, port_forwarding_rules, ingress_rules) is appended to
 document.log; anything else, or a log of LOG_LIMIT entries, rewrites document.json and
 empties the log. Loading replays the log over document.json through the same merge.
+The daemon compacts a log of COMPACT_AFTER entries or more once no push waits
+(compact_if_due): a 4,000-VM rewrite costs ~100 ms, which no caller should wait for.
 
 Crash safety: an append is committed once fsynced; a torn last line was never committed
 and is ignored (the next commit rewrites document.json rather than append after it).
@@ -28,7 +30,8 @@ from vr.foundation.files import fsync_dir, stat_key, write_atomic
 from vr.foundation.settings import Settings
 
 SECRET_MODE = 0o600  # the document holds TLS keys, pre-shared keys and VPN passwords
-LOG_LIMIT = 32  # entries: bounds the replay a freshly started process does
+LOG_LIMIT = 512  # entries: bounds the replay a fresh process does (~0.3 ms an entry on a large router)
+COMPACT_AFTER = 32  # entries: what the daemon compacts when idle
 ITEM_CHANGES = frozenset({"generation", "dhcp_entries", "port_forwarding_rules", "ingress_rules"})
 
 
@@ -77,6 +80,18 @@ class DocumentStore:
                 fsync_dir(self.log_path.parent)
         self._cached = (self._key(), doc)
         settle_garbage_collector()
+
+    def compact_if_due(self) -> bool:
+        """The log folded into document.json when it holds COMPACT_AFTER entries or more
+        (the caller holds the router's lock). Whether it was."""
+        log = self._read_log()
+        if log is None or log.count(b"\n") < COMPACT_AFTER:
+            return False
+        doc = self.load()
+        if doc is None:
+            return False
+        self.commit(doc, None)
+        return True
 
     def _append(self, line: bytes, created: bool) -> None:
         fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, SECRET_MODE)
