@@ -65,9 +65,23 @@ def live_files(lab: Lab) -> dict[str, bytes]:
     config = lab.settings.config_dir
     files = {str(p.relative_to(config)): p.read_bytes() for p in config.rglob("*")
              if p.is_file() and not p.relative_to(config).parts[0].startswith(".")}  # fmt: skip
-    for stored in (lab.settings.document_path, lab.settings.document_log_path):
-        files[stored.name] = stored.read_bytes() if stored.exists() else None
+    files["stored document"] = stored_document(lab.settings)
     return files
+
+
+def stored_document(settings) -> object:
+    """The stored document as a fresh process reads it (document.json and its log replayed):
+    the daemon folds the log into document.json when idle, which changes no document. One
+    that does not load: its files as they are."""
+    from vr.foundation.errors import StoredDocumentUnreadable
+    from vr.transaction.store import DocumentStore
+
+    try:
+        doc = DocumentStore(settings).load()
+    except StoredDocumentUnreadable:
+        return [path.read_bytes() if path.exists() else None
+                for path in (settings.document_path, settings.document_log_path)]  # fmt: skip
+    return None if doc is None else doc.model_dump_json()
 
 
 def write_payload(tmp_path: Path, payload: dict, name: str = "payload.json") -> str:

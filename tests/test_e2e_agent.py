@@ -27,7 +27,7 @@ CONTROL = "169.254.0.10"
 PORT = 8443
 URL = f"https://{CONTROL}:{PORT}"
 NEW_VM = {"tier": "tier1", "mac": "02:00:00:00:01:20", "ip": "10.1.1.20", "hostname": "web2"}
-STORED = ("document.json", "document.log")
+STORED = ("stored document",)  # live_files' key for it
 STORED_HASH = "sha256:" + hashlib.sha256(TOKEN.encode()).hexdigest()  # what the router keeps: no credential
 
 

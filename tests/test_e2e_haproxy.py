@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import EXAMPLES, make_ca_and_certificate, write_payload
+from vr.services import haproxy
+from vr.services.runtime import Runtime
 
 LB_IP = "192.0.2.12"
 MEMBERS = [{"ip": "10.1.1.10"}, {"ip": "10.1.2.10"}]  # web1 (g1), db1 (g2)
@@ -92,14 +95,43 @@ def test_reloads_under_load_fail_no_request(backends, tmp_path):
     # 2 x 1,000 requests over 4 s, with and without keep-alive, while the config changes 5 times.
     clients = [lab.fetch(lab.ns("pub"), LB_IP, 80, "--count", "1000", "--seconds", "4", *keep, wait=False)
                for keep in (["--keepalive"], [])]  # fmt: skip
-    for n in range(5):
-        members = [MEMBERS[0] | {"weight": 2 + (n % 2)}, MEMBERS[1]]
-        result = apply_lb(lab, tmp_path, 4 + n, lb_rule(members=members))
+    for n in range(5):  # a client timeout changes: a reload (a weight alone is set at runtime)
+        result = apply_lb(lab, tmp_path, 4 + n, lb_rule(timeouts={"client_ms": 30000 + n}))
         assert "haproxy" in result.stdout
     outcomes = [json.loads(client.communicate(timeout=60)[0]) for client in clients]
     for outcome in outcomes:
         assert outcome["sent"] == 1000 and outcome["failed"] == 0, outcome["errors"]
         assert set(outcome["answers"]) == {"web1", "db1"}
+
+
+def test_a_weight_change_is_set_at_runtime_without_a_reload(backends, tmp_path):
+    """Members' weights alone: haproxy's runtime API sets them in the running workers (no new
+    worker, no connection moved), and the file holds them for the next start."""
+    lab = backends
+    apply_lb(lab, tmp_path, 3, lb_rule())
+    assert lab.wait_lb_up(), lab.lb_states()
+    workers = haproxy_workers(lab)
+    members = [MEMBERS[0] | {"weight": 0}, MEMBERS[1] | {"weight": 7}]  # web1 drained
+    result = apply_lb(lab, tmp_path, 4, lb_rule(members=members))
+    assert "changed: haproxy" in result.stdout
+    assert haproxy_workers(lab) == workers  # the same worker serves on: nothing was reloaded
+    runtime = Runtime(lab.settings)
+    weights = [haproxy.ask(runtime, f"get weight be_web/{server}").split()[0]
+               for server in ("10.1.1.10_8000", "10.1.2.10_8000")]  # fmt: skip
+    assert weights == ["0", "7"]
+    answers = fetch(lab, "--count", "6")["answers"]
+    assert answers == {"db1": 6}  # a drained member takes no new connection
+    config = (lab.settings.service_dir("haproxy") / haproxy.CONFIG).read_text()
+    assert "weight 0" in config and "weight 7" in config
+    lab.vr("start")  # a forced re-apply: the file's weights are the ones served
+    assert lab.wait_lb_up() and fetch(lab, "--count", "4")["answers"] == {"db1": 4}
+
+
+def haproxy_workers(lab) -> set[int]:
+    """The PIDs of haproxy's master's children (its workers)."""
+    master = next(s["pid"] for s in json.loads(lab.vr("status", "--json").stdout)["services"] if s["name"] == "haproxy")
+    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    return {int(pid) for pid in children}
 
 
 def test_a_change_outside_the_lb_sections_does_not_touch_haproxy(backends, tmp_path):

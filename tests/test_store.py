@@ -54,15 +54,31 @@ def test_a_rule_change_is_appended_and_a_new_process_reads_the_same_document(tmp
     assert [r.id for r in loaded.firewall.ingress][-3:] == ["r20000", "r20001", "r20002"]
 
 
-def test_the_log_is_compacted_into_the_document_when_full_or_when_a_section_changes(stored, example):
+def test_the_log_is_compacted_into_the_document_when_full_or_when_a_whole_document_comes(stored, example):
     settings, store, doc = stored
     doc = commit_rules(store, doc, LOG_LIMIT + 2)  # LOG_LIMIT appended, one compaction, one appended
     assert len(settings.document_log_path.read_bytes().splitlines()) == 1
     section = docmod.parse_payload({"generation": doc.generation + 1, "dns": example["dns"] | {"cache_size": 300}})
     doc = docmod.merge(doc, section)
-    store.commit(doc, section)
+    store.commit(doc, section)  # a small section change is appended too
+    assert len(settings.document_log_path.read_bytes().splitlines()) == 2
+    assert fresh(settings).load() == doc
+    whole = docmod.parse_payload(example | {"generation": doc.generation + 1})
+    doc = docmod.merge(doc, whole)
+    store.commit(doc, whole)
     assert not settings.document_log_path.exists()
     assert json.loads(settings.document_path.read_bytes())["generation"] == doc.generation
+    assert fresh(settings).load() == doc
+
+
+def test_a_logged_agent_token_is_its_hash(stored):
+    settings, store, doc = stored
+    token = "a-bearer-token-of-at-least-32-characters"
+    payload = docmod.parse_payload({"generation": doc.generation + 1, "agent": {"tokens": [token]}})
+    doc = docmod.merge(doc, payload)
+    store.commit(doc, payload)
+    log = settings.document_log_path.read_text()
+    assert token not in log and docmod.token_digest(token) in log
     assert fresh(settings).load() == doc
 
 

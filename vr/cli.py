@@ -83,7 +83,6 @@ def _ask(args, daemon, method: str, path: str, body: bytes | None = None) -> tup
     """One request to the daemon. While it restarts (503, its socket refuses for a moment, a
     connection it dropped when killed or replaced by a patch), asked again, for at most
     DAEMON_RESTART_WAIT_S; once no daemon process is left, _DaemonGone."""
-    import http.client
     import time
 
     from vr.foundation.lock import flock_holder
@@ -94,7 +93,7 @@ def _ask(args, daemon, method: str, path: str, body: bytes | None = None) -> tup
             status, answer = daemon.request(method, path, body)
             if status != 503 or time.monotonic() > deadline:
                 return status, answer
-        except (ConnectionError, FileNotFoundError, http.client.HTTPException):
+        except (ConnectionError, FileNotFoundError):  # refused, reset, cut off: a daemon restarting
             if time.monotonic() > deadline:
                 raise
         time.sleep(0.2)

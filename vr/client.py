@@ -18,17 +18,18 @@ its own and, when they are equal, takes it as already applied.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import random
 import socket
 import stat
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Self
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Self
 
 CONNECT_TIMEOUT_S = 2.0
 LOCAL_CONNECT_TIMEOUT_S = 0.5
@@ -179,31 +180,44 @@ def _decode(data: bytes, content_type: str) -> dict:
 # ------------------------------------------------------------------ the local socket
 
 
-@functools.cache
-def _unix_connection() -> type:
-    """HTTP/1.1 over the daemon's unix socket; a short connect timeout (a daemon that does not
-    answer at once is not there), a long read one (an apply answers when it is healthy).
-    Built on first use: http.client (and the ssl module it loads) is for commands that talk."""
-    import http.client
+MAX_LOCAL_ANSWER = 64 * 1024 * 1024  # bytes: the biggest answer the local socket reads (a whole document)
 
-    class UnixConnection(http.client.HTTPConnection):
-        def __init__(self, socket_path: str, timeout: float, connect_timeout: float):
-            super().__init__("localhost", timeout=timeout)
-            self._socket_path = socket_path
-            self._connect_timeout = connect_timeout
 
-        def connect(self) -> None:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.settimeout(self._connect_timeout)
-                sock.connect(self._socket_path)
-                sock.settimeout(self.timeout)
-            except BaseException:
-                sock.close()
-                raise
-            self.sock = sock
+def _exchange(sock: socket.socket, method: str, path: str, body: bytes | None, content_type: str) -> tuple[int, dict]:
+    """One HTTP/1.1 request on a connected socket to the daemon's own server, read to the end
+    (Connection: close). Not http.client: it loads the email package and ssl, a third of the
+    thin CLI's start-up, for a request whose server is known."""
+    head = f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+    if body is not None:
+        head += f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+    sock.sendall(head.encode() + b"\r\n" + (body or b""))
+    received = bytearray()
+    while chunk := sock.recv(262144):
+        received += chunk
+        if len(received) > MAX_LOCAL_ANSWER:
+            raise ConnectionError("the daemon's answer is larger than a vr client reads")
+    header, separator, data = bytes(received).partition(b"\r\n\r\n")
+    lines = header.decode("latin-1").split("\r\n")
+    status_line = lines[0].split(" ", 2)
+    if not separator or len(status_line) < 2 or not status_line[0].startswith("HTTP/") or not status_line[1].isdigit():
+        raise ConnectionError("the daemon's answer was cut off or is not HTTP")
+    headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
+    if "chunked" in headers.get("transfer-encoding", ""):
+        data = _unchunked(data)
+    elif headers.get("content-length", "").isdigit():
+        data = data[: int(headers["content-length"])]
+    return int(status_line[1]), _decode(data, headers.get("content-type", ""))
 
-    return UnixConnection
+
+def _unchunked(data: bytes) -> bytes:
+    out, at = bytearray(), 0
+    while True:
+        line_end = data.find(b"\r\n", at)
+        size = int(data[at:line_end].split(b";")[0] or b"0", 16) if line_end >= 0 else 0
+        if size == 0:
+            return bytes(out)
+        out += data[line_end + 2 : line_end + 2 + size]
+        at = line_end + 2 + size + 2
 
 
 class LocalClient:
@@ -238,15 +252,14 @@ class LocalClient:
         """One request; (status, decoded body). OSError when the daemon is not there or the
         connection broke (the caller falls back to applying in-process only when it did not
         connect at all: ConnectionRefusedError / FileNotFoundError)."""
-        connection = _unix_connection()(self.socket_path, self.timeout, self.connect_timeout)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            headers = {"Content-Type": content_type} if body is not None else {}
-            connection.request(method, path, body=body, headers=headers)
-            response = connection.getresponse()
-            data = response.read()
-            return response.status, _decode(data, response.getheader("Content-Type", ""))
+            sock.settimeout(self.connect_timeout)  # a daemon that does not answer at once is not there
+            sock.connect(self.socket_path)
+            sock.settimeout(self.timeout)  # an apply answers when the router is healthy
+            return _exchange(sock, method, path, body, content_type)
         finally:
-            connection.close()
+            sock.close()
 
 
 # ------------------------------------------------------------------ the HTTPS client
@@ -490,6 +503,8 @@ class RouterClient:
     def _backoff(self, attempt: int) -> float:
         """Exponential, capped, with jitter (half to all of it: many managers retrying do not march in step)."""
         ceiling = min(self.max_backoff_s, self.backoff_s * (2**attempt))
+        import random  # here: the thin CLI never backs off, and never pays for the import
+
         return random.uniform(ceiling / 2, ceiling)
 
     def _may_wait(self, attempt: int, started: float, wait: float) -> bool:

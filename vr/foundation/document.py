@@ -1008,9 +1008,11 @@ def merge(stored: RouterDocument | None, payload: Payload) -> RouterDocument:
         doc = RouterDocument.model_construct(generation=payload.generation, **sections)  # absent: defaults
     else:
         doc = stored.model_copy(update={**sections, "generation": payload.generation})
-    if stored is not None and payload.vpn is not None:
-        tunnels = _reuse_equal(payload.vpn.site_to_site, stored.vpn.site_to_site)
-        doc = doc.model_copy(update={"vpn": doc.vpn.model_copy(update={"site_to_site": tunnels})})
+    for section, items, key in _REUSED if stored is not None else ():
+        if getattr(payload, section) is not None:
+            sent, kept = getattr(getattr(doc, section), items), getattr(getattr(stored, section), items)
+            reused = _reuse_equal(sent, kept, key)
+            doc = doc.model_copy(update={section: getattr(doc, section).model_copy(update={items: reused})})
     if payload.dhcp_entries is not None:
         entries = _apply_item_changes(doc.dhcp.entries, payload.dhcp_entries, "mac", "dhcp_entries")
         _within_limit(entries, Dhcp, "entries", "dhcp_entries", "dhcp.entries")
@@ -1054,11 +1056,16 @@ def _within_limit(items: list, model: type[BaseModel], name: str, where: str, ta
                                                           f"a router holds at most {limit}")])  # fmt: skip
 
 
-def _reuse_equal(new: list, old: list) -> list:
-    """The stored object for each item equal to it (matched by id): a section sent whole
+# Item lists of sections sent whole whose equal items are the stored objects again.
+_REUSED = (("vpn", "site_to_site", "id"), ("load_balancer", "rules", "id"), ("nat", "port_forwarding", "id"),
+           ("firewall", "ingress", "id"), ("dhcp", "entries", "mac"))  # fmt: skip
+
+
+def _reuse_equal(new: list, old: list, key: str) -> list:
+    """The stored object for each item equal to it (matched by its key): a section sent whole
     then hits every per-item cache (rendering, verify) except for the items that changed."""
-    stored = {item.id: item for item in old}
-    return [stored[item.id] if stored.get(item.id) == item else item for item in new]
+    stored = {getattr(item, key): item for item in old}
+    return [stored[k] if (k := getattr(item, key)) in stored and stored[k] == item else item for item in new]
 
 
 # The position index of the list each item payload kind last produced: the next payload of

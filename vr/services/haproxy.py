@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from pathlib import Path
 from typing import Any
 
@@ -54,19 +55,20 @@ class HaproxyService(Service):
         tiers = [i.ipv4().network for i in doc.guest_interfaces()]
         if not rules:
             return problems  # nothing of ours; not even a pass over the port forwards
-        forwards = [(f.public_ip, f.public_ports.start, f.public_ports.end) for f in doc.nat.port_forwarding
-                    if f.protocol == "tcp"]  # fmt: skip
+        forwards: dict = {}  # public IP -> its tcp port forwards' ranges: a rule looks at its own IP's only
+        for f in doc.nat.port_forwarding:
+            if f.protocol == "tcp":
+                forwards.setdefault(f.public_ip, []).append((f.public_ports.start, f.public_ports.end))
         for n, rule in enumerate(rules):
             path = f"load_balancer.rules[{n}]"
             if rule.public_ip not in assigned:
                 problems.append(Problem(f"{path}.public_ip", f"{rule.public_ip} is not an assigned public IP"))
             elif rule.public_ip in static:
                 problems.append(Problem(f"{path}.public_ip", f"{rule.public_ip} is taken whole by a static NAT"))
-            for ip, low, high in forwards:
-                if ip == rule.public_ip and low <= rule.public_port <= high:
-                    problems.append(
-                        Problem(f"{path}.public_port", f"tcp {ip}:{rule.public_port} is already a port forward")
-                    )
+            for low, high in forwards.get(rule.public_ip, ()):
+                if low <= rule.public_port <= high:
+                    problems.append(Problem(f"{path}.public_port",
+                                            f"tcp {rule.public_ip}:{rule.public_port} is already a port forward"))  # fmt: skip
             for m, member in enumerate(rule.members):
                 if not any(member.ip in subnet for subnet in tiers):
                     problems.append(Problem(f"{path}.members[{m}].ip", f"{member.ip} is not inside any guest tier"))
@@ -92,14 +94,10 @@ class HaproxyService(Service):
             return {}
         settings = runtime.settings
         files: dict[str, bytes] = {}
-        values = []
         for rule in rules:
-            certificates = []
-            for n, cert in enumerate(rule.tls.certificates if rule.tls else []):
-                name = f"cert-{rule.id}-{n}.pem"
-                files[name] = _pem_bundle(cert)
-                certificates.append(name)
-            values.append(_rule_values(rule, certificates))
+            if rule.tls:
+                files.update(zip(_certificate_names(rule), map(_pem_bundle, rule.tls.certificates)))
+        sections = runtime.render_each("haproxy/rule.j2", rules, lambda rule, _: {"rule": _rule_values(rule)})
         files[CONFIG] = runtime.render(
             "haproxy/haproxy.cfg.j2",
             router=doc.router.name,
@@ -107,12 +105,14 @@ class HaproxyService(Service):
             state_file=settings.state_dir / "haproxy.state",
             hard_stop_after_s=HARD_STOP_AFTER_S,
             global_maxconn=GLOBAL_MAXCONN,
-            rules=values,
+            rules=sections.decode(),
         )
         return files
 
     def check(self, staged_dir: Path, change: Change, runtime: Runtime) -> None:
-        if not (staged_dir / CONFIG).exists():
+        if not (staged_dir / CONFIG).exists() or _weight_commands(change) is not None:
+            # A change of members' weights only: validated integers, set through the runtime
+            # API (apply); `haproxy -c` of 200 rules costs more than the whole change.
             return
         command = ["haproxy", "-c", "-q", "-C", str(staged_dir), "-f", str(staged_dir / CONFIG)]
         run_checker("haproxy -c", command, staged_dir)
@@ -137,6 +137,9 @@ class HaproxyService(Service):
                 state_file.write_text("")  # nothing to restore yet; saves haproxy a warning
             client.start(PROGRAM)
         elif change.paths:
+            commands = _weight_commands(change)
+            if commands is not None and _set_at_runtime(runtime, commands):
+                return  # hitless and at once: the running workers take the weights, the file has them for later
             _save_server_state(runtime)
             client.signal(PROGRAM, "USR2")
 
@@ -146,6 +149,40 @@ class HaproxyService(Service):
             return None
         args = {"stats_socket": str(stats_socket(runtime)), "backends": [r.id for r in doc.load_balancer.rules]}
         return {"program": PROGRAM, "check": "haproxy", "args": args}
+
+
+_SERVER_LINE = re.compile(r"  server (\S+) (\S+) weight (\d+)(.*)")
+
+
+def _weight_commands(change: Change) -> list[str] | None:
+    """The runtime API's `set server` commands when the new config differs from the live one
+    only in members' weights (line for line); None when anything else differs."""
+    old, new = change.previous.get(CONFIG), change.written.get(CONFIG)
+    if change.restore or not old or not new or change.touches(*(p for p in change.paths if p != CONFIG)):
+        return None
+    old_lines, new_lines = old.decode().split("\n"), new.decode().split("\n")
+    if len(old_lines) != len(new_lines):
+        return None
+    commands, backend = [], None
+    for before, after in zip(old_lines, new_lines, strict=True):
+        if after.startswith("backend "):
+            backend = after.split()[1]
+        if before == after:
+            continue
+        was, now = _SERVER_LINE.fullmatch(before), _SERVER_LINE.fullmatch(after)
+        if not (was and now and backend) or was.group(1, 2, 4) != now.group(1, 2, 4):
+            return None
+        commands.append(f"set server {backend}/{now.group(1)} weight {now.group(3)}")
+    return commands or None
+
+
+def _set_at_runtime(runtime: Runtime, commands: list[str]) -> bool:
+    """Each command on the stats socket; False at the first one haproxy does not take
+    silently (the caller reloads instead, which applies the file whatever happened here)."""
+    try:
+        return all(not ask(runtime, command).strip() for command in commands)
+    except OSError:
+        return False
 
 
 def stats_socket(runtime: Runtime) -> Path:
@@ -198,7 +235,11 @@ def _save_server_state(runtime: Runtime) -> None:
     tmp.replace(path)
 
 
-def _rule_values(rule: LbRule, certificates: list[str]) -> dict:
+def _certificate_names(rule: LbRule) -> list[str]:
+    return [f"cert-{rule.id}-{n}.pem" for n in range(len(rule.tls.certificates if rule.tls else []))]
+
+
+def _rule_values(rule: LbRule) -> dict:
     mode = "tcp" if rule.protocol == "tcp" else "http"
     backend = []
     check = rule.health_check
@@ -228,7 +269,7 @@ def _rule_values(rule: LbRule, certificates: list[str]) -> dict:
         "id": rule.id,
         "mode": mode,
         "bind": f"{rule.public_ip}:{rule.public_port}",
-        "certificates": certificates,
+        "certificates": _certificate_names(rule),
         "algorithm": rule.algorithm,
         "max_connections": rule.max_connections,
         "timeouts": rule.timeouts,

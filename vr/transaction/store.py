@@ -1,10 +1,11 @@
 """The last-known-good document on disk: document.json plus a short log of small payloads.
 
-Rewriting a 10,000-rule document after a one-rule change costs ~20 ms; appending that
-payload (a few hundred bytes, fsynced) costs well under one. A payload that carries only
-item changes (dhcp_entries, port_forwarding_rules, ingress_rules) is appended to
-document.log; anything else, or a log of LOG_LIMIT entries, rewrites document.json and
-empties the log. Loading replays the log over document.json through the same merge.
+Rewriting a large router's document after a one-rule change costs ~100 ms; appending that
+payload (a few hundred bytes, fsynced) costs well under one. A payload (item changes, or
+sections: a load balancer's 200 rules, 50 tunnels) is appended to document.log as parsed
+(secrets as the document keeps them: tokens hashed) when it is under MAX_ENTRY_BYTES; a
+bigger one, or a log at LOG_LIMIT entries or LOG_BYTES, rewrites document.json and empties
+the log. Loading replays the log over document.json through the same merge.
 The daemon compacts a log of COMPACT_AFTER entries or more once no push waits
 (compact_if_due): a 4,000-VM rewrite costs ~100 ms, which no caller should wait for.
 
@@ -32,7 +33,9 @@ from vr.foundation.settings import Settings
 SECRET_MODE = 0o600  # the document holds TLS keys, pre-shared keys and VPN passwords
 LOG_LIMIT = 512  # entries: bounds the replay a fresh process does (~0.3 ms an entry on a large router)
 COMPACT_AFTER = 32  # entries: what the daemon compacts when idle
-ITEM_CHANGES = frozenset({"generation", "dhcp_entries", "port_forwarding_rules", "ingress_rules"})
+MAX_ENTRY_BYTES = 256 * 1024  # a payload appended to the log: at most this, serialized
+APPENDED_SECTIONS = 3  # and of at most this many sections (a whole document is not serialized twice)
+LOG_BYTES = 4 * 1024 * 1024  # the log's size that a commit compacts at
 
 
 class DocumentStore:
@@ -66,12 +69,13 @@ class DocumentStore:
         burst); None: doc is written whole."""
         payloads = [] if payload is None else [payload] if isinstance(payload, Payload) else list(payload)
         log = self._read_log()
-        small = bool(payloads) and all(p.model_fields_set <= ITEM_CHANGES for p in payloads)
         entries = log or b""
         torn = bool(entries) and not entries.endswith(b"\n")  # never append after a torn line
-        appendable = not torn and entries.count(b"\n") + len(payloads) <= LOG_LIMIT
-        if small and appendable and self.path.exists():
-            lines = b"".join(p.model_dump_json(exclude_unset=True).encode() + b"\n" for p in payloads)
+        appendable = not torn and entries.count(b"\n") + len(payloads) <= LOG_LIMIT and len(entries) < LOG_BYTES
+        few = all(len(p.model_fields_set - {"generation"}) <= APPENDED_SECTIONS for p in payloads)
+        lines = b"".join(p.model_dump_json(exclude_unset=True).encode() + b"\n" for p in payloads) \
+            if payloads and few and appendable and self.path.exists() else b""  # fmt: skip
+        if lines and len(lines) <= MAX_ENTRY_BYTES * len(payloads):
             self._append(lines, created=log is None)
         else:
             write_atomic(self.path, doc.model_dump_json().encode(), mode=SECRET_MODE)
