@@ -59,6 +59,7 @@ class HaproxyService(Service):
         for f in doc.nat.port_forwarding:
             if f.protocol == "tcp":
                 forwards.setdefault(f.public_ip, []).append((f.public_ports.start, f.public_ports.end))
+        members = self._memo.map("members", rules, _member_problems, tuple(tiers))  # per rule: one changed, one checked
         for n, rule in enumerate(rules):
             path = f"load_balancer.rules[{n}]"
             if rule.public_ip not in assigned:
@@ -69,11 +70,7 @@ class HaproxyService(Service):
                 if low <= rule.public_port <= high:
                     problems.append(Problem(f"{path}.public_port",
                                             f"tcp {rule.public_ip}:{rule.public_port} is already a port forward"))  # fmt: skip
-            for m, member in enumerate(rule.members):
-                if not any(member.ip in subnet for subnet in tiers):
-                    problems.append(Problem(f"{path}.members[{m}].ip", f"{member.ip} is not inside any guest tier"))
-            for m, first in repeats(member_address(rule, member) for member in rule.members):
-                problems.append(Problem(f"{path}.members[{m}]", f"the same member as members[{first}]"))
+            problems += under(path, members[n])
         for n, first in repeats(rule.id for rule in rules):
             problems.append(Problem(f"load_balancer.rules[{n}].id", f"{rules[n].id!r} is already rules[{first}]"))
         for n, first in repeats((rule.public_ip, rule.public_port) for rule in rules):
@@ -282,6 +279,17 @@ def _pem_bundle(cert: LbCertificate) -> bytes:
     """haproxy's crt file: the certificate, its chain, then the key."""
     parts = [cert.certificate, cert.chain or "", cert.key]
     return "".join(p if p.endswith("\n") or not p else p + "\n" for p in parts).encode()
+
+
+def _member_problems(rule: LbRule, tiers: tuple) -> list[Problem]:
+    """A rule's members: each inside a guest tier, none listed twice (paths under the rule)."""
+    problems = []
+    for m, member in enumerate(rule.members):
+        if not any(member.ip in subnet for subnet in tiers):
+            problems.append(Problem(f"members[{m}].ip", f"{member.ip} is not inside any guest tier"))
+    for m, first in repeats(member_address(rule, member) for member in rule.members):
+        problems.append(Problem(f"members[{m}]", f"the same member as members[{first}]"))
+    return problems
 
 
 def _certificate_problems(rule: LbRule, _: None) -> list[Problem]:
