@@ -36,23 +36,29 @@ edits = st.lists(st.tuples(st.sampled_from(["add", "remove", "replace", "reverse
                            st.integers(0, 5), st.text("abc", max_size=3)), max_size=30)  # fmt: skip
 
 
+def edited(items: list[Item], setting: str, action: str, number: int, text: str) -> tuple[list[Item], str]:
+    """The items (a new list, as merge makes) and the setting after one edit."""
+    items = list(items)
+    if action == "add":
+        items.insert(number % (len(items) + 1), Item(number, text))
+    elif action == "remove" and items:
+        del items[number % len(items)]
+    elif action == "replace" and items:
+        items[number % len(items)] = Item(number, text)
+    elif action == "reverse":
+        items.reverse()
+    elif action == "setting":
+        setting = text
+    return items, setting
+
+
 @settings(max_examples=200, deadline=None)
 @given(edits)
 def test_grouped_equals_a_fresh_pass_after_any_changes(changes):
     memo, items, setting = Memo(), [Item(n % 3, str(n)) for n in range(6)], "s"
     assert memo.grouped("slot", items, pairs, setting, ",") == fresh(items, setting)
     for action, number, text in changes:
-        items = list(items)
-        if action == "add":
-            items.insert(number % (len(items) + 1), Item(number, text))
-        elif action == "remove" and items:
-            del items[number % len(items)]
-        elif action == "replace" and items:
-            items[number % len(items)] = Item(number, text)
-        elif action == "reverse":
-            items.reverse()
-        elif action == "setting":
-            setting = text
+        items, setting = edited(items, setting, action, number, text)
         assert memo.grouped("slot", items, pairs, setting, ",") == fresh(items, setting)
 
 
@@ -68,19 +74,10 @@ def test_map_equals_a_fresh_pass_and_computes_only_new_objects(changes):
 
     assert memo.map("slot", items, text, setting) == [f"s{i.text}" for i in items]
     for action, number, value in changes:
-        before, items, computed[:] = set(map(id, items)), list(items), []
-        if action == "add":
-            items.insert(number % (len(items) + 1), Item(number, value))
-        elif action == "remove" and items:
-            del items[number % len(items)]
-        elif action == "replace" and items:
-            items[number % len(items)] = Item(number, value)
-        elif action == "reverse":
-            items.reverse()
-        elif action == "setting":
-            setting, before = value, (before if value == setting else set())  # a new setting: all again
+        known, computed[:] = set(map(id, items)) if value == setting or action != "setting" else set(), []
+        items, setting = edited(items, setting, action, number, value)  # a new setting: all computed again
         assert memo.map("slot", items, text, setting) == [f"{setting}{i.text}" for i in items]
-        assert {id(i) for i in computed} == {id(i) for i in items} - before  # the kept ones were not computed
+        assert {id(i) for i in computed} == {id(i) for i in items} - known  # the kept ones were not computed
 
 
 def test_grouped_joins_again_only_the_groups_a_change_touches():
