@@ -314,7 +314,14 @@ class BenchRouter:
 
 
 def run_bench(router: BenchRouter, work: Callable[[BenchRouter], dict], enter: bool = True) -> dict:
-    """up, work, down, under guarded: the figures (an error inside work is work's to record)."""
+    """up, work, down, under guarded: the figures (an error inside work is work's to record).
+    vr's bytecode first, as an installed package has it (`make` does it too): where
+    PYTHONDONTWRITEBYTECODE is set, each fresh `vr` process would compile its modules again."""
+    import compileall
+
+    import vr
+
+    compileall.compile_dir(Path(vr.__file__).parent, quiet=1)
 
     def body() -> dict:
         router.up(enter=enter)

@@ -449,46 +449,44 @@ def _where_problem(args) -> str | None:
     return None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vr", description="virtual router control")
-    parser.add_argument("--version", action=_VersionAction, help="print the running release's version and exit")
-    parser.add_argument("--root", help="put config/state/run/log dirs under DIR (default: appliance paths)")
-    parser.add_argument("--netns", help="network namespace the router lives in")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _file_command(sub, name: str, help: str, func, *options: tuple) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help)
+    p.add_argument("file")
+    for flags, kwargs in options:
+        p.add_argument(*flags, **kwargs)
+    p.set_defaults(func=func)
+    return p
 
-    p = sub.add_parser("apply", help="validate and apply a payload (FILE or - for stdin)")
-    p.add_argument("file")
-    p.set_defaults(func=cmd_apply)
-    p = sub.add_parser("render", help="render every config for a payload without applying it")
-    p.add_argument("file")
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_render)
-    p = sub.add_parser("diff", help="show what a payload would change in the live files")
-    p.add_argument("file")
-    p.set_defaults(func=cmd_diff)
-    sub.add_parser("schema", help="print the JSON Schema of a payload").set_defaults(func=cmd_schema)
+
+def _json_command(sub, name: str, help: str, func) -> None:
+    p = sub.add_parser(name, help=help)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=func)
+
+
+def _status_command(sub) -> None:
     p = sub.add_parser("status", help="generation, last apply, each service's health")
     p.add_argument("--json", action="store_true")
     p.add_argument("--firewall", action="store_true", help="also each firewall/NAT rule's hit counters")
     p.add_argument("--lb", action="store_true", help="also each load-balancer rule's members, up or down")
     p.add_argument("--vpn", action="store_true", help="also each VPN connection: state, bytes, users connected")
     p.set_defaults(func=cmd_status)
+
+
+def _events_command(sub) -> None:
     p = sub.add_parser("events", help="print events (JSON lines)")
     p.add_argument("--resource", help="KIND or KIND:ID, e.g. vm:02:00:00:00:01:10 or service:dnsmasq")
     p.set_defaults(func=cmd_events)
+
+
+def _watch_command(sub) -> None:
     p = sub.add_parser("watch", help="apply payloads dropped into the spool directory")
     p.add_argument("--once", action="store_true", help="process what is there and exit")
     p.add_argument("--seconds", type=float, help="stop watching after this long")
     p.set_defaults(func=cmd_watch)
-    sub.add_parser("start", help="bring services up from last-known-good (boot)").set_defaults(func=cmd_start)
-    sub.add_parser("stop", help="stop supervisord and every daemon of this router").set_defaults(func=cmd_stop)
-    sub.add_parser("recover", help="finish or roll back an interrupted apply").set_defaults(func=cmd_recover)
-    p = sub.add_parser("selftest", help="render the live document with this release and run the daemons' checkers")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_selftest)
-    p = sub.add_parser("reconcile", help="re-render the live document with this release; reload what changed")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_reconcile)
+
+
+def _patch_command(sub) -> None:
     p = sub.add_parser("patch", help="live patches: apply, rollback, list, status, remove; build, keygen")
     p.add_argument("action", choices=["apply", "rollback", "list", "status", "remove", "build", "keygen"])
     p.add_argument("target", nargs="?", help="apply: the bundle, FILE or http(s) URL; build: the source tree; "
@@ -503,29 +501,84 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--services", help="build: services it may change, comma-separated")
     p.add_argument("-o", "--out", help="build: the bundle file; keygen: the key files' prefix")
     p.set_defaults(func=cmd_patch)
-    sub.add_parser(
-        "vpn-load", help="load the live VPN files into charon (charon runs this when it starts)"
-    ).set_defaults(func=cmd_vpn_load)
-    sub.add_parser("monitor", help="keep the services alive (supervisord runs it as its event listener)").set_defaults(
-        func=cmd_monitor
-    )
-    p = sub.add_parser("remote", help="drive a router through its HTTPS agent (the manager's API)")
+
+
+def _remote_command(sub) -> None:
     from vr.client import add_remote_arguments
 
-    add_remote_arguments(p)
-    sub.add_parser("daemon", help="the router's resident process: API, agent, spool, monitor (supervisord runs it)"
-                   ).set_defaults(func=cmd_daemon)  # fmt: skip
+    add_remote_arguments(sub.add_parser("remote", help="drive a router through its HTTPS agent (the manager's API)"))
+
+
+def _lab_command(sub) -> None:
     p = sub.add_parser("lab", help="a lab router with guests in network namespaces")
     p.add_argument("action", choices=["up", "down", "status", "demo"])
     p.add_argument("--dir", default="/tmp/vr-lab", help="where the lab keeps its state")
     p.add_argument("--prefix", help="namespace name prefix (default: derived from --dir)")
     p.set_defaults(func=cmd_lab)
+
+
+def _plain_command(name: str, help: str, func):
+    return lambda sub: sub.add_parser(name, help=help).set_defaults(func=func)
+
+
+# Each command's arguments, in `vr --help` order. A command line builds only its command's
+# parser: all 27 with their help texts (and gettext's lookups) cost ~12 ms of a thin `vr apply`.
+COMMANDS = {
+    "apply": lambda sub: _file_command(sub, "apply", "validate and apply a payload (FILE or - for stdin)", cmd_apply),
+    "render": lambda sub: _file_command(sub, "render", "render every config for a payload without applying it",
+                                        cmd_render, (("--out",), {"required": True})),
+    "diff": lambda sub: _file_command(sub, "diff", "show what a payload would change in the live files", cmd_diff),
+    "schema": _plain_command("schema", "print the JSON Schema of a payload", cmd_schema),
+    "status": _status_command,
+    "events": _events_command,
+    "watch": _watch_command,
+    "start": _plain_command("start", "bring services up from last-known-good (boot)", cmd_start),
+    "stop": _plain_command("stop", "stop supervisord and every daemon of this router", cmd_stop),
+    "recover": _plain_command("recover", "finish or roll back an interrupted apply", cmd_recover),
+    "selftest": lambda sub: _json_command(sub, "selftest", "render the live document with this release and run the "
+                                          "daemons' checkers", cmd_selftest),
+    "reconcile": lambda sub: _json_command(sub, "reconcile", "re-render the live document with this release; reload "
+                                           "what changed", cmd_reconcile),
+    "patch": _patch_command,
+    "vpn-load": _plain_command("vpn-load", "load the live VPN files into charon (charon runs this when it starts)",
+                               cmd_vpn_load),
+    "monitor": _plain_command("monitor", "keep the services alive (supervisord runs it as its event listener)",
+                              cmd_monitor),
+    "remote": _remote_command,
+    "daemon": _plain_command("daemon", "the router's resident process: API, agent, spool, monitor (supervisord runs "
+                             "it)", cmd_daemon),
+    "lab": _lab_command,
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """vr's parser; only: the one command to build (None: all of them, for help and errors)."""
+    parser = argparse.ArgumentParser(prog="vr", description="virtual router control")
+    parser.add_argument("--version", action=_VersionAction, help="print the running release's version and exit")
+    parser.add_argument("--root", help="put config/state/run/log dirs under DIR (default: appliance paths)")
+    parser.add_argument("--netns", help="network namespace the router lives in")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, add in COMMANDS.items():
+        if only is None or name == only:
+            add(sub)
     return parser
 
 
+def _command_named(argv: list[str]) -> str | None:
+    """The command a command line names, when it plainly names one (the global options
+    before it, no help asked for); None otherwise: the whole parser then decides."""
+    words = list(argv)
+    while words and words[0] in ("--root", "--netns") and len(words) > 1:
+        words = words[2:]
+    if not words or words[0] not in COMMANDS or any(w in ("-h", "--help") for w in words):
+        return None
+    return words[0]
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    line = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(_command_named(line)).parse_args(line)
+    args.argv = line
     problem = _where_problem(args)
     if problem:
         print(f"vr: {problem}", file=sys.stderr)
