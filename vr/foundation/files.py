@@ -22,17 +22,8 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644, sync: bool = True) 
     A failed write (a full disk above all) leaves no temporary behind and names the file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        try:
-            os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            if sync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_new(tmp, data, mode, sync=sync)
     except OSError as error:
         tmp.unlink(missing_ok=True)
         raise OSError(error.errno, error.strerror, str(path)) from None
@@ -41,9 +32,10 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644, sync: bool = True) 
         fsync_dir(path.parent)
 
 
-def write_new(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """A file that no reader sees yet (staged, to be renamed in): written in place, not
-    fsynced (see vr.transaction.pipeline on durability). A failure names the file."""
+def write_new(path: Path, data: bytes, mode: int = 0o644, sync: bool = False) -> None:
+    """A file that no reader sees yet (staged, or a temporary to be renamed in): written in
+    place; fsynced only when asked (see vr.transaction.pipeline on durability). A failure
+    names the file."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
         try:
@@ -51,6 +43,8 @@ def write_new(path: Path, data: bytes, mode: int = 0o644) -> None:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)
     except OSError as error:
@@ -62,10 +56,10 @@ def write_json_atomic(path: Path, obj: object, mode: int = 0o644, sync: bool = T
     write_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode(), mode, sync=sync)
 
 
-def stat_key(path: Path) -> tuple | None:
+def stat_key(path: Path | str) -> tuple | None:
     """What changes whenever a file is replaced or rewritten (inode, mtime, size); None when absent."""
     try:
-        status = path.stat()
+        status = os.stat(path)
     except FileNotFoundError:
         return None
     return (status.st_ino, status.st_mtime_ns, status.st_size)
@@ -80,12 +74,10 @@ class LiveContent:
         self._known: dict[str, tuple[tuple, bytes]] = {}
 
     def read(self, path: str) -> bytes | None:
-        try:
-            status = os.stat(path)
-        except FileNotFoundError:
+        key = stat_key(path)
+        if key is None:
             self._known.pop(path, None)
             return None
-        key = (status.st_ino, status.st_mtime_ns, status.st_size)
         known = self._known.get(path)
         if known is not None and known[0] == key:
             return known[1]
