@@ -507,6 +507,50 @@ def test_local_client_over_the_unix_socket(tmp_path):
         vc.LocalClient(path).request("GET", "/v1/status")
 
 
+ANSWER = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 16\r\n\r\n{"outcome": "x"}'
+CHUNKED = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n'
+
+
+@pytest.mark.parametrize("sent, error", [
+    (b"", ConnectionResetError),                        # killed before it answered
+    (ANSWER[:20], ConnectionResetError),                 # killed inside the head
+    (ANSWER[:-3], ConnectionResetError),                 # killed inside a Content-Length body
+    (CHUNKED + b"10\r\n{\"outcome", ConnectionResetError),  # killed inside a chunk
+    (CHUNKED + b"10\r\n{\"outcome\": \"x\"}\r\n", ConnectionResetError),  # no last chunk
+    (b"SSH-2.0-OpenSSH\r\n\r\n", ConnectionError),      # something else on the socket
+    (CHUNKED + b"zz\r\n", ConnectionError),
+    (ANSWER, None),
+    (CHUNKED + b"10\r\n{\"outcome\": \"x\"}\r\n0\r\n\r\n", None),
+])  # fmt: skip
+def test_an_answer_the_daemon_did_not_finish_is_a_reset_never_an_answer(tmp_path, sent, error):
+    """A daemon killed mid-answer reads as a reset (the caller sends again or falls back), a
+    server that does not speak HTTP as a plain connection error, never as a short answer."""
+    path = str(tmp_path / "vr.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+
+    def answer_once() -> None:
+        connection, _ = server.accept()
+        with connection:
+            connection.recv(65536)
+            connection.sendall(sent)
+
+    thread = threading.Thread(target=answer_once, daemon=True)
+    thread.start()
+    try:
+        if error is None:
+            assert vc.LocalClient(path, timeout=5).request("GET", "/v1/status") == (200, {"outcome": "x"})
+        else:
+            with pytest.raises(error) as raised:
+                vc.LocalClient(path, timeout=5).request("GET", "/v1/status")
+            if error is ConnectionError:
+                assert not isinstance(raised.value, ConnectionResetError)
+    finally:
+        thread.join(timeout=5)
+        server.close()
+
+
 def test_remote_validate_confirm_config_and_metrics(router, certs, tmp_path, capsys):
     payload = tmp_path / "p.json"
     payload.write_text('{"generation": 9}')

@@ -181,6 +181,8 @@ def _decode(data: bytes, content_type: str) -> dict:
 
 
 MAX_LOCAL_ANSWER = 64 * 1024 * 1024  # bytes: the biggest answer the local socket reads (a whole document)
+CUT_OFF = "the daemon closed the connection before its answer was complete"
+NOT_HTTP = "the daemon's answer is not HTTP"
 
 
 def _exchange(sock: socket.socket, method: str, path: str, body: bytes | None, content_type: str) -> tuple[int, dict]:
@@ -197,14 +199,18 @@ def _exchange(sock: socket.socket, method: str, path: str, body: bytes | None, c
         if len(received) > MAX_LOCAL_ANSWER:
             raise ConnectionError("the daemon's answer is larger than a vr client reads")
     header, separator, data = bytes(received).partition(b"\r\n\r\n")
+    if not separator:  # a daemon killed before or while it answered: as http.client's RemoteDisconnected
+        raise ConnectionResetError(CUT_OFF)
     lines = header.decode("latin-1").split("\r\n")
     status_line = lines[0].split(" ", 2)
-    if not separator or len(status_line) < 2 or not status_line[0].startswith("HTTP/") or not status_line[1].isdigit():
-        raise ConnectionError("the daemon's answer was cut off or is not HTTP")
+    if len(status_line) < 2 or not status_line[0].startswith("HTTP/") or not status_line[1].isdigit():
+        raise ConnectionError(NOT_HTTP)
     headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
     if "chunked" in headers.get("transfer-encoding", ""):
         data = _unchunked(data)
     elif headers.get("content-length", "").isdigit():
+        if len(data) < int(headers["content-length"]):
+            raise ConnectionResetError(CUT_OFF)
         data = data[: int(headers["content-length"])]
     return int(status_line[1]), _decode(data, headers.get("content-type", ""))
 
@@ -213,9 +219,16 @@ def _unchunked(data: bytes) -> bytes:
     out, at = bytearray(), 0
     while True:
         line_end = data.find(b"\r\n", at)
-        size = int(data[at:line_end].split(b";")[0] or b"0", 16) if line_end >= 0 else 0
+        if line_end < 0:  # no last chunk: the daemon went away mid-answer
+            raise ConnectionResetError(CUT_OFF)
+        try:
+            size = int(data[at:line_end].split(b";")[0], 16)
+        except ValueError:
+            raise ConnectionError(NOT_HTTP) from None
         if size == 0:
             return bytes(out)
+        if len(data) < line_end + 2 + size:
+            raise ConnectionResetError(CUT_OFF)
         out += data[line_end + 2 : line_end + 2 + size]
         at = line_end + 2 + size + 2
 
