@@ -520,6 +520,7 @@ CHUNKED = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encodi
     (b"SSH-2.0-OpenSSH\r\n\r\n", ConnectionError),      # something else on the socket
     (CHUNKED + b"zz\r\n", ConnectionError),
     (ANSWER, None),
+    (ANSWER[: ANSWER.index(b"{")], "HEAD"),             # a HEAD answer: Content-Length, and no body
     (CHUNKED + b"10\r\n{\"outcome\": \"x\"}\r\n0\r\n\r\n", None),
 ])  # fmt: skip
 def test_an_answer_the_daemon_did_not_finish_is_a_reset_never_an_answer(tmp_path, sent, error):
@@ -539,7 +540,9 @@ def test_an_answer_the_daemon_did_not_finish_is_a_reset_never_an_answer(tmp_path
     thread = threading.Thread(target=answer_once, daemon=True)
     thread.start()
     try:
-        if error is None:
+        if error == "HEAD":
+            assert vc.LocalClient(path, timeout=5).request("HEAD", "/healthz")[0] == 200
+        elif error is None:
             assert vc.LocalClient(path, timeout=5).request("GET", "/v1/status") == (200, {"outcome": "x"})
         else:
             with pytest.raises(error) as raised:

@@ -206,7 +206,9 @@ def _exchange(sock: socket.socket, method: str, path: str, body: bytes | None, c
     if len(status_line) < 2 or not status_line[0].startswith("HTTP/") or not status_line[1].isdigit():
         raise ConnectionError(NOT_HTTP)
     headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
-    if "chunked" in headers.get("transfer-encoding", ""):
+    if method == "HEAD" or status_line[1] in ("204", "304"):  # no body, whatever Content-Length says
+        data = b""
+    elif "chunked" in headers.get("transfer-encoding", ""):
         data = _unchunked(data)
     elif headers.get("content-length", "").isdigit():
         if len(data) < int(headers["content-length"]):
