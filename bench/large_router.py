@@ -387,7 +387,9 @@ def burst(run: Run) -> None:
 def limit_one_vm(run: Run) -> None:
     """A hosts line renamed into the running dnsmasq's hostsdir (inotify), until its name answers
     (polled every ms): what a name change costs dnsmasq itself. Files removed afterwards."""
-    names_dir = run.router.settings.service_dir("dnsmasq") / "names"
+    from vr.services.dnsmasq import NAME_MIRROR
+
+    names_dir = run.router.settings.run_dir / NAME_MIRROR  # dnsmasq's --hostsdir
     if not names_dir.is_dir():
         raise RuntimeError(f"no dnsmasq hostsdir at {names_dir}")
     tier = run.layout[0]

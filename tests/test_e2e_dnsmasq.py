@@ -6,11 +6,12 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 
-from tests.conftest import write_payload
+from tests.conftest import stored_document, write_payload
 
 
 def dnsmasq_pid(lab) -> int:
@@ -141,3 +142,86 @@ def test_second_nic_without_default_gateway_survives_reloads(lab, tmp_path):
     lab.vr("apply", write_payload(tmp_path, {"generation": 3, "dhcp_entries": {"upsert": [extra]}}))
     assert dnsmasq_pid(lab) == pid  # a SIGHUP with a tagged VM holding a lease: no crash
     assert lab.resolve(lab.ns("g1"), "extra.cloud.internal", "10.1.1.1") == ["10.1.1.77"]
+
+
+RESOLVE_ALL = """
+import json, sys, dns.message, dns.query, dns.rdatatype
+answers = {}
+for name in json.loads(sys.argv[2]):
+    reply = dns.query.udp(dns.message.make_query(name, dns.rdatatype.A), sys.argv[1], timeout=2)
+    answers[name] = sorted(str(x) for s in reply.answer for x in s if s.rdtype == dns.rdatatype.A)
+print(json.dumps(answers))
+"""
+
+
+def resolve_all(lab, names: list[str]) -> dict[str, list[str]]:
+    """Many names asked from guest g1 in one process (lab.resolve starts one per name)."""
+    result = subprocess.run(["ip", "netns", "exec", lab.ns("g1"), sys.executable, "-c", RESOLVE_ALL, "10.1.1.1",
+                             json.dumps(names)], capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    return json.loads(result.stdout)
+
+
+def test_names_follow_adds_removals_renames_a_restart_and_a_rollback(lab, tmp_path):
+    """dnsmasq's hostsdir is edited change by change (an added VM's names in a file of their
+    own, a removed one's file rewritten without them); after any sequence, a dnsmasq restart
+    in the middle and a rolled-back apply, it answers exactly the document's names."""
+    import random
+
+    chooser = random.Random(18)
+    generation = json.loads(lab.vr("status", "--json").stdout)["generation"]
+    vms = {vm["mac"]: vm for vm in json.loads(stored_document(lab.settings))["dhcp"]["entries"]}
+    asked: set[str] = {f"{vm['hostname']}.cloud.internal" for vm in vms.values()}
+    serial = 0
+
+    def push(upsert: list[dict], delete: list[str], env: dict | None = None) -> int:
+        nonlocal generation
+        generation += 1
+        payload = {"generation": generation, "dhcp_entries": {"upsert": upsert, "delete": delete}}
+        return lab.vr("apply", write_payload(tmp_path, payload), env=env, check=env is None).returncode
+
+    def expect_document_names() -> None:
+        answers = resolve_all(lab, sorted(asked))
+        wanted = {f"{vm['hostname']}.cloud.internal": [vm["ip"]] for vm in vms.values()}
+        assert {name: answers[name] for name in asked} == {name: wanted.get(name, []) for name in asked}
+
+    for step in range(14):
+        ours = [mac for mac in vms if mac.startswith("02:00:00:00:7")]
+        upsert, delete = [], []
+        for _ in range(chooser.randint(1, 3)):  # new VMs
+            serial += 1
+            upsert.append({"tier": "tier1", "mac": f"02:00:00:00:7{serial // 256:x}:{serial % 256:02x}",
+                           "ip": f"10.1.1.{100 + serial}", "hostname": f"n{serial}"})  # fmt: skip
+        if ours:
+            picked = chooser.sample(ours, min(len(ours), chooser.randint(1, 2)))
+            delete.append(picked[0])  # removed
+            for mac in picked[1:]:  # renamed
+                upsert.append({**vms[mac], "hostname": f"{vms[mac]['hostname']}r"})
+        push(upsert, delete)
+        for mac in delete:
+            del vms[mac]
+        for vm in upsert:
+            vms[vm["mac"]] = vm
+            asked.add(f"{vm['hostname']}.cloud.internal")
+        if step == 6:  # killed: supervisord starts it again, its start copies the names anew
+            old = dnsmasq_pid(lab)
+            os.kill(old, signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while (dnsmasq_pid(lab) in (None, old)) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert dnsmasq_pid(lab) not in (None, old)
+            time.sleep(0.5)
+        if step in (3, 6, 9, 13):
+            expect_document_names()
+
+    # An apply that fails after every service took its change is rolled back whole.
+    serial += 1
+    doomed = {"tier": "tier1", "mac": "02:00:00:00:7f:01", "ip": f"10.1.1.{100 + serial}", "hostname": "doomed"}
+    gone = next(mac for mac in vms if mac.startswith("02:00:00:00:7"))
+    asked.add("doomed.cloud.internal")
+    assert push([doomed], [gone], env={"VR_FAULT_ENOSPC": "commit"}) == 4
+    generation -= 1
+    expect_document_names()
+    del vms[gone]
+    push([doomed], [gone])  # and the next change starts from what dnsmasq really holds
+    vms[doomed["mac"]] = doomed
+    expect_document_names()
