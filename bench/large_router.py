@@ -21,6 +21,8 @@ from its manager at first boot; "empty" then means: no guest tier, rule, LB or t
   one_tunnel_p50_ms       the vpn section with one tunnel's esp_lifetime_s changed, --tunnel-changes
   burst_changes_per_s     (agent) --burst one-VM pushes from --clients concurrent clients,
   burst_lost              generation=next; lost: answered applied but absent from the document
+  burst_http_ceiling_per_s  the same clients, as many GET /healthz (no apply): what TLS, HTTP and
+                          the clients allow here; burst_of_http_ceiling = burst / ceiling
   cli_one_vm_ms           (agent) `vr apply` of a one-VM payload, the CLI a thin client of the daemon
   fallback_one_vm_ms      the same through a fresh `vr apply` process with no daemon (in-process)
   rss_total_mb            RSS of vr's own processes (keeper, supervisord, the daemon/monitor), with
@@ -361,11 +363,12 @@ def burst(run: Run) -> None:
     for thread in threads:
         thread.join(timeout=max(0.1, BURST_TIMEOUT_S - (time.perf_counter() - mark)))
     wall_s = time.perf_counter() - mark
-    for client in clients:
-        client.close()
     check_stop()
     if any(thread.is_alive() for thread in threads):
         raise RuntimeError(f"the burst did not finish within {BURST_TIMEOUT_S:.0f} s")
+    ceiling = http_ceiling(clients, len(vms))
+    for client in clients:
+        client.close()
     applied = [i for i, a in enumerate(answers) if isinstance(a, dict) and a.get("outcome") == "applied"]
     refused = [a for a in answers if not (isinstance(a, dict) and a.get("outcome") == "applied")]
     run.phase = "burst: the router's document"
@@ -381,7 +384,25 @@ def burst(run: Run) -> None:
         "burst_refusals": sorted({str(a)[:200] for a in refused})[:5],
         "burst_transactions": len(generations),
         "burst_wall_ms": round(wall_s * 1000, 1),
+        "burst_http_ceiling_per_s": round(ceiling, 1),
+        "burst_of_http_ceiling": round(len(applied) / wall_s / ceiling, 2),
     }
+
+
+def http_ceiling(clients: list, count: int) -> float:
+    """The same clients asking GET /healthz (no apply, no body) as fast as they can, as
+    many requests as the burst made: what TLS, HTTP and the clients themselves allow on
+    this machine, the most any burst of pushes could reach."""
+    threads = [threading.Thread(target=lambda c=c, n=n: [c.healthz() for _ in range(n)], daemon=True)
+               for c, n in zip(clients, [len(range(k, count, len(clients))) for k in range(len(clients))])]  # fmt: skip
+    mark = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=max(0.1, BURST_TIMEOUT_S - (time.perf_counter() - mark)))
+    if any(thread.is_alive() for thread in threads):
+        raise RuntimeError(f"{count} GET /healthz did not finish within {BURST_TIMEOUT_S:.0f} s")
+    return count / (time.perf_counter() - mark)
 
 
 def limit_one_vm(run: Run) -> None:
@@ -539,6 +560,9 @@ def table(f: dict) -> str:
     for key in ("burst_changes_per_s", "burst_lost", "cli_one_vm_ms"):
         if key in f:
             rows.append((key, cell(key, {"burst_changes_per_s": "/s", "burst_lost": ""}.get(key, "ms"))))
+    if "burst_http_ceiling_per_s" in f:
+        rows.append(("  the clients' HTTP ceiling (GET /healthz)",
+                     f"{f['burst_http_ceiling_per_s']:g} /s   the burst reached {f['burst_of_http_ceiling']:g} of it"))
     if "fallback_one_vm_ms" in f:
         rows.append(("fallback_one_vm_ms (fresh vr apply, no daemon)",
                      f"{cell('fallback_one_vm_ms')}   runs {f['fallback_one_vm_runs_ms']}"))  # fmt: skip
