@@ -51,10 +51,35 @@ class _Groups:
         self.joined: dict[Hashable, str] = {}
 
 
+class _Tally:
+    """One tally() slot: each item's facts, how many items hold each key, and the totals."""
+
+    def __init__(self, setting: Any) -> None:
+        self.setting = setting
+        self.previous = _Pass(setting, [], [], [])
+        self.facts: dict[int, tuple[bool, list]] = {}  # id(item) -> (fine, its keys)
+        self.holders: dict[Hashable, int] = {}  # key -> how many items hold it
+        self.unfine = 0  # items not fine
+        self.repeated = 0  # keys held by more than one item
+
+
+def _came_and_gone(known: dict, previous: _Pass, items: list, keys: list[int]) -> tuple[dict[int, object], set[int]]:
+    """({id: item} of the items a slot does not know yet, ids of the known ones no longer
+    listed), found by position for the shapes a merge makes (see _replaced), else by id."""
+    moved = _replaced(previous.keys, keys)
+    if moved is not None:
+        now = dict(zip(map(keys.__getitem__, moved[1]), map(items.__getitem__, moved[1])))
+        gone = set(map(previous.keys.__getitem__, moved[0])) - set(keys) if moved[0] else set()
+        return {key: item for key, item in now.items() if key not in known}, gone
+    now = dict(zip(keys, items))
+    return {key: now[key] for key in now.keys() - known.keys()}, known.keys() - now.keys()
+
+
 class Memo:
     def __init__(self) -> None:
         self._slots: dict[str, _Pass] = {}
         self._groups: dict[str, _Groups] = {}
+        self._tallies: dict[str, _Tally] = {}
 
     def map(self, slot: str, items: Sequence[object], compute: Callable[[Any, Any], Any], setting: Any = None) -> list:
         """compute(item, setting) for each item, reusing the previous pass's result for the
@@ -94,23 +119,15 @@ class Memo:
             state = self._groups[slot] = _Groups(setting)
         items = list(items)
         keys = list(map(id, items))
-        old = state.previous
-        moved = _replaced(old.keys, keys)
-        if moved is not None:
-            now = dict(zip(map(keys.__getitem__, moved[1]), map(items.__getitem__, moved[1])))
-            gone = set(map(old.keys.__getitem__, moved[0])) - set(keys) if moved[0] else set()
-            came = now.keys() - state.groups.keys()
-        else:
-            now = dict(zip(keys, items))
-            gone, came = state.groups.keys() - now.keys(), now.keys() - state.groups.keys()
+        came, gone = _came_and_gone(state.groups, state.previous, items, keys)
         touched = set()
         for key in gone:
             for group in state.groups.pop(key):
                 del state.texts[group][key]
                 touched.add(group)
-        for key in came:
+        for key, item in came.items():
             groups = set()
-            for group, text in compute(now[key], setting):
+            for group, text in compute(item, setting):
                 state.texts.setdefault(group, {}).setdefault(key, []).append(text)
                 groups.add(group)
             state.groups[key] = groups
@@ -122,3 +139,39 @@ class Memo:
                 del state.texts[group], state.joined[group]
         state.previous = _Pass(setting, items, keys, [])
         return dict(state.joined)
+
+    def tally(
+        self, slot: str, items: Sequence[object], compute: Callable[[Any, Any], tuple[bool, Iterable[Hashable]]],
+        setting: Any = None,
+    ) -> tuple[int, int]:  # fmt: skip
+        """compute(item, setting) -> (whether the item passes its own checks, the keys no other
+        item may hold). (items that do not pass, keys held more than once), counted again only
+        for the items that came and went: a uniqueness check over 4,000 VMs in O(change)."""
+        state = self._tallies.get(slot)
+        if state is None or not (state.setting is setting or state.setting == setting):
+            state = self._tallies[slot] = _Tally(setting)
+        items = list(items)
+        keys = list(map(id, items))
+        came, gone = _came_and_gone(state.facts, state.previous, items, keys)
+        holders = state.holders
+        for key in gone:
+            fine, held = state.facts.pop(key)
+            state.unfine -= not fine
+            for value in held:
+                holders[value] -= 1
+                if holders[value] == 1:
+                    state.repeated -= 1
+                elif not holders[value]:
+                    del holders[value]
+        for key, item in came.items():
+            fine, held = compute(item, setting)
+            held = list(dict.fromkeys(held))  # a key an item holds twice is its own business
+            state.facts[key] = (fine, held)
+            state.unfine += not fine
+            for value in held:
+                holders[value] = holders.get(value, 0) + 1
+                if holders[value] == 2:
+                    state.repeated += 1
+        state.previous = _Pass(setting, items, keys, [])
+        listed_twice = len(keys) - len(set(keys))  # one object at two places holds its keys twice
+        return state.unfine, state.repeated + listed_twice

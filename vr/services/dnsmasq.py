@@ -45,7 +45,7 @@ import time
 import zlib
 from ipaddress import IPv4Address, IPv6Address
 from itertools import compress
-from operator import itemgetter, not_
+from operator import not_
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -182,19 +182,11 @@ class DnsmasqService(Service):
 
     def _entries_fine(self, entries: list[DhcpEntry], setting: tuple) -> bool:
         """Whether every VM passes its own checks and no MAC, address, name or IPv6 address is
-        taken twice: C-speed set sizes over each VM's memoized facts, so a push to a 4,000-VM
-        router does not walk them all in Python. When anything is wrong, verify's full pass
+        taken twice: counted by Memo.tally for the VMs that came and went, so a push to a
+        4,000-VM router does not walk them all. When anything is wrong, verify's full pass
         names it (the same problems, in the same words)."""
-        facts = self._memo.map("entries", entries, _entry_facts, setting)
-        if not all(map(itemgetter(0), facts)):
-            return False
-        for column in (1, 2, 3):
-            values = list(map(itemgetter(column), facts))
-            if len(set(values)) != len(values):
-                return False
-        ipv6 = list(map(itemgetter(4), facts))  # None for a VM without IPv6: unique but for those
-        without = ipv6.count(None)
-        return len(set(ipv6)) - bool(without) == len(ipv6) - without
+        unfine, repeated = self._memo.tally("entries", entries, _entry_keys, setting)
+        return not unfine and not repeated
 
     def generate(self, doc: RouterDocument, runtime: Runtime) -> dict[str, bytes]:
         if not doc.guest_interfaces():
@@ -210,16 +202,9 @@ class DnsmasqService(Service):
         ipv6_tiers = {t.tier: t for t in doc.ipv6.tiers}
         routed = [i for i in doc.guest_interfaces() if i.id in ipv6_tiers and i.ipv6()]  # IPv6 tiers
         names = _name_shards(runtime, doc.dhcp.entries, doc.dns.domain)
-        names[ROUTER_NAMES] = b"".join(
-            runtime.render(
-                "dnsmasq/host-name.j2",
-                ip=iface.ipv4().ip,
-                hostname=doc.router.name,
-                ipv6=iface.ipv6().ip if iface in routed else None,
-                domain=doc.dns.domain,
-            )
-            for iface in doc.guest_interfaces()
-        )
+        router_names = (doc.router.name, doc.dns.domain, frozenset(i.id for i in routed))
+        names[ROUTER_NAMES] = b"".join(runtime.memoized("dnsmasq/router-names", doc.guest_interfaces(),
+                                                        functools.partial(_router_names, runtime), router_names))
         return {
             MAIN: runtime.render(
                 "dnsmasq/dnsmasq.conf.j2",
@@ -433,6 +418,12 @@ def _entry_facts(entry: DhcpEntry, setting: tuple) -> tuple:
     return (fine, entry.mac, (entry.tier, address), hostname, ipv6)
 
 
+def _entry_keys(entry: DhcpEntry, setting: tuple) -> tuple[bool, list]:
+    """(passes its own checks, what no other VM may hold: its MAC, address, name, IPv6 address)."""
+    fine, *keys = _entry_facts(entry, setting)
+    return fine, [(column, key) for column, key in enumerate(keys) if key is not None]
+
+
 def _ipv6_entry_problems(n: int, entry: DhcpEntry, prefixes: dict, seen: dict) -> list[Problem]:
     """A VM's IPv6 address: inside its tier's /64, not the router's, not another VM's.
     Compared as integers: ipaddress's own comparisons cost 4,000 VMs several milliseconds."""
@@ -465,6 +456,13 @@ def _name_shards(runtime: Runtime, entries: list[DhcpEntry], domain: str) -> dic
 
     shards = runtime.memo.grouped("dnsmasq/names", entries, shard_and_lines, domain)
     return {shard: lines.encode() for shard, lines in shards.items()}
+
+
+def _router_names(runtime: Runtime, iface: Any, setting: tuple) -> bytes:
+    """The router's own name on one guest tier (its IPv6 address too where the tier routes IPv6)."""
+    name, domain, routed = setting
+    return runtime.render("dnsmasq/host-name.j2", ip=iface.ipv4().ip, hostname=name,
+                          ipv6=iface.ipv6().ip if iface.id in routed else None, domain=domain)  # fmt: skip
 
 
 def _drop_in_dir(runtime: Runtime) -> Path:

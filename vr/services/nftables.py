@@ -56,7 +56,7 @@ class NftablesService(Service):
     name = "nftables"
 
     def read(self, doc: RouterDocument) -> Any:
-        vpn = (doc.vpn.gateways(), doc.vpn.remote_networks())
+        vpn = self._vpn_facts(doc.vpn)
         ipv6 = (tuple(t.tier for t in doc.ipv6.tiers), doc.ipv6.firewall)
         agent = doc.agent.port if doc.agent.served() else None
         return (doc.router, doc.interfaces, doc.nat, doc.firewall, doc.network_acls, doc.load_balancer, vpn, ipv6,
@@ -67,6 +67,7 @@ class NftablesService(Service):
         # object, so a one-rule change re-checks one rule and the group it falls in.
         self._indexes: dict[str, _RuleIndex] = {}
         self._scope: _Scope | None = None
+        self._vpn_seen: list[tuple[Any, tuple]] = []
 
     def verify(self, doc: RouterDocument) -> list[Problem]:
         problems: list[Problem] = []
@@ -132,6 +133,16 @@ class NftablesService(Service):
                         )
                     )
         return problems
+
+    def _vpn_facts(self, vpn: Any) -> tuple:
+        """The tunnels' gateways and far networks, sorted, kept per section object: every
+        transaction reads them for both documents, and merge keeps an unchanged section's."""
+        for known, facts in self._vpn_seen:
+            if known is vpn:
+                return facts
+        facts = (vpn.gateways(), vpn.remote_networks())
+        self._vpn_seen = [(vpn, facts), *self._vpn_seen[:1]]  # the stored document's and the new one's
+        return facts
 
     def _intern(self, scope: _Scope) -> _Scope:
         """The same scope object while public IPs, tiers and static NAT stay the same, so
