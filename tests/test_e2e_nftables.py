@@ -220,3 +220,28 @@ def test_a_ruleset_nftables_refuses_is_rolled_back(servers, tmp_path, breakage, 
     assert result.returncode == 4 and step in result.stderr
     assert ruleset(lab) == before and live_files(lab) == files
     assert lab.ask(lab.ns("pub"), "192.0.2.10", 8080) == "web1 sees 192.0.2.1"
+
+
+def test_an_element_change_on_a_table_changed_by_hand_loads_the_whole_table(lab, tmp_path):
+    """Element-only changes go as add/delete batches without first asking whether the live
+    table is still vr's: a table deleted or edited by hand refuses the batch whole, and the
+    whole table is loaded instead, ending as a full apply would."""
+    firewall = json.loads((EXAMPLES / "router.json").read_text())["firewall"]
+    off = {"generation": 2, "monitor": {"services": {"nftables": {"enabled": False}}}}  # the monitor would repair it
+    lab.vr("apply", write_payload(tmp_path, off))
+
+    def nft(*args: str) -> None:
+        subprocess.run(["ip", "netns", "exec", lab.router_ns, "nft", *args], check=True)
+
+    nft("delete", "table", "inet", "vr")
+    firewall["ingress"].append({"id": "extra", "public_ip": "192.0.2.10", "protocol": "tcp", "ports": 2223})
+    lab.vr("apply", write_payload(tmp_path, {"generation": 3, "firewall": firewall}))
+    assert "192.0.2.10 . 2223" in ruleset(lab) and "map pf_tcp" in ruleset(lab)
+    nft("flush", "set", "inet", "vr", "in_tcp")  # what the next change deletes from is gone
+    firewall["ingress"].pop()
+    lab.vr("apply", write_payload(tmp_path, {"generation": 4, "firewall": firewall}))
+    incremental = normalized_table(lab)
+    assert "2223" not in incremental
+    lab.vr("start")  # a forced full replace of the same document
+    assert normalized_table(lab) == incremental
+    assert json.loads(lab.vr("status", "--json").stdout)["healthy"] is True

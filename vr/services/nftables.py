@@ -32,7 +32,7 @@ from vr.foundation.document import AclRule, EgressRule, IngressRule, LbRule, Por
 from vr.foundation.errors import Problem
 from vr.services.base import Change, CheckFailed, Service, repeats
 from vr.services.network import interface_names
-from vr.services.probes import ProbeSpec, nft_table
+from vr.services.probes import ProbeSpec
 from vr.services.runtime import Runtime
 
 RULESET = "vr.nft"
@@ -258,10 +258,13 @@ class NftablesService(Service):
         if ruleset is None:
             batch = f"table {TABLE} {{}}\ndelete table {TABLE}\n"
         else:
-            # Only elements changed: touch only them. Otherwise (and to restore a table deleted
-            # by hand) replace the whole table; both are one transaction and end identical.
+            # Only elements changed: touch only them. Otherwise, or when the live table is not
+            # the one vr left (deleted or edited by hand: the batch is refused whole), replace
+            # the whole table; both are one transaction and end identical.
             delta = _element_delta(change)
-            batch = delta if delta is not None else ruleset.decode()
+            if delta is not None and _nft(delta)[0] == 0:
+                return
+            batch = ruleset.decode()
         rc, error = _nft(batch)
         if rc != 0:
             raise RuntimeError(f"nftables refused the ruleset: {error.strip()}")
@@ -325,9 +328,11 @@ _SETS = ("public_ips", "pf_tcp", "pf_udp", "pf_tcp_from", "pf_udp_from", "static
 
 def _element_delta(change: Change) -> str | None:
     """The add/delete element batch turning the live ruleset into the new one, when only
-    elements differ and the live table is there to receive it; None means replace it all."""
+    elements differ; None means replace it all. Whether the live table is still the one
+    vr loaded is not asked (a libnftables call each in check and apply): the kernel
+    refuses a batch whose table or elements are not there, and apply replaces it all then."""
     old, new = change.previous.get(RULESET), change.desired(RULESET)
-    if change.restore or not old or not new or RULESET not in change.written or not _table_present():
+    if change.restore or not old or not new or RULESET not in change.written:
         return None
     return _delta_between(old, new)
 
@@ -369,10 +374,6 @@ _ELEMENTS = re.compile(r" elements = \{ .* \};(?= \}$)", re.MULTILINE)
 
 def _without_elements(ruleset: str) -> str:
     return _ELEMENTS.sub("", ruleset)
-
-
-def _table_present() -> bool:
-    return nft_table(TABLE) is None
 
 
 def rule_counters() -> list[dict]:
