@@ -75,6 +75,14 @@ def _came_and_gone(known: dict, previous: _Pass, items: list, keys: list[int]) -
     return {key: now[key] for key in now.keys() - known.keys()}, known.keys() - now.keys()
 
 
+def _slot_for(slots: dict, slot: str, setting: Any, make: Callable[[Any], Any]) -> Any:
+    """A slot's state, made anew when the setting differs from the one it was built with."""
+    state = slots.get(slot)
+    if state is None or not (state.setting is setting or state.setting == setting):
+        state = slots[slot] = make(setting)
+    return state
+
+
 class Memo:
     def __init__(self) -> None:
         self._slots: dict[str, _Pass] = {}
@@ -114,11 +122,8 @@ class Memo:
         again only the groups an added or removed item is in: a one-VM change rewrites one
         name shard of 256, a one-rule change one set, with no Python loop over every item.
         Sorted, the result does not depend on the items' order."""
-        state = self._groups.get(slot)
-        if state is None or not (state.setting is setting or state.setting == setting):
-            state = self._groups[slot] = _Groups(setting)
-        items = list(items)
-        keys = list(map(id, items))
+        state = _slot_for(self._groups, slot, setting, _Groups)
+        items, keys = list(items), list(map(id, items))
         came, gone = _came_and_gone(state.groups, state.previous, items, keys)
         touched = set()
         for key in gone:
@@ -147,11 +152,8 @@ class Memo:
         """compute(item, setting) -> (whether the item passes its own checks, the keys no other
         item may hold). (items that do not pass, keys held more than once), counted again only
         for the items that came and went: a uniqueness check over 4,000 VMs in O(change)."""
-        state = self._tallies.get(slot)
-        if state is None or not (state.setting is setting or state.setting == setting):
-            state = self._tallies[slot] = _Tally(setting)
-        items = list(items)
-        keys = list(map(id, items))
+        state = _slot_for(self._tallies, slot, setting, _Tally)
+        items, keys = list(items), list(map(id, items))
         came, gone = _came_and_gone(state.facts, state.previous, items, keys)
         holders = state.holders
         for key in gone:
