@@ -186,8 +186,14 @@ def charon_pid(lab: Lab) -> int | None:
 
 
 def test_a_charon_that_dies_comes_back_with_its_connections(vpn_lab):
-    """The monitor restarts it; charon's start script (vr vpn-load) loads the live files."""
+    """The monitor restarts it; charon's start script (vr vpn-load) loads the live files. It
+    leaves the loading to vr only while an apply that started charon runs: the marker such an
+    apply leaves when it is killed midway stops no later restart once it is a minute old."""
     lab = vpn_lab
+    marker = lab.settings.run_dir / "charon.loading"
+    assert not marker.exists()  # the applies that started this charon are over
+    marker.touch()
+    os.utime(marker, (time.time() - 120, time.time() - 120))  # an apply killed two minutes ago
     pid = charon_pid(lab)
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 20
