@@ -286,7 +286,7 @@ class DnsmasqService(Service):
                     _empty(drop_ins)  # before the signal: dhcp-hosts already holds what they added
                     client.signal(PROGRAM, "HUP")  # re-reads the mirror too, as it stands
                 else:
-                    _drop(drop_ins, drop_in)
+                    _renamed_in(drop_ins, f"{time.time_ns()}", drop_in)
         if leases is not None:
             _release_dropped_leases(change, doc, leases)
 
@@ -517,7 +517,6 @@ class _NameMirror:
     def _edit(self, added: set[bytes], gone: set[bytes]) -> None:
         files: dict[str, frozenset[bytes]] = self.known["files"]
         self.known["key"] = None  # until the edit is done: a failure midway reads the mirror anew
-        self.directory.mkdir(mode=0o755, exist_ok=True)
         if gone:
             for name, lines in list(files.items()):
                 if lines & gone:
@@ -532,9 +531,7 @@ class _NameMirror:
         self.known["key"] = self._key()
 
     def _write(self, name: str, lines: frozenset[bytes]) -> None:
-        temporary = self.directory.parent / f".{NAME_MIRROR}.tmp{os.getpid()}"
-        write_new(temporary, b"".join(line + b"\n" for line in sorted(lines)))  # 0644: dnsmasq reads it unprivileged
-        os.replace(temporary, self.directory / name)
+        _renamed_in(self.directory, name, b"".join(line + b"\n" for line in sorted(lines)))
         self.known["files"][name] = lines
 
     def _key(self) -> tuple:
@@ -600,13 +597,13 @@ def _shadowed(drop_ins: Path) -> list[bytes]:
 _SHADOWED_BY_FILE: dict[str, dict[str, list[bytes]]] = {}  # drop-in directory -> {file name: its shadowed lines}
 
 
-def _drop(drop_ins: Path, content: bytes) -> None:
-    """Written beside the directory and renamed in: dnsmasq must never read half a file."""
-    drop_ins.mkdir(mode=0o755, exist_ok=True)
-    temporary = drop_ins.parent / f".{DROP_INS}.tmp{os.getpid()}"
-    temporary.write_bytes(content)
-    temporary.chmod(0o644)  # dnsmasq reads it after dropping privileges
-    os.replace(temporary, drop_ins / f"{time.time_ns()}")
+def _renamed_in(directory: Path, name: str, content: bytes) -> None:
+    """A file of a directory dnsmasq watches (inotify), written beside it and renamed in:
+    dnsmasq must never read half a file. 0644: it reads it after dropping privileges."""
+    directory.mkdir(mode=0o755, exist_ok=True)
+    temporary = directory.parent / f".{directory.name}.tmp{os.getpid()}"
+    write_new(temporary, content)
+    os.replace(temporary, directory / name)
 
 
 def _empty(drop_ins: Path) -> None:

@@ -16,6 +16,7 @@ staged dir>, so `haproxy -c` loads exactly the certificates that will be switche
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import re
 from pathlib import Path
@@ -151,12 +152,17 @@ class HaproxyService(Service):
 _SERVER_LINE = re.compile(r"  server (\S+) (\S+) weight (\d+)(.*)")
 
 
-def _weight_commands(change: Change) -> list[str] | None:
+def _weight_commands(change: Change) -> tuple[str, ...] | None:
     """The runtime API's `set server` commands when the new config differs from the live one
     only in members' weights (line for line); None when anything else differs."""
     old, new = change.previous.get(CONFIG), change.written.get(CONFIG)
     if change.restore or not old or not new or change.touches(*(p for p in change.paths if p != CONFIG)):
         return None
+    return _weights_between(old, new)
+
+
+@functools.lru_cache(maxsize=2)  # check and apply ask for the same pair
+def _weights_between(old: bytes, new: bytes) -> tuple[str, ...] | None:
     old_lines, new_lines = old.decode().split("\n"), new.decode().split("\n")
     if len(old_lines) != len(new_lines):
         return None
@@ -170,10 +176,10 @@ def _weight_commands(change: Change) -> list[str] | None:
         if not (was and now and backend) or was.group(1, 2, 4) != now.group(1, 2, 4):
             return None
         commands.append(f"set server {backend}/{now.group(1)} weight {now.group(3)}")
-    return commands or None
+    return tuple(commands) or None  # cached: not a list a caller could change
 
 
-def _set_at_runtime(runtime: Runtime, commands: list[str]) -> bool:
+def _set_at_runtime(runtime: Runtime, commands: tuple[str, ...]) -> bool:
     """Each command on the stats socket; False at the first one haproxy does not take
     silently (the caller reloads instead, which applies the file whatever happened here)."""
     try:
