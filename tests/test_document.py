@@ -146,6 +146,22 @@ def test_dhcp_entries_upsert_and_delete_by_mac(example):
     ]
 
 
+def test_models_given_the_same_fields_share_their_names_and_a_merge_changes_no_other(example):
+    """What pydantic keeps per model is shared between models (memory); a merge's copies must
+    never change what the stored document says was set."""
+    stored = validate(example)
+    before = [sorted(e.model_fields_set) for e in stored.dhcp.entries]
+    first, second = stored.dhcp.entries[:2]
+    assert first.model_fields_set == second.model_fields_set and first.model_fields_set is second.model_fields_set
+    doc = validate({"generation": 2, "dhcp_entries": {"upsert": [
+        {"tier": "tier1", "mac": "02:00:00:00:01:12", "ip": "10.1.1.12", "hostname": "web3", "default_gateway": False},
+    ]}}, stored)  # fmt: skip
+    assert [sorted(e.model_fields_set) for e in stored.dhcp.entries] == before
+    added = doc.dhcp.entries[-1]
+    assert "default_gateway" in added.model_fields_set and "default_gateway" not in first.model_fields_set
+    assert doc.dhcp.entries[0].model_fields_set == first.model_fields_set
+
+
 def test_deleting_an_unknown_vm_is_an_error(example):
     stored = validate(example)
     found = problems_of({"generation": 2, "dhcp_entries": {"delete": ["02:00:00:00:09:09"]}}, stored)

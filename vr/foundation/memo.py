@@ -46,7 +46,7 @@ class _Groups:
     def __init__(self, setting: Any) -> None:
         self.setting = setting
         self.previous = _Pass(setting, [], [], [])  # the items as the last pass listed them
-        self.groups: dict[int, set] = {}  # id(item) -> the groups it is in
+        self.groups: dict[int, tuple] = {}  # id(item) -> the groups it is in (a tuple: smaller than a set)
         self.texts: dict[Hashable, dict[int, list[str]]] = {}  # group -> {id(item): its texts there}
         self.joined: dict[Hashable, str] = {}
 
@@ -57,7 +57,7 @@ class _Tally:
     def __init__(self, setting: Any) -> None:
         self.setting = setting
         self.previous = _Pass(setting, [], [], [])
-        self.facts: dict[int, tuple[bool, list]] = {}  # id(item) -> (fine, its keys)
+        self.facts: dict[int, tuple[bool, tuple]] = {}  # id(item) -> (fine, its keys)
         self.holders: dict[Hashable, int] = {}  # key -> how many items hold it
         self.unfine = 0  # items not fine
         self.repeated = 0  # keys held by more than one item
@@ -135,7 +135,7 @@ class Memo:
             for group, text in compute(item, setting):
                 state.texts.setdefault(group, {}).setdefault(key, []).append(text)
                 groups.add(group)
-            state.groups[key] = groups
+            state.groups[key] = tuple(groups)
             touched |= groups
         for group in touched:
             if state.texts[group]:
@@ -167,7 +167,7 @@ class Memo:
                     del holders[value]
         for key, item in came.items():
             fine, held = compute(item, setting)
-            held = list(dict.fromkeys(held))  # a key an item holds twice is its own business
+            held = tuple(dict.fromkeys(held))  # a key an item holds twice is its own business
             state.facts[key] = (fine, held)
             state.unfine += not fine
             for value in held:
