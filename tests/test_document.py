@@ -217,3 +217,64 @@ def test_monitor_settings_are_checked_by_name(example):
     assert found["monitor.restart"] == "backoff_max_s may not be less than backoff_initial_s"
     example["monitor"] = {"services": {"dnsmasq": {"interval_s": 1, "timeout_s": 2}}}
     assert problems_of(example)["monitor.services.dnsmasq"] == "timeout_s may not exceed interval_s"
+
+
+def shared(example: dict, addresses: list[str], gateways: list[str]) -> dict:
+    tier2 = next(i for i in example["interfaces"] if i["id"] == "tier2")
+    tier2["addresses"], tier2["gateways"] = addresses, gateways
+    return example
+
+
+@pytest.mark.parametrize(("addresses", "gateways", "path", "reason"), [
+    (["10.1.2.1/24"], ["10.1.3.1"], "interfaces[3].gateways[0]", "not inside any of the tier's IPv4 subnets"),
+    (["10.1.2.1/24"], ["10.1.2.1"], "interfaces[3].gateways[0]", "the router's own address"),
+    (["10.1.2.1/24"], ["10.1.2.255"], "interfaces[3].gateways[0]", "network or broadcast"),
+    (["10.1.2.1/24", "10.9.0.2/24"], ["10.1.2.254"], "interfaces[3].gateways", "10.9.0.0/24 of a shared tier has no gateway"),
+    (["10.1.2.1/24"], ["10.1.2.254", "10.1.2.253"], "interfaces[3].gateways[1]", "already has a gateway"),
+    (["10.1.2.1/24", "10.1.2.2/24"], [], "interfaces[3].addresses[1]", "one per subnet"),
+])  # fmt: skip
+def test_a_shared_tiers_gateways_are_checked_one_by_one(example, addresses, gateways, path, reason):
+    found = problems_of(shared(example, addresses, gateways))
+    assert reason in found[path]
+
+
+def test_a_dhcp_router_routes_nothing_and_the_router_neither_nats_nor_filters_a_shared_tier(example):
+    doc = shared(example, ["10.1.2.1/24"], ["10.1.2.254"])
+    doc["nat"]["source_nat"] = [{"tier": "tier2", "ip": "192.0.2.10"}]
+    doc["firewall"]["egress"] = [{"tier": "tier2", "default": "deny"}]
+    found = problems_of(doc)
+    assert "shared network" in found["nat.source_nat[0].tier"]
+    assert "shared network" in found["firewall.egress[0].tier"]
+    dhcp_only = shared(json.loads(json.dumps(example)), ["10.1.2.1/24"], ["10.1.2.254"])
+    dhcp_only["router"]["type"] = "dhcp"
+    found = problems_of(dhcp_only)
+    assert "no public interface" in found["interfaces[1].role"]
+    assert "shared networks" in found["interfaces[2].gateways"]  # tier1 is routed
+
+
+def test_a_shared_tiers_vms_take_any_of_its_subnets_but_not_a_gateway(example):
+    doc = shared(example, ["10.1.2.1/24", "10.9.0.2/24"], ["10.1.2.254", "10.9.0.1"])
+    doc["dhcp"]["entries"] += [{"tier": "tier2", "mac": "02:00:00:00:09:10", "ip": "10.9.0.10", "hostname": "alias1"},
+                               {"tier": "tier2", "mac": "02:00:00:00:09:11", "ip": "10.9.0.1", "hostname": "alias2"},
+                               {"tier": "tier2", "mac": "02:00:00:00:09:12", "ip": "10.8.0.1", "hostname": "alias3"}]  # fmt: skip
+    found = problems_of(doc)
+    assert "dhcp.entries[2].ip" not in found
+    assert "gateway" in found["dhcp.entries[3].ip"] and "outside tier tier2" in found["dhcp.entries[4].ip"]
+
+
+@pytest.mark.parametrize(("lease_time", "fine"), [("infinite", True), (120, True), (31536000, True), (119, False),
+                                                  ("forever", False), (True, False), ("3600", False)])  # fmt: skip
+def test_a_vms_own_lease_time_is_seconds_or_infinite(example, lease_time, fine):
+    example["dhcp"]["entries"][0]["lease_time"] = lease_time
+    if fine:
+        assert validate(example).dhcp.entries[0].lease_time == lease_time
+    else:
+        assert "dhcp.entries[0].lease_time" in problems_of(example)
+
+
+def test_an_option_given_twice_or_against_default_gateway_is_refused(example):
+    example["dhcp"]["tiers"][0]["options"] = [{"name": "router", "values": ["10.1.1.254"]}, {"code": 3, "values": []}]
+    example["dhcp"]["entries"][0] |= {"default_gateway": False, "options": [{"name": "router", "values": ["10.1.1.9"]}]}
+    found = problems_of(example)
+    assert "same option as dhcp.tiers[0].options[0]" in found["dhcp.tiers[0].options[1]"]
+    assert "contradicts default_gateway" in found["dhcp.entries[0].options"]

@@ -122,3 +122,42 @@ def test_several_public_ips_in_one_subnet_but_no_duplicates(example):
     found = {p.path: p.reason for p in NetworkService().verify(doc)}
     assert list(found) == ["interfaces[1].addresses[2]"]
     assert "already interfaces[1].addresses[0]" in found["interfaces[1].addresses[2]"]
+
+
+def shared_tier2(example: dict) -> dict:
+    """tier2 as a shared network: two subnets on its interface (ipaliases), each with its
+    own gateway (not the router), its own domain; tier1 stays routed by the router."""
+    tier2 = next(i for i in example["interfaces"] if i["id"] == "tier2")
+    tier2["addresses"] = ["10.1.2.1/24", "10.9.0.2/24"]
+    tier2["gateways"] = ["10.1.2.254", "10.9.0.1"]
+    example["dhcp"]["tiers"][1] |= {"domain": "shared.example", "range": {"start": "10.9.0.100", "end": "10.9.0.120"}}
+    example["dhcp"]["entries"].append({"tier": "tier2", "mac": "02:00:00:00:09:10", "ip": "10.9.0.10",
+                                       "hostname": "alias-vm", "lease_time": "infinite"})  # fmt: skip
+    return example
+
+
+def test_a_shared_tier_sends_its_own_gateway_per_subnet_and_its_own_domain(example, runtime):
+    files = render(shared_tier2(example), runtime)
+    conf = files["dnsmasq.conf"]
+    assert "dhcp-range=set:tier_tier2,10.1.2.0,static,255.255.255.0,3600\n" in conf
+    assert "dhcp-range=set:tier_tier2_1,10.9.0.100,10.9.0.120,255.255.255.0,3600\n" in conf
+    assert "dhcp-option=tag:tier_tier2,option:router,10.1.2.254\n" in conf
+    assert "dhcp-option=tag:tier_tier2_1,option:router,10.9.0.1\n" in conf
+    assert "dhcp-option=tag:tier_tier2_1,option:dns-server,10.9.0.2\n" in conf  # the router's address there
+    assert "dhcp-option=tag:tier_tier2_1,option:domain-name,shared.example\n" in conf
+    assert "dhcp-option=tag:tier_tier1,option:router,10.1.1.1\n" in conf  # the routed tier: the router
+    assert "domain=shared.example,10.1.2.0/24\n" in conf and "domain=shared.example,10.9.0.0/24\n" in conf
+    assert "local=/shared.example/\n" in conf and "domain=cloud.internal\n" in conf
+    assert "02:00:00:00:09:10,10.9.0.10,alias-vm,infinite\n" in files["dhcp-hosts"]
+    assert "02:00:00:00:01:10,10.1.1.10,web1,3600\n" in files["dhcp-hosts"]  # the tier's lease time
+
+
+def test_an_option_vr_sends_itself_is_replaced_by_the_tiers_never_doubled(example, runtime):
+    example["dhcp"]["tiers"][0]["options"] = [{"name": "router", "values": ["10.1.1.254"]},
+                                              {"code": 6, "values": ["10.1.1.53"]},
+                                              {"name": "mtu", "values": ["1400"]}]  # fmt: skip
+    conf = render(example, runtime)["dnsmasq.conf"]
+    tier1 = [line for line in conf.splitlines() if "tag:tier_tier1," in line]
+    assert [line for line in tier1 if "option:router" in line] == ["dhcp-option=tag:tier_tier1,option:router,10.1.1.254"]
+    assert [line for line in tier1 if "dns-server" in line or ",6," in line] == ["dhcp-option=tag:tier_tier1,6,10.1.1.53"]
+    assert [line for line in tier1 if "mtu" in line] == ["dhcp-option-force=tag:tier_tier1,option:mtu,1400"]

@@ -201,8 +201,12 @@ _FIELD_SETS: dict[frozenset, set] = {}
 
 
 class RouterIdentity(Strict):
+    """isolated and vpc routers route their tiers; a dhcp router (CloudStack's "dhcpsrvr", in
+    shared networks) routes nothing: it serves DHCP, DNS and guest data to tiers whose
+    gateways are other machines."""
+
     name: Hostname
-    type: Literal["isolated", "vpc"]
+    type: Literal["isolated", "vpc", "dhcp"]
 
 
 class Interface(Strict):
@@ -212,6 +216,11 @@ class Interface(Strict):
     mac: MacAddress | None = None
     addresses: list[IPInterface] = Field(default_factory=list, max_length=64)
     mtu: int = Field(1500, ge=576, le=9216)
+    # A guest tier of a shared network: the gateway of each of its IPv4 subnets, which is not
+    # the router (empty: the router is the tier's gateway). The router serves such a tier
+    # DHCP (option 3 names that gateway), DNS and guest data, and neither routes, NATs nor
+    # firewalls it.
+    gateways: list[IPv4] = Field(default_factory=list, max_length=64)
 
     @model_validator(mode="after")
     def _named(self) -> Interface:
@@ -220,7 +229,21 @@ class Interface(Strict):
         return self
 
     def ipv4(self) -> IPv4Interface | None:
+        """The interface's first IPv4 address (a guest tier's: the router's address in its first subnet)."""
         return next((a for a in self.addresses if isinstance(a, IPv4Interface)), None)
+
+    def ipv4s(self) -> list[IPv4Interface]:
+        """Every IPv4 address: a guest tier has one in each of its subnets (CloudStack's ipaliases)."""
+        return [a for a in self.addresses if isinstance(a, IPv4Interface)]
+
+    def shared(self) -> bool:
+        """A shared network's tier: its gateways are not the router."""
+        return bool(self.gateways)
+
+    def gateway_in(self, own: IPv4Interface) -> IPv4Address:
+        """The gateway of the subnet of one of the interface's addresses: the shared
+        network's, else the router's own address there."""
+        return next((g for g in self.gateways if g in own.network), own.ip)
 
     def ipv6(self) -> IPv6Interface | None:
         """The interface's global IPv6 address (a guest tier's: the router's address in its /64)."""
@@ -258,10 +281,14 @@ class DhcpRange(Strict):
     end: IPv4
 
 
+LeaseTime = Annotated[int, Field(ge=120, le=31536000)]
+
+
 class DhcpTier(Strict):
     tier: Identifier
-    range: DhcpRange | None = None
-    lease_time: int = Field(86400, ge=120, le=31536000)
+    range: DhcpRange | None = None  # dynamic addresses, inside one of the tier's subnets
+    lease_time: LeaseTime = 86400
+    domain: DomainName | None = None  # the tier's own DNS domain (default: dns.domain)
     dns_servers: list[IPv4] = Field(default_factory=list, max_length=8)
     options: list[DhcpOption] = Field(default_factory=list, max_length=64)
 
@@ -275,6 +302,9 @@ class DhcpEntry(Strict):
     duid: Duid | None = None  # the DHCPv6 client's id; without it dnsmasq matches the MAC
     default_gateway: bool = True
     options: list[DhcpOption] = Field(default_factory=list, max_length=32)
+    # The VM's own lease time, both families (default: its tier's); "infinite": a static
+    # lease that never expires (CloudStack's static leases)
+    lease_time: LeaseTime | Literal["infinite"] | None = None
 
 
 class Dhcp(Strict):
@@ -880,6 +910,15 @@ class RouterDocument(Strict):
 
     def guest_interfaces(self) -> list[Interface]:
         return [i for i in self.interfaces if i.role == "guest"]
+
+    def routed_tiers(self) -> list[Interface]:
+        """The guest tiers the router is the gateway of (not a shared network's)."""
+        return [i for i in self.interfaces if i.role == "guest" and not i.gateways]
+
+    def tier_domains(self) -> dict[str, str]:
+        """Each guest tier's DNS domain: its own (dhcp.tiers) or the router's."""
+        own = {t.tier: t.domain for t in self.dhcp.tiers if t.domain}
+        return {i.id: own.get(i.id, self.dns.domain) for i in self.guest_interfaces()}
 
     def public_interface(self) -> Interface | None:
         return next((i for i in self.interfaces if i.role == "public"), None)

@@ -85,6 +85,7 @@ class Lab:
         self.settings = Settings.under_root(self.dir / "router", netns=self.router_ns)
         self.vpn = vpn
         self.site_b = Settings.under_root(self.dir / "router-b", netns=self.ns("rb"))
+        self.extra_guests: list[str] = []  # namespaces add_guests made (suffixes)
 
     def ns(self, suffix: str) -> str:
         return f"{self.prefix}-{suffix}"
@@ -92,7 +93,8 @@ class Lab:
     @property
     def namespaces(self) -> list[str]:
         names = [self.router_ns, *(self.ns(peer) for _, peer, _ in LINKS)]
-        return names + ([self.ns(n) for n in ("rb", "gb", "rw")] if self.vpn else [])
+        names += [self.ns(n) for n in ("rb", "gb", "rw")] if self.vpn else []
+        return names + [self.ns(n) for n in self.extra_guests]
 
     # ------------------------------------------------------------ build and tear down
     def up(self) -> None:
@@ -125,6 +127,30 @@ class Lab:
             self.down()
             raise
 
+    def add_guests(self, tier_guest: str, guests: dict[str, str]) -> None:
+        """More machines on one guest tier's link (a shared network's gateway, a second VM):
+        the tier's guest namespace becomes a bridge (its eth0, the router's peer, a port of
+        it; its own address and dhclient gone) and each new namespace (suffix -> MAC) has an
+        eth0 on that bridge. They are deleted with the lab."""
+        bridge_ns = self.ns(tier_guest)
+        self.stop_dhclient(tier_guest)
+        if not self.extra_guests or _run("ip", "-n", bridge_ns, "link", "show", "br0", check=False).returncode:
+            _run("ip", "-n", bridge_ns, "addr", "flush", "dev", "eth0")
+            _run("ip", "-n", bridge_ns, "link", "add", "br0", "type", "bridge")
+            _run("ip", "-n", bridge_ns, "link", "set", "eth0", "master", "br0")
+            _run("ip", "-n", bridge_ns, "link", "set", "br0", "up")
+        for suffix, mac in guests.items():
+            name = self.ns(suffix)
+            self.extra_guests.append(suffix)
+            _run("ip", "netns", "add", name)
+            _run("ip", "-n", name, "link", "set", "lo", "up")
+            _run("ip", "netns", "exec", name, "sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0")
+            port = f"p{len(self.extra_guests)}"
+            _run("ip", "link", "add", "eth0", "netns", name, "address", mac, "type", "veth",
+                 "peer", "name", port, "netns", bridge_ns)  # fmt: skip
+            _run("ip", "-n", bridge_ns, "link", "set", port, "master", "br0", "up")
+            _run("ip", "-n", name, "link", "set", "eth0", "up")
+
     def _vpn_links(self) -> None:
         _run("ip", "netns", "exec", self.ns("pub"), "sysctl", "-qw", "net.ipv4.ip_forward=1")
         for namespace, ifname, address, peer, peer_if, peer_address, gateway in VPN_LINKS:
@@ -139,7 +165,7 @@ class Lab:
 
     def down(self) -> None:
         self.stop_servers()
-        for guest in GUEST_MACS:
+        for guest in [*GUEST_MACS, *self.extra_guests]:
             self.stop_dhclient(guest)
         self.stop_road_warrior()
         for settings in (self.settings, self.site_b):

@@ -43,13 +43,13 @@ import struct
 import subprocess
 import time
 import zlib
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv4Interface, IPv6Address
 from itertools import compress
 from operator import not_
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from vr.foundation.document import DhcpEntry, DhcpOption, Ipv6Tier, RouterDocument
+from vr.foundation.document import DhcpEntry, DhcpOption, DhcpRange, DhcpTier, Interface, Ipv6Tier, RouterDocument
 from vr.foundation.errors import Problem
 from vr.foundation.files import LiveContent, read_bytes_or_none, stat_key, write_new
 from vr.foundation.memo import Memo
@@ -76,6 +76,10 @@ LEASE_FILE = "dnsmasq.leases"  # in the state dir: leases outlive restarts, patc
 DEFAULT_LEASE_TIME = 86400  # seconds, for an entry whose tier has no dhcp.tiers item
 DHCPV6_SERVER_PORT = 547
 DHCPV6_RELEASE, DHCPV6_RELAY_FORW, DHCPV6_RELAY_REPL = b"\x08", b"\x0c", b"\x0d"  # message types
+# The options vr sends each tier itself, by dnsmasq's name: one that the document gives
+# replaces vr's (a second line would conflict with it).
+ROUTER_OPTION, DNS_OPTION, DOMAIN_OPTION, MTU_OPTION = 3, 6, 15, 26
+OWN_OPTIONS = {"router": ROUTER_OPTION, "dns-server": DNS_OPTION, "domain-name": DOMAIN_OPTION, "mtu": MTU_OPTION}
 RELEASE_WAIT = 0.5  # seconds for dnsmasq's answers to the releases (it answers in milliseconds)
 # A dhcp-host field dnsmasq reads as a lease time or a keyword whatever its place: a VM of
 # that name would get a 123 s lease and no name, or no lease at all ("ignore").
@@ -105,21 +109,26 @@ class DnsmasqService(Service):
             if tier.tier in seen_tiers:
                 problems.append(Problem(f"{path}.tier", f"tier {tier.tier!r} is configured twice"))
             seen_tiers.add(tier.tier)
-            if tier.range is not None:
-                subnet = iface.ipv4().network
+            if tier.range is not None and iface.ipv4() is not None:
+                own = _range_subnet(iface, tier.range)
+                subnet = own.network
                 for end in ("start", "end"):
                     address = getattr(tier.range, end)
                     if address not in subnet:
                         problems.append(Problem(f"{path}.range.{end}", f"{address} is outside tier subnet {subnet}"))
                 if tier.range.start > tier.range.end:
                     problems.append(Problem(f"{path}.range", "start is after end"))
-        # Per tier, computed once: the subnet as integers and the addresses no VM may take.
+            problems += _option_problems(f"{path}.options", tier.options)
+        # Per tier, computed once: its subnets as integers and the addresses no VM may take
+        # (each subnet's network and broadcast, the router's own, a shared network's gateways).
         bounds = {}
         for tier_id, iface in guests.items():
-            gateway = iface.ipv4()
-            subnet = gateway.network
-            reserved = {int(subnet.network_address), int(subnet.broadcast_address), int(gateway.ip)}
-            bounds[tier_id] = (int(subnet.network_address), int(subnet.broadcast_address), reserved, subnet)
+            own = iface.ipv4s()
+            reserved = {int(a) for a in iface.gateways}
+            for address in own:
+                reserved |= {int(address.network.network_address), int(address.network.broadcast_address), int(address.ip)}
+            spans = tuple((int(a.network.network_address), int(a.network.broadcast_address)) for a in own)
+            bounds[tier_id] = (spans, frozenset(reserved), ", ".join(str(a.network) for a in own))
         seen_ip: dict[tuple[str, int], int] = {}
         seen_name: dict[str, int] = {}
         macs: dict[str, int] = {}
@@ -137,16 +146,20 @@ class DnsmasqService(Service):
             if tier is None:
                 problems.append(Problem(f"dhcp.entries[{n}].tier", f"{entry.tier!r} is not a guest interface id"))
                 continue
-            low, high, reserved, subnet = tier
+            spans, reserved, subnets = tier
             address = int(entry.ip)
-            if not low <= address <= high:
+            if not any(low <= address <= high for low, high in spans):
                 problems.append(
-                    Problem(f"dhcp.entries[{n}].ip", f"{entry.ip} is outside tier {entry.tier} subnet {subnet}")
+                    Problem(f"dhcp.entries[{n}].ip", f"{entry.ip} is outside tier {entry.tier} subnet {subnets}")
                 )
             elif address in reserved:
                 problems.append(
                     Problem(f"dhcp.entries[{n}].ip", f"{entry.ip} is the network, broadcast or gateway address")
                 )
+            if not entry.default_gateway and any(_option_code(o) == ROUTER_OPTION for o in entry.options):
+                problems.append(Problem(f"dhcp.entries[{n}].options",
+                                        "a router option contradicts default_gateway false (which sends none)"))  # fmt: skip
+            problems += _option_problems(f"dhcp.entries[{n}].options", entry.options)
             first = macs.setdefault(entry.mac, n)
             if first != n:
                 problems.append(
@@ -201,15 +214,16 @@ class DnsmasqService(Service):
         plain_hosts = list(compress(entries, map(not_, tagged))) if tagged_hosts else entries
         ipv6_tiers = {t.tier: t for t in doc.ipv6.tiers}
         routed = [i for i in doc.guest_interfaces() if i.id in ipv6_tiers and i.ipv6()]  # IPv6 tiers
-        names = _name_shards(runtime, doc.dhcp.entries, doc.dns.domain)
-        router_names = (doc.router.name, doc.dns.domain, frozenset(i.id for i in routed))
+        domains = doc.tier_domains()
+        names = _name_shards(runtime, doc.dhcp.entries, domains)
+        router_names = (doc.router.name, domains, frozenset(i.id for i in routed))
         names[ROUTER_NAMES] = b"".join(runtime.memoized("dnsmasq/router-names", doc.guest_interfaces(),
                                                         functools.partial(_router_names, runtime), router_names))
         return {
             MAIN: runtime.render(
                 "dnsmasq/dnsmasq.conf.j2",
                 router=doc.router.name,
-                listen=[i.ipv4().ip for i in doc.guest_interfaces()] + [i.ipv6().ip for i in routed],
+                listen=[a.ip for i in doc.guest_interfaces() for a in i.ipv4s()] + [i.ipv6().ip for i in routed],
                 cache_size=doc.dns.cache_size,
                 domain=doc.dns.domain,
                 upstream=doc.dns.upstream,
@@ -217,9 +231,13 @@ class DnsmasqService(Service):
                 hosts_file=here / HOSTS,
                 drop_in_dir=_drop_in_dir(runtime),
                 lease_file=self.lease_file(runtime),
-                tiers=[_tier_values(doc, t) for t in doc.dhcp.tiers],
+                tier_domains=[(domains[i.id], a.network) for i in doc.guest_interfaces() for a in i.ipv4s()
+                              if domains[i.id] != doc.dns.domain],
+                local_domains=sorted(set(domains.values()) - {doc.dns.domain}),
+                tiers=[v for t in doc.dhcp.tiers for v in _tier_values(doc, t, domains[t.tier])],
                 dhcpv6_tiers=[
-                    _dhcpv6_values(doc, ipv6_tiers[i.id], i) for i in routed if ipv6_tiers[i.id].mode == "dhcpv6"
+                    _dhcpv6_values(ipv6_tiers[i.id], i, domains[i.id]) for i in routed
+                    if ipv6_tiers[i.id].mode == "dhcpv6"
                 ],
                 tagged_hosts=tagged_hosts,
             ),
@@ -297,7 +315,8 @@ class DnsmasqService(Service):
             return None
         known = next(iter(doc.dhcp.entries), None)
         name, address = (known.hostname, known.ip) if known else (doc.router.name, doc.guest_interfaces()[0].ipv4().ip)
-        args = {"server": str(doc.guest_interfaces()[0].ipv4().ip), "name": f"{name}.{doc.dns.domain}.",
+        tier = known.tier if known else doc.guest_interfaces()[0].id
+        args = {"server": str(doc.guest_interfaces()[0].ipv4().ip), "name": f"{name}.{doc.tier_domains()[tier]}.",
                 "expect": str(address), "dhcp": bool(doc.dhcp.tiers)}  # fmt: skip
         return {"program": PROGRAM, "check": "dns", "args": args}
 
@@ -405,11 +424,14 @@ def _entry_facts(entry: DhcpEntry, setting: tuple) -> tuple:
     tier = bounds.get(entry.tier)
     if tier is None:
         return (False, None, None, None, None)
-    low, high, reserved, _ = tier
+    spans, reserved, _ = tier
     address = int(entry.ip)
     hostname = entry.hostname.lower()
-    fine = low <= address <= high and address not in reserved and hostname != router_name \
-        and not NOT_A_NAME.fullmatch(hostname)  # fmt: skip
+    fine = any(low <= address <= high for low, high in spans) and address not in reserved \
+        and hostname != router_name and not NOT_A_NAME.fullmatch(hostname)  # fmt: skip
+    if entry.options:
+        fine = fine and not _option_problems("", entry.options) and (
+            entry.default_gateway or all(_option_code(o) != ROUTER_OPTION for o in entry.options))
     ipv6 = None
     if entry.ipv6 is not None or entry.duid is not None:
         own = prefixes.get(entry.tier)
@@ -445,24 +467,25 @@ def _ipv6_entry_problems(n: int, entry: DhcpEntry, prefixes: dict, seen: dict) -
     return []
 
 
-def _name_shards(runtime: Runtime, entries: list[DhcpEntry], domain: str) -> dict[str, bytes]:
+def _name_shards(runtime: Runtime, entries: list[DhcpEntry], domains: dict[str, str]) -> dict[str, bytes]:
     """The VMs' names, in shard files by a hash of the MAC (stable while the VM exists), each
     shard's lines sorted."""
     compiled = runtime.templates.get_template("dnsmasq/host-name.j2")
 
-    def shard_and_lines(entry: DhcpEntry, domain: str) -> list[tuple[str, str]]:
+    def shard_and_lines(entry: DhcpEntry, domains: dict[str, str]) -> list[tuple[str, str]]:
         shard = f"{NAMES}/{zlib.crc32(entry.mac.encode()) % NAME_SHARDS:03d}"
-        return [(shard, compiled.render(**_name_values(entry, domain)))]
+        return [(shard, compiled.render(**_name_values(entry, domains.get(entry.tier, ""))))]
 
-    shards = runtime.memo.grouped("dnsmasq/names", entries, shard_and_lines, domain)
+    shards = runtime.memo.grouped("dnsmasq/names", entries, shard_and_lines, domains)
     return {shard: lines.encode() for shard, lines in shards.items()}
 
 
 def _router_names(runtime: Runtime, iface: Any, setting: tuple) -> bytes:
     """The router's own name on one guest tier (its IPv6 address too where the tier routes IPv6)."""
-    name, domain, routed = setting
-    return runtime.render("dnsmasq/host-name.j2", ip=iface.ipv4().ip, hostname=name,
-                          ipv6=iface.ipv6().ip if iface.id in routed else None, domain=domain)  # fmt: skip
+    name, domains, routed = setting
+    return b"".join(runtime.render("dnsmasq/host-name.j2", ip=own.ip, hostname=name,
+                                   ipv6=iface.ipv6().ip if iface.id in routed and n == 0 else None,
+                                   domain=domains[iface.id]) for n, own in enumerate(iface.ipv4s()))  # fmt: skip
 
 
 def _drop_in_dir(runtime: Runtime) -> Path:
@@ -627,7 +650,10 @@ def _host_values(entry: DhcpEntry, lease_times: dict[str, int]) -> dict:
     """A line that carries an IPv6 address carries no lease time: a dhcp-host's lease time
     is both families', and each must be its own tier's (dhcp.tiers, ipv6.tiers), which is
     what dnsmasq takes from the ranges when the line has none."""
-    lease_time = None if entry.ipv6 is not None else lease_times.get(entry.tier, DEFAULT_LEASE_TIME)
+    if entry.lease_time is not None:
+        lease_time = entry.lease_time  # the VM's own: both families
+    else:
+        lease_time = None if entry.ipv6 is not None else lease_times.get(entry.tier, DEFAULT_LEASE_TIME)
     return {"mac": entry.mac, "ip": entry.ip, "hostname": entry.hostname, "lease_time": lease_time,
             "ipv6": entry.ipv6, "duid": entry.duid}  # fmt: skip
 
@@ -638,7 +664,7 @@ def _name_values(entry: DhcpEntry, domain: str) -> dict:
     return {"ip": entry.ip, "hostname": entry.hostname, "ipv6": entry.ipv6, "domain": domain}
 
 
-def _dhcpv6_values(doc: RouterDocument, tier: Ipv6Tier, iface) -> dict:
+def _dhcpv6_values(tier: Ipv6Tier, iface: Interface, domain: str) -> dict:
     own = iface.ipv6()
     return {
         "id": tier.tier,
@@ -646,37 +672,65 @@ def _dhcpv6_values(doc: RouterDocument, tier: Ipv6Tier, iface) -> dict:
         "prefix": own.network.network_address,
         "lease_time": tier.lease_time,
         "dns": ",".join(f"[{a}]" for a in tier.dns or [own.ip]),
-        "search": ",".join(tier.search or [doc.dns.domain]),
+        "search": ",".join(tier.search or [domain]),
     }
 
 
-def _tier_values(doc: RouterDocument, tier) -> dict:
+def _tier_values(doc: RouterDocument, tier: DhcpTier, domain: str) -> list[dict]:
+    """One dhcp-range per subnet of the tier (CloudStack's ipaliases), each with its own tag
+    and options: its gateway (a shared network's, else the router's address there) and the
+    router's address there as DNS server. A VM's static address picks its subnet's range.
+    An option vr sends itself (OWN_OPTIONS) that the tier names replaces vr's."""
     iface = doc.interface(tier.tier)
-    gateway = iface.ipv4()
-    subnet = gateway.network
-    if tier.range is None:
-        start, end = subnet.network_address, "static"
-    else:
-        start, end = tier.range.start, tier.range.end
-    dns_servers = tier.dns_servers or [gateway.ip]
-    options = [
-        f"option:router,{gateway.ip}",
-        "option:dns-server," + ",".join(str(s) for s in dns_servers),
-        f"option:domain-name,{doc.dns.domain}",
-    ]
-    options.extend(_option(o) for o in tier.options)
-    # Sent whether asked or not: busybox udhcpc (CirrOS-style guests) never asks for option 26.
-    forced = [f"option:mtu,{iface.mtu}"]
-    return {
-        "id": tier.tier,
-        "tag": f"tier_{tier.tier}",
-        "start": start,
-        "end": end,
-        "netmask": subnet.netmask,
-        "lease_time": tier.lease_time,
-        "options": options,
-        "forced": forced,
-    }
+    given = {_option_code(o): o for o in tier.options if _option_code(o) in OWN_OPTIONS.values()}
+    ranged = _range_subnet(iface, tier.range) if tier.range is not None else None
+    values = []
+    for n, own in enumerate(iface.ipv4s()):
+        subnet = own.network
+        start, end = (tier.range.start, tier.range.end) if own == ranged else (subnet.network_address, "static")
+        dns_servers = tier.dns_servers or [own.ip]
+        defaults = {
+            ROUTER_OPTION: f"option:router,{iface.gateway_in(own)}",
+            DNS_OPTION: "option:dns-server," + ",".join(str(s) for s in dns_servers),
+            DOMAIN_OPTION: f"option:domain-name,{domain}",
+        }
+        options = [_option(given[code]) if code in given else text for code, text in defaults.items()]
+        options += [_option(o) for o in tier.options if _option_code(o) not in OWN_OPTIONS.values()]
+        # Sent whether asked or not: busybox udhcpc (CirrOS-style guests) never asks for option 26.
+        forced = [_option(given[MTU_OPTION]) if MTU_OPTION in given else f"option:mtu,{iface.mtu}"]
+        values.append({
+            "id": tier.tier if n == 0 else f"{tier.tier} ({subnet})",
+            "tag": f"tier_{tier.tier}" if n == 0 else f"tier_{tier.tier}_{n}",
+            "start": start,
+            "end": end,
+            "netmask": subnet.netmask,
+            "lease_time": tier.lease_time,
+            "options": options,
+            "forced": forced,
+        })  # fmt: skip
+    return values
+
+
+def _range_subnet(iface: Interface, dhcp_range: DhcpRange) -> IPv4Interface:
+    """The router's address in the subnet a tier's dynamic range is in (its first when none)."""
+    return next((a for a in iface.ipv4s() if dhcp_range.start in a.network), iface.ipv4())
+
+
+def _option_code(option: DhcpOption) -> int | str:
+    """An option's number where vr knows it (its own options by name), else its name."""
+    if option.code is not None:
+        return option.code
+    return OWN_OPTIONS.get(option.name, option.name)
+
+
+def _option_problems(path: str, options: list[DhcpOption]) -> list[Problem]:
+    """An option given twice (by name or number) would be two conflicting lines."""
+    problems, seen = [], {}
+    for n, option in enumerate(options):
+        first = seen.setdefault(_option_code(option), n)
+        if first != n:
+            problems.append(Problem(f"{path}[{n}]", f"the same option as {path}[{first}]"))
+    return problems
 
 
 def _option(option: DhcpOption) -> str:

@@ -53,7 +53,7 @@ class HaproxyService(Service):
         rules = doc.load_balancer.rules
         assigned = {p.ip for p in doc.nat.public_ips if not p.reserved}
         static = {s.public_ip for s in doc.nat.static_nat}
-        tiers = [i.ipv4().network for i in doc.guest_interfaces()]
+        tiers = [a.network for i in doc.guest_interfaces() for a in i.ipv4s()]
         if not rules:
             return problems  # nothing of ours; not even a pass over the port forwards
         forwards: dict = {}  # public IP -> its tcp port forwards' ranges: a rule looks at its own IP's only

@@ -71,6 +71,7 @@ class NetworkService(Service):
                 if clash:
                     problems.append(Problem(path, f"subnet {network} overlaps {clash}"))
                 subnets.append((n, f"{path} ({network})", network))
+        problems += _tier_problems(doc)
         for n, route in enumerate(doc.routes):
             if not any(route.gateway in net for _, _, net in subnets if net.version == route.gateway.version):
                 problems.append(Problem(f"routes[{n}].gateway", f"{route.gateway} is not on any connected subnet"))
@@ -118,6 +119,51 @@ class NetworkService(Service):
             if Path("/proc/sys", key).read_text().strip() != value:
                 return f"sysctl {key} is not {value}"
         return None
+
+
+def _tier_problems(doc: RouterDocument) -> list[Problem]:
+    """A guest tier holds one router address per IPv4 subnet; a shared network's tier names
+    the gateway of each of its subnets; a dhcp router routes nothing: only shared tiers,
+    no public side."""
+    problems: list[Problem] = []
+    dhcp_router = doc.router.type == "dhcp"
+    for n, iface in enumerate(doc.interfaces):
+        path = f"interfaces[{n}]"
+        if iface.role != "guest":
+            if iface.gateways:
+                problems.append(Problem(f"{path}.gateways", "only a guest tier (a shared network) has other gateways"))
+            if dhcp_router and iface.role == "public":
+                problems.append(Problem(f"{path}.role", "a dhcp router routes nothing: it has no public interface"))
+            continue
+        own = iface.ipv4s()
+        for m, address in enumerate(own):
+            first = next(k for k, other in enumerate(own) if other.network == address.network)
+            if first != m:
+                problems.append(Problem(f"{path}.addresses[{iface.addresses.index(address)}]",
+                                        f"the tier already has an address in {address.network}: one per subnet"))  # fmt: skip
+        covered: dict[object, int] = {}
+        for m, gateway in enumerate(iface.gateways):
+            where = f"{path}.gateways[{m}]"
+            subnet = next((a for a in own if gateway in a.network), None)
+            if subnet is None:
+                problems.append(Problem(where, f"{gateway} is not inside any of the tier's IPv4 subnets"))
+            elif gateway in (subnet.network.network_address, subnet.network.broadcast_address):
+                problems.append(Problem(where, f"{gateway} is the network or broadcast address of {subnet.network}"))
+            elif any(gateway == a.ip for a in own):
+                problems.append(Problem(where, f"{gateway} is the router's own address: leave gateways empty"))
+            elif subnet.network in covered:
+                problems.append(Problem(where, f"{subnet.network} already has a gateway "
+                                               f"({path}.gateways[{covered[subnet.network]}])"))  # fmt: skip
+            else:
+                covered[subnet.network] = m
+        if iface.gateways:
+            for address in own:
+                if address.network not in covered:
+                    problems.append(Problem(f"{path}.gateways", f"subnet {address.network} of a shared tier has no gateway"))
+        elif dhcp_router:
+            problems.append(Problem(f"{path}.gateways", "a dhcp router's tiers are shared networks: "
+                                                        "give the gateway of each subnet"))  # fmt: skip
+    return problems
 
 
 def desired_state(doc: RouterDocument) -> dict:

@@ -73,7 +73,16 @@ class NftablesService(Service):
         problems: list[Problem] = []
         public = doc.public_interface()
         public_subnets = [a.network for a in public.addresses if a.version == 4] if public else []
-        tiers = {i.id: i.ipv4().network for i in doc.guest_interfaces()}
+        tiers = {i.id: i for i in doc.routed_tiers()}  # a shared network's tier is not the router's to NAT or filter
+        shared = {i.id for i in doc.guest_interfaces() if i.shared()}
+
+        def not_routed(path: str, tier: str) -> list[Problem]:
+            if tier in tiers:
+                return []
+            if tier in shared:
+                return [Problem(path, f"{tier!r} is a shared network's tier: the router is not its gateway")]
+            return [Problem(path, f"{tier!r} is not a guest tier")]
+
         assigned: set[IPv4Address] = set()
         for n, item in enumerate(doc.nat.public_ips):
             if not any(item.ip in subnet for subnet in public_subnets):
@@ -84,14 +93,14 @@ class NftablesService(Service):
                 assigned.add(item.ip)
         for n, _ in repeats(p.ip for p in doc.nat.public_ips):
             problems.append(Problem(f"nat.public_ips[{n}].ip", f"{doc.nat.public_ips[n].ip} is listed twice"))
-        scope = self._intern(_Scope(frozenset(assigned), tuple(tiers.values()), frozenset(
+        subnets = tuple(a.network for i in tiers.values() for a in i.ipv4s())
+        scope = self._intern(_Scope(frozenset(assigned), subnets, frozenset(
             s.public_ip for s in doc.nat.static_nat
         )))  # fmt: skip
 
         source_nat_ips = set()
         for n, item in enumerate(doc.nat.source_nat):
-            if item.tier not in tiers:
-                problems.append(Problem(f"nat.source_nat[{n}].tier", f"{item.tier!r} is not a guest tier"))
+            problems += not_routed(f"nat.source_nat[{n}].tier", item.tier)
             problems += _found(f"nat.source_nat[{n}]", scope.need_assigned("ip", item.ip))
             source_nat_ips.add(item.ip)
         for n, item in enumerate(doc.nat.static_nat):
@@ -110,8 +119,7 @@ class NftablesService(Service):
             problems += self._check_rules(f"firewall.egress[{e}].rules", egress.rules, _egress_facts, scope)
         problems += self._check_rules("load_balancer.rules", doc.load_balancer.rules, _lb_facts, scope)
         for n, egress in enumerate(doc.firewall.egress):
-            if egress.tier not in tiers:
-                problems.append(Problem(f"firewall.egress[{n}].tier", f"{egress.tier!r} is not a guest tier"))
+            problems += not_routed(f"firewall.egress[{n}].tier", egress.tier)
         for n, _ in repeats(e.tier for e in doc.firewall.egress):
             tier = doc.firewall.egress[n].tier
             problems.append(Problem(f"firewall.egress[{n}].tier", f"tier {tier!r} is listed twice"))
@@ -121,8 +129,7 @@ class NftablesService(Service):
         for n, _ in repeats(acl.tier for acl in doc.network_acls):
             problems.append(Problem(f"network_acls[{n}].tier", f"tier {doc.network_acls[n].tier!r} has two ACLs"))
         for n, acl in enumerate(doc.network_acls):
-            if acl.tier not in tiers:
-                problems.append(Problem(f"network_acls[{n}].tier", f"{acl.tier!r} is not a guest tier"))
+            problems += not_routed(f"network_acls[{n}].tier", acl.tier)
             for direction in ("ingress", "egress"):
                 rules = getattr(acl, direction)
                 for m, first in repeats(rule.number for rule in rules):
@@ -173,8 +180,8 @@ class NftablesService(Service):
         sets["public_ips"] = sorted(str(p.ip) for p in nat.public_ips if not p.reserved)
         sets["static_in"] = [f"{s.public_ip} : {s.private_ip}" for s in nat.static_nat]
         sets["static_out"] = [f"{s.private_ip} : {s.public_ip}" for s in nat.static_nat]
-        tier_subnets = {i.id: i.ipv4().network for i in doc.guest_interfaces()}
-        sets["source_nat"] = [f"{tier_subnets[s.tier]} : {s.ip}" for s in nat.source_nat if s.tier in tier_subnets]
+        tier_subnets = {i.id: [a.network for a in i.ipv4s()] for i in doc.routed_tiers()}
+        sets["source_nat"] = [f"{subnet} : {s.ip}" for s in nat.source_nat for subnet in tier_subnets.get(s.tier, ())]
         sets["lb"] = [f"{r.public_ip} . {r.public_port}" for r in doc.load_balancer.rules if not r.source_cidrs]
         sets["lb_from"] = [f"{net} . {r.public_ip} . {r.public_port}" for r in doc.load_balancer.rules
                            for net in r.source_cidrs]  # fmt: skip
@@ -191,7 +198,8 @@ class NftablesService(Service):
         compiled = runtime.memoized("nftables.acl", doc.network_acls, _acl_blocks)
         acl_by_tier = {acl.tier: (acl, blocks) for acl, blocks in zip(doc.network_acls, compiled, strict=True)}
         tiers = []
-        for iface in doc.guest_interfaces():
+        sets["shared_ifs"] = [f'"{names[i.id]}"' for i in doc.guest_interfaces() if i.shared() and names.get(i.id)]
+        for iface in doc.routed_tiers():
             chain = iface.id.replace("-", "_")
             policy = egress_by_tier.get(iface.id)
             default = policy.default if policy else "allow"
@@ -323,7 +331,7 @@ _SETS = ("public_ips", "pf_tcp", "pf_udp", "pf_tcp_from", "pf_udp_from", "static
          "in_all", "in_tcp", "in_udp", "in_all_from", "in_tcp_from", "in_udp_from", "in_icmp", "in_icmp_typed",
          "lb", "lb_from", "vpn_gateways", "vpn_remote", "in6_all", "in6_tcp", "in6_udp", "in6_icmp", "in6_icmp_typed",
          "local_tcp", "local_udp", "local6_tcp", "local6_udp", "guest_ifs", "role_ifs", "guest_ips",
-         "control_ifs")  # fmt: skip
+         "control_ifs", "shared_ifs")  # fmt: skip
 
 
 def _element_delta(change: Change) -> str | None:

@@ -35,7 +35,7 @@ class RadvdService(Service):
     name = "radvd"
 
     def read(self, doc: RouterDocument) -> Any:
-        return (doc.router.name, doc.interfaces, doc.dns.domain, doc.ipv6.tiers)
+        return (doc.router.name, doc.interfaces, doc.tier_domains(), doc.ipv6.tiers)
 
     def configured(self, doc: RouterDocument) -> bool:
         return bool(doc.ipv6.tiers)
@@ -50,7 +50,10 @@ class RadvdService(Service):
                 problems.append(Problem(f"{path}.tier", f"{tier.tier!r} is not a guest interface id"))
                 continue
             address = iface.ipv6()
-            if address is None:
+            if iface.shared():
+                problems.append(Problem(f"{path}.tier", f"{tier.tier!r} is a shared network's tier: the router is "
+                                                        "not its gateway, and does not advertise itself as its IPv6 router"))  # fmt: skip
+            elif address is None:
                 problems.append(Problem(f"{path}.tier", f"interface {tier.tier!r} has no IPv6 address (its /64)"))
             elif address.network.prefixlen != 64:
                 problems.append(Problem(f"{path}.tier", f"{address} is not in a /64: SLAAC and routing need a /64"))
@@ -151,7 +154,7 @@ def _tier_values(doc: RouterDocument, tier: Ipv6Tier, iface, ifname: str) -> dic
             }
         ],
         "rdnss": [str(a) for a in tier.dns] or [str(iface.ipv6().ip)],
-        "dnssl": tier.search or [doc.dns.domain],
+        "dnssl": tier.search or [doc.tier_domains()[tier.tier]],
         "dns_lifetime": 2 * ra.interval_s,
     }
 

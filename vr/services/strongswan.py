@@ -70,7 +70,8 @@ class StrongswanService(Service):
         vpn = doc.vpn
         problems: list[Problem] = []
         assigned = {p.ip for p in doc.nat.public_ips if not p.reserved}
-        tiers = [i.ipv4().network for i in doc.guest_interfaces() if i.ipv4()]
+        tiers = [a.network for i in doc.guest_interfaces() for a in i.ipv4s()]
+        routed = [a.network for i in doc.routed_tiers() for a in i.ipv4s()]  # a tunnel reaches these only
         forwarded = {(f.public_ip, port) for f in doc.nat.port_forwarding if f.protocol == "udp"
                      for port in IKE_PORTS if f.public_ports.start <= port <= f.public_ports.end}  # fmt: skip
         pool = vpn.remote_access.pool if vpn.remote_access else None
@@ -94,8 +95,9 @@ class StrongswanService(Service):
             if tunnel.peer_ip in assigned or any(tunnel.peer_ip in tier for tier in tiers):
                 problems.append(Problem(f"{path}.peer_ip", f"{tunnel.peer_ip} is this router's own address"))
             for m, subnet in enumerate(tunnel.local_subnets):
-                if not any(subnet.overlaps(tier) for tier in tiers):
-                    problems.append(Problem(f"{path}.local_subnets[{m}]", f"{subnet} holds none of the guest tiers"))
+                if not any(subnet.overlaps(tier) for tier in routed):
+                    problems.append(Problem(f"{path}.local_subnets[{m}]", f"{subnet} holds none of the guest tiers "
+                                                                          "the router is the gateway of"))
             for m, subnet in enumerate(tunnel.peer_subnets):
                 where = f"{path}.peer_subnets[{m}]"
                 clash = next((t for t in tiers if subnet.overlaps(t)), None)
@@ -155,7 +157,7 @@ class StrongswanService(Service):
             files.update(rendered)
         access = doc.vpn.remote_access
         if access is not None and access.enabled:
-            tiers = [str(i.ipv4().network) for i in doc.guest_interfaces() if i.ipv4()]
+            tiers = [str(a.network) for i in doc.routed_tiers() for a in i.ipv4s()]
             files.update(_remote_access_files(access, tiers, runtime))
             for user in access.users:
                 secrets = {f"eap-{_digest(user.username)}": {"secret": swanctl.secret(user.password),

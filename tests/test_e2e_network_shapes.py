@@ -1,0 +1,74 @@
+"""The network shapes of issue 19 with real traffic in the lab: a shared network's tier (the
+router serves DHCP and DNS, the gateway is another machine) with two subnets on one link."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+
+from tests.conftest import EXAMPLES, example_lab, write_payload
+
+GATEWAY_MAC, SHARED_MAC, ALIAS_MAC = "02:00:00:00:02:fe", "02:00:00:00:02:20", "02:00:00:00:09:10"
+BEHIND_GATEWAY = "198.51.100.1"  # only the shared network's gateway has it
+
+
+def shared_network(generation: int) -> dict:
+    """The example router with tier2 as a shared network: its subnet and a second one
+    (ipaliases) on the same link, each with its own gateway and the tier's own domain."""
+    doc = json.loads((EXAMPLES / "router.json").read_text())
+    tier2 = next(i for i in doc["interfaces"] if i["id"] == "tier2")
+    tier2 |= {"addresses": ["10.1.2.1/24", "10.9.0.2/24"], "gateways": ["10.1.2.254", "10.9.0.1"]}
+    doc["nat"]["source_nat"] = [s for s in doc["nat"]["source_nat"] if s["tier"] != "tier2"]
+    doc["nat"]["static_nat"] = []  # its private IP was on tier2
+    doc["firewall"]["egress"] = [e for e in doc["firewall"]["egress"] if e["tier"] != "tier2"]
+    doc["dhcp"]["tiers"][1] |= {"domain": "shared.example"}
+    doc["dhcp"]["entries"] += [
+        {"tier": "tier2", "mac": SHARED_MAC, "ip": "10.1.2.20", "hostname": "shared-vm"},
+        {"tier": "tier2", "mac": ALIAS_MAC, "ip": "10.9.0.10", "hostname": "alias-vm", "lease_time": "infinite"},
+    ]
+    return {**doc, "generation": generation}
+
+
+def ip(lab, guest: str, *args: str) -> None:
+    subprocess.run(["ip", "-n", lab.ns(guest), *args], check=True, capture_output=True, timeout=10)
+
+
+def shared_drops(lab) -> int:
+    """Packets the router's forward chain dropped because their tier is a shared network's."""
+    listed = subprocess.run(["ip", "netns", "exec", lab.router_ns, "nft", "list", "chain", "inet", "vr", "forward"],
+                            capture_output=True, text=True, check=True, timeout=10).stdout  # fmt: skip
+    return sum(int(n) for n in re.findall(r'iifname @shared_ifs counter packets (\d+)', listed))
+
+
+def test_a_shared_tier_leases_each_subnets_gateway_and_the_router_routes_none_of_it(tmp_path):
+    with example_lab(guests=("g1",)) as lab:
+        lab.add_guests("g2", {"sgw": GATEWAY_MAC, "sg": SHARED_MAC, "sa": ALIAS_MAC})
+        for address in ("10.1.2.254/24", "10.9.0.1/24"):
+            ip(lab, "sgw", "addr", "add", address, "dev", "eth0")
+        ip(lab, "sgw", "addr", "add", f"{BEHIND_GATEWAY}/32", "dev", "lo")
+        lab.vr("apply", write_payload(tmp_path, shared_network(2)))
+
+        shared = lab.dhcp("sg")
+        assert (shared["address"], shared["routers"], shared["dns"], shared["domain"]) == \
+            ("10.1.2.20", "10.1.2.254", "10.1.2.1", "shared.example")  # fmt: skip
+        alias = lab.dhcp("sa")  # the second subnet on the same link: its own range, gateway and DNS address
+        assert (alias["address"], alias["routers"], alias["dns"], alias["domain"]) == \
+            ("10.9.0.10", "10.9.0.1", "10.9.0.2", "shared.example")  # fmt: skip
+        assert "option dhcp-lease-time 4294967295;" in (lab.dir / "sa.leases").read_text()  # infinite
+        assert lab.guest_lease("g1")["routers"] == "10.1.1.1"  # a routed tier keeps the router
+
+        # The gateway is reached directly, and what is behind it through it.
+        assert lab.ping(lab.ns("sg"), BEHIND_GATEWAY) and lab.ping(lab.ns("sa"), BEHIND_GATEWAY)
+        # Names in the tier's own domain, from each subnet's router address; the others' in theirs.
+        assert lab.resolve(lab.ns("sa"), "alias-vm.shared.example", "10.9.0.2") == ["10.9.0.10"]
+        assert lab.resolve(lab.ns("sg"), "shared-vm.shared.example", "10.1.2.1") == ["10.1.2.20"]
+        assert lab.resolve(lab.ns("sg"), "web1.cloud.internal", "10.1.2.1") == ["10.1.1.10"]
+        assert lab.resolve(lab.ns("sg"), "alias-vm.cloud.internal", "10.1.2.1") == []
+
+        # The router is not the tier's gateway: sent to it anyway, nothing is routed.
+        before = shared_drops(lab)
+        ip(lab, "sg", "route", "add", "10.1.1.0/24", "via", "10.1.2.1")
+        assert not lab.ping(lab.ns("sg"), "10.1.1.10", count=2)
+        assert shared_drops(lab) >= before + 2
+        assert lab.ping(lab.ns("g1"), "192.0.2.1")  # the routed tier still is
