@@ -245,3 +245,100 @@ def test_an_element_change_on_a_table_changed_by_hand_loads_the_whole_table(lab,
     lab.vr("start")  # a forced full replace of the same document
     assert normalized_table(lab) == incremental
     assert json.loads(lab.vr("status", "--json").stdout)["healthy"] is True
+
+
+ICMP_LISTEN = r"""
+import socket, sys, time
+marker = sys.argv[1].encode()
+with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as s:
+    s.settimeout(0.2)
+    print("ready", flush=True)
+    deadline = time.monotonic() + float(sys.argv[2])
+    while time.monotonic() < deadline:
+        try:
+            packet = s.recv(2048)
+        except TimeoutError:
+            continue
+        if marker in packet:
+            print("arrived", packet[(packet[0] & 15) * 4 + 1], flush=True)  # the ICMP code as received
+            break
+"""
+ICMP_SEND = r"""
+import os, socket, struct, sys
+icmp_type, code, marker = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4].encode()
+def checksum(data):
+    data += b"\0" * (len(data) % 2)
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total = (total >> 16) + (total & 0xFFFF)
+    return ~(total + (total >> 16)) & 0xFFFF
+body = struct.pack("!HH", os.getpid() & 0xFFFF, 1) + marker  # an id of its own: no earlier flow's conntrack entry
+header = struct.pack("!BBH", icmp_type, code, 0)
+packet = struct.pack("!BBH", icmp_type, code, checksum(header + body)) + body
+with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as s:
+    for _ in range(3):
+        s.sendto(packet, (sys.argv[1], 0))
+"""
+
+
+def icmp_arrives(lab, source: str, target: str, address: str, icmp_type: int, code: int) -> bool:
+    """Whether ICMP of this type and code, sent from the source namespace to address (three
+    packets), reaches the target namespace (a raw socket there sees every ICMP packet)."""
+    marker = f"vr-icmp-{icmp_type}-{code}-{id(lab)}"
+    listener = subprocess.Popen(["ip", "netns", "exec", lab.ns(target), sys.executable, "-c", ICMP_LISTEN, marker, "2"],
+                                stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert listener.stdout.readline().strip() == "ready"
+        subprocess.run(["ip", "netns", "exec", lab.ns(source), sys.executable, "-c", ICMP_SEND, address,
+                        str(icmp_type), str(code), marker], check=True, timeout=10)  # fmt: skip
+        out, _ = listener.communicate(timeout=10)
+    finally:
+        if listener.poll() is None:
+            listener.kill()
+            listener.wait()
+    return out.strip() == f"arrived {code}"
+
+
+def test_icmp_codes_in_ingress_rules_egress_rules_and_acls(servers, tmp_path):
+    lab = servers
+    doc = json.loads((EXAMPLES / "router.json").read_text())
+    ping = next(r for r in doc["firewall"]["ingress"] if r["id"] == "db-ping")
+    ping["icmp_code"] = 5  # type 8 with code 5 only
+    lab.vr("apply", write_payload(tmp_path, {**doc, "generation": 2}))
+    assert icmp_arrives(lab, "pub", "g2", "192.0.2.11", 8, 5)
+    assert not icmp_arrives(lab, "pub", "g2", "192.0.2.11", 8, 0)
+    assert not lab.ping(lab.ns("pub"), "192.0.2.11")
+
+    # Leaving a tier: an egress exception for one code (tier1 denies by default here).
+    egress = [{"tier": "tier1", "default": "deny", "rules": [{"protocol": "icmp", "icmp_type": 8, "icmp_code": 3}]}]
+    lab.vr("apply", write_payload(tmp_path, {"generation": 3, "firewall": {**doc["firewall"], "egress": egress}}))
+    assert icmp_arrives(lab, "g1", "pub", "192.0.2.1", 8, 3)
+    assert not icmp_arrives(lab, "g1", "pub", "192.0.2.1", 8, 1)
+
+    # A VPC tier's ACL: the lowest number that matches decides, code by code.
+    acls = [{"tier": "tier2", "ingress": [{"number": 10, "action": "deny", "protocol": "icmp", "icmp_type": 8,
+                                            "icmp_code": 5, "cidrs": ["0.0.0.0/0"]},
+                                           {"number": 20, "action": "allow", "protocol": "icmp", "icmp_type": 8}]}]  # fmt: skip
+    ping["icmp_code"] = None
+    lab.vr("apply", write_payload(tmp_path, {"generation": 4, "router": {"name": "r-101-vm", "type": "vpc"},
+                                             "firewall": doc["firewall"], "network_acls": acls}))  # fmt: skip
+    assert not icmp_arrives(lab, "pub", "g2", "192.0.2.11", 8, 5)
+    assert icmp_arrives(lab, "pub", "g2", "192.0.2.11", 8, 7)
+    assert lab.ping(lab.ns("pub"), "192.0.2.11")
+
+
+def test_egress_rules_by_source_inside_the_tier(servers, tmp_path):
+    lab = servers
+    doc = json.loads((EXAMPLES / "router.json").read_text())
+    rule = {"protocol": "tcp", "ports": 7000, "source_cidrs": ["10.1.1.0/28"]}
+    firewall = {**doc["firewall"], "egress": [{"tier": "tier1", "default": "deny", "rules": [rule]}]}
+    lab.vr("apply", write_payload(tmp_path, {"generation": 2, "firewall": firewall}))
+    assert lab.ask(lab.ns("g1"), "192.0.2.1", 7000) == "public host sees 192.0.2.10"  # 10.1.1.10 is inside
+    rule["source_cidrs"] = ["10.1.1.128/25"]
+    lab.vr("apply", write_payload(tmp_path, {"generation": 3, "firewall": firewall}))
+    assert lab.ask(lab.ns("g1"), "192.0.2.1", 7000, timeout=1) is None
+
+    rule["source_cidrs"] = ["10.1.1.0/28", "10.9.9.0/24"]  # not the tier's: refused, nothing changed
+    refused = lab.vr("apply", write_payload(tmp_path, {"generation": 4, "firewall": firewall}), check=False)
+    assert refused.returncode == 2
+    assert "firewall.egress[0].rules[0].source_cidrs[1]: 10.9.9.0/24 is not inside any guest tier" in refused.stderr
+    assert lab.ask(lab.ns("g1"), "192.0.2.1", 7000, timeout=1) is None

@@ -118,13 +118,14 @@ def test_port_ranges_map_port_by_port_and_sources_are_kept(example, tmp_path):
 
 def test_egress_rules_are_exceptions_to_the_default(example, tmp_path):
     text = ruleset(example, tmp_path)
-    assert (
-        "set egress_tier2_tcp { type ipv4_addr . inet_service; flags interval; elements = { 0.0.0.0/0 . 25 }; }" in text
-    )
-    assert "meta l4proto tcp ip daddr . tcp dport @egress_tier2_tcp counter drop" in text
+    assert ("set egress_tier2_tcp { type ipv4_addr . ipv4_addr . inet_service; flags interval; "
+            "elements = { 0.0.0.0/0 . 0.0.0.0/0 . 25 }; }") in text  # fmt: skip
+    assert "meta l4proto tcp ip saddr . ip daddr . tcp dport @egress_tier2_tcp counter drop" in text
     example["firewall"]["egress"][1]["default"] = "deny"
+    example["firewall"]["egress"][1]["rules"][0]["source_cidrs"] = ["10.1.2.0/25", "10.1.2.128/26"]
     text = ruleset(example, tmp_path)
-    assert "meta l4proto tcp ip daddr . tcp dport @egress_tier2_tcp counter accept" in text
+    assert "meta l4proto tcp ip saddr . ip daddr . tcp dport @egress_tier2_tcp counter accept" in text
+    assert "elements = { 10.1.2.0/25 . 0.0.0.0/0 . 25, 10.1.2.128/26 . 0.0.0.0/0 . 25 }" in text
 
 
 def test_assigned_public_ips_go_on_the_public_interface(example, tmp_path):

@@ -385,6 +385,7 @@ class _TrafficMatch(Strict):
     protocol: Literal["tcp", "udp", "icmp", "all"]
     ports: Ports | None = None
     icmp_type: int | None = Field(None, ge=0, le=255)
+    icmp_code: int | None = Field(None, ge=0, le=255)  # with icmp_type: that type's one code (default: any)
 
     @model_validator(mode="after")
     def _fits_protocol(self) -> _TrafficMatch:
@@ -394,6 +395,8 @@ class _TrafficMatch(Strict):
             raise ValueError(f"a {self.protocol} rule needs ports")
         if self.icmp_type is not None and self.protocol != "icmp":
             raise ValueError("icmp_type applies to icmp only")
+        if self.icmp_code is not None and self.icmp_type is None:
+            raise ValueError("icmp_code needs icmp_type (a code means something only within its type)")
         return self
 
 
@@ -407,6 +410,7 @@ class IngressRule(_TrafficMatch):
 
 class EgressRule(_TrafficMatch):
     destination_cidrs: list[IPv4Net] = Field(default_factory=lambda: [_parse_ipv4_network("0.0.0.0/0")], max_length=256)
+    source_cidrs: list[IPv4Net] = Field(default_factory=list, max_length=256)  # inside the tier; empty: all of it
 
 
 class TierEgress(Strict):

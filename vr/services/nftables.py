@@ -208,11 +208,13 @@ class NftablesService(Service):
             for kind in ("all", "tcp", "udp", "icmp", "icmp_typed"):
                 sets[f"egress_{chain}_{kind}"] = []
                 sets[f"egress6_{chain}_{kind}"] = []
-            for family, rules in (("egress", policy.rules if policy else []),
-                                  ("egress6", policy6.rules if policy6 else [])):  # fmt: skip
-                for rule in rules:
+            for rule in policy.rules if policy else []:
+                for source in rule.source_cidrs or _ANYWHERE:  # leaving the tier: from it, whatever the source
                     for destination in rule.destination_cidrs:
-                        sets[f"{family}_{chain}_{_kind(rule)}"].append(_element(str(destination), rule))
+                        sets[f"egress_{chain}_{_kind(rule)}"].append(_element(f"{source} . {destination}", rule))
+            for rule in policy6.rules if policy6 else []:
+                for destination in rule.destination_cidrs:
+                    sets[f"egress6_{chain}_{_kind(rule)}"].append(_element(str(destination), rule))
             acl, acl_blocks = acl_by_tier.get(iface.id, (None, {}))
             blocks = {"out": [], "in": []}
             for direction, in_order in acl_blocks.items():
@@ -412,13 +414,13 @@ class _AclBlock(dict):
     so the first matching entry still decides. Elements by key shape:
       ports  address . protocol . port range (tcp and udp entries)
       proto  address . protocol range (all, protocol numbers, icmp of any type)
-      icmp   address . icmp type"""
+      icmp   address . icmp type . icmp code (a range: any code of the type)"""
 
     def __init__(self) -> None:
         super().__init__(ports=[], proto=[], icmp=[])
         self.first: int | None = None  # entry numbers
         self.last: int | None = None
-        self._spans: list[tuple] = []  # (net low, net high, prefix length, protocol, port, type ranges), by net low
+        self._spans: list[tuple] = []  # (net low, net high, prefix length, protocol, port, type, code ranges), by net low
         self._nets: dict[tuple[int, int], list[tuple]] = {}  # (prefix length, network) -> its spans
         self._lengths: set[int] = set()
 
@@ -489,13 +491,14 @@ def _blocks(rules: list[AclRule], allow: str) -> list[_AclBlock]:
             if rule.ports is not None:
                 shape, key = "ports", f"{rule.protocol} . {_ports_text(rule.ports)}"
             elif rule.icmp_type is not None:
-                shape, key = "icmp", str(rule.icmp_type)
+                shape, key = "icmp", f"{rule.icmp_type} . {_code_text(rule)}"
             else:
                 shape, key = "proto", str(number)
         ports = (rule.ports.start, rule.ports.end) if rule.ports is not None else _ANY_PORT
         types = (rule.icmp_type, rule.icmp_type) if rule.icmp_type is not None else _ANY_TYPE
+        codes = (rule.icmp_code, rule.icmp_code) if rule.icmp_code is not None else _ANY_TYPE
         networks = _outermost(rule.cidrs)
-        spans = [(*net.bounds, net.prefixlen, protocol, ports, types) for net in networks]
+        spans = [(*net.bounds, net.prefixlen, protocol, ports, types, codes) for net in networks]
         elements = [(shape, f"{net} . {key} : {verdict}") for net in networks]
         if not blocks or not blocks[-1].admits(spans):
             blocks.append(_AclBlock())
@@ -573,14 +576,17 @@ def _traffic6(a: Any, b: Any) -> str:
     if a.ports is not None:
         return _traffic(a.protocol, max(a.ports.start, b.ports.start), min(a.ports.end, b.ports.end))
     if a.protocol == "icmp":
-        return "icmpv6 (all types)" if a.icmp_type is None else f"icmpv6 type {a.icmp_type}"
+        if a.icmp_type is None:
+            return "icmpv6 (all types)"
+        code = a.icmp_code if a.icmp_code is not None else b.icmp_code
+        return f"icmpv6 type {a.icmp_type}" + (f" code {code}" if code is not None else "")
     return "all traffic"
 
 
 def _same_traffic(a: Any, b: Any) -> bool:
     if a.ports is not None:
         return a.ports.start <= b.ports.end and b.ports.start <= a.ports.end
-    return a.icmp_type == b.icmp_type
+    return a.icmp_type == b.icmp_type and (a.icmp_code is None or b.icmp_code is None or a.icmp_code == b.icmp_code)
 
 
 def _ingress_elements(rule: IngressRule, _: None) -> list[tuple[str, str]]:
@@ -711,6 +717,8 @@ class _RuleIndex:
             what = _traffic(group[-1], max(span[0], other[0]), min(span[1], other[1]))
             if span[3] is not None:
                 what += f", {nets} {span[3]} and {other[3]}"
+            if len(span) >= 6 and len(other) >= 6:
+                what += f", sources {span[5]} and {other[5]}"
             who = f"{label} {rule_id!r}" if rule_id is not None else label
             if key == other_key:
                 message = f"{who} overlaps itself: {what}"
@@ -742,6 +750,10 @@ class _Scope:
     @functools.cached_property
     def _tier_bounds(self) -> tuple[tuple[int, int], ...]:
         return tuple((int(net.network_address), int(net.broadcast_address)) for net in self.tier_subnets)
+
+    def holds_guest_network(self, network: IPv4Network) -> bool:
+        low, high = network.bounds
+        return any(tier_low <= low and high <= tier_high for tier_low, tier_high in self._tier_bounds)
 
     def need_guest(self, field: str, ip: IPv4Address) -> list[tuple[str, str]]:
         value = int(ip)
@@ -776,8 +788,15 @@ def _ingress_facts(rule: IngressRule, scope: _Scope) -> tuple[list, str, tuple, 
     return scope.need_assigned("public_ip", rule.public_ip), rule.id, group, _spans(rule, rule.source_cidrs)
 
 
-def _egress_facts(rule: EgressRule, _: _Scope) -> tuple[list, None, tuple, list[tuple]]:
-    return [], None, (0, rule.protocol), _spans(rule, rule.destination_cidrs)
+def _egress_facts(rule: EgressRule, scope: _Scope) -> tuple[list, None, tuple, list[tuple]]:
+    """Sources, where a rule names them, are inside a tier the router routes; two rules
+    overlap when their destinations and their sources do."""
+    found = [(f"source_cidrs[{n}]", f"{net} is not inside any guest tier")
+             for n, net in enumerate(rule.source_cidrs) if not scope.holds_guest_network(net)]  # fmt: skip
+    spans = _spans(rule, rule.destination_cidrs)
+    if rule.source_cidrs:
+        spans = [(*span, source.bounds, source) for span in spans for source in rule.source_cidrs]
+    return found, None, (0, rule.protocol), spans
 
 
 def _lb_facts(rule: LbRule, _: _Scope) -> tuple[list, None, tuple, list[tuple]]:
@@ -787,19 +806,22 @@ def _lb_facts(rule: LbRule, _: _Scope) -> tuple[list, None, tuple, list[tuple]]:
 
 
 _ALL = (0, 2**32 - 1)
+_ANYWHERE = ("0.0.0.0/0",)
 # How a rule list's overlap messages name its rules, and the networks its spans carry.
 _LABELS = {_forward_facts: ("port forward", ""), _ingress_facts: ("ingress rule", "sources"),
            _egress_facts: ("egress rule", "destinations"), _lb_facts: ("load-balancer rule", "sources")}  # fmt: skip
 
 
 def _spans(rule: IngressRule | EgressRule, networks: list[IPv4Network]) -> list[tuple]:
-    """One span per network; ports, or the ICMP type as a one-value range (-1..256: all)."""
+    """One span per network; ports, or the ICMP type and code as one range (type * 256 +
+    code: a type alone is its 256 codes; -1..65536: every type)."""
     if rule.ports is not None:
         low, high = rule.ports.start, rule.ports.end
     elif rule.icmp_type is not None:
-        low = high = rule.icmp_type
+        low = high = rule.icmp_type * 256 + (rule.icmp_code or 0)
+        high = low if rule.icmp_code is not None else low + 255
     else:
-        low, high = -1, 256
+        low, high = -1, 65536
     return [(low, high, net.bounds, net) for net in networks]
 
 
@@ -813,10 +835,10 @@ def _sweep(members: list[tuple[int, tuple, int]]) -> list[tuple[tuple, tuple]]:
     active: list[tuple[int, tuple, int]] = []
     for member in members:
         n, span, _ = member
-        low, _, (net_low, net_high), _ = span
+        low, _, (net_low, net_high), *_ = span
         active = [a for a in active if a[1][1] >= low]
         for other in active:
-            if net_low <= other[1][2][1] and other[1][2][0] <= net_high:
+            if net_low <= other[1][2][1] and other[1][2][0] <= net_high and _sources_meet(span, other[1]):
                 later, earlier = (member, other) if n >= other[0] else (other, member)
                 if later[0] not in reported:
                     found.append((later, earlier))
@@ -825,12 +847,22 @@ def _sweep(members: list[tuple[int, tuple, int]]) -> list[tuple[tuple, tuple]]:
     return found
 
 
+def _sources_meet(span: tuple, other: tuple) -> bool:
+    """Whether two spans' sources overlap (a span without sources: from the whole tier)."""
+    if len(span) < 6 or len(other) < 6:
+        return True
+    return span[4][0] <= other[4][1] and other[4][0] <= span[4][1]
+
+
 def _traffic(protocol: str, low: int, high: int) -> str:
-    """What two rules both match, in words: ports for tcp and udp, the type for icmp."""
+    """What two rules both match, in words: ports for tcp and udp, the type (and code) for
+    icmp (see _spans)."""
     if protocol in ("tcp", "udp"):
         return f"{protocol} port {low}" if low == high else f"{protocol} ports {low}-{high}"
     if protocol == "icmp":
-        return f"icmp type {low}" if low == high else "icmp (all types)"
+        if low < 0 or high // 256 != low // 256:
+            return "icmp (all types)"
+        return f"icmp type {low // 256} code {low % 256}" if low == high else f"icmp type {low // 256}"
     return "all traffic"
 
 
@@ -844,8 +876,13 @@ def _element(prefix: str, rule: Any) -> str:
     if rule.protocol in ("tcp", "udp"):
         return f"{prefix} . {_ports_text(rule.ports)}"
     if rule.protocol == "icmp" and rule.icmp_type is not None:
-        return f"{prefix} . {rule.icmp_type}"
+        return f"{prefix} . {rule.icmp_type} . {_code_text(rule)}"
     return prefix
+
+
+def _code_text(rule: Any) -> str:
+    """An ICMP rule's code as a set element's part: its one code, or every code of its type."""
+    return str(rule.icmp_code) if rule.icmp_code is not None else "0-255"
 
 
 def _nft(commands: str, dry_run: bool = False) -> tuple[int, str]:
