@@ -278,3 +278,13 @@ def test_an_option_given_twice_or_against_default_gateway_is_refused(example):
     found = problems_of(example)
     assert "same option as dhcp.tiers[0].options[0]" in found["dhcp.tiers[0].options[1]"]
     assert "contradicts default_gateway" in found["dhcp.entries[0].options"]
+
+
+def test_public_dns_needs_a_public_interface(example):
+    example["dns"]["public"] = True
+    validate(example)
+    example["interfaces"] = [i for i in example["interfaces"] if i["role"] != "public"]
+    example["nat"] = {}
+    example["firewall"] = {}
+    example["routes"] = []
+    assert "no public interface" in problems_of(example)["dns.public"]

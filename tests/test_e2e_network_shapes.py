@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 
 from tests.conftest import EXAMPLES, example_lab, write_payload
 
@@ -72,3 +73,37 @@ def test_a_shared_tier_leases_each_subnets_gateway_and_the_router_routes_none_of
         assert not lab.ping(lab.ns("sg"), "10.1.1.10", count=2)
         assert shared_drops(lab) >= before + 2
         assert lab.ping(lab.ns("g1"), "192.0.2.1")  # the routed tier still is
+
+
+ASK = r"""
+import sys, dns.flags, dns.message, dns.query, dns.rcode
+query = dns.message.make_query(sys.argv[1], "A")
+try:
+    answer = (dns.query.tcp if sys.argv[3] == "tcp" else dns.query.udp)(query, sys.argv[2], timeout=1.5)
+except Exception as error:
+    print("no answer", type(error).__name__)
+else:
+    print(dns.rcode.to_text(answer.rcode()), "aa" if answer.flags & dns.flags.AA else "-",
+          " ".join(str(x) for s in answer.answer for x in s))
+"""
+
+
+def ask_dns(lab, namespace: str, name: str, server: str, transport: str = "udp") -> str:
+    done = subprocess.run(["ip", "netns", "exec", lab.ns(namespace), sys.executable, "-c", ASK, name, server, transport],
+                          capture_output=True, text=True, timeout=20, check=True)  # fmt: skip
+    return done.stdout.strip()
+
+
+def test_public_dns_answers_only_the_guests_names_and_only_when_asked(tmp_path):
+    with example_lab(guests=("g1",)) as lab:
+        assert ask_dns(lab, "pub", "web1.cloud.internal", "192.0.2.10").startswith("no answer")  # dropped
+        doc = json.loads((EXAMPLES / "router.json").read_text())
+        lab.vr("apply", write_payload(tmp_path, {"generation": 2, "dns": {**doc["dns"], "public": True}}))
+        for transport in ("udp", "tcp"):
+            assert ask_dns(lab, "pub", "web1.cloud.internal", "192.0.2.10", transport) == "NOERROR aa 10.1.1.10"
+            assert ask_dns(lab, "pub", "example.com", "192.0.2.10", transport) == "REFUSED -"  # not a resolver
+        assert ask_dns(lab, "pub", "web1.cloud.internal", "192.0.2.11").startswith("no answer")  # another public IP
+        assert ask_dns(lab, "g1", "web1.cloud.internal", "10.1.1.1").endswith(" 10.1.1.10")  # guests as before,
+        assert ask_dns(lab, "g1", "example.com", "10.1.1.1") != "REFUSED -"  # recursion included (sent upstream)
+        lab.vr("apply", write_payload(tmp_path, {"generation": 3, "dns": doc["dns"]}))
+        assert ask_dns(lab, "pub", "web1.cloud.internal", "192.0.2.10").startswith("no answer")

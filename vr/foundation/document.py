@@ -260,6 +260,10 @@ class DnsSettings(Strict):
     domain: DomainName
     upstream: list[IPAddress] = Field(default_factory=list, max_length=8)
     cache_size: int = Field(1000, ge=0, le=100000)
+    # The guests' names answered on the public interface's address too (CloudStack's
+    # "exposedns"): authoritatively, for the router's domains only, never recursively (not an
+    # open resolver). Off: the public side gets no DNS at all.
+    public: bool = False
 
 
 class DhcpOption(Strict):

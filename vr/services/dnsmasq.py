@@ -91,7 +91,8 @@ class DnsmasqService(Service):
     checker_reads_unchanged = False  # `dnsmasq --test` reads the main config alone
 
     def read(self, doc: RouterDocument) -> Any:
-        return (doc.router.name, doc.guest_interfaces(), doc.dns, doc.dhcp, doc.ipv6.tiers)
+        return (doc.router.name, doc.guest_interfaces(), doc.dns, doc.dhcp, doc.ipv6.tiers,
+                doc.public_interface() if doc.dns.public else None)
 
     def configured(self, doc: RouterDocument) -> bool:
         return bool(doc.guest_interfaces())
@@ -99,6 +100,8 @@ class DnsmasqService(Service):
     def verify(self, doc: RouterDocument) -> list[Problem]:
         problems: list[Problem] = []
         guests = {i.id: i for i in doc.guest_interfaces()}
+        if doc.dns.public and (doc.public_interface() is None or doc.public_interface().ipv4() is None):
+            problems.append(Problem("dns.public", "the router has no public interface with an IPv4 address"))
         seen_tiers: set[str] = set()
         for n, tier in enumerate(doc.dhcp.tiers):
             path = f"dhcp.tiers[{n}]"
@@ -235,6 +238,7 @@ class DnsmasqService(Service):
                               if domains[i.id] != doc.dns.domain],
                 local_domains=sorted(set(domains.values()) - {doc.dns.domain}),
                 tiers=[v for t in doc.dhcp.tiers for v in _tier_values(doc, t, domains[t.tier])],
+                public_dns=_public_dns(doc, domains),
                 dhcpv6_tiers=[
                     _dhcpv6_values(ipv6_tiers[i.id], i, domains[i.id]) for i in routed
                     if ipv6_tiers[i.id].mode == "dhcpv6"
@@ -709,6 +713,19 @@ def _tier_values(doc: RouterDocument, tier: DhcpTier, domain: str) -> list[dict]
             "forced": forced,
         })  # fmt: skip
     return values
+
+
+def _public_dns(doc: RouterDocument, domains: dict[str, str]) -> dict | None:
+    """dns.public: dnsmasq's authoritative mode on the public interface's address, one zone
+    per domain holding its tiers' subnets (dnsmasq refuses any other question asked there)."""
+    public = doc.public_interface()
+    if not doc.dns.public or public is None or public.ipv4() is None:
+        return None
+    zones: dict[str, list[str]] = {}
+    for iface in doc.guest_interfaces():
+        zones.setdefault(domains[iface.id], []).extend(str(a.network) for a in iface.ipv4s())
+    return {"address": public.ipv4().ip, "server": f"{doc.router.name}.{doc.dns.domain}",
+            "zones": [",".join([domain, *subnets]) for domain, subnets in zones.items()]}  # fmt: skip
 
 
 def _range_subnet(iface: Interface, dhcp_range: DhcpRange) -> IPv4Interface:

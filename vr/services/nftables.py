@@ -60,7 +60,7 @@ class NftablesService(Service):
         ipv6 = (tuple(t.tier for t in doc.ipv6.tiers), doc.ipv6.firewall)
         agent = doc.agent.port if doc.agent.served() else None
         return (doc.router, doc.interfaces, doc.nat, doc.firewall, doc.network_acls, doc.load_balancer, vpn, ipv6,
-                agent)  # fmt: skip
+                agent, doc.dns.public)  # fmt: skip
 
     def __init__(self) -> None:
         # What the last verify found, per rule list: merge keeps every unchanged rule
@@ -299,6 +299,9 @@ def _local_elements(doc: RouterDocument, names: dict[str, str]) -> dict[str, lis
             sets["control_ifs"].append(f'"{name}"')
         ports = LOCAL_PORTS.get(iface.role)
         if ports is None:  # public: what the document opens on its public IPs (public_local)
+            if doc.dns.public and iface.ipv4() is not None:  # and DNS on its address when asked
+                for protocol in ("tcp", "udp"):
+                    sets[f"local_{protocol}"].append(f'"{name}" . {iface.ipv4().ip} . 53')
             continue
         if iface.role == "control" and doc.agent.served():
             ports = {**ports, "tcp": ports["tcp"] + (doc.agent.port,), "tcp6": ports["tcp6"] + (doc.agent.port,)}
