@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -177,3 +179,94 @@ def test_a_key_that_does_not_match_is_refused_and_an_expired_certificate_is_a_wa
     events = [json.loads(line) for line in lab.vr("events").stdout.splitlines()]
     warnings = [e for e in events if e["type"] == "warning"]
     assert warnings and "certificates[0].certificate: expired on" in warnings[-1]["message"]
+
+
+def test_members_learn_the_client_from_forwarded_headers_and_http2_is_offered(backends, tmp_path):
+    lab = backends
+    ca_file, certificate = make_ca_and_certificate(tmp_path, "lb.example.test")
+    apply_lb(lab, tmp_path, 3, lb_rule(), https_rule(certificate) | {"http2": True})
+    assert lab.wait_lb_up(), lab.lb_states()
+    plain = fetch(lab, "--count", "2", "--header", "X-Seen-Forwarded")
+    assert plain["headers"] == {"192.0.2.1 http": 2}  # the public client, and how it came
+    secure = fetch(lab, "--count", "2", "--header", "X-Seen-Forwarded", "--scheme", "https", "--cafile", ca_file,
+                   "--sni", "lb.example.test", port=443)  # fmt: skip
+    assert secure["headers"] == {"192.0.2.1 https": 2}
+    curl = ["ip", "netns", "exec", lab.ns("pub"), "curl", "-s", "-o", "/dev/null", "-w", "%{http_version}",
+            "--max-time", "5", "--cacert", ca_file, "--resolve", f"lb.example.test:443:{LB_IP}"]  # fmt: skip
+    assert subprocess.run([*curl, "--http2", "https://lb.example.test/"], check=False, capture_output=True,
+                          text=True, timeout=20).stdout == "2"  # fmt: skip
+    assert subprocess.run([*curl, "--http1.1", "https://lb.example.test/"], check=False, capture_output=True,
+                          text=True, timeout=20).stdout == "1.1"  # fmt: skip
+
+    apply_lb(lab, tmp_path, 4, lb_rule(forwarded_headers=False))  # members that must not see them
+    assert lab.wait_lb_up(), lab.lb_states()
+    assert fetch(lab, "--count", "2", "--header", "X-Seen-Forwarded")["headers"] == {"- -": 2}
+
+
+PROXY_MEMBER = r"""
+import socket, sys, time
+with socket.socket() as server:
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("0.0.0.0", int(sys.argv[1])))
+    server.listen(8)
+    server.settimeout(1)
+    print("ready", flush=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            connection, _ = server.accept()
+        except TimeoutError:
+            continue
+        with connection:
+            connection.settimeout(2)
+            try:
+                first = connection.recv(200).split(b"\r\n")[0].decode(errors="replace")
+                connection.sendall(f"member got: {first}\n".encode())
+            except OSError:
+                pass
+"""
+
+
+def test_proxy_protocol_hands_members_the_clients_address(lab, tmp_path):
+    member = subprocess.Popen(["ip", "netns", "exec", lab.ns("g1"), sys.executable, "-c", PROXY_MEMBER, "9000"],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert member.stdout.readline().strip() == "ready"
+        rule = {"id": "raw", "public_ip": LB_IP, "public_port": 9000, "private_port": 9000, "protocol": "tcp",
+                "members": [{"ip": "10.1.1.10"}], "proxy_protocol": "v1"}  # fmt: skip
+        apply_lb(lab, tmp_path, 3, rule)
+        answer = lab.ask(lab.ns("pub"), LB_IP, 9000, timeout=3)
+        assert answer is not None and answer.startswith(f"member got: PROXY TCP4 192.0.2.1 {LB_IP} "), answer
+        assert answer.endswith(" 9000")
+        refused = apply_lb(lab, tmp_path, 4, rule | {"forwarded_headers": True}, check=False)
+        assert refused.returncode == 2 and "tcp carries no headers" in refused.stderr
+    finally:
+        member.kill()
+        member.wait()
+
+
+def test_the_statistics_page_answers_on_its_address_only_and_with_its_password(backends, tmp_path):
+    lab = backends
+    payload = {"generation": 3, "nat": nat_with_lb_ip(), "load_balancer": {
+        "rules": [lb_rule()],
+        "stats": {"address": "169.254.0.10", "port": 8404, "username": "ops", "password": "s3cret-pass:word"}}}  # fmt: skip
+    lab.vr("apply", write_payload(tmp_path, payload))
+    assert lab.wait_lb_up(), lab.lb_states()
+    secrets = lab.settings.config_dir / "haproxy" / "stats.secrets"
+    assert secrets.stat().st_mode & 0o777 == 0o600
+    assert "s3cret" not in (lab.settings.config_dir / "haproxy" / "haproxy.cfg").read_text()
+
+    def status(namespace: str, address: str, *auth: str) -> str:
+        return subprocess.run(["ip", "netns", "exec", lab.ns(namespace), "curl", "-s", "-o", "/dev/null", "-w",
+                               "%{http_code}", "--max-time", "2", *auth, f"http://{address}:8404/"],
+                              check=False, capture_output=True, text=True, timeout=20).stdout  # fmt: skip
+
+    assert status("mgmt", "169.254.0.10", "-u", "ops:s3cret-pass:word") == "200"
+    assert status("mgmt", "169.254.0.10") == "401"
+    assert status("mgmt", "169.254.0.10", "-u", "ops:wrong-password") == "401"
+    assert status("pub", "192.0.2.10", "-u", "ops:s3cret-pass:word") == "000"  # not on the public side
+    assert status("g1", "10.1.1.1", "-u", "ops:s3cret-pass:word") == "000"  # nor on a tier
+    shown = lab.vr("diff", write_payload(tmp_path, {**payload, "generation": 4, "load_balancer": {
+        **payload["load_balancer"], "stats": {**payload["load_balancer"]["stats"], "password": "an0ther-pass"}}}))
+    assert "stats.secrets" in shown.stdout  # named as changed, never shown
+    assert "an0ther" not in shown.stdout and "s3cret" not in shown.stdout

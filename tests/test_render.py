@@ -161,3 +161,47 @@ def test_an_option_vr_sends_itself_is_replaced_by_the_tiers_never_doubled(exampl
     assert [line for line in tier1 if "option:router" in line] == ["dhcp-option=tag:tier_tier1,option:router,10.1.1.254"]
     assert [line for line in tier1 if "dns-server" in line or ",6," in line] == ["dhcp-option=tag:tier_tier1,6,10.1.1.53"]
     assert [line for line in tier1 if "mtu" in line] == ["dhcp-option-force=tag:tier_tier1,option:mtu,1400"]
+
+
+def lb_doc(example: dict, **rule) -> dict:
+    example["nat"]["public_ips"].append({"ip": "192.0.2.12"})
+    base = {"id": "web", "public_ip": "192.0.2.12", "public_port": 80, "private_port": 8000,
+            "members": [{"ip": "10.1.1.10"}]}  # fmt: skip
+    example["load_balancer"] = {"rules": [base | rule]}
+    return example
+
+
+@pytest.mark.parametrize(("stickiness", "lines"), [
+    ({"type": "cookie"}, ["cookie SERVERID insert indirect nocache"]),
+    ({"type": "cookie", "cookie": "LB", "indirect": False, "expire_s": 600}, ["cookie LB insert nocache maxlife 600s"]),
+    ({"type": "cookie", "cookie": "JSESSIONID", "mode": "prefix"}, ["cookie JSESSIONID prefix"]),
+    ({"type": "source", "table_size": 5000, "expire_s": 120}, ["stick-table type ip size 5000 expire 120s", "stick on src"]),
+    ({"type": "app_cookie", "cookie": "sid", "length": 128},
+     ["stick-table type string len 128 size 200000 expire 1800s", "stick on req.cook(sid)"]),
+])  # fmt: skip
+def test_stickiness_parameters_reach_haproxy(example, runtime, stickiness, lines):
+    from vr.services.haproxy import HaproxyService
+
+    config = render(lb_doc(example, stickiness=stickiness), runtime, HaproxyService())["haproxy.cfg"]
+    for line in lines:
+        assert f"  {line}\n" in config
+
+
+@pytest.mark.parametrize(("stickiness", "reason"), [
+    ({"type": "source", "mode": "rewrite"}, "mode does not apply to source stickiness"),
+    ({"type": "cookie", "length": 10}, "length does not apply to cookie stickiness"),
+    ({"type": "cookie", "mode": "rewrite", "nocache": False}, "apply to an inserted cookie"),
+    ({"type": "none", "expire_s": 60}, "expire_s does not apply to none stickiness"),
+])  # fmt: skip
+def test_stickiness_parameters_that_do_not_apply_are_refused(example, stickiness, reason):
+    with pytest.raises(docmod.InvalidPayload) as caught:
+        docmod.build_document(lb_doc(example, stickiness=stickiness))
+    assert any(reason in p.reason and p.path == "load_balancer.rules[0].stickiness" for p in caught.value.problems)
+
+
+def test_proxy_protocol_reaches_members_and_their_checks(example, runtime):
+    from vr.services.haproxy import HaproxyService
+
+    doc = lb_doc(example, protocol="tcp", proxy_protocol="v2", health_check={"type": "tcp"})
+    config = render(doc, runtime, HaproxyService())["haproxy.cfg"]
+    assert " send-proxy-v2 check-send-proxy" in config and "option forwardfor" not in config

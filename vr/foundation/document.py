@@ -493,11 +493,19 @@ class LbHealthCheck(Strict):
 
 
 class LbStickiness(Strict):
-    """source: by client IP; cookie: haproxy inserts its own; app_cookie: follows the
-    application's cookie of that name."""
+    """source: by client IP; cookie: haproxy's own cookie (inserted, or rewritten or prefixed
+    into the application's); app_cookie: follows the application's cookie of that name.
+    CloudStack's parameters: a cookie's mode, indirect, nocache and expiry; a stick table's
+    size and expiry (source and app_cookie), an application cookie's length."""
 
     type: Literal["none", "source", "cookie", "app_cookie"] = "none"
     cookie: CookieName | None = None
+    mode: Literal["insert", "rewrite", "prefix"] = "insert"  # cookie
+    indirect: bool = True  # cookie insert: the member never sees haproxy's cookie
+    nocache: bool = True  # cookie insert: caches are told not to keep a response that sets it
+    expire_s: int | None = Field(None, ge=1, le=2_592_000)  # stick table entries; an inserted cookie's life
+    table_size: int | None = Field(None, ge=1, le=10_000_000)  # stick table entries (default 200k)
+    length: int | None = Field(None, ge=1, le=1024)  # app_cookie: the longest value kept (default 64)
 
     @model_validator(mode="after")
     def _named(self) -> LbStickiness:
@@ -505,6 +513,15 @@ class LbStickiness(Strict):
             raise ValueError("app_cookie stickiness needs the cookie's name")
         if self.type in ("none", "source") and self.cookie is not None:
             raise ValueError(f"a cookie name does not apply to {self.type} stickiness")
+        given = self.model_fields_set
+        applies = {"mode": ("cookie",), "indirect": ("cookie",), "nocache": ("cookie",),
+                   "expire_s": ("source", "cookie", "app_cookie"), "table_size": ("source", "app_cookie"),
+                   "length": ("app_cookie",)}  # fmt: skip
+        for name, types in applies.items():
+            if name in given and self.type not in types:
+                raise ValueError(f"{name} does not apply to {self.type} stickiness")
+        if self.type == "cookie" and self.mode != "insert" and given & {"indirect", "nocache", "expire_s"}:
+            raise ValueError("indirect, nocache and expire_s apply to an inserted cookie (mode insert)")
         return self
 
 
@@ -540,11 +557,20 @@ class LbRule(Strict):
     timeouts: LbTimeouts = Field(default_factory=LbTimeouts)
     source_cidrs: list[IPv4Net] = Field(default_factory=list, max_length=256)  # empty: from anywhere
     tls: LbTls | None = None
+    # The client's address to members in a PROXY protocol header (CloudStack's "tcp-proxy");
+    # the members must expect it.
+    proxy_protocol: Literal["none", "v1", "v2"] = "none"
+    http2: bool = False  # https: HTTP/2 offered to clients by ALPN (h2, then http/1.1)
+    forwarded_headers: bool = True  # http(s): X-Forwarded-For and X-Forwarded-Proto to members
 
     @model_validator(mode="after")
     def _consistent(self) -> LbRule:
         if (self.protocol == "https") != (self.tls is not None):
             raise ValueError("tls (certificates) is required for https and applies to https only")
+        if self.http2 and self.protocol != "https":
+            raise ValueError("http2 (ALPN) needs protocol https")
+        if "forwarded_headers" in self.model_fields_set and self.forwarded_headers and self.protocol == "tcp":
+            raise ValueError("forwarded_headers needs protocol http or https (tcp carries no headers)")
         if self.stickiness.type in ("cookie", "app_cookie") and self.protocol == "tcp":
             raise ValueError("cookie stickiness needs protocol http or https")
         if self.health_check is not None and self.health_check.type == "http" and self.protocol == "tcp":
@@ -552,8 +578,28 @@ class LbRule(Strict):
         return self
 
 
+def _stats_password(value: str) -> str:
+    """A password haproxy's config holds as one word: no space, quote, '#' or backslash.
+    The messages never repeat it."""
+    if not re.fullmatch(r"[A-Za-z0-9._~!@%^*+=,:/?-]{8,128}", value):
+        raise ValueError("a stats password has 8-128 characters: letters, digits and ._~!@%^*+=,:/?-")
+    return value
+
+
+class LbStats(Strict):
+    """haproxy's statistics page, on one of the router's own addresses (the input policy
+    opens its port on that interface only), behind a user name and password."""
+
+    address: IPv4
+    port: int = Field(8404, ge=1, le=65535)
+    username: Annotated[str, _pattern(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", "user name (letters, digits, ._-)")]
+    password: Annotated[str, AfterValidator(_stats_password)]
+    refresh_s: int = Field(10, ge=1, le=3600)
+
+
 class LoadBalancer(Strict):
     rules: list[LbRule] = Field(default_factory=list, max_length=1000)
+    stats: LbStats | None = None
 
 
 def _secret(what: str, min_length: int):

@@ -78,6 +78,9 @@ def serve_http(name: str, port: int, seconds: float) -> None:
             self.send_header("Content-Type", "text/plain")
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Set-Cookie", f"app={name}")
+            # What a load balancer told the member about its client, for tests to count (fetch --header).
+            seen = " ".join(self.headers.get(h, "-") for h in ("X-Forwarded-For", "X-Forwarded-Proto"))
+            self.send_header("X-Seen-Forwarded", seen)
             self.end_headers()
             self.wfile.write(body)
 

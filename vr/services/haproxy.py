@@ -32,6 +32,7 @@ from vr.services.runtime import Runtime
 
 PROGRAM = "haproxy"
 CONFIG = "haproxy.cfg"
+STATS = "stats.secrets"  # the statistics page, with its password: a second config file, never shown in a diff
 HARD_STOP_AFTER_S = 30  # an old worker's connections get this long after a reload
 GLOBAL_MAXCONN = 8000  # haproxy needs ~2 fds per connection; this machine class allows 20k fds
 
@@ -46,7 +47,7 @@ class HaproxyService(Service):
         return (doc.router.name, doc.interfaces, doc.nat, doc.load_balancer)
 
     def configured(self, doc: RouterDocument) -> bool:
-        return bool(doc.load_balancer.rules)
+        return bool(doc.load_balancer.rules) or doc.load_balancer.stats is not None
 
     def verify(self, doc: RouterDocument) -> list[Problem]:
         problems: list[Problem] = []
@@ -54,6 +55,8 @@ class HaproxyService(Service):
         assigned = {p.ip for p in doc.nat.public_ips if not p.reserved}
         static = {s.public_ip for s in doc.nat.static_nat}
         tiers = [a.network for i in doc.guest_interfaces() for a in i.ipv4s()]
+        if doc.load_balancer.stats is not None:
+            problems += _stats_problems(doc)
         if not rules:
             return problems  # nothing of ours; not even a pass over the port forwards
         forwards: dict = {}  # public IP -> its tcp port forwards' ranges: a rule looks at its own IP's only
@@ -88,7 +91,7 @@ class HaproxyService(Service):
 
     def generate(self, doc: RouterDocument, runtime: Runtime) -> dict[str, bytes]:
         rules = doc.load_balancer.rules
-        if not rules:
+        if not self.configured(doc):
             return {}
         settings = runtime.settings
         files: dict[str, bytes] = {}
@@ -105,6 +108,7 @@ class HaproxyService(Service):
             global_maxconn=GLOBAL_MAXCONN,
             rules=sections.decode(),
         )
+        files[STATS] = runtime.render("haproxy/stats.j2", stats=doc.load_balancer.stats)
         return files
 
     def check(self, staged_dir: Path, change: Change, runtime: Runtime) -> None:
@@ -112,22 +116,23 @@ class HaproxyService(Service):
             # A change of members' weights only: validated integers, set through the runtime
             # API (apply); `haproxy -c` of 200 rules costs more than the whole change.
             return
-        command = ["haproxy", "-c", "-q", "-C", str(staged_dir), "-f", str(staged_dir / CONFIG)]
+        command = ["haproxy", "-c", "-q", "-C", str(staged_dir), "-f", str(staged_dir / CONFIG),
+                   "-f", str(staged_dir / STATS)]  # fmt: skip
         run_checker("haproxy -c", command, staged_dir)
 
     def programs(self, doc: RouterDocument, runtime: Runtime) -> list[Program]:
-        if not doc.load_balancer.rules:
+        if not self.configured(doc):
             return []
         settings = runtime.settings
         here = settings.service_dir(self.name)
         # -W: master-worker; -db: stay in the foreground for supervisord.
-        command = ["haproxy", "-W", "-db", "-C", str(here), "-f", str(here / CONFIG),
+        command = ["haproxy", "-W", "-db", "-C", str(here), "-f", str(here / CONFIG), "-f", str(here / STATS),
                    "-p", str(settings.run_dir / "haproxy.pid")]  # fmt: skip
         return [Program(PROGRAM, command, stop_signal="USR1")]  # USR1: finish connections, then exit
 
     def apply(self, change: Change, doc: RouterDocument | None, runtime: Runtime) -> None:
         client = runtime.supervisor
-        if doc is None or not doc.load_balancer.rules:
+        if doc is None or not self.configured(doc):
             return  # supervisor removed the program with its config
         if client.state(PROGRAM) != "RUNNING":
             state_file = runtime.settings.state_dir / "haproxy.state"
@@ -252,22 +257,32 @@ def _rule_values(rule: LbRule) -> dict:
         if check.type == "http":
             backend += [f"option httpchk GET {check.path}", f"http-check expect status {check.expect_status}"]
     sticky = rule.stickiness
+    table = f"size {sticky.table_size or 200_000} expire {sticky.expire_s or 1800}s"
     if sticky.type == "source":
-        backend += ["stick-table type ip size 200k expire 30m", "stick on src"]
+        backend += [f"stick-table type ip {table}", "stick on src"]
     elif sticky.type == "cookie":
-        backend.append(f"cookie {sticky.cookie or 'SERVERID'} insert indirect nocache")
+        flags = [sticky.mode]
+        if sticky.mode == "insert":
+            flags += ["indirect"] * sticky.indirect + ["nocache"] * sticky.nocache
+            flags += [f"maxlife {sticky.expire_s}s"] if sticky.expire_s else []
+        backend.append(f"cookie {sticky.cookie or 'SERVERID'} {' '.join(flags)}")
     elif sticky.type == "app_cookie":
         backend += [
-            "stick-table type string len 64 size 200k expire 30m",
+            f"stick-table type string len {sticky.length or 64} {table}",
             f"stick on req.cook({sticky.cookie})",
             f"stick store-response res.cook({sticky.cookie})",
         ]
+    proxy = {"none": "", "v1": " send-proxy", "v2": " send-proxy-v2"}[rule.proxy_protocol]
+    if proxy and check is not None:
+        proxy += " check-send-proxy"  # the member expects the header on every connection, checks too
     servers = []
     for member in rule.members:
         address = member_address(rule, member)
         name = _server_name(address)
         cookie = f" cookie {name}" if sticky.type == "cookie" else ""
-        servers.append({"name": name, "address": address, "weight": member.weight, "options": options + cookie})
+        servers.append({"name": name, "address": address, "weight": member.weight,
+                        "options": options + proxy + cookie})  # fmt: skip
+    forwarded = rule.forwarded_headers and mode == "http"
     return {
         "id": rule.id,
         "mode": mode,
@@ -278,7 +293,27 @@ def _rule_values(rule: LbRule) -> dict:
         "timeouts": rule.timeouts,
         "backend_lines": backend,
         "servers": servers,
+        "http2": rule.http2,
+        "forwarded_proto": ("https" if rule.protocol == "https" else "http") if forwarded else None,
     }
+
+
+def _stats_problems(doc: RouterDocument) -> list[Problem]:
+    """The statistics page: on one of the router's own interface addresses, at a port that
+    nothing else of the router's takes there."""
+    from vr.services.nftables import LOCAL_PORTS  # the ports each role answers already
+
+    stats = doc.load_balancer.stats
+    owner = next((i for i in doc.interfaces if any(a.ip == stats.address for a in i.addresses)), None)
+    if owner is None:
+        return [Problem("load_balancer.stats.address", f"{stats.address} is not one of the router's interface addresses")]
+    taken = set(LOCAL_PORTS.get(owner.role, {}).get("tcp", ()))
+    if owner.role == "control" and doc.agent.served():
+        taken.add(doc.agent.port)
+    taken |= {r.public_port for r in doc.load_balancer.rules if r.public_ip == stats.address}
+    if stats.port in taken:
+        return [Problem("load_balancer.stats.port", f"tcp {stats.address}:{stats.port} is already a service of the router")]
+    return []
 
 
 def _pem_bundle(cert: LbCertificate) -> bytes:
