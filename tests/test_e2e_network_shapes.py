@@ -107,3 +107,38 @@ def test_public_dns_answers_only_the_guests_names_and_only_when_asked(tmp_path):
         assert ask_dns(lab, "g1", "example.com", "10.1.1.1") != "REFUSED -"  # recursion included (sent upstream)
         lab.vr("apply", write_payload(tmp_path, {"generation": 3, "dns": doc["dns"]}))
         assert ask_dns(lab, "pub", "web1.cloud.internal", "192.0.2.10").startswith("no answer")
+
+
+WEB1_MAC, WEB2_MAC = "02:00:00:00:01:10", "02:00:00:00:01:11"  # configs/examples/router.json's web1; web2 added
+
+
+def test_guests_reach_forwards_static_nat_and_load_balancers_by_their_public_ips(tmp_path):
+    """Hairpin NAT: from the same tier and from another, to a port forward, a static NAT and
+    a load-balancer rule of their own router; replies come back through the router."""
+    with example_lab(guests=("g2",)) as lab:
+        lab.add_guests("g1", {"h1": WEB1_MAC, "h2": WEB2_MAC})  # web1 and web2, both on tier1
+        doc = json.loads((EXAMPLES / "router.json").read_text())
+        doc["dhcp"]["entries"].append({"tier": "tier1", "mac": WEB2_MAC, "ip": "10.1.1.11", "hostname": "web2"})
+        doc["nat"]["public_ips"].append({"ip": "192.0.2.12"})
+        doc["load_balancer"] = {"rules": [{"id": "web", "public_ip": "192.0.2.12", "public_port": 80,
+                                           "private_port": 8000, "members": [{"ip": "10.1.1.10"}]}]}  # fmt: skip
+        lab.vr("apply", write_payload(tmp_path, {**doc, "generation": 2}))
+        assert lab.dhcp("h1")["address"] == "10.1.1.10" and lab.dhcp("h2")["address"] == "10.1.1.11"
+        lab.serve(lab.ns("h1"), "web1", 80)
+        lab.serve(lab.ns("h1"), "web1", 8000, http=True)
+        lab.serve(lab.ns("g2"), "db1", 22)
+
+        # A port forward, from the same tier (web2) and from another (db1): the router's
+        # address on the member's tier is the source, so the answer comes back through it.
+        assert lab.ask(lab.ns("h2"), "192.0.2.10", 8080) == "web1 sees 10.1.1.1"
+        assert lab.ask(lab.ns("g2"), "192.0.2.10", 8080) == "web1 sees 10.1.1.1"
+        assert lab.ask(lab.ns("h1"), "192.0.2.10", 8080) == "web1 sees 10.1.1.1"  # a VM to its own forward
+        # A static NAT, from the other tier.
+        assert lab.ask(lab.ns("h2"), "192.0.2.11", 22) == "db1 sees 10.1.2.1"
+        # A load-balancer rule, from both tiers.
+        for guest in ("h2", "g2"):
+            fetched = lab.fetch(lab.ns(guest), "192.0.2.12", 80, "--count", "2", "--timeout", "3")
+            assert fetched["failed"] == 0 and fetched["answers"] == {"web1": 2}, fetched
+        # Nothing else of the public IPs opens to guests, and the public side is as before.
+        assert lab.ask(lab.ns("h2"), "192.0.2.10", 8081, timeout=1) is None
+        assert lab.ask(lab.ns("pub"), "192.0.2.10", 8080) == "web1 sees 192.0.2.1"

@@ -136,6 +136,8 @@ class Lab:
         self.stop_dhclient(tier_guest)
         if not self.extra_guests or _run("ip", "-n", bridge_ns, "link", "show", "br0", check=False).returncode:
             _run("ip", "-n", bridge_ns, "addr", "flush", "dev", "eth0")
+            # The guest's MAC goes with the guest: a bridge port keeping it would take its frames.
+            _run("ip", "-n", bridge_ns, "link", "set", "eth0", "address", "02:00:00:fe:00:01")
             _run("ip", "-n", bridge_ns, "link", "add", "br0", "type", "bridge")
             _run("ip", "-n", bridge_ns, "link", "set", "eth0", "master", "br0")
             _run("ip", "-n", bridge_ns, "link", "set", "br0", "up")

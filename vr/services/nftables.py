@@ -199,6 +199,7 @@ class NftablesService(Service):
         acl_by_tier = {acl.tier: (acl, blocks) for acl, blocks in zip(doc.network_acls, compiled, strict=True)}
         tiers = []
         sets["shared_ifs"] = [f'"{names[i.id]}"' for i in doc.guest_interfaces() if i.shared() and names.get(i.id)]
+        sets["routed_ifs"] = [f'"{names[i.id]}"' for i in doc.routed_tiers() if names.get(i.id)]
         for iface in doc.routed_tiers():
             chain = iface.id.replace("-", "_")
             policy = egress_by_tier.get(iface.id)
@@ -340,7 +341,7 @@ _SETS = ("public_ips", "pf_tcp", "pf_udp", "pf_tcp_from", "pf_udp_from", "static
          "in_all", "in_tcp", "in_udp", "in_all_from", "in_tcp_from", "in_udp_from", "in_icmp", "in_icmp_typed",
          "lb", "lb_from", "vpn_gateways", "vpn_remote", "in6_all", "in6_tcp", "in6_udp", "in6_icmp", "in6_icmp_typed",
          "local_tcp", "local_udp", "local6_tcp", "local6_udp", "guest_ifs", "role_ifs", "guest_ips",
-         "control_ifs", "shared_ifs")  # fmt: skip
+         "control_ifs", "shared_ifs", "routed_ifs")  # fmt: skip
 
 
 def _element_delta(change: Change) -> str | None:
