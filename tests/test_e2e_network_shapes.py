@@ -142,3 +142,62 @@ def test_guests_reach_forwards_static_nat_and_load_balancers_by_their_public_ips
         # Nothing else of the public IPs opens to guests, and the public side is as before.
         assert lab.ask(lab.ns("h2"), "192.0.2.10", 8081, timeout=1) is None
         assert lab.ask(lab.ns("pub"), "192.0.2.10", 8080) == "web1 sees 192.0.2.1"
+
+
+UDP_SEND = r"""
+import socket, sys
+count, size = int(sys.argv[3]), int(sys.argv[4])
+answered = 0
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    s.settimeout(2)
+    for _ in range(count):
+        s.sendto(b"x" * size, (sys.argv[1], int(sys.argv[2])))
+        try:
+            answered += len(s.recv(2048)) > 0
+        except TimeoutError:
+            pass
+print(answered)
+"""
+
+
+def usage(lab) -> dict[tuple[str, str], dict]:
+    report = json.loads(lab.vr("status", "--usage", "--json", check=False).stdout)
+    return {(row["kind"], row["name"]): row for row in report["usage"]}
+
+
+def test_usage_counters_count_known_traffic_and_survive_a_replace_and_a_reboot(tmp_path):
+    with example_lab(guests=("g1",)) as lab:
+        lab.serve(lab.ns("pub"), "public host", 7000)
+        before = usage(lab)
+        count, size = 5, 1000
+        sent = subprocess.run(["ip", "netns", "exec", lab.ns("g1"), sys.executable, "-c", UDP_SEND, "192.0.2.1",
+                               "7000", str(count), str(size)], capture_output=True, text=True, timeout=30, check=True)  # fmt: skip
+        assert sent.stdout.strip() == str(count)
+        after = usage(lab)
+        answer = len(b"public host sees 192.0.2.10\n")
+        request_bytes, answer_bytes = count * (20 + 8 + size), count * (20 + 8 + answer)  # IPv4 + UDP headers
+
+        def moved(key, field):
+            return after[key][field] - before[key][field]
+
+        ip, tier, other = ("public_ip", "192.0.2.10"), ("tier", "tier1"), ("public_ip", "192.0.2.11")
+        assert (moved(ip, "out_packets"), moved(ip, "out_bytes")) == (count, request_bytes)  # leaving with the SNAT IP
+        assert (moved(ip, "in_packets"), moved(ip, "in_bytes")) == (count, answer_bytes)
+        assert (moved(tier, "out_packets"), moved(tier, "out_bytes")) == (count, request_bytes)
+        assert (moved(tier, "in_packets"), moved(tier, "in_bytes")) == (count, answer_bytes)
+        assert moved(other, "out_bytes") == 0 and moved(("tier", "tier2"), "in_bytes") == 0
+
+        # A whole-table replace (a chain changes) keeps them, in the same transaction.
+        doc = json.loads((EXAMPLES / "router.json").read_text())
+        doc["firewall"]["egress"][0]["default"] = "deny"
+        lab.vr("apply", write_payload(tmp_path, {"generation": 2, "firewall": doc["firewall"]}))
+        assert usage(lab)[ip] == after[ip] and usage(lab)[tier] == after[tier]
+
+        # vr stop, then a reboot's empty kernel (the table gone), then vr start.
+        lab.vr("stop")
+        subprocess.run(["ip", "netns", "exec", lab.router_ns, "nft", "delete", "table", "inet", "vr"], check=True)
+        lab.vr("start")
+        assert usage(lab)[ip] == after[ip] and usage(lab)[tier] == after[tier]
+        line = next(line for line in lab.vr("status", "--usage", check=False).stdout.splitlines()
+                    if line.startswith("public_ip") and " 192.0.2.10 " in line)  # fmt: skip
+        assert line.split()[2:] == [str(after[ip][f]) for f in ("in_bytes", "in_packets", "out_bytes", "out_packets")]

@@ -110,7 +110,7 @@ def test_the_status_collection_is_cached_and_rules_are_capped(tmp_path, monkeypa
     rules = [{"chain": "forward", "rule": f"rule {i}", "packets": i, "bytes": 100 * i} for i in range(600)]
     calls = []
 
-    def report(settings, firewall=False, lb=False, vpn=False, pipeline=None):
+    def report(settings, firewall=False, lb=False, vpn=False, pipeline=None, usage=False):
         calls.append((firewall, lb, vpn))
         return {"release": "0.1.0", "router": "r1", "generation": 3, "healthy": True, "services": [],
                 "firewall": rules, "lb": [], "vpn": []}  # fmt: skip
@@ -220,7 +220,7 @@ def test_lb_members_fold_haproxy_transitions_and_a_dead_stats_socket_shows(tmp_p
 
     rows = [member("10.1.1.10:80", "UP 1/2"), member("10.1.1.11:80", "DOWN"), member("10.1.1.12:80", "no check")]
 
-    def report(settings, firewall=False, lb=False, vpn=False, pipeline=None):
+    def report(settings, firewall=False, lb=False, vpn=False, pipeline=None, usage=False):
         return {"release": "0.1.0", "router": "r1", "generation": 3, "healthy": True, "services": [],
                 "firewall": [], "lb": rows, "vpn": []}  # fmt: skip
 
@@ -248,7 +248,7 @@ def test_vpn_connections_count_their_sas_and_bytes(tmp_path, monkeypatch):
     rows = [tunnel("s2s-b", "ESTABLISHED", bytes_in=1200, bytes_out=3400), tunnel("s2s-c", "DOWN"),
             tunnel("remote-access", "ESTABLISHED", users)]  # fmt: skip
 
-    def report(settings, firewall=False, lb=False, vpn=False, pipeline=None):
+    def report(settings, firewall=False, lb=False, vpn=False, pipeline=None, usage=False):
         return {"release": "0.1.0", "router": "r1", "generation": 3, "healthy": True, "services": [],
                 "firewall": [], "lb": [], "vpn": rows}  # fmt: skip
 
@@ -266,3 +266,20 @@ def test_vpn_connections_count_their_sas_and_bytes(tmp_path, monkeypatch):
     found = samples(RouterMetrics(Settings.under_root(tmp_path), cache_s=0).render().decode())
     assert value(found, "vr_collection_ok", part="vpn") == 0
     assert not [key for key in found if key[0] == "vr_vpn_sas"]  # no made-up connection "-"
+
+
+def test_usage_is_exported_per_public_ip_and_tier_in_and_out(tmp_path, monkeypatch):
+    rows = [{"kind": "public_ip", "name": "192.0.2.10", "in_bytes": 560, "in_packets": 5, "out_bytes": 5140,
+             "out_packets": 5},
+            {"kind": "tier", "name": "tier1", "in_bytes": 0, "in_packets": 0, "out_bytes": 7, "out_packets": 1}]  # fmt: skip
+
+    def report(settings, firewall=False, lb=False, vpn=False, pipeline=None, usage=False):
+        assert usage  # a scrape asks for them
+        return {"release": "0.1.0", "router": "r1", "generation": 3, "healthy": True, "services": [],
+                "firewall": [], "lb": [], "vpn": [], "usage": rows}  # fmt: skip
+
+    monkeypatch.setattr(vr.control.status, "collect", report)
+    found = samples(RouterMetrics(Settings.under_root(tmp_path), cache_s=0).render().decode())
+    assert value(found, "vr_usage_bytes_total", kind="public_ip", id="192.0.2.10", direction="out") == 5140
+    assert value(found, "vr_usage_packets_total", kind="public_ip", id="192.0.2.10", direction="in") == 5
+    assert value(found, "vr_usage_bytes_total", kind="tier", id="tier1", direction="out") == 7

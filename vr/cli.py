@@ -223,7 +223,7 @@ def cmd_schema(args) -> int:
 def cmd_status(args) -> int:
     from vr.control.status import render_text
 
-    flags = "&".join(f"{name}={int(bool(getattr(args, name)))}" for name in ("firewall", "lb", "vpn"))
+    flags = "&".join(f"{name}={int(bool(getattr(args, name)))}" for name in ("firewall", "lb", "vpn", "usage"))
     answer = _through_daemon(args, "GET", f"/v1/status?{flags}")
     if answer is not None:
         status, report = answer
@@ -234,7 +234,7 @@ def cmd_status(args) -> int:
 
         settings = _settings(args)
         recover_first(settings)  # an interrupted apply is rolled back before it is reported on
-        report = collect(settings, firewall=args.firewall, lb=args.lb, vpn=args.vpn)
+        report = collect(settings, firewall=args.firewall, lb=args.lb, vpn=args.vpn, usage=args.usage)
     print(json.dumps(report, indent=2) if args.json else render_text(report))
     return 0 if report["healthy"] else 1
 
@@ -291,6 +291,12 @@ def cmd_stop(args) -> int:
     from vr.services.supervisor_rpc import router_processes, stop_processes
 
     settings = _settings(args)
+    try:
+        from vr.services.nftables import save_usage
+
+        save_usage(settings)  # the kernel's counters do not outlive a reboot; the next start restores them
+    except OSError as error:
+        print(f"vr: usage counters not saved: {error}", file=sys.stderr)
     Runtime(settings).supervisor.shutdown()
     stop_processes(router_processes(settings))  # what no supervisord ran: orphans of a dead one
     print("stopped")
@@ -468,6 +474,7 @@ def _status_command(sub) -> None:
     p = sub.add_parser("status", help="generation, last apply, each service's health")
     p.add_argument("--json", action="store_true")
     p.add_argument("--firewall", action="store_true", help="also each firewall/NAT rule's hit counters")
+    p.add_argument("--usage", action="store_true", help="also bytes and packets per public IP and tier (billing)")
     p.add_argument("--lb", action="store_true", help="also each load-balancer rule's members, up or down")
     p.add_argument("--vpn", action="store_true", help="also each VPN connection: state, bytes, users connected")
     p.set_defaults(func=cmd_status)

@@ -379,10 +379,11 @@ class RouterClient:
         """GET /v1/config: the current document, secrets redacted."""
         return self._json("GET", "/v1/config")
 
-    def status(self, firewall: bool = True, lb: bool = True, vpn: bool = True) -> dict:
+    def status(self, firewall: bool = True, lb: bool = True, vpn: bool = True, usage: bool = True) -> dict:
         """GET /v1/status: the `vr status --json` report and the daemon's, system's figures;
         with every part by default (the manager's poll), fewer as `vr status` asks."""
-        params = {name: int(value) for name, value in (("firewall", firewall), ("lb", lb), ("vpn", vpn)) if not value}
+        params = {name: int(value) for name, value in (("firewall", firewall), ("lb", lb), ("vpn", vpn), ("usage", usage))
+                  if not value}  # fmt: skip
         return self._json("GET", "/v1/status", params=params)
 
     def events(self, resource: str | None = None, since: float | None = None, limit: int | None = None) -> list[dict]:
@@ -712,6 +713,7 @@ def add_remote_arguments(parser) -> None:
     p.add_argument("--firewall", action="store_true", help="also each firewall/NAT rule's hit counters")
     p.add_argument("--lb", action="store_true", help="also each load-balancer rule's members, up or down")
     p.add_argument("--vpn", action="store_true", help="also each VPN connection: state, bytes, users connected")
+    p.add_argument("--usage", action="store_true", help="also bytes and packets per public IP and tier (billing)")
     p = actions.add_parser("events", help="print events (JSON lines)")
     p.add_argument("--resource", help="KIND or KIND:ID")
     p.add_argument("--since", type=float, metavar="T", help="unix time")
@@ -779,7 +781,7 @@ def _remote_action(client: RouterClient, args) -> int:
     elif action == "status":
         from vr.control.status import render_text
 
-        report = client.status(firewall=args.firewall, lb=args.lb, vpn=args.vpn)
+        report = client.status(firewall=args.firewall, lb=args.lb, vpn=args.vpn, usage=args.usage)
         print(json.dumps(report, indent=2) if args.json else render_text(report))
         return 0 if report.get("healthy") else 1
     elif action == "events":

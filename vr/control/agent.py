@@ -277,7 +277,7 @@ async def confirm_config(request: web.Request) -> web.Response:
 async def status(request: web.Request) -> web.Response:
     """Everything by default (the manager's poll); firewall=0, lb=0, vpn=0 leave a part out."""
     parts = {}
-    for name in ("firewall", "lb", "vpn"):
+    for name in ("firewall", "lb", "vpn", "usage"):
         value = request.query.get(name, "1")
         if value not in ("0", "1", "true", "false"):
             raise RequestRefused(400, Problem(name, "0 or 1"))

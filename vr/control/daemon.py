@@ -305,15 +305,15 @@ class Daemon:
         self.worker.submit(Job(future, self.loop, call=function))
         return await future
 
-    async def status(self, firewall: bool = True, lb: bool = True, vpn: bool = True) -> dict:
+    async def status(self, firewall: bool = True, lb: bool = True, vpn: bool = True, usage: bool = True) -> dict:
         """The report a manager polls: `vr status --json` and the daemon's own figures, collected
         beside the worker (it only reads). Never cached (counters move with every packet);
         polls that arrive while one is collected share it, so a polling storm costs one."""
         await self.recover_first()
-        key = (firewall, lb, vpn)
+        key = (firewall, lb, vpn, usage)
         running = self._collecting.get(key)
         if running is None:
-            running = asyncio.get_running_loop().run_in_executor(None, self._collect, firewall, lb, vpn)
+            running = asyncio.get_running_loop().run_in_executor(None, self._collect, *key)
             self._collecting[key] = running
             running.add_done_callback(lambda _: self._collecting.pop(key, None))
         return await asyncio.shield(running)
@@ -324,10 +324,10 @@ class Daemon:
         if self.agent is not None and self.loop is not None:
             asyncio.run_coroutine_threadsafe(self.agent.reload(), self.loop).result(timeout=30)
 
-    def _collect(self, firewall: bool, lb: bool, vpn: bool) -> dict:
+    def _collect(self, firewall: bool, lb: bool, vpn: bool, usage: bool) -> dict:
         from vr.control.status import collect
 
-        report = collect(self.settings, firewall=firewall, lb=lb, vpn=vpn, pipeline=self.pipeline)
+        report = collect(self.settings, firewall=firewall, lb=lb, vpn=vpn, pipeline=self.pipeline, usage=usage)
         report["daemon"] = {"pid": os.getpid(), "release": running_version(), "uptime_s": round(time.time() - self.started_at, 1),
                             "pushes": self.pushes, "transactions": self.worker.transactions,
                             "confirm_pending": self.confirm_report()}  # fmt: skip

@@ -163,7 +163,7 @@ class RouterMetrics:
         errors: dict[str, str] = {}
         status = None
         try:
-            status = collect(self.settings, firewall=True, lb=True, vpn=True, pipeline=self.pipeline)
+            status = collect(self.settings, firewall=True, lb=True, vpn=True, pipeline=self.pipeline, usage=True)
         except Exception as error:  # noqa: BLE001 - a scrape answers with what it has, whatever broke
             errors["status"] = _why(error)
             log.warning("metrics: the status collection failed: %s", errors["status"])
@@ -204,7 +204,7 @@ class _RouterCollector:
         status = snap["status"]
         families: list[Metric] = []
         builders = [("status", _router_families), ("firewall", _rule_families), ("lb", _lb_families),
-                    ("vpn", _vpn_families)]  # fmt: skip
+                    ("vpn", _vpn_families), ("usage", _usage_families)]  # fmt: skip
         for part, build in builders:
             if status is None:
                 break
@@ -280,6 +280,20 @@ def _rule_families(status: dict) -> tuple[list[Metric], str | None]:
         packets.add_metric([rule], count)
         volume.add_metric([rule], size)
     return [packets, volume], None
+
+
+def _usage_families(status: dict) -> tuple[list[Metric], str | None]:
+    """Billing usage: per public IP and per tier (bounded by the document: at most 1,024
+    public IPs and 64 tiers), in and out."""
+    rows = status.get("usage") or []
+    labels = ["kind", "id", "direction"]  # id: the public IP or the tier id
+    volume = CounterMetricFamily("vr_usage_bytes", "Bytes through a public IP or a tier, for billing.", labels=labels)
+    packets = CounterMetricFamily("vr_usage_packets", "Packets through a public IP or a tier.", labels=labels)
+    for row in rows:
+        for direction in ("in", "out"):
+            volume.add_metric([row["kind"], row["name"], direction], row[f"{direction}_bytes"])
+            packets.add_metric([row["kind"], row["name"], direction], row[f"{direction}_packets"])
+    return [volume, packets], None
 
 
 def _lb_families(status: dict) -> tuple[list[Metric], str | None]:

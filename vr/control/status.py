@@ -54,7 +54,7 @@ def monitor_view(settings: Settings) -> dict:
 
 
 def collect(settings: Settings, firewall: bool = False, lb: bool = False, vpn: bool = False,
-            pipeline: Any = None) -> dict:  # fmt: skip
+            pipeline: Any = None, usage: bool = False) -> dict:  # fmt: skip
     """pipeline: a warm one (the daemon's) whose parsed document is reused."""
     from vr.foundation.errors import StoredDocumentUnreadable
     from vr.foundation.lock import holder
@@ -112,6 +112,11 @@ def collect(settings: Settings, firewall: bool = False, lb: bool = False, vpn: b
             counters = rule_counters()
         except RuntimeError as error:
             counters = [{"chain": "-", "rule": str(error), "packets": 0, "bytes": 0}]
+    traffic = None
+    if usage and doc is not None:
+        from vr.services.nftables import usage_report
+
+        traffic = usage_report(doc)
     members = None
     if lb and doc is not None:
         members = _lb_members(doc, runtime)
@@ -126,6 +131,7 @@ def collect(settings: Settings, firewall: bool = False, lb: bool = False, vpn: b
         "ipv6": tier_mode(doc) if doc is not None else [],
         "vpn": tunnels,
         "firewall": counters,
+        "usage": traffic,
         "lb": members,
         "router": doc.router.name if doc else None,
         "generation": doc.generation if doc else None,
@@ -250,6 +256,10 @@ def render_text(report: dict) -> str:
     if report.get("firewall") is not None:
         lines += ["", f"{'chain':<14}{'packets':>10}{'bytes':>12}  rule"]
         lines += [f"{c['chain']:<14}{c['packets']:>10}{c['bytes']:>12}  {c['rule']}" for c in report["firewall"]]
+    if report.get("usage") is not None:
+        lines += ["", f"{'usage':<10}{'of':<18}{'bytes in':>14}{'packets in':>12}{'bytes out':>14}{'packets out':>12}"]
+        lines += [f"{u['kind']:<10}{u['name']:<18}{u['in_bytes']:>14}{u['in_packets']:>12}{u['out_bytes']:>14}"
+                  f"{u['out_packets']:>12}" for u in report["usage"]]  # fmt: skip
     if report.get("lb") is not None:
         lines += ["", f"{'rule':<16}{'listen':<22}{'member':<22}{'weight':>6}  state"]
         lines += [

@@ -20,6 +20,7 @@ import bisect
 import ctypes
 import functools
 import itertools
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from typing import Any
 
 from vr.foundation.document import AclRule, EgressRule, IngressRule, LbRule, PortForward, RouterDocument
 from vr.foundation.errors import Problem
+from vr.foundation.files import read_bytes_or_none, write_new
 from vr.services.base import Change, CheckFailed, Service, repeats
 from vr.services.network import interface_names
 from vr.services.probes import ProbeSpec
@@ -200,6 +202,12 @@ class NftablesService(Service):
         tiers = []
         sets["shared_ifs"] = [f'"{names[i.id]}"' for i in doc.guest_interfaces() if i.shared() and names.get(i.id)]
         sets["routed_ifs"] = [f'"{names[i.id]}"' for i in doc.routed_tiers() if names.get(i.id)]
+        usage = _usage_counters(doc, names)
+        for direction in ("in", "out"):
+            sets[f"usage_ip_{direction}"] = [f'{ip} : "{name}"' for (kind, ip, way), name in usage.items()
+                                            if kind == "ip" and way == direction]  # fmt: skip
+            sets[f"usage_tier_{direction}"] = [f'"{names[tier]}" : "{name}"' for (kind, tier, way), name in usage.items()
+                                              if kind == "tier" and way == direction]  # fmt: skip
         for iface in doc.routed_tiers():
             chain = iface.id.replace("-", "_")
             policy = egress_by_tier.get(iface.id)
@@ -245,7 +253,7 @@ class NftablesService(Service):
         listed = {name: f" elements = {{ {', '.join(elements)} }};" if elements else "" for name, elements in sets.items()}
         ruleset = runtime.render(
             "nftables/vr.nft.j2", router=doc.router.name, public_if=names[public.id] if public else None, tiers=tiers,
-            sets=listed,
+            sets=listed, usage_counters=sorted(usage.values()),
         )  # fmt: skip
         return {RULESET: ruleset}
 
@@ -275,7 +283,7 @@ class NftablesService(Service):
             delta = _element_delta(change)
             if delta is not None and _nft(delta)[0] == 0:
                 return
-            batch = ruleset.decode()
+            batch = _with_usage(ruleset.decode(), _usage_now(runtime.settings))
         rc, error = _nft(batch)
         if rc != 0:
             raise RuntimeError(f"nftables refused the ruleset: {error.strip()}")
@@ -341,7 +349,8 @@ _SETS = ("public_ips", "pf_tcp", "pf_udp", "pf_tcp_from", "pf_udp_from", "static
          "in_all", "in_tcp", "in_udp", "in_all_from", "in_tcp_from", "in_udp_from", "in_icmp", "in_icmp_typed",
          "lb", "lb_from", "vpn_gateways", "vpn_remote", "in6_all", "in6_tcp", "in6_udp", "in6_icmp", "in6_icmp_typed",
          "local_tcp", "local_udp", "local6_tcp", "local6_udp", "guest_ifs", "role_ifs", "guest_ips",
-         "control_ifs", "shared_ifs", "routed_ifs")  # fmt: skip
+         "control_ifs", "shared_ifs", "routed_ifs", "usage_ip_in", "usage_ip_out", "usage_tier_in",
+         "usage_tier_out")  # fmt: skip
 
 
 def _element_delta(change: Change) -> str | None:
@@ -394,10 +403,88 @@ def _without_elements(ruleset: str) -> str:
     return _ELEMENTS.sub("", ruleset)
 
 
+def _usage_counters(doc: RouterDocument, names: dict[str, str]) -> dict[tuple[str, str, str], str]:
+    """(kind, public IP or tier id, direction) -> the named counter: each assigned public IP
+    and each routed tier, in and out."""
+    counters = {}
+    for direction in ("in", "out"):
+        for public_ip in doc.nat.public_ips:
+            if not public_ip.reserved:
+                counters[("ip", str(public_ip.ip), direction)] = f"usage_ip_{int(public_ip.ip):08x}_{direction}"
+        for iface in doc.routed_tiers():
+            if names.get(iface.id):
+                counters[("tier", iface.id, direction)] = f"usage_tier_{iface.id.replace('-', '_')}_{direction}"
+    return counters
+
+
+USAGE_FILE = "usage.json"  # in the state dir: the counters as `vr stop` left them (a reboot empties the kernel's)
+_USAGE_LINE = re.compile(r"^  counter (usage_\w+) \{ packets 0 bytes 0 \}$", re.MULTILINE)
+
+
+def _usage_now(settings: Any) -> dict[str, tuple[int, int]]:
+    """The usage counters' values: the live table's, or, when there is none (after a reboot),
+    what `vr stop` saved."""
+    live = _read_usage()
+    if live is not None:
+        return live
+    saved = read_bytes_or_none(settings.state_dir / USAGE_FILE)
+    try:
+        values = json.loads(saved) if saved else {}
+        return {name: (int(p), int(b)) for name, (p, b) in values.items() if str(name).startswith("usage_")}
+    except (ValueError, TypeError):
+        return {}  # a damaged file: counting starts again, the apply goes on
+
+
+def _with_usage(ruleset: str, values: dict[str, tuple[int, int]]) -> str:
+    """The ruleset with each usage counter declared at the value it holds now: the replace
+    and the restore are one transaction."""
+    if not values:
+        return ruleset
+
+    def restored(match: re.Match) -> str:
+        packets, size = values.get(match.group(1), (0, 0))
+        return f"  counter {match.group(1)} {{ packets {packets} bytes {size} }}"
+
+    return _USAGE_LINE.sub(restored, ruleset)
+
+
+def _read_usage() -> dict[str, tuple[int, int]] | None:
+    """name -> (packets, bytes) of the live table's usage counters; None without the table."""
+    import nftables
+
+    nft = nftables.Nftables()
+    nft.set_json_output(True)
+    rc, output, _ = nft.cmd(f"list counters table {TABLE}")
+    if rc != 0:
+        return None
+    found = {}
+    for item in json.loads(output).get("nftables", []):
+        counter = item.get("counter")
+        if counter and str(counter.get("name", "")).startswith("usage_"):
+            found[counter["name"]] = (int(counter.get("packets", 0)), int(counter.get("bytes", 0)))
+    return found
+
+
+def save_usage(settings: Any) -> None:
+    """`vr stop`: the usage counters to the state dir, for the next start to restore."""
+    values = _read_usage()
+    if values:
+        write_new(settings.state_dir / USAGE_FILE, json.dumps({k: list(v) for k, v in values.items()}).encode())
+
+
+def usage_report(doc: RouterDocument) -> list[dict]:
+    """Per public IP and per tier: bytes and packets in and out, as the live counters hold them."""
+    values = _read_usage() or {}
+    rows: dict[tuple[str, str], dict] = {}
+    for (kind, name, direction), counter in _usage_counters(doc, interface_names(doc)).items():
+        row = rows.setdefault((kind, name), {"kind": "public_ip" if kind == "ip" else "tier", "name": name})
+        packets, size = values.get(counter, (0, 0))
+        row[f"{direction}_bytes"], row[f"{direction}_packets"] = size, packets
+    return list(rows.values())
+
+
 def rule_counters() -> list[dict]:
     """Every commented rule of vr's table with its packet and byte counters."""
-    import json
-
     import nftables
 
     nft = nftables.Nftables()
