@@ -3,7 +3,7 @@ VENV := .venv
 APT_PACKAGES := dnsmasq-base dnsmasq-utils nftables haproxy strongswan-swanctl charon-systemd \
 	libcharon-extra-plugins libcharon-extauth-plugins libstrongswan-standard-plugins radvd \
 	isc-dhcp-client ndisc6 iproute2 iputils-ping iperf3 util-linux python3-venv make patch \
-	nmap busybox dhcpcd-base bind9-dnsutils prometheus
+	nmap busybox dhcpcd-base bind9-dnsutils prometheus tcpdump curl
 DEMO_DIR := /tmp/vr-demo-$(shell echo $$PPID)
 
 .PHONY: demo test deps apt venv lint bench clean

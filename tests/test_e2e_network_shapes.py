@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 
 from tests.conftest import EXAMPLES, example_lab, write_payload
 
@@ -201,3 +202,34 @@ def test_usage_counters_count_known_traffic_and_survive_a_replace_and_a_reboot(t
         line = next(line for line in lab.vr("status", "--usage", check=False).stdout.splitlines()
                     if line.startswith("public_ip") and " 192.0.2.10 " in line)  # fmt: skip
         assert line.split()[2:] == [str(after[ip][f]) for f in ("in_bytes", "in_packets", "out_bytes", "out_packets")]
+
+
+def test_an_added_public_ip_is_announced_to_the_link(tmp_path):
+    """A gratuitous ARP for an added IPv4 address, an unsolicited neighbour advertisement for
+    an added IPv6 one, seen by tcpdump on the public side (upstream switches and neighbours
+    learn the router's MAC at once)."""
+    with example_lab(guests=()) as lab:
+        capture = subprocess.Popen(["ip", "netns", "exec", lab.ns("pub"), "timeout", "20", "tcpdump", "-i", "eth0",
+                                    "-n", "-l", "-e", "arp or icmp6"], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+            while "listening" not in (line := capture.stderr.readline()):  # tcpdump is capturing from here
+                assert line, "tcpdump ended before it listened"
+            doc = json.loads((EXAMPLES / "router.json").read_text())
+            doc["nat"]["public_ips"].append({"ip": "192.0.2.13"})
+            public = next(i for i in doc["interfaces"] if i["role"] == "public")
+            public["addresses"].append("2001:db8:ffff::13/64")
+            lab.vr("apply", write_payload(tmp_path, {**doc, "generation": 2}))
+            seen, deadline = [], time.monotonic() + 10
+            while time.monotonic() < deadline and not (
+                any("Request who-has 192.0.2.13 tell 192.0.2.13" in line for line in seen)
+                and any("neighbor advertisement, tgt is 2001:db8:ffff::13" in line for line in seen)
+            ):
+                seen.append(capture.stdout.readline())
+        finally:
+            capture.kill()
+            capture.wait()
+        assert any("Request who-has 192.0.2.13 tell 192.0.2.13" in line for line in seen), seen
+        assert any("Reply 192.0.2.13 is-at" in line for line in seen), seen
+        assert any("neighbor advertisement, tgt is 2001:db8:ffff::13" in line for line in seen), seen
+        assert not any("192.0.2.10 tell 192.0.2.10" in line for line in seen)  # only what was added

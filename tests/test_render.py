@@ -81,7 +81,7 @@ def test_network_desired_state_is_exact(example, runtime):
 
     state = json.loads(render(example, runtime, NetworkService())["network.json"])
     tier1 = next(i for i in state["interfaces"] if i["id"] == "tier1")
-    assert tier1 == {"id": "tier1", "name": "eth2", "mac": None, "mtu": 1450, "addresses": ["10.1.1.1/24"]}
+    assert tier1 == {"id": "tier1", "name": "eth2", "mac": None, "mtu": 1450, "role": "guest", "addresses": ["10.1.1.1/24"]}
     assert state["routes"] == [{"destination": "0.0.0.0/0", "gateway": "192.0.2.1", "metric": 0}]
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import errno
 import json
+import socket
+import struct
 from collections import Counter
 from ipaddress import ip_interface
 from pathlib import Path
@@ -30,6 +32,7 @@ SYSCTLS = {
     "net/ipv4/conf/all/arp_ignore": "1",
     "net/ipv4/conf/all/arp_announce": "2",
 }
+ETH_P_ARP = 0x0806
 IFA_F_NODAD = 0x02  # the router's own IPv6 addresses are usable at once (radvd, dnsmasq bind them)
 
 
@@ -109,7 +112,10 @@ class NetworkService(Service):
                     raise RuntimeError(f"interface {iface['id']} disappeared during the apply")
                 _ipv6_sysctls(_name_of(ipr, index))  # before the link comes up: its link-local skips DAD too
                 ipr.link("set", index=index, mtu=iface["mtu"], state="up")
-                _set_addresses(ipr, index, iface["addresses"])
+                added = _set_addresses(ipr, index, iface["addresses"])
+                if added and iface.get("role") in ("public", "guest"):
+                    link = ipr.get_links(index)[0]
+                    announce(link.get_attr("IFLA_IFNAME"), link.get_attr("IFLA_ADDRESS"), added)
             _set_routes(ipr, new["routes"])
         for key, value in SYSCTLS.items():
             Path("/proc/sys", key).write_text(value)
@@ -174,6 +180,7 @@ def desired_state(doc: RouterDocument) -> dict:
                 "name": i.name,
                 "mac": i.mac,
                 "mtu": i.mtu,
+                "role": i.role,
                 "addresses": sorted({str(a) for a in i.addresses} | _public_ip_addresses(doc, i)),
             }
             for i in doc.interfaces
@@ -227,8 +234,9 @@ def _find(iface: dict, names: dict[str, int], macs: dict[str, int]) -> int | Non
     return macs.get(iface["mac"])
 
 
-def _set_addresses(ipr, index: int, wanted: list[str]) -> None:
-    """Make the interface's addresses exactly `wanted` (IPv6 link-local ones are the kernel's)."""
+def _set_addresses(ipr, index: int, wanted: list[str]) -> list:
+    """Make the interface's addresses exactly `wanted` (IPv6 link-local ones are the kernel's);
+    the addresses it added."""
     current = set()
     for msg in ipr.get_addr(index=index):
         address = ip_interface(f"{msg.get('address')}/{msg['prefixlen']}")
@@ -244,9 +252,40 @@ def _set_addresses(ipr, index: int, wanted: list[str]) -> None:
             # Deleting a subnet's primary address makes the kernel drop its secondaries too.
             if error.code != errno.EADDRNOTAVAIL:
                 raise
-    for address in sorted(want - current, key=str):
+    added = sorted(want - current, key=str)
+    for address in added:
         flags = {"flags": IFA_F_NODAD} if address.version == 6 else {}
         ipr.addr("add", index=index, address=str(address.ip), prefixlen=address.network.prefixlen, **flags)
+    return added
+
+
+def announce(ifname: str, mac: str, addresses: list) -> None:
+    """Tell the link that these addresses are now at this MAC (a public IP added, a router
+    replaced): a gratuitous ARP request and reply per IPv4 address, an unsolicited neighbour
+    advertisement (router, override) per IPv6 one. Best effort: a link that takes nothing
+    (down, no carrier) only loses the announcement, never the apply."""
+    own = bytes.fromhex(mac.replace(":", ""))
+    try:
+        if any(a.version == 4 for a in addresses):
+            with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP)) as raw:
+                raw.bind((ifname, ETH_P_ARP))
+                for address in (a for a in addresses if a.version == 4):
+                    ip = address.ip.packed
+                    for operation in (1, 2):  # request and reply: switches and hosts honour one or the other
+                        target_mac = b"\0" * 6 if operation == 1 else own
+                        arp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, operation) + own + ip + target_mac + ip
+                        raw.send(b"\xff" * 6 + own + struct.pack("!H", ETH_P_ARP) + arp)
+        if any(a.version == 6 for a in addresses):
+            with socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6) as raw:
+                raw.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
+                raw.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
+                index = socket.if_nametoindex(ifname)
+                for address in (a for a in addresses if a.version == 6):
+                    # type 136, code 0, checksum (the kernel's), flags R|O, target, target link-layer option
+                    advert = struct.pack("!BBHI", 136, 0, 0, 0xA0000000) + address.ip.packed + b"\x02\x01" + own
+                    raw.sendto(advert, ("ff02::1", 0, 0, index))
+    except OSError:
+        pass
 
 
 def _ipv6_sysctls(ifname: str) -> None:
