@@ -164,3 +164,30 @@ def test_a_removed_prefix_is_advertised_with_zero_lifetimes(v6lab, tmp_path):
             break
         time.sleep(0.1)
     assert re.search(rf"{address}/64 .*deprecated", shown), shown
+
+
+def test_a_vpc_tiers_acl_decides_for_ipv6_first_match_by_number(tmp_path):
+    with example_lab(guests=("g1",)) as lab:
+        acl = [{"number": 10, "action": "deny", "protocol": "tcp", "ports": 22, "cidrs": ["2001:db8:1:1::/64"]},
+               {"number": 20, "action": "deny", "protocol": "icmpv6", "icmp_type": 128},
+               {"number": 30, "action": "allow", "protocol": "all"}]  # anywhere: both families  # fmt: skip
+        payload = {**IPV6, "generation": 2, "router": {"name": "r-101-vm", "type": "vpc"},
+                   "network_acls": [{"tier": "tier2", "ingress": acl}]}  # fmt: skip
+        lab.vr("apply", write_payload(tmp_path, payload))
+        assert lab.dhcp6("g2") == "2001:db8:1:2::10"
+        lab.dhcp("g2")
+        own = slaac_address(lab)
+        lab.serve(lab.ns("g2"), "db1", 22)
+        lab.serve(lab.ns("g2"), "db1", 8000)
+        try:
+            assert lab.ask(lab.ns("g1"), "2001:db8:1:2::10", 22, timeout=1) is None  # entry 10, IPv6 only
+            assert lab.ask(lab.ns("g1"), "2001:db8:1:2::10", 8000) == f"db1 sees {own}"  # entry 30
+            assert not lab.ping(lab.ns("g1"), "2001:db8:1:2::10")  # entry 20: ICMPv6 echo requests
+            assert lab.ask(lab.ns("g1"), "10.1.2.10", 22) == "db1 sees 10.1.1.10"  # IPv4: entries 10, 20 name none
+            assert lab.ping(lab.ns("g1"), "10.1.2.10")
+
+            acl.append({"number": 5, "action": "allow", "protocol": "tcp", "ports": 22})  # now first, both families
+            lab.vr("apply", write_payload(tmp_path, {"generation": 3, "network_acls": payload["network_acls"]}))
+            assert lab.ask(lab.ns("g1"), "2001:db8:1:2::10", 22) == f"db1 sees {own}"
+        finally:
+            lab.stop_servers()

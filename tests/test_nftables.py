@@ -185,7 +185,7 @@ def test_acl_blocks_split_only_where_entries_overlap():
     disjoint = [
         entry(n, protocol="tcp", ports=1000 + n, cidrs=[f"198.18.{n // 256}.{n % 256}/32"]) for n in range(1, 501)
     ]
-    assert len(_blocks(disjoint, "accept")) == 1
+    assert len(_blocks(disjoint, "accept", 4)) == 1
     overlapping = [
         entry(1, protocol="tcp", ports="20-30", cidrs=["10.0.0.0/8"]),
         entry(2, protocol="udp", ports=25, cidrs=["10.1.0.0/16"]),  # another protocol: same block
@@ -194,7 +194,7 @@ def test_acl_blocks_split_only_where_entries_overlap():
         entry(5, protocol="icmp", cidrs=["192.0.2.128/25"]),  # any icmp type covers type 8: new block
         entry(6, protocol="tcp", ports=80, cidrs=["10.0.0.0/8", "10.5.0.0/16"]),  # nested: one element
     ]
-    blocks = _blocks(overlapping, "accept")
+    blocks = _blocks(overlapping, "accept", 4)
     assert [(b.first, b.last) for b in blocks] == [(1, 2), (3, 4), (5, 6)]
     assert blocks[2]["ports"] == ["10.0.0.0/8 . tcp . 80 : drop"]
 
@@ -359,3 +359,31 @@ def test_overlap_messages_name_the_rules_of_both_sides(example):
     assert found["load_balancer.rules[0]"] == (
         "load-balancer rule 'web' overlaps itself: tcp port 80, sources 10.1.0.0/16 and 10.0.0.0/8"
     )
+
+
+def test_acl_entries_apply_to_the_families_of_their_cidrs(example, tmp_path):
+    example["router"]["type"] = "vpc"
+    example["network_acls"] = [{"tier": "tier2", "ingress": [
+        {"number": 1, "action": "deny", "protocol": "tcp", "ports": 22, "cidrs": ["2001:db8:1:1::/64"]},
+        {"number": 2, "action": "deny", "protocol": "icmpv6", "icmp_type": 128, "icmp_code": 0},
+        {"number": 3, "action": "allow", "protocol": "all"},
+    ]}]  # fmt: skip
+    text = ruleset(example, tmp_path)
+    assert "map acl_in6_tier2_0_ports { type ipv6_addr . inet_proto . inet_service : verdict; flags interval; " \
+           "elements = { 2001:db8:1:1::/64 . tcp . 22 : drop }; }" in text  # fmt: skip
+    assert "elements = { ::/0 . 128 . 0 : drop }" in text and "elements = { ::/0 . 0-255 : accept }" in text
+    assert "map acl_in_tier2_0_proto { type ipv4_addr . inet_proto : verdict; flags interval; " \
+           "elements = { 0.0.0.0/0 . 0-255 : accept }; }" in text  # IPv4: only entry 3 names it  # fmt: skip
+
+
+@pytest.mark.parametrize(("entry", "reason"), [
+    ({"protocol": "icmp", "cidrs": ["::/0"]}, "use protocol icmpv6"),
+    ({"protocol": "icmpv6", "cidrs": ["10.0.0.0/8"]}, "use protocol icmp"),
+    ({"protocol": "tcp", "ports": 22, "cidrs": []}, "at least one network"),
+])  # fmt: skip
+def test_an_acl_entry_of_one_family_names_networks_of_that_family(example, entry, reason):
+    example["router"]["type"] = "vpc"
+    example["network_acls"] = [{"tier": "tier2", "ingress": [{"number": 1, "action": "deny", **entry}]}]
+    with pytest.raises(docmod.InvalidPayload) as caught:
+        docmod.build_document(example)
+    assert any(reason in p.reason for p in caught.value.problems), caught.value.problems

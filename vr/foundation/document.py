@@ -397,7 +397,7 @@ class _TrafficMatch(Strict):
             raise ValueError("ports apply to tcp or udp only")
         if self.protocol in ("tcp", "udp") and self.ports is None:
             raise ValueError(f"a {self.protocol} rule needs ports")
-        if self.icmp_type is not None and self.protocol != "icmp":
+        if self.icmp_type is not None and self.protocol not in ("icmp", "icmpv6"):
             raise ValueError("icmp_type applies to icmp only")
         if self.icmp_code is not None and self.icmp_type is None:
             raise ValueError("icmp_code needs icmp_type (a code means something only within its type)")
@@ -432,14 +432,27 @@ class Firewall(Strict):
 
 
 class AclRule(_TrafficMatch):
-    """One numbered entry of a VPC tier's ACL; the lowest number that matches decides."""
+    """One numbered entry of a VPC tier's ACL; the lowest number that matches decides, for
+    IPv4 and IPv6 alike: an entry applies to the families of its CIDRs (by default both, or
+    the one family its protocol has: icmp is IPv4's, icmpv6 IPv6's, each with its own types)."""
 
     number: int = Field(ge=1, le=65535)
     action: Literal["allow", "deny"]
-    protocol: Literal["tcp", "udp", "icmp", "all"] | Annotated[int, Field(ge=0, le=255)]
-    cidrs: list[IPv4Net] = Field(
-        default_factory=lambda: [_parse_ipv4_network("0.0.0.0/0")], min_length=1, max_length=256
-    )
+    protocol: Literal["tcp", "udp", "icmp", "icmpv6", "all"] | Annotated[int, Field(ge=0, le=255)]
+    cidrs: list[IPv4Net | IPv6Net] = Field(default_factory=list, max_length=256)
+
+    @model_validator(mode="after")
+    def _families(self) -> AclRule:
+        if "cidrs" not in self.model_fields_set:  # anywhere, in the families the protocol has
+            anywhere = {"icmp": ["0.0.0.0/0"], "icmpv6": ["::/0"]}.get(self.protocol, ["0.0.0.0/0", "::/0"])
+            object.__setattr__(self, "cidrs", [_parse_ipv4_network(n) if "." in n else IPv6Network(n) for n in anywhere])
+        elif not self.cidrs:
+            raise ValueError("cidrs: at least one network (leave cidrs out for anywhere)")
+        if self.protocol == "icmp" and any(n.version == 6 for n in self.cidrs):
+            raise ValueError("icmp is IPv4's: use protocol icmpv6 for IPv6 networks")
+        if self.protocol == "icmpv6" and any(n.version == 4 for n in self.cidrs):
+            raise ValueError("icmpv6 is IPv6's: use protocol icmp for IPv4 networks")
+        return self
 
 
 class TierAcl(Strict):

@@ -225,7 +225,7 @@ class NftablesService(Service):
                 for destination in rule.destination_cidrs:
                     sets[f"egress6_{chain}_{_kind(rule)}"].append(_element(str(destination), rule))
             acl, acl_blocks = acl_by_tier.get(iface.id, (None, {}))
-            blocks = {"out": [], "in": []}
+            blocks = {"out": [], "in": [], "out6": [], "in6": []}
             for direction, in_order in acl_blocks.items():
                 for n, block in enumerate(in_order):
                     name = f"acl_{direction}_{chain}_{n}"
@@ -245,6 +245,8 @@ class NftablesService(Service):
                     "acl_out": blocks["out"],
                     "acl_out_default": ("return" if acl.egress_default == "allow" else "drop") if acl else "return",
                     "acl_in": blocks["in"],
+                    "acl_out6": blocks["out6"],
+                    "acl_in6": blocks["in6"],
                     "acl_in_default": ("accept" if acl.ingress_default == "allow" else "drop") if acl else "accept",
                 }
             )
@@ -511,8 +513,9 @@ class _AclBlock(dict):
       proto  address . protocol range (all, protocol numbers, icmp of any type)
       icmp   address . icmp type . icmp code (a range: any code of the type)"""
 
-    def __init__(self) -> None:
+    def __init__(self, bits: int = 32) -> None:
         super().__init__(ports=[], proto=[], icmp=[])
+        self.bits = bits  # the family's address length: 32 (IPv4) or 128 (IPv6)
         self.first: int | None = None  # entry numbers
         self.last: int | None = None
         self._spans: list[tuple] = []  # (net low, net high, prefix length, protocol, port, type, code ranges), by net low
@@ -537,7 +540,7 @@ class _AclBlock(dict):
         # CIDRs nest or are disjoint: the block's networks that contain this one, then the
         # ones inside it (a start within its range).
         candidates = [s for n in self._lengths if n <= length
-                      for s in self._nets.get((n, low & _mask(n)), ())]  # fmt: skip
+                      for s in self._nets.get((n, low & _mask(n, self.bits)), ())]  # fmt: skip
         start = bisect.bisect_left(self._spans, (low,))
         candidates += itertools.takewhile(lambda s: s[0] <= high, self._spans[start:])
         return any(all(a[0] <= b[1] and b[0] <= a[1] for a, b in zip(span[3:], other[3:])) for other in candidates)
@@ -547,34 +550,45 @@ def _ports_text(ports: Any) -> str:
     return str(ports.start) if ports.size == 1 else f"{ports.start}-{ports.end}"
 
 
-def _outermost(networks: list[IPv4Network]) -> list[IPv4Network]:
+def _outermost(networks: list) -> list:
     """An entry's own CIDRs may nest; the outer one says it all (and elements must not overlap)."""
-    if len(networks) == 1:
+    if len(networks) <= 1:
         return networks
-    kept: list[IPv4Network] = []
-    for net in sorted(networks, key=lambda n: (n.bounds[0], -n.bounds[1])):
-        if not kept or net.bounds[0] > kept[-1].bounds[1]:
+    kept: list = []
+    for net in sorted(networks, key=lambda n: (_bounds(n)[0], -_bounds(n)[1])):
+        if not kept or _bounds(net)[0] > _bounds(kept[-1])[1]:
             kept.append(net)
     return kept
 
 
-def _mask(length: int) -> int:
-    return (2**32 - 1) ^ (2 ** (32 - length) - 1)
+def _bounds(net: Any) -> tuple[int, int]:
+    """A network as an integer range (vr's IPv4 networks keep theirs; IPv6 ones are computed)."""
+    bounds = getattr(net, "bounds", None)
+    return bounds if bounds is not None else (int(net.network_address), int(net.broadcast_address))
 
 
-_PROTOCOLS = {"icmp": 1, "tcp": 6, "udp": 17}
+def _mask(length: int, bits: int = 32) -> int:
+    return (2**bits - 1) ^ (2 ** (bits - length) - 1)
+
+
+_PROTOCOLS = {"icmp": 1, "tcp": 6, "udp": 17, "icmpv6": 58}
 _ANY_PORT, _ANY_TYPE = (0, 65535), (0, 255)
 
 
 def _acl_blocks(acl: Any, _: None) -> dict[str, list[_AclBlock]]:
-    """A tier's ACL, each direction as blocks (see _AclBlock). Leaving a tier, 'allow'
-    returns so that the entered tier's ACL decides too."""
-    return {"out": _blocks(acl.egress, "return"), "in": _blocks(acl.ingress, "accept")}
+    """A tier's ACL, each direction and family as blocks (see _AclBlock). Leaving a tier,
+    'allow' returns so that the entered tier's ACL decides too."""
+    return {"out": _blocks(acl.egress, "return", 4), "in": _blocks(acl.ingress, "accept", 4),
+            "out6": _blocks(acl.egress, "return", 6), "in6": _blocks(acl.ingress, "accept", 6)}  # fmt: skip
 
 
-def _blocks(rules: list[AclRule], allow: str) -> list[_AclBlock]:
+def _blocks(rules: list[AclRule], allow: str, version: int) -> list[_AclBlock]:
+    """One family's blocks: the entries with CIDRs of that family, in number order."""
     blocks: list[_AclBlock] = []
     for rule in sorted(rules, key=lambda r: r.number):
+        networks = _outermost([net for net in rule.cidrs if net.version == version])
+        if not networks:
+            continue
         verdict = allow if rule.action == "allow" else "drop"
         if rule.protocol == "all":
             protocol, shape, key = (0, 255), "proto", "0-255"
@@ -592,11 +606,10 @@ def _blocks(rules: list[AclRule], allow: str) -> list[_AclBlock]:
         ports = (rule.ports.start, rule.ports.end) if rule.ports is not None else _ANY_PORT
         types = (rule.icmp_type, rule.icmp_type) if rule.icmp_type is not None else _ANY_TYPE
         codes = (rule.icmp_code, rule.icmp_code) if rule.icmp_code is not None else _ANY_TYPE
-        networks = _outermost(rule.cidrs)
-        spans = [(*net.bounds, net.prefixlen, protocol, ports, types, codes) for net in networks]
+        spans = [(*_bounds(net), net.prefixlen, protocol, ports, types, codes) for net in networks]
         elements = [(shape, f"{net} . {key} : {verdict}") for net in networks]
         if not blocks or not blocks[-1].admits(spans):
-            blocks.append(_AclBlock())
+            blocks.append(_AclBlock(32 if version == 4 else 128))
         blocks[-1].add(rule.number, spans, elements)
     return blocks
 
