@@ -288,3 +288,13 @@ def test_public_dns_needs_a_public_interface(example):
     example["firewall"] = {}
     example["routes"] = []
     assert "no public interface" in problems_of(example)["dns.public"]
+
+
+def test_a_private_gateway_belongs_to_a_vpc_and_source_nat_to_a_private_gateway(example):
+    example["interfaces"].append({"id": "pgw", "role": "private_gateway", "name": "eth4", "addresses": ["172.16.0.10/24"]})
+    assert "router.type vpc" in problems_of(example)["interfaces[4].role"]
+    example["router"]["type"] = "vpc"
+    example["interfaces"][4]["source_nat"] = True
+    assert validate(example).interfaces[4].source_nat
+    example["interfaces"][2]["source_nat"] = True
+    assert "applies to a private_gateway" in problems_of(example)["interfaces[2]"]

@@ -233,3 +233,37 @@ def test_an_added_public_ip_is_announced_to_the_link(tmp_path):
         assert any("Reply 192.0.2.13 is-at" in line for line in seen), seen
         assert any("neighbor advertisement, tgt is 2001:db8:ffff::13" in line for line in seen), seen
         assert not any("192.0.2.10 tell 192.0.2.10" in line for line in seen)  # only what was added
+
+
+def test_a_vpc_reaches_a_private_network_through_its_private_gateway_under_its_acl(tmp_path):
+    with example_lab() as lab:
+        lab.add_peer("pg", "eth4", "172.16.0.1/24")  # the private network's router
+        ip(lab, "pg", "addr", "add", "198.51.100.1/32", "dev", "lo")  # a network behind it
+        ip(lab, "pg", "route", "add", "10.1.0.0/16", "via", "172.16.0.10")
+        lab.serve(lab.ns("pg"), "private", 7000)
+        doc = json.loads((EXAMPLES / "router.json").read_text())
+        doc["router"]["type"] = "vpc"
+        doc["interfaces"].append({"id": "pgw", "role": "private_gateway", "name": "eth4", "addresses": ["172.16.0.10/24"]})
+        doc["routes"].append({"destination": "198.51.100.0/24", "gateway": "172.16.0.1"})
+        deny_tier2 = {"number": 10, "action": "deny", "protocol": "tcp", "ports": 7000, "cidrs": ["10.1.2.0/24"]}
+        doc["network_acls"] = [{"tier": "pgw", "ingress": [deny_tier2], "ingress_default": "allow"}]
+        lab.vr("apply", write_payload(tmp_path, {**doc, "generation": 2}))
+
+        routes = subprocess.run(["ip", "-n", lab.router_ns, "route", "show", "198.51.100.0/24"], capture_output=True,
+                                text=True, check=True).stdout  # fmt: skip
+        assert "via 172.16.0.1 dev eth4" in routes
+        assert lab.ask(lab.ns("g1"), "198.51.100.1", 7000) == "private sees 10.1.1.10"  # routed, no NAT
+        assert lab.ask(lab.ns("g2"), "198.51.100.1", 7000, timeout=1) is None  # the gateway's ACL, entry 10
+        assert lab.ask(lab.ns("pub"), "198.51.100.1", 7000, timeout=1) is None  # the public side never gets there
+        assert lab.ask(lab.ns("pg"), "172.16.0.10", 53, timeout=1) is None  # the router answers nothing there
+
+        # Source NAT on the gateway: the private network no longer needs a route back.
+        ip(lab, "pg", "route", "del", "10.1.0.0/16")
+        doc["interfaces"][-1]["source_nat"] = True
+        doc["routes"].pop()
+        doc["routes"].append({"destination": "198.51.100.0/25", "gateway": "172.16.0.1"})
+        lab.vr("apply", write_payload(tmp_path, {**doc, "generation": 3}))
+        assert lab.ask(lab.ns("g1"), "198.51.100.1", 7000) == "private sees 172.16.0.10"
+        routes = subprocess.run(["ip", "-n", lab.router_ns, "route", "show"], capture_output=True, text=True,
+                                check=True).stdout  # fmt: skip
+        assert "198.51.100.0/25 via 172.16.0.1" in routes and "198.51.100.0/24" not in routes  # replaced

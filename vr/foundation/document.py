@@ -211,7 +211,9 @@ class RouterIdentity(Strict):
 
 class Interface(Strict):
     id: Identifier
-    role: Literal["control", "public", "guest"]
+    # private_gateway: a VPC's link to a private network (CloudStack's private gateway): routed
+    # under its own network ACL like a tier, static routes through it, answering nothing itself.
+    role: Literal["control", "public", "guest", "private_gateway"]
     name: InterfaceName | None = None
     mac: MacAddress | None = None
     addresses: list[IPInterface] = Field(default_factory=list, max_length=64)
@@ -221,11 +223,14 @@ class Interface(Strict):
     # DHCP (option 3 names that gateway), DNS and guest data, and neither routes, NATs nor
     # firewalls it.
     gateways: list[IPv4] = Field(default_factory=list, max_length=64)
+    source_nat: bool = False  # private_gateway: the tiers' traffic leaves by it with its address
 
     @model_validator(mode="after")
     def _named(self) -> Interface:
         if self.name is None and self.mac is None:
             raise ValueError("an interface needs a name or a mac to be found on the router")
+        if self.source_nat and self.role != "private_gateway":
+            raise ValueError("source_nat applies to a private_gateway interface")
         return self
 
     def ipv4(self) -> IPv4Interface | None:
@@ -977,6 +982,9 @@ class RouterDocument(Strict):
 
     def guest_interfaces(self) -> list[Interface]:
         return [i for i in self.interfaces if i.role == "guest"]
+
+    def private_gateways(self) -> list[Interface]:
+        return [i for i in self.interfaces if i.role == "private_gateway"]
 
     def routed_tiers(self) -> list[Interface]:
         """The guest tiers the router is the gateway of (not a shared network's)."""

@@ -153,6 +153,20 @@ class Lab:
             _run("ip", "-n", bridge_ns, "link", "set", port, "master", "br0", "up")
             _run("ip", "-n", name, "link", "set", "eth0", "up")
 
+    def add_peer(self, suffix: str, router_if: str, address: str) -> str:
+        """A namespace on a new link of the router's (router_if there, eth0 with address in
+        the peer): a private gateway's network, another public network. Deleted with the lab."""
+        name = self.ns(suffix)
+        self.extra_guests.append(suffix)
+        _run("ip", "netns", "add", name)
+        _run("ip", "-n", name, "link", "set", "lo", "up")
+        _run("ip", "netns", "exec", name, "sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0")
+        _run("ip", "link", "add", router_if, "netns", self.router_ns, "type", "veth", "peer", "name", "eth0",
+             "netns", name)  # fmt: skip
+        _run("ip", "-n", name, "addr", "add", address, "dev", "eth0")
+        _run("ip", "-n", name, "link", "set", "eth0", "up")
+        return name
+
     def _vpn_links(self) -> None:
         _run("ip", "netns", "exec", self.ns("pub"), "sysctl", "-qw", "net.ipv4.ip_forward=1")
         for namespace, ifname, address, peer, peer_if, peer_address, gateway in VPN_LINKS:

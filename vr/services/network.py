@@ -135,6 +135,11 @@ def _tier_problems(doc: RouterDocument) -> list[Problem]:
     dhcp_router = doc.router.type == "dhcp"
     for n, iface in enumerate(doc.interfaces):
         path = f"interfaces[{n}]"
+        if iface.role == "private_gateway":
+            if doc.router.type != "vpc":
+                problems.append(Problem(f"{path}.role", "a private gateway belongs to a VPC router (router.type vpc)"))
+            if iface.ipv4() is None:
+                problems.append(Problem(f"{path}.addresses", "a private gateway needs an IPv4 address"))
         if iface.role != "guest":
             if iface.gateways:
                 problems.append(Problem(f"{path}.gateways", "only a guest tier (a shared network) has other gateways"))

@@ -76,6 +76,7 @@ class NftablesService(Service):
         public = doc.public_interface()
         public_subnets = [a.network for a in public.addresses if a.version == 4] if public else []
         tiers = {i.id: i for i in doc.routed_tiers()}  # a shared network's tier is not the router's to NAT or filter
+        private = {i.id for i in doc.private_gateways()}  # filtered like a tier (its ACL), never a NAT target
         shared = {i.id for i in doc.guest_interfaces() if i.shared()}
 
         def not_routed(path: str, tier: str) -> list[Problem]:
@@ -131,7 +132,8 @@ class NftablesService(Service):
         for n, _ in repeats(acl.tier for acl in doc.network_acls):
             problems.append(Problem(f"network_acls[{n}].tier", f"tier {doc.network_acls[n].tier!r} has two ACLs"))
         for n, acl in enumerate(doc.network_acls):
-            problems += not_routed(f"network_acls[{n}].tier", acl.tier)
+            if acl.tier not in private:
+                problems += not_routed(f"network_acls[{n}].tier", acl.tier)
             for direction in ("ingress", "egress"):
                 rules = getattr(acl, direction)
                 for m, first in repeats(rule.number for rule in rules):
@@ -208,7 +210,8 @@ class NftablesService(Service):
                                             if kind == "ip" and way == direction]  # fmt: skip
             sets[f"usage_tier_{direction}"] = [f'"{names[tier]}" : "{name}"' for (kind, tier, way), name in usage.items()
                                               if kind == "tier" and way == direction]  # fmt: skip
-        for iface in doc.routed_tiers():
+        sets["private_nat_ifs"] = [f'"{names[i.id]}"' for i in doc.private_gateways() if i.source_nat and names.get(i.id)]
+        for iface in [*doc.routed_tiers(), *doc.private_gateways()]:
             chain = iface.id.replace("-", "_")
             policy = egress_by_tier.get(iface.id)
             default = policy.default if policy else "allow"
@@ -241,6 +244,7 @@ class NftablesService(Service):
                     "default6": "accept" if default6 == "allow" else "drop",
                     "exception6": "drop" if default6 == "allow" else "accept",
                     "acl": acl is not None,
+                    "private": iface.role == "private_gateway",
                     # ACL verdicts: leaving a tier, 'allow' returns so the entered tier's ACL decides too.
                     "acl_out": blocks["out"],
                     "acl_out_default": ("return" if acl.egress_default == "allow" else "drop") if acl else "return",
@@ -309,8 +313,8 @@ def _local_elements(doc: RouterDocument, names: dict[str, str]) -> dict[str, lis
         if iface.role == "control":
             sets["control_ifs"].append(f'"{name}"')
         ports = LOCAL_PORTS.get(iface.role)
-        if ports is None:  # public: what the document opens on its public IPs (public_local)
-            if doc.dns.public and iface.ipv4() is not None:  # and DNS on its address when asked
+        if ports is None:  # public: what the document opens on its public IPs (public_local); private: nothing
+            if iface.role == "public" and doc.dns.public and iface.ipv4() is not None:  # and DNS when asked
                 for protocol in ("tcp", "udp"):
                     sets[f"local_{protocol}"].append(f'"{name}" . {iface.ipv4().ip} . 53')
             continue
@@ -351,7 +355,7 @@ _SETS = ("public_ips", "pf_tcp", "pf_udp", "pf_tcp_from", "pf_udp_from", "static
          "in_all", "in_tcp", "in_udp", "in_all_from", "in_tcp_from", "in_udp_from", "in_icmp", "in_icmp_typed",
          "lb", "lb_from", "vpn_gateways", "vpn_remote", "in6_all", "in6_tcp", "in6_udp", "in6_icmp", "in6_icmp_typed",
          "local_tcp", "local_udp", "local6_tcp", "local6_udp", "guest_ifs", "role_ifs", "guest_ips",
-         "control_ifs", "shared_ifs", "routed_ifs", "usage_ip_in", "usage_ip_out", "usage_tier_in",
+         "control_ifs", "shared_ifs", "routed_ifs", "private_nat_ifs", "usage_ip_in", "usage_ip_out", "usage_tier_in",
          "usage_tier_out")  # fmt: skip
 
 
