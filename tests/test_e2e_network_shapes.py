@@ -267,3 +267,58 @@ def test_a_vpc_reaches_a_private_network_through_its_private_gateway_under_its_a
         routes = subprocess.run(["ip", "-n", lab.router_ns, "route", "show"], capture_output=True, text=True,
                                 check=True).stdout  # fmt: skip
         assert "198.51.100.0/25 via 172.16.0.1" in routes and "198.51.100.0/24" not in routes  # replaced
+
+
+def test_two_public_networks_answer_each_on_its_own_side_and_replies_leave_by_it(tmp_path):
+    """A second public network (another VLAN's public IPs) on eth4: its port forward answers
+    a client behind its own gateway, the reply leaves by eth4 (the main table's default
+    route is eth1's); a tier whose source NAT IP is on eth4 leaves by eth4."""
+    with example_lab() as lab:
+        lab.add_peer("pub2", "eth4", "198.51.100.1/24")  # the second public network's gateway
+        for namespace, remote in (("pub2", "203.0.113.5"), ("pub", "203.0.113.6")):
+            ip(lab, namespace, "addr", "add", f"{remote}/32", "dev", "lo")  # a client beyond each gateway
+        lab.serve(lab.ns("g1"), "web1", 80)
+        lab.serve(lab.ns("pub2"), "far host", 7000)
+        doc = json.loads((EXAMPLES / "router.json").read_text())
+        doc["interfaces"].append({"id": "public2", "role": "public", "name": "eth4", "addresses": ["198.51.100.10/24"],
+                                  "gateways": ["198.51.100.1"]})  # fmt: skip
+        doc["nat"]["public_ips"] += [{"ip": "198.51.100.11"}, {"ip": "198.51.100.12"}]
+        doc["nat"]["port_forwarding"].append({"id": "web-2", "public_ip": "198.51.100.11", "protocol": "tcp",
+                                              "public_ports": 8080, "private_ip": "10.1.1.10", "private_ports": 80})  # fmt: skip
+        doc["firewall"]["ingress"].append({"id": "web-2", "public_ip": "198.51.100.11", "protocol": "tcp", "ports": 8080})
+        doc["nat"]["source_nat"] = [{"tier": "tier1", "ip": "192.0.2.10"}, {"tier": "tier2", "ip": "198.51.100.12"}]
+        doc["nat"]["static_nat"] = []
+        lab.vr("apply", write_payload(tmp_path, {**doc, "generation": 2}))
+
+        def ask_from(namespace: str, source: str, address: str, port: int) -> str | None:
+            code = ("import socket, sys\ns = socket.create_connection((sys.argv[2], int(sys.argv[3])), timeout=2, "
+                    "source_address=(sys.argv[1], 0))\nprint(s.recv(200).decode().strip())")  # fmt: skip
+            done = subprocess.run(["ip", "netns", "exec", lab.ns(namespace), sys.executable, "-c", code, source, address,
+                                   str(port)], capture_output=True, text=True, timeout=20, check=False)  # fmt: skip
+            return done.stdout.strip() or None
+
+        # Each side's forward, from a client beyond its own gateway: the reply comes back by it.
+        assert ask_from("pub2", "203.0.113.5", "198.51.100.11", 8080) == "web1 sees 203.0.113.5"
+        assert ask_from("pub", "203.0.113.6", "192.0.2.10", 8080) == "web1 sees 203.0.113.6"
+        assert ask_from("pub2", "203.0.113.5", "192.0.2.10", 8080) is None  # not eth4's IP: not its way in
+        # A tier whose source NAT IP is the second network's leaves by it; the other by eth1.
+        lab.dhcp("g2")
+        assert lab.ask(lab.ns("g2"), "203.0.113.5", 7000) == "far host sees 198.51.100.12"
+        assert lab.ask(lab.ns("g1"), "203.0.113.5", 7000, timeout=1) is None  # eth1's gateway has no way there
+        rules = subprocess.run(["ip", "-n", lab.router_ns, "rule", "show"], capture_output=True, text=True,
+                               check=True).stdout  # fmt: skip
+        assert "fwmark 0x1 lookup 101" in rules and "from 198.51.100.11 lookup 101" in rules
+
+        # Removed again: its table and rules go with it.
+        doc["interfaces"].pop()
+        doc["nat"]["public_ips"] = doc["nat"]["public_ips"][:-2]
+        doc["nat"]["port_forwarding"].pop()
+        doc["firewall"]["ingress"].pop()
+        doc["nat"]["source_nat"] = [{"tier": "tier1", "ip": "192.0.2.10"}]
+        lab.vr("apply", write_payload(tmp_path, {**doc, "generation": 3}))
+        rules = subprocess.run(["ip", "-n", lab.router_ns, "rule", "show"], capture_output=True, text=True,
+                               check=True).stdout  # fmt: skip
+        assert "lookup 101" not in rules and "suppress_prefixlength" not in rules
+        table = subprocess.run(["ip", "-n", lab.router_ns, "route", "show", "table", "101"], capture_output=True,
+                               text=True, check=False).stdout  # fmt: skip
+        assert table.strip() == ""

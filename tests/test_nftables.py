@@ -312,7 +312,7 @@ def test_each_role_answers_only_on_its_own_addresses(example, tmp_path):
     )
     assert sets["local6_udp"].endswith('elements = { "eth2" . 2001:db8:1:1::1 . 53, "eth2" . 2001:db8:1:1::1 . 547 }; }')
     assert "eth1" not in "".join(sets.values())  # the public side: only what the document opens (public_local)
-    assert 'iifname "eth1" ip daddr @public_ips jump public_local' in text
+    assert 'iifname @public_ifs ip daddr @public_ips jump public_local' in text
     # DNS for tunnelled clients (remote access) on the guest addresses; what is not one of the
     # document's interfaces is charon's userspace-ESP TUN device.
     assert "set guest_ips { type ipv4_addr; elements = { 10.1.1.1, 10.1.2.1 }; }" in text

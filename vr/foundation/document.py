@@ -996,7 +996,20 @@ class RouterDocument(Strict):
         return {i.id: own.get(i.id, self.dns.domain) for i in self.guest_interfaces()}
 
     def public_interface(self) -> Interface | None:
+        """The first public interface: the main routing table's (the document's routes)."""
         return next((i for i in self.interfaces if i.role == "public"), None)
+
+    def public_interfaces(self) -> list[Interface]:
+        return [i for i in self.interfaces if i.role == "public"]
+
+    def public_marks(self) -> dict[str, int]:
+        """Each public interface after the first -> its mark, which is also its routing table's
+        number less PUBLIC_TABLE_BASE: connections by it are routed by its own table."""
+        return {i.id: n for n, i in enumerate(self.public_interfaces()) if n > 0}
+
+    def public_interface_of(self, ip: IPv4Address) -> Interface | None:
+        """The public interface whose subnets hold a public IP."""
+        return next((i for i in self.public_interfaces() if any(ip in a.network for a in i.ipv4s())), None)
 
 
 class DhcpEntryChanges(Strict):

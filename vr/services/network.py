@@ -33,6 +33,9 @@ SYSCTLS = {
     "net/ipv4/conf/all/arp_announce": "2",
 }
 ETH_P_ARP = 0x0806
+MAIN_TABLE = 254
+PUBLIC_TABLE_BASE = 100  # another public network's routing table: 100 + its mark (document.public_marks)
+RULES_FIRST, RULES_LAST = 5000, 5199  # the policy rules' priorities that are vr's
 IFA_F_NODAD = 0x02  # the router's own IPv6 addresses are usable at once (radvd, dnsmasq bind them)
 
 
@@ -50,7 +53,7 @@ class NetworkService(Service):
                 value = getattr(iface, key)
                 if value is not None and counts[value] > 1:
                     problems.append(Problem(f"interfaces[{n}].{key}", f"{value!r} is used by more than one interface"))
-        for role in ("control", "public"):
+        for role in ("control",):
             indexes = [n for n, i in enumerate(doc.interfaces) if i.role == role]
             for n in indexes[1:]:
                 problems.append(Problem(f"interfaces[{n}].role", f"only one {role} interface is allowed"))
@@ -117,6 +120,7 @@ class NetworkService(Service):
                     link = ipr.get_links(index)[0]
                     announce(link.get_attr("IFLA_IFNAME"), link.get_attr("IFLA_ADDRESS"), added)
             _set_routes(ipr, new["routes"])
+            _set_public_tables(ipr, new.get("public_tables", []), names, macs)
         for key, value in SYSCTLS.items():
             Path("/proc/sys", key).write_text(value)
 
@@ -140,9 +144,16 @@ def _tier_problems(doc: RouterDocument) -> list[Problem]:
                 problems.append(Problem(f"{path}.role", "a private gateway belongs to a VPC router (router.type vpc)"))
             if iface.ipv4() is None:
                 problems.append(Problem(f"{path}.addresses", "a private gateway needs an IPv4 address"))
+        if iface.role == "public" and iface.id in doc.public_marks():
+            own = iface.ipv4s()
+            if len(iface.gateways) != 1 or not any(iface.gateways[0] in a.network for a in own):
+                problems.append(Problem(f"{path}.gateways", "another public network needs its gateway, one address "
+                                                            "inside its subnets (its own routing table's default route)"))  # fmt: skip
+            continue
         if iface.role != "guest":
             if iface.gateways:
-                problems.append(Problem(f"{path}.gateways", "only a guest tier (a shared network) has other gateways"))
+                problems.append(Problem(f"{path}.gateways", "only a guest tier (a shared network) or a public "
+                                                            "interface after the first has gateways"))  # fmt: skip
             if dhcp_router and iface.role == "public":
                 problems.append(Problem(f"{path}.role", "a dhcp router routes nothing: it has no public interface"))
             continue
@@ -193,7 +204,24 @@ def desired_state(doc: RouterDocument) -> dict:
         "routes": [
             {"destination": str(r.destination), "gateway": str(r.gateway), "metric": r.metric} for r in doc.routes
         ],
+        "public_tables": _public_tables(doc),
     }
+
+
+def _public_tables(doc: RouterDocument) -> list[dict]:
+    """Each public interface after the first: its routing table (its subnets, a default route
+    by its gateway), the mark that selects it, and its addresses (the router's own traffic
+    from them uses it too)."""
+    tables = []
+    for iface in doc.public_interfaces():
+        mark = doc.public_marks().get(iface.id)
+        if mark is None or not iface.gateways:
+            continue
+        sources = {str(a.ip) for a in iface.ipv4s()} | {a.split("/")[0] for a in _public_ip_addresses(doc, iface)}
+        tables.append({"id": iface.id, "name": iface.name, "mac": iface.mac, "mark": mark,
+                       "table": PUBLIC_TABLE_BASE + mark, "gateway": str(iface.gateways[0]),
+                       "subnets": sorted({str(a.network) for a in iface.ipv4s()}), "sources": sorted(sources)})  # fmt: skip
+    return tables
 
 
 def _public_ip_addresses(doc: RouterDocument, iface) -> set[str]:
@@ -306,12 +334,55 @@ def _name_of(ipr, index: int) -> str:
     return ipr.get_links(index)[0].get("ifname")
 
 
+def _set_public_tables(ipr, tables: list[dict], names: dict, macs: dict) -> None:
+    """Policy routing for several public networks: the main table first for everything but
+    its default route, then each other public network's table by its mark (connections it
+    carries) and by its addresses (the router's own traffic from them). Only what differs
+    from the kernel's is changed, and only rules and routes that are vr's."""
+    wanted_rules = {(RULES_FIRST, MAIN_TABLE, 0, None, 0)} if tables else set()
+    wanted_routes = set()
+    for table in tables:
+        index = _find(table, names, macs)
+        if index is None:
+            continue
+        wanted_rules.add((RULES_FIRST + table["mark"], table["table"], table["mark"], None, None))
+        wanted_rules |= {(RULES_FIRST + 100 + table["mark"], table["table"], 0, source, None) for source in table["sources"]}
+        wanted_routes |= {(table["table"], subnet, None, index) for subnet in table["subnets"]}
+        wanted_routes.add((table["table"], "0.0.0.0/0", table["gateway"], index))
+    current_rules = {}
+    for rule in ipr.get_rules(family=socket.AF_INET):
+        priority = rule.get_attr("FRA_PRIORITY") or 0
+        if RULES_FIRST <= priority <= RULES_LAST:
+            source = rule.get_attr("FRA_SRC")
+            key = (priority, rule.get_attr("FRA_TABLE") or rule["table"], rule.get_attr("FRA_FWMARK") or 0,
+                   source, rule.get_attr("FRA_SUPPRESS_PREFIXLEN") if priority == RULES_FIRST else None)  # fmt: skip
+            current_rules[key] = rule
+    for priority, table, mark, source, suppress in current_rules.keys() - wanted_rules:
+        ipr.rule("del", priority=priority, table=table, **({"fwmark": mark} if mark else {}),
+                 **({"src": source, "src_len": 32} if source else {}))  # fmt: skip
+    for priority, table, mark, source, suppress in sorted(wanted_rules - current_rules.keys(), key=str):
+        extra = {"suppress_prefixlen": suppress} if suppress is not None else {}
+        ipr.rule("add", priority=priority, table=table, **({"fwmark": mark} if mark else {}),
+                 **({"src": source, "src_len": 32} if source else {}), **extra)  # fmt: skip
+    current_routes = set()
+    for msg in ipr.get_routes(family=socket.AF_INET, proto=ROUTE_PROTO_VR):
+        table = msg.get_attr("RTA_TABLE") or msg["table"]
+        if PUBLIC_TABLE_BASE < table < PUBLIC_TABLE_BASE + 64:
+            current_routes.add((table, f"{msg.get_attr('RTA_DST') or '0.0.0.0'}/{msg['dst_len']}",
+                                msg.get_attr("RTA_GATEWAY"), msg.get_attr("RTA_OIF")))  # fmt: skip
+    for table, dst, gateway, oif in current_routes - wanted_routes:
+        ipr.route("del", table=table, dst=dst, proto=ROUTE_PROTO_VR, **({"gateway": gateway} if gateway else {}))
+    for table, dst, gateway, oif in sorted(wanted_routes - current_routes, key=lambda r: (r[0], r[2] is not None)):
+        ipr.route("replace", table=table, dst=dst, oif=oif, proto=ROUTE_PROTO_VR,
+                  **({"gateway": gateway} if gateway else {"scope": 253}))  # fmt: skip
+
+
 def _set_routes(ipr, wanted: list[dict]) -> None:
     def key(dst: str, gateway: str, metric: int) -> tuple[str, str, int]:
         return (dst, gateway, metric)
 
     current = {}
-    for msg in ipr.get_routes(proto=ROUTE_PROTO_VR):
+    for msg in ipr.get_routes(proto=ROUTE_PROTO_VR, table=MAIN_TABLE):
         dst = f"{msg.get('dst') or ('::' if msg['family'] == 10 else '0.0.0.0')}/{msg['dst_len']}"
         current[key(str(ip_interface(dst).network), msg.get("gateway"), msg.get("priority") or 0)] = msg
     want = {key(r["destination"], r["gateway"], r["metric"]): r for r in wanted}

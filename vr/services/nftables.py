@@ -73,8 +73,7 @@ class NftablesService(Service):
 
     def verify(self, doc: RouterDocument) -> list[Problem]:
         problems: list[Problem] = []
-        public = doc.public_interface()
-        public_subnets = [a.network for a in public.addresses if a.version == 4] if public else []
+        public_subnets = [a.network for i in doc.public_interfaces() for a in i.ipv4s()]
         tiers = {i.id: i for i in doc.routed_tiers()}  # a shared network's tier is not the router's to NAT or filter
         private = {i.id for i in doc.private_gateways()}  # filtered like a tier (its ACL), never a NAT target
         shared = {i.id for i in doc.guest_interfaces() if i.shared()}
@@ -204,6 +203,7 @@ class NftablesService(Service):
         tiers = []
         sets["shared_ifs"] = [f'"{names[i.id]}"' for i in doc.guest_interfaces() if i.shared() and names.get(i.id)]
         sets["routed_ifs"] = [f'"{names[i.id]}"' for i in doc.routed_tiers() if names.get(i.id)]
+        sets.update(_public_elements(doc, names))
         usage = _usage_counters(doc, names)
         for direction in ("in", "out"):
             sets[f"usage_ip_{direction}"] = [f'{ip} : "{name}"' for (kind, ip, way), name in usage.items()
@@ -355,7 +355,8 @@ _SETS = ("public_ips", "pf_tcp", "pf_udp", "pf_tcp_from", "pf_udp_from", "static
          "in_all", "in_tcp", "in_udp", "in_all_from", "in_tcp_from", "in_udp_from", "in_icmp", "in_icmp_typed",
          "lb", "lb_from", "vpn_gateways", "vpn_remote", "in6_all", "in6_tcp", "in6_udp", "in6_icmp", "in6_icmp_typed",
          "local_tcp", "local_udp", "local6_tcp", "local6_udp", "guest_ifs", "role_ifs", "guest_ips",
-         "control_ifs", "shared_ifs", "routed_ifs", "private_nat_ifs", "usage_ip_in", "usage_ip_out", "usage_tier_in",
+         "control_ifs", "shared_ifs", "routed_ifs", "private_nat_ifs", "public_ifs", "public_marks", "static_marks",
+         "source_nat_marks", "usage_ip_in", "usage_ip_out", "usage_tier_in",
          "usage_tier_out")  # fmt: skip
 
 
@@ -407,6 +408,27 @@ _ELEMENTS = re.compile(r" elements = \{ .* \};(?= \}$)", re.MULTILINE)
 
 def _without_elements(ruleset: str) -> str:
     return _ELEMENTS.sub("", ruleset)
+
+
+def _public_elements(doc: RouterDocument, names: dict[str, str]) -> dict[str, list[str]]:
+    """The public interfaces, and the marks that route a connection by the public network it
+    belongs to: the one it came in by, or the one its static or source NAT IP is on."""
+    marks = doc.public_marks()
+    mark_of_ip = {}
+    for public_ip in doc.nat.public_ips:
+        owner = doc.public_interface_of(public_ip.ip)
+        if owner is not None and owner.id in marks:
+            mark_of_ip[public_ip.ip] = marks[owner.id]
+    tiers = {i.id: i for i in doc.routed_tiers()}
+    snat = [f"{a.network} : {mark_of_ip[s.ip]}" for s in doc.nat.source_nat if s.ip in mark_of_ip and s.tier in tiers
+            for a in tiers[s.tier].ipv4s()]  # fmt: skip
+    return {
+        "public_ifs": [f'"{names[i.id]}"' for i in doc.public_interfaces() if names.get(i.id)],
+        "public_marks": [f'"{names[i]}" : {mark}' for i, mark in marks.items() if names.get(i)],
+        "static_marks": [f"{s.private_ip} : {mark_of_ip[s.public_ip]}" for s in doc.nat.static_nat
+                         if s.public_ip in mark_of_ip],
+        "source_nat_marks": snat,
+    }  # fmt: skip
 
 
 def _usage_counters(doc: RouterDocument, names: dict[str, str]) -> dict[tuple[str, str, str], str]:
