@@ -173,13 +173,13 @@ class DnsmasqService(Service):
             if first != n:
                 problems.append(Problem(f"dhcp.entries[{n}].ip",
                                         f"{entry.ip} is already used in tier {entry.tier} by dhcp.entries[{first}]"))  # fmt: skip
-            # Every tier's names live in the one domain: a name twice would answer for one VM only.
+            # A short name answers for one VM on this router, whatever its tier's domain.
             first = seen_name.setdefault(hostname, n)
             if first != n:
                 where = "tier " + entry.tier if doc.dhcp.entries[first].tier == entry.tier else "another tier"
                 problems.append(Problem(f"dhcp.entries[{n}].hostname",
                                         f"{hostname} is already used in {where} by dhcp.entries[{first}] "
-                                        "(all tiers share one DNS domain)"))  # fmt: skip
+                                        "(a short name answers for one VM on this router)"))  # fmt: skip
             if hostname == router_name:
                 problems.append(Problem(f"dhcp.entries[{n}].hostname", "is the router's own name"))
             elif NOT_A_NAME.fullmatch(hostname):
