@@ -116,10 +116,12 @@ def base_document() -> dict:
 
 
 def element_count(sections: dict) -> dict[str, int]:
-    """Elements the live table must hold (an ACL entry: one per CIDR; the bench's never nest)."""
+    """Elements the live table must hold (an ACL entry: one per CIDR; the bench's never nest;
+    one without CIDRs is anywhere in both families, or in its protocol's one: icmp, icmpv6)."""
     forwards = len(sections["nat"]["port_forwarding"])  # single ports, no source CIDRs: one element each
     ingress = sum(len(r.get("source_cidrs", ["0.0.0.0/0"])) for r in sections["firewall"]["ingress"])
-    acl = sum(len(e.get("cidrs", ["0.0.0.0/0"])) for a in sections["network_acls"] for e in a["ingress"] + a["egress"])
+    acl = sum(len(e["cidrs"]) if "cidrs" in e else 1 if e["protocol"] in ("icmp", "icmpv6") else 2
+              for a in sections["network_acls"] for e in a["ingress"] + a["egress"])  # fmt: skip
     return {"pf": forwards, "ingress": ingress, "acl": acl}
 
 

@@ -23,6 +23,9 @@ import itertools
 import json
 import os
 import re
+import socket
+import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from itertools import filterfalse
@@ -259,7 +262,7 @@ class NftablesService(Service):
         listed = {name: f" elements = {{ {', '.join(elements)} }};" if elements else "" for name, elements in sets.items()}
         ruleset = runtime.render(
             "nftables/vr.nft.j2", router=doc.router.name, public_if=names[public.id] if public else None, tiers=tiers,
-            sets=listed, usage_counters=sorted(usage.values()),
+            sets=listed, usage_counters=sorted(usage.values()), several_public=bool(doc.public_marks()),
         )  # fmt: skip
         return {RULESET: ruleset}
 
@@ -453,7 +456,7 @@ def _usage_now(settings: Any) -> dict[str, tuple[int, int]]:
     """The usage counters' values: the live table's, or, when there is none (after a reboot),
     what `vr stop` saved."""
     live = _read_usage()
-    if live is not None:
+    if live:
         return live
     saved = read_bytes_or_none(settings.state_dir / USAGE_FILE)
     try:
@@ -477,20 +480,59 @@ def _with_usage(ruleset: str, values: dict[str, tuple[int, int]]) -> str:
 
 
 def _read_usage() -> dict[str, tuple[int, int]] | None:
-    """name -> (packets, bytes) of the live table's usage counters; None without the table."""
-    import nftables
+    """name -> (packets, bytes) of the live table's usage counters; None without the table.
+    One netlink dump of the table's counter objects (NFT_MSG_GETOBJ): libnftables' `list
+    counters` first fetches every set's elements, ~140 ms with 10,000 rules, paid by each
+    whole-table replace."""
+    request = struct.pack("=BBH", _NFPROTO_INET, 0, 0)  # nfgenmsg: family, version 0, res_id
+    request += _nla(_NFTA_OBJ_TABLE, b"vr\0") + _nla(_NFTA_OBJ_TYPE, struct.pack("!I", _NFT_OBJECT_COUNTER))
+    header = struct.pack("=IHHII", 16 + len(request), (_NFNL_SUBSYS_NFTABLES << 8) | _NFT_MSG_GETOBJ,
+                         _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0)  # fmt: skip
+    found: dict[str, tuple[int, int]] = {}
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_NETFILTER) as sock:
+        sock.settimeout(5)
+        sock.sendall(header + request)
+        while True:
+            data = sock.recv(1 << 20)
+            offset = 0
+            while offset + 16 <= len(data):
+                length, kind, _, _, _ = struct.unpack_from("=IHHII", data, offset)
+                if kind == _NLMSG_DONE:
+                    return found
+                if kind == _NLMSG_ERROR:
+                    error = struct.unpack_from("=i", data, offset + 16)[0]
+                    return None if error else found  # ENOENT: no table
+                attributes = dict(_attributes(data[offset + 20 : offset + length]))
+                name = attributes.get(_NFTA_OBJ_NAME, b"").rstrip(b"\0").decode()
+                values = dict(_attributes(attributes.get(_NFTA_OBJ_DATA, b"")))
+                if name.startswith("usage_"):
+                    packets = struct.unpack("!Q", values.get(_NFTA_COUNTER_PACKETS, bytes(8)))[0]
+                    size = struct.unpack("!Q", values.get(_NFTA_COUNTER_BYTES, bytes(8)))[0]
+                    found[name] = (packets, size)
+                offset += (length + 3) & ~3
+                if length < 16:
+                    return None
 
-    nft = nftables.Nftables()
-    nft.set_json_output(True)
-    rc, output, _ = nft.cmd(f"list counters table {TABLE}")
-    if rc != 0:
-        return None
-    found = {}
-    for item in json.loads(output).get("nftables", []):
-        counter = item.get("counter")
-        if counter and str(counter.get("name", "")).startswith("usage_"):
-            found[counter["name"]] = (int(counter.get("packets", 0)), int(counter.get("bytes", 0)))
-    return found
+
+# Netlink and nf_tables constants (linux/netlink.h, linux/netfilter/nf_tables.h) for _read_usage.
+_NETLINK_NETFILTER, _NFNL_SUBSYS_NFTABLES, _NFT_MSG_GETOBJ, _NFPROTO_INET = 12, 10, 19, 1
+_NLM_F_REQUEST, _NLM_F_DUMP, _NLMSG_ERROR, _NLMSG_DONE = 0x1, 0x300, 2, 3
+_NFTA_OBJ_TABLE, _NFTA_OBJ_NAME, _NFTA_OBJ_TYPE, _NFTA_OBJ_DATA, _NFT_OBJECT_COUNTER = 1, 2, 3, 4, 1
+_NFTA_COUNTER_BYTES, _NFTA_COUNTER_PACKETS = 1, 2
+
+
+def _nla(kind: int, payload: bytes) -> bytes:
+    return struct.pack("=HH", 4 + len(payload), kind) + payload + b"\0" * (-len(payload) % 4)
+
+
+def _attributes(data: bytes) -> Iterator[tuple[int, bytes]]:
+    offset = 0
+    while offset + 4 <= len(data):
+        length, kind = struct.unpack_from("=HH", data, offset)
+        if length < 4:
+            return
+        yield kind & 0x3FFF, data[offset + 4 : offset + length]  # without the nested and byte-order flags
+        offset += (length + 3) & ~3
 
 
 def save_usage(settings: Any) -> None:
