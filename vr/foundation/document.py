@@ -194,10 +194,10 @@ class Strict(BaseModel):
         holds ~35,000 models, and a set each was ~14 MB of the daemon's memory. Sharing is safe
         because the models are frozen; pydantic copies the set before a model_copy changes it."""
         fields = self.__pydantic_fields_set__
-        object.__setattr__(self, "__pydantic_fields_set__", _FIELD_SETS.setdefault(frozenset(fields), fields))
+        object.__setattr__(self, "__pydantic_fields_set__", _FIELD_SETS.setdefault(tuple(fields), fields))
 
 
-_FIELD_SETS: dict[frozenset, set] = {}
+_FIELD_SETS: dict[tuple, set] = {}  # by the names in the set's own order: equal names share one
 
 
 class RouterIdentity(Strict):

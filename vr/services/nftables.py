@@ -263,6 +263,7 @@ class NftablesService(Service):
         ruleset = runtime.render(
             "nftables/vr.nft.j2", router=doc.router.name, public_if=names[public.id] if public else None, tiers=tiers,
             sets=listed, usage_counters=sorted(usage.values()), several_public=bool(doc.public_marks()),
+            shared_tiers=bool(sets["shared_ifs"]),
         )  # fmt: skip
         return {RULESET: ruleset}
 
