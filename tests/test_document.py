@@ -298,3 +298,29 @@ def test_a_private_gateway_belongs_to_a_vpc_and_source_nat_to_a_private_gateway(
     assert validate(example).interfaces[4].source_nat
     example["interfaces"][2]["source_nat"] = True
     assert "applies to a private_gateway" in problems_of(example)["interfaces[2]"]
+
+
+def test_the_stored_form_of_every_shape_loads_back_the_same(example):
+    """The store keeps model_dump's output, every default written out: whatever a payload may
+    leave out must load back from that form (a daemon restart, a fallback apply)."""
+    example["router"]["type"] = "vpc"
+    example["nat"]["public_ips"].append({"ip": "192.0.2.12"})
+    rule = {"public_ip": "192.0.2.12", "private_port": 8000, "members": [{"ip": "10.1.1.10"}]}
+    example["load_balancer"] = {"rules": [
+        {**rule, "id": "raw", "public_port": 81, "protocol": "tcp", "proxy_protocol": "v2"},
+        {**rule, "id": "plain", "public_port": 82},
+        {**rule, "id": "source", "public_port": 83, "stickiness": {"type": "source", "table_size": 10}},
+        {**rule, "id": "prefix", "public_port": 84, "stickiness": {"type": "cookie", "cookie": "J", "mode": "prefix"}},
+        {**rule, "id": "app", "public_port": 85, "stickiness": {"type": "app_cookie", "cookie": "s", "length": 9}},
+        {**rule, "id": "noxff", "public_port": 86, "forwarded_headers": False},
+    ], "stats": {"address": "169.254.0.10", "username": "ops", "password": "password1"}}  # fmt: skip
+    example["network_acls"] = [{"tier": "tier1", "ingress": [
+        {"number": 1, "action": "deny", "protocol": "icmp", "icmp_type": 8, "icmp_code": 0},
+        {"number": 2, "action": "allow", "protocol": "icmpv6"},
+        {"number": 3, "action": "allow", "protocol": "all"},
+    ]}]  # fmt: skip
+    example["firewall"]["egress"] = [e for e in example["firewall"]["egress"] if e["tier"] != "tier1"]
+    example["dhcp"]["entries"][0]["lease_time"] = "infinite"
+    doc = validate(example)
+    stored = json.loads(doc.model_dump_json())
+    assert validate(stored) == doc

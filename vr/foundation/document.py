@@ -531,7 +531,8 @@ class LbStickiness(Strict):
             raise ValueError("app_cookie stickiness needs the cookie's name")
         if self.type in ("none", "source") and self.cookie is not None:
             raise ValueError(f"a cookie name does not apply to {self.type} stickiness")
-        given = self.model_fields_set
+        # By value, never by what was given: the stored document holds every field.
+        given = {name for name, default in _STICKINESS_DEFAULTS.items() if getattr(self, name) != default}
         applies = {"mode": ("cookie",), "indirect": ("cookie",), "nocache": ("cookie",),
                    "expire_s": ("source", "cookie", "app_cookie"), "table_size": ("source", "app_cookie"),
                    "length": ("app_cookie",)}  # fmt: skip
@@ -541,6 +542,10 @@ class LbStickiness(Strict):
         if self.type == "cookie" and self.mode != "insert" and given & {"indirect", "nocache", "expire_s"}:
             raise ValueError("indirect, nocache and expire_s apply to an inserted cookie (mode insert)")
         return self
+
+
+_STICKINESS_DEFAULTS = {"mode": "insert", "indirect": True, "nocache": True, "expire_s": None, "table_size": None,
+                        "length": None}  # fmt: skip
 
 
 class LbTimeouts(Strict):
@@ -579,7 +584,7 @@ class LbRule(Strict):
     # the members must expect it.
     proxy_protocol: Literal["none", "v1", "v2"] = "none"
     http2: bool = False  # https: HTTP/2 offered to clients by ALPN (h2, then http/1.1)
-    forwarded_headers: bool = True  # http(s): X-Forwarded-For and X-Forwarded-Proto to members
+    forwarded_headers: bool | None = None  # http(s): X-Forwarded-For and -Proto to members (None: yes)
 
     @model_validator(mode="after")
     def _consistent(self) -> LbRule:
@@ -587,7 +592,7 @@ class LbRule(Strict):
             raise ValueError("tls (certificates) is required for https and applies to https only")
         if self.http2 and self.protocol != "https":
             raise ValueError("http2 (ALPN) needs protocol https")
-        if "forwarded_headers" in self.model_fields_set and self.forwarded_headers and self.protocol == "tcp":
+        if self.forwarded_headers and self.protocol == "tcp":
             raise ValueError("forwarded_headers needs protocol http or https (tcp carries no headers)")
         if self.stickiness.type in ("cookie", "app_cookie") and self.protocol == "tcp":
             raise ValueError("cookie stickiness needs protocol http or https")

@@ -282,7 +282,7 @@ def _rule_values(rule: LbRule) -> dict:
         cookie = f" cookie {name}" if sticky.type == "cookie" else ""
         servers.append({"name": name, "address": address, "weight": member.weight,
                         "options": options + proxy + cookie})  # fmt: skip
-    forwarded = rule.forwarded_headers and mode == "http"
+    forwarded = rule.forwarded_headers is not False and mode == "http"
     return {
         "id": rule.id,
         "mode": mode,
