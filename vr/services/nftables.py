@@ -568,8 +568,12 @@ def rule_counters() -> list[dict]:
         rule = item.get("rule")
         if not rule or "comment" not in rule:
             continue
+        # An anonymous counter's figures; a named counter chosen by a map (usage) has none here.
         counter = next((e["counter"] for e in rule["expr"] if "counter" in e), {"packets": 0, "bytes": 0})
-        result.append({"chain": rule["chain"], "rule": rule["comment"], **counter})
+        if not isinstance(counter, dict) or "packets" not in counter:
+            continue
+        result.append({"chain": rule["chain"], "rule": rule["comment"], "packets": counter["packets"],
+                       "bytes": counter.get("bytes", 0)})  # fmt: skip
     return result
 
 
