@@ -315,6 +315,7 @@ class Lab:
     def dhcp(self, guest: str, timeout: float = 30) -> dict:
         """Run a real dhclient in the guest; return what the guest got."""
         lease_file, pid_file = self.dir / f"{guest}.leases", self.dir / f"{guest}.dhclient.pid"
+        _stop_by_pid_file(pid_file)  # a guest asked again: its previous dhclient would outlive the lab
         _run("ip", "netns", "exec", self.ns(guest), "dhclient", "-4", "-1", "-v",
              "-cf", str(self.dir / "dhclient.conf"), "-lf", str(lease_file), "-pf", str(pid_file),
              "-sf", str(dhclient_script()), "eth0", timeout=timeout)  # fmt: skip
@@ -323,6 +324,7 @@ class Lab:
     def dhcp6(self, guest: str, timeout: float = 30) -> str | None:
         """A real `dhclient -6` in the guest (stateful DHCPv6); the address it configured."""
         lease_file, pid_file = self.dir / f"{guest}.leases6", self.dir / f"{guest}.dhclient6.pid"
+        _stop_by_pid_file(pid_file)
         _run("ip", "netns", "exec", self.ns(guest), "dhclient", "-6", "-1", "-v",
              "-cf", str(self.dir / "dhclient.conf"), "-lf", str(lease_file), "-pf", str(pid_file),
              "-sf", str(dhclient_script()), "eth0", timeout=timeout)  # fmt: skip
@@ -356,19 +358,7 @@ class Lab:
 
     def stop_dhclient(self, guest: str) -> None:
         for pid_file in (self.dir / f"{guest}.dhclient.pid", self.dir / f"{guest}.dhclient6.pid"):
-            try:
-                pid = int(pid_file.read_text().strip())
-            except (FileNotFoundError, ValueError):
-                continue
-            try:
-                os.kill(pid, signal.SIGTERM)
-                for _ in range(100):
-                    os.kill(pid, 0)
-                    time.sleep(0.02)
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            pid_file.unlink(missing_ok=True)
+            _stop_by_pid_file(pid_file)
 
     # Test clients other than dhclient. Each records the environment its script receives in
     # DIR/<guest>.<client>/<event>.env (RECORD_ENV), so nothing in the guest or on the host
@@ -560,6 +550,23 @@ RECORD_ENV = """\
 env | sort > "$(dirname "$0")/${reason:-$1}.env"
 exit 0
 """
+
+
+def _stop_by_pid_file(pid_file: Path) -> None:
+    """The process a pid file names, stopped (TERM, then KILL after 2 s) and the file removed."""
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(100):
+            os.kill(pid, 0)
+            time.sleep(0.02)
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    pid_file.unlink(missing_ok=True)
 
 
 def _read_env(path: Path) -> dict[str, str]:
