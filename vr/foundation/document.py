@@ -1004,6 +1004,10 @@ class RouterDocument(Strict):
         """The first public interface: the main routing table's (the document's routes)."""
         return next((i for i in self.interfaces if i.role == "public"), None)
 
+    def interface_holding(self, ip: IPv4Address) -> Interface | None:
+        """The interface one of the router's own addresses is on."""
+        return next((i for i in self.interfaces if any(a.ip == ip for a in i.addresses)), None)
+
     def public_interfaces(self) -> list[Interface]:
         return [i for i in self.interfaces if i.role == "public"]
 

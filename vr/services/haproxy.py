@@ -304,7 +304,7 @@ def _stats_problems(doc: RouterDocument) -> list[Problem]:
     from vr.services.nftables import LOCAL_PORTS  # the ports each role answers already
 
     stats = doc.load_balancer.stats
-    owner = next((i for i in doc.interfaces if any(a.ip == stats.address for a in i.addresses)), None)
+    owner = doc.interface_holding(stats.address)
     if owner is None:
         return [Problem("load_balancer.stats.address", f"{stats.address} is not one of the router's interface addresses")]
     taken = set(LOCAL_PORTS.get(owner.role, {}).get("tcp", ()))

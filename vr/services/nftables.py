@@ -334,7 +334,7 @@ def _local_elements(doc: RouterDocument, names: dict[str, str]) -> dict[str, lis
                 sets[f"local{family}_{protocol}"] += [f'"{name}" . {address.ip} . {port}'
                                                       for port in ports[protocol + family]]  # fmt: skip
     stats = doc.load_balancer.stats  # haproxy's statistics page: on the interface of its address only
-    owner = next((i for i in doc.interfaces if stats and any(a.ip == stats.address for a in i.addresses)), None)
+    owner = doc.interface_holding(stats.address) if stats else None
     if owner is not None and names.get(owner.id):
         sets["local_tcp"].append(f'"{names[owner.id]}" . {stats.address} . {stats.port}')
     return sets
