@@ -3,7 +3,7 @@ VENV := .venv
 APT_PACKAGES := dnsmasq-base dnsmasq-utils nftables haproxy strongswan-swanctl charon-systemd \
 	libcharon-extra-plugins libcharon-extauth-plugins libstrongswan-standard-plugins radvd \
 	isc-dhcp-client ndisc6 iproute2 iputils-ping iperf3 util-linux python3-venv make patch \
-	nmap busybox dhcpcd-base bind9-dnsutils prometheus tcpdump curl
+	nmap busybox dhcpcd-base bind9-dnsutils prometheus tcpdump curl cloud-init wget
 DEMO_DIR := /tmp/vr-demo-$(shell echo $$PPID)
 
 .PHONY: demo test deps apt venv lint bench clean
@@ -30,6 +30,9 @@ deps: apt venv
 	@$(VENV)/bin/python -m compileall -q vr
 
 apt:
+	@# cloud-init is a client in the tests (a guest's CloudStack data source), never this machine's own:
+	@# disabled before it is installed, so that no boot of this machine runs it.
+	@mkdir -p /etc/cloud && touch /etc/cloud/cloud-init.disabled
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages: $$missing"; \

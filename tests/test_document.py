@@ -101,13 +101,13 @@ def test_dhcp_option_values_cannot_split_or_quote(example, value):
     assert "dhcp.tiers[0].options[0].values[0]" in problems_of(example)
 
 
-def test_unknown_keys_and_future_sections_are_errors(example):
+def test_unknown_keys_and_sections_are_errors(example):
     example["dhcp"]["entries"][0]["colour"] = "blue"
     example["metadata"] = {"files": []}
     example["vpn"] = {"tunnels": []}
     found = problems_of(example)
     assert found["dhcp.entries[0].colour"] == "unknown field"
-    assert found["metadata"] == "section not supported by this version of vr"
+    assert found["metadata"] == "unknown field"
     assert found["vpn.tunnels"] == "unknown field"
 
 

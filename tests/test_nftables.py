@@ -305,12 +305,14 @@ def test_each_role_answers_only_on_its_own_addresses(example, tmp_path):
     sets = {line.split()[1]: line for line in text.splitlines() if line.startswith("  set local")}
     assert sets["local_tcp"].endswith(
         'elements = { "eth0" . 169.254.0.10 . 3922, "eth0" . 169.254.0.10 . 8443, "eth2" . 10.1.1.1 . 53, '
-        '"eth3" . 10.1.2.1 . 53 }; }'
-    )  # control: SSH and the agent (agent.port); guests: DNS on their own gateway
+        '"eth2" . 10.1.1.1 . 80, "eth2" . 10.1.1.1 . 8080, "eth3" . 10.1.2.1 . 53, "eth3" . 10.1.2.1 . 80, '
+        '"eth3" . 10.1.2.1 . 8080 }; }'
+    )  # control: SSH and the agent (agent.port); guests: DNS and guest data (80, 8080) on their own gateway
     assert sets["local_udp"].endswith(
         'elements = { "eth2" . 10.1.1.1 . 53, "eth2" . 10.1.1.1 . 67, "eth3" . 10.1.2.1 . 53, "eth3" . 10.1.2.1 . 67 }; }'
     )
     assert sets["local6_udp"].endswith('elements = { "eth2" . 2001:db8:1:1::1 . 53, "eth2" . 2001:db8:1:1::1 . 547 }; }')
+    assert sets["local6_tcp"].endswith('elements = { "eth2" . 2001:db8:1:1::1 . 53 }; }')  # guest data: IPv4 only
     assert "eth1" not in "".join(sets.values())  # the public side: only what the document opens (public_local)
     assert 'iifname @public_ifs ip daddr @public_ips jump public_local' in text
     # DNS for tunnelled clients (remote access) on the guest addresses; what is not one of the

@@ -52,8 +52,9 @@ def test_one_host_line_and_one_name_per_vm(example, runtime):
     ]
     assert "set:" not in files["dhcp-hosts"]  # dnsmasq 2.90 crashes on SIGHUP with tagged hostsfile lines
     names = "".join(content for path, content in files.items() if path.startswith("names/")).splitlines()
-    assert sorted(names) == ["10.1.1.1 r-101-vm", "10.1.1.10 web1", "10.1.2.1 r-101-vm", "10.1.2.10 db1"]
-    assert files["names/router"].splitlines() == ["10.1.1.1 r-101-vm", "10.1.2.1 r-101-vm"]
+    assert sorted(names) == ["10.1.1.1 r-101-vm data-server", "10.1.1.10 web1", "10.1.2.1 r-101-vm data-server",
+                            "10.1.2.10 db1"]
+    assert files["names/router"].splitlines() == ["10.1.1.1 r-101-vm data-server", "10.1.2.1 r-101-vm data-server"]
 
 
 def test_second_nic_gets_no_default_gateway_and_per_vm_options(example, runtime):

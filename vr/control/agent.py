@@ -45,7 +45,7 @@ MAX_BUNDLE_BYTES = 256 * 1024 * 1024
 BODY_TIMEOUT_S = 60.0  # a client that sends its body slower than this is cut off
 IDLE_TIMEOUT_S = 15.0  # a connection without a whole request's headers this long is closed (aiohttp's keep-alive)
 REDACTED = "<redacted>"
-SECRET_FIELDS = frozenset({"psk", "password", "key", "tokens"})  # keys, pre-shared keys, passwords, token hashes
+SECRET_FIELDS = frozenset({"psk", "password", "key", "tokens", "user_data"})  # keys, PSKs, passwords, token hashes, user data
 
 
 class RequestRefused(Exception):
@@ -241,7 +241,7 @@ async def get_config(request: web.Request) -> web.Response:
 
 
 def redact(value: Any) -> Any:
-    """The document without a secret: keys, pre-shared keys, passwords, token hashes."""
+    """The document without a secret: keys, pre-shared keys, passwords, token hashes, user data."""
     if isinstance(value, dict):
         return {k: (_hidden(v) if k in SECRET_FIELDS else redact(v)) for k, v in value.items()}
     if isinstance(value, list):
@@ -408,8 +408,11 @@ class AgentServer:
         self.remote_runner: web.AppRunner | None = None
         self.sites: list[web.TCPSite] = []
         self.serving: tuple | None = None  # what the sites were made from
-        self.listeners: dict[str, Any] = {}  # name -> keeper.Listener: the sockets this daemon serves
-        self.held: dict[str, Any] = {}  # the previous daemon's, from the keeper, not settled yet
+        # name -> keeper.Listener: every socket this daemon serves (the guest data server's too),
+        # handed over to the keeper whole whenever it changes.
+        self.listeners: dict[str, Any] = {}
+        self.held: dict[str, Any] = {}  # the previous daemon's, from the keeper, not taken back yet
+        self.agent_names: set[str] = set()  # the listeners the agent serves
         daemon.patch_process = None
         daemon.patch_started = ("", 0)
 
@@ -444,7 +447,7 @@ class AgentServer:
         self.tokens = list(config.get("tokens", [])) if config else []
         wanted = self._wanted(config)
         held = self.held
-        if wanted == self.serving and not held:
+        if wanted == self.serving:
             return
         listeners = self.listeners
         if self.remote_runner is None and wanted is not None:
@@ -469,18 +472,25 @@ class AgentServer:
                     continue
                 names.add(name)
                 self.sites.append(site)
-        elif wanted is not None:  # only the held sockets to settle: the sites stay
-            self.sites, old = old, []
-            names = {n for n in listeners if n.startswith("tcp:")}
         for site in old:
             await site.stop()
-        for name in [n for n in listeners if n.startswith("tcp:") and n not in names]:
+        for name in self.agent_names - names:
             listeners.pop(name)[1].close()
-        for _, sock in held.values():  # the previous daemon's that this document no longer serves
-            sock.close()
-        held.clear()
+        self.agent_names = names
         self.serving = wanted
         keeper.hand_over(self.settings, list(listeners.values()))
+
+    def release_held(self) -> None:
+        """Once every server has taken back what it serves: the previous daemon's sockets that
+        this document no longer serves are let go."""
+        from vr.control import keeper
+
+        if not self.held:
+            return
+        for _, sock in self.held.values():
+            sock.close()
+        self.held.clear()
+        keeper.hand_over(self.settings, list(self.listeners.values()))
 
     def _wanted(self, config: dict | None) -> tuple | None:
         if not config or not config.get("listen"):

@@ -204,6 +204,7 @@ class Daemon:
         self.confirm: Confirm | None = self._load_confirm()
         self.confirm_task: asyncio.Task | None = None
         self.agent = None  # vr.control.agent.AgentServer
+        self.guest = None  # vr.control.guestdata.GuestDataServer
         self.metrics = None
         self.pushes = 0
         self._collecting: dict[tuple, asyncio.Future] = {}  # status reports being collected, by parts
@@ -211,21 +212,26 @@ class Daemon:
     # ------------------------------------------------------------ the process
     async def run(self) -> None:
         from vr.control.agent import AgentServer
+        from vr.control.guestdata import GuestDataServer
         from vr.control.metrics import RouterMetrics
+        from vr.services.guestdata import HOOK as GUEST_DATA_HOOK
 
         self.loop = asyncio.get_running_loop()
         self.stopping = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(signum, self._stop_requested)
-        self.loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.agent.reload()))
+        self.loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._reload_servers()))
         self.metrics = RouterMetrics(self.settings, pipeline=self.pipeline)
         self.worker.start()
         if self.settings.journal_path.exists():  # the daemon before this one was killed mid-apply
             asyncio.ensure_future(self.recover_first())
         self._start_monitor()
         self.agent = AgentServer(self)
+        self.guest = GuestDataServer(self, self.agent)
+        self.pipeline.runtime.hooks[GUEST_DATA_HOOK] = self.serve_guest_data_now
         await self.agent.start_local()
-        await self.agent.reload()
+        await self._reload_servers()
+        self.agent.release_held()
         observer = self._watch_spool()
         self._arm_confirm()
         self.events.write([event("daemon", "service:daemon", "started", f"pid {os.getpid()}, release "
@@ -234,6 +240,11 @@ class Daemon:
             await self.stopping.wait()
         finally:
             await self._shutdown(observer)
+
+    async def _reload_servers(self) -> None:
+        """What the services' files say now (SIGHUP: an apply made outside the daemon)."""
+        await self.guest.reload()
+        await self.agent.reload()
 
     def _stop_requested(self) -> None:
         self.stopping_requested = True
@@ -248,6 +259,7 @@ class Daemon:
         deadline = time.monotonic() + DRAIN_S
         await asyncio.get_running_loop().run_in_executor(None, keeper.leaving, self.settings)
         await self.agent.stop()  # in-flight requests end as the worker answers them
+        await self.guest.stop()
         while not self.worker.idle() and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         if observer is not None:
@@ -323,6 +335,12 @@ class Daemon:
         answered (the service's SIGHUP does it for an apply made outside the daemon)."""
         if self.agent is not None and self.loop is not None:
             asyncio.run_coroutine_threadsafe(self.agent.reload(), self.loop).result(timeout=30)
+
+    def serve_guest_data_now(self) -> None:
+        """From the worker, in the guest data service's apply: the next request is answered
+        from what this transaction wrote (and the health gate's probe finds it listening)."""
+        if self.guest is not None and self.loop is not None:
+            asyncio.run_coroutine_threadsafe(self.guest.reload(), self.loop).result(timeout=30)
 
     def _collect(self, firewall: bool, lb: bool, vpn: bool, usage: bool) -> dict:
         from vr.control.status import collect

@@ -660,6 +660,7 @@ class RulesetDrift:
 
     def __init__(self, settings: Settings):
         self.ruleset_path = settings.service_dir("nftables") / "vr.nft"
+        self.vms_path = settings.service_dir("nftables") / "vms.nft"  # the per-VM sets' elements
         self.generation: int | None = None
         self.file_digest: str | None = None
         self.listing_digest: str | None = None
@@ -671,7 +672,7 @@ class RulesetDrift:
         content = read_bytes_or_none(self.ruleset_path)
         if content is None:
             return None  # no firewall configured
-        file_digest = hashlib.sha256(content).hexdigest()
+        file_digest = hashlib.sha256(content + (read_bytes_or_none(self.vms_path) or b"")).hexdigest()
         listing = _list_table()
         if self.file_digest != file_digest:  # vr loaded a new ruleset: the new reference
             if listing is None:
@@ -687,7 +688,13 @@ class RulesetDrift:
         return None
 
     def repair(self) -> str | None:
-        result = subprocess.run(["nft", "-f", str(self.ruleset_path)], capture_output=True, text=True, timeout=30,
+        from vr.services.nftables import loadable
+
+        content = read_bytes_or_none(self.ruleset_path)
+        if content is None:
+            return "vr.nft is missing"
+        batch = loadable(content, read_bytes_or_none(self.vms_path))
+        result = subprocess.run(["nft", "-f", "-"], input=batch, capture_output=True, text=True, timeout=30,
                                 check=False)  # fmt: skip
         if result.returncode != 0:
             return f"nft -f failed: {result.stderr.strip()}"

@@ -37,10 +37,6 @@ from pydantic import (
 from vr.foundation.errors import InvalidPayload, Problem, StalePayload
 from vr.foundation.jsontext import quote
 
-# Sections a later vr release fills in. Present in a payload today, they are refused
-# with a message that says so rather than silently dropped.
-FUTURE_SECTIONS = ("metadata",)
-
 
 def _pattern(regex: str, what: str):
     compiled = re.compile(regex)
@@ -224,6 +220,10 @@ class Interface(Strict):
     # firewalls it.
     gateways: list[IPv4] = Field(default_factory=list, max_length=64)
     source_nat: bool = False  # private_gateway: the tiers' traffic leaves by it with its address
+    # guest: drop packets whose source address and MAC are not a DHCP entry's of this tier
+    # (a tier's dynamic range, dhcp.tiers[].range, stays open to MACs no entry has).
+    # None: on; false: off, for a tier with VMs the router does not know.
+    anti_spoofing: bool | None = None
 
     @model_validator(mode="after")
     def _named(self) -> Interface:
@@ -231,6 +231,8 @@ class Interface(Strict):
             raise ValueError("an interface needs a name or a mac to be found on the router")
         if self.source_nat and self.role != "private_gateway":
             raise ValueError("source_nat applies to a private_gateway interface")
+        if self.anti_spoofing is not None and self.role != "guest":
+            raise ValueError("anti_spoofing applies to a guest interface")
         return self
 
     def ipv4(self) -> IPv4Interface | None:
@@ -966,6 +968,119 @@ class Agent(Strict):
         return bool(self.tokens) or self.client_ca is not None
 
 
+# ------------------------------------------------------------------ guest data
+USER_DATA_MAX = 32 * 1024  # decoded bytes, as CloudStack allows
+# The meta data CloudStack's router serves; a VM's entry may add its own keys beside them.
+META_DATA_KEYS = ("instance-id", "vm-id", "local-hostname", "local-ipv4", "public-ipv4", "public-hostname",
+                  "availability-zone", "service-offering", "cloud-identifier", "hypervisor-host-name")  # fmt: skip
+SERVED_FROM_FIELDS = ("public-keys", "user-data", "meta-data", "password")  # keys no meta_data entry may take
+MetaDataKey = Annotated[str, _pattern(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", "meta data key (letters, digits, '_', "
+                                      "'.', '-', 1-64, starting with a letter or digit)")]  # fmt: skip
+
+
+def _meta_data_value(value: str) -> str:
+    """Served as one line of text: no control character (a newline would add a key)."""
+    if len(value) > 4096:
+        raise ValueError("a meta data value has at most 4096 characters")
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in value):
+        raise ValueError("a meta data value may not contain control characters (a newline included)")
+    return value
+
+
+def _user_data(value: str) -> str:
+    """Base64 of at most USER_DATA_MAX bytes; the message never repeats the data."""
+    import binascii
+
+    if len(value) > (USER_DATA_MAX + 2) // 3 * 4:
+        raise ValueError(f"user data is at most {USER_DATA_MAX} bytes ({USER_DATA_MAX // 1024} KiB) decoded")
+    try:
+        decoded = binascii.a2b_base64(value.encode("ascii"), strict_mode=True)
+    except (ValueError, UnicodeEncodeError):
+        raise ValueError("user data is base64 (RFC 4648, no line breaks), and this is not") from None
+    if len(decoded) > USER_DATA_MAX:
+        raise ValueError(f"user data is at most {USER_DATA_MAX} bytes ({USER_DATA_MAX // 1024} KiB) decoded; "
+                         f"this is {len(decoded)}")  # fmt: skip
+    return value
+
+
+SSH_KEY_TYPES = ("ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521",
+                 "sk-ssh-ed25519@openssh.com", "sk-ecdsa-sha2-nistp256@openssh.com", "ssh-dss")  # fmt: skip
+
+
+def _ssh_public_key(value: str) -> str:
+    """One OpenSSH public key line: a known type, a base64 body that decodes to a key of
+    that type, an optional comment. No options (a guest's authorized_keys takes the line as
+    is) and no control character (a newline would make it two keys)."""
+    import binascii
+    import struct
+
+    if len(value) > 16384:
+        raise ValueError("an SSH public key line has at most 16384 characters")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("an SSH public key is one line: no newline or other control character")
+    kind, _, rest = value.partition(" ")
+    body, _, _comment = rest.partition(" ")
+    if kind not in SSH_KEY_TYPES:
+        raise ValueError(f"not an SSH public key: the line starts with {quote(kind[:40])}, not a key type "
+                         f"({', '.join(SSH_KEY_TYPES)})")  # fmt: skip
+    try:
+        blob = binascii.a2b_base64(body.encode("ascii"), strict_mode=True)
+        (length,) = struct.unpack_from("!I", blob)
+        named = blob[4 : 4 + length].decode("ascii")
+    except (ValueError, UnicodeError, struct.error):
+        raise ValueError(f"not an SSH public key: the {kind} key's body is not base64 of a key") from None
+    if named != kind or len(blob) <= 4 + length:
+        raise ValueError(f"not an SSH public key: the body is not a {kind} key")
+    return value
+
+
+def _vm_password(value: str) -> str:
+    """What the password service answers as its whole body: printable ASCII, no space; the
+    messages never repeat it."""
+    if not 1 <= len(value) <= 255:
+        raise ValueError("a VM password has 1 to 255 characters")
+    if any(not 33 <= ord(c) <= 126 for c in value):
+        raise ValueError("a VM password is printable ASCII without spaces")
+    if value == "<redacted>":
+        raise ValueError("this is what GET /v1/config shows in place of a password, not a password")
+    return value
+
+
+MetaDataValue = Annotated[str, AfterValidator(_meta_data_value)]
+UserData = Annotated[str, AfterValidator(_user_data)]
+SshPublicKey = Annotated[str, AfterValidator(_ssh_public_key)]
+VmPassword = Annotated[str, AfterValidator(_vm_password)]
+
+
+class VmData(Strict):
+    """What a VM reads from its router at boot (cloud-init's CloudStack data source): served
+    only to the VM of this MAC, at its address on its tier (dhcp.entries)."""
+
+    mac: MacAddress
+    user_data: UserData | None = None  # base64
+    # The named META_DATA_KEYS and any other; local-hostname, local-ipv4 and instance-id
+    # default to the VM's DHCP entry (its hostname, its address).
+    meta_data: dict[MetaDataKey, MetaDataValue] = Field(default_factory=dict, max_length=64)
+    public_keys: list[SshPublicKey] = Field(default_factory=list, max_length=32)
+    password: VmPassword | None = None  # one-time: answered once, then "saved_password"
+    # Set by vr, never by the manager: the generation whose payload set the password (a new
+    # one, even the same text again, is answered once more).
+    password_generation: Generation | None = None
+
+    @field_validator("meta_data")
+    @classmethod
+    def _not_served_elsewhere(cls, value: dict[str, str]) -> dict[str, str]:
+        taken = sorted(k for k in value if k in SERVED_FROM_FIELDS)
+        if taken:
+            raise ValueError(f"{', '.join(taken)}: served from its own field (user_data, public_keys, password), "
+                             "not a meta data key")  # fmt: skip
+        return value
+
+
+class GuestData(Strict):
+    vms: list[VmData] = Field(default_factory=list, max_length=65536)
+
+
 class RouterDocument(Strict):
     generation: Generation
     router: RouterIdentity
@@ -981,6 +1096,7 @@ class RouterDocument(Strict):
     ipv6: Ipv6 = Field(default_factory=Ipv6)
     monitor: Monitor = Field(default_factory=Monitor)
     agent: Agent = Field(default_factory=Agent)
+    guest_data: GuestData = Field(default_factory=GuestData)
 
     def interface(self, interface_id: str) -> Interface | None:
         return next((i for i in self.interfaces if i.id == interface_id), None)
@@ -990,6 +1106,10 @@ class RouterDocument(Strict):
 
     def private_gateways(self) -> list[Interface]:
         return [i for i in self.interfaces if i.role == "private_gateway"]
+
+    def spoof_checked_tiers(self) -> list[Interface]:
+        """The guest tiers whose VMs may send only from their own address and MAC."""
+        return [i for i in self.guest_interfaces() if i.anti_spoofing is not False]
 
     def routed_tiers(self) -> list[Interface]:
         """The guest tiers the router is the gateway of (not a shared network's)."""
@@ -1040,11 +1160,25 @@ class IngressRuleChanges(Strict):
     delete: list[Identifier] = Field(default_factory=list, max_length=20000)
 
 
+class VmDataChanges(Strict):
+    """One VM's guest data changed without resending every VM's."""
+
+    upsert: list[VmData] = Field(default_factory=list, max_length=65536)
+    delete: list[MacAddress] = Field(default_factory=list, max_length=65536)
+
+
+class VmPasswordSet(Strict):
+    """A VM's next one-time password, alone (null: none pending any more)."""
+
+    mac: MacAddress
+    password: VmPassword | None
+
+
 SECTIONS = (
     "router", "interfaces", "routes", "dns", "dhcp", "nat", "firewall", "network_acls", "load_balancer", "vpn",
-    "ipv6", "monitor", "agent",
+    "ipv6", "monitor", "agent", "guest_data",
 )  # fmt: skip
-ITEM_CHANGES = ("dhcp_entries", "port_forwarding_rules", "ingress_rules")
+ITEM_CHANGES = ("dhcp_entries", "port_forwarding_rules", "ingress_rules", "vm_data", "vm_passwords")
 
 
 def _section_field(name: str) -> tuple[Any, None]:
@@ -1063,6 +1197,8 @@ class _PayloadBase(Strict):
     dhcp_entries: DhcpEntryChanges | None = None
     port_forwarding_rules: PortForwardChanges | None = None
     ingress_rules: IngressRuleChanges | None = None
+    vm_data: VmDataChanges | None = None
+    vm_passwords: list[VmPasswordSet] | None = Field(None, max_length=65536)
 
 
 Payload = create_model("Payload", __base__=_PayloadBase, **{name: _section_field(name) for name in SECTIONS})
@@ -1104,12 +1240,7 @@ def problems_from(error: ValidationError) -> list[Problem]:
         loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
         path = json_path(loc)
         if item["type"] == "extra_forbidden":
-            top = loc[0] if loc else ""
-            reason = (
-                "section not supported by this version of vr"
-                if len(loc) == 1 and top in FUTURE_SECTIONS
-                else "unknown field"
-            )
+            reason = "unknown field"
         elif item["type"] in _EXPECTED:
             reason = f"expected {_EXPECTED[item['type']]}, got {_json_type(item.get('input'))}"
         else:
@@ -1173,7 +1304,64 @@ def merge(stored: RouterDocument | None, payload: Payload) -> RouterDocument:
         rules = _apply_item_changes(doc.firewall.ingress, payload.ingress_rules, "id", "ingress_rules")
         _within_limit(rules, Firewall, "ingress", "ingress_rules", "firewall.ingress")
         doc = doc.model_copy(update={"firewall": doc.firewall.model_copy(update={"ingress": rules})})
+    if payload.guest_data is not None or payload.vm_data is not None or payload.vm_passwords is not None \
+            or payload.dhcp is not None or (payload.dhcp_entries is not None and payload.dhcp_entries.delete):  # fmt: skip
+        doc = _merged_guest_data(stored, doc, payload)
     return doc
+
+
+def _merged_guest_data(stored: RouterDocument | None, doc: RouterDocument, payload: Any) -> RouterDocument:
+    """vm_data and vm_passwords into guest_data; a password new in this payload stamped with
+    its generation (answered once from then on); a VM gone from dhcp.entries gone here too."""
+    vms = doc.guest_data.vms
+    if payload.vm_data is not None:
+        vms = _apply_item_changes(vms, payload.vm_data, "mac", "vm_data")
+        _within_limit(vms, GuestData, "vms", "vm_data", "guest_data.vms")
+    before = {vm.mac: vm for vm in stored.guest_data.vms} if stored is not None and vms else {}
+    sent = vms if payload.guest_data is not None else (payload.vm_data.upsert if payload.vm_data else [])
+    stamped = {}
+    for vm in sent:
+        old = before.get(vm.mac)
+        kept = old.password_generation if old is not None and old.password == vm.password else None
+        wanted = None if vm.password is None else (kept or payload.generation)
+        if vm.password_generation != wanted:
+            stamped[vm.mac] = vm.model_copy(update={"password_generation": wanted})
+    if payload.vm_passwords:
+        stamped.update(_passwords_set(doc, vms, payload.vm_passwords, stamped, payload.generation))
+    if stamped:
+        known = {vm.mac for vm in vms}
+        vms = [stamped.get(vm.mac, vm) for vm in vms] + [vm for mac, vm in stamped.items() if mac not in known]
+    if stored is not None and vms and (payload.dhcp is not None or payload.dhcp_entries is not None):
+        if payload.dhcp is not None:
+            gone = {e.mac for e in stored.dhcp.entries} - {e.mac for e in doc.dhcp.entries}
+        else:
+            gone = set(payload.dhcp_entries.delete)
+        if gone and any(vm.mac in gone for vm in vms):
+            vms = [vm for vm in vms if vm.mac not in gone]
+    if vms is doc.guest_data.vms:
+        return doc
+    return doc.model_copy(update={"guest_data": doc.guest_data.model_copy(update={"vms": vms})})
+
+
+def _passwords_set(doc: RouterDocument, vms: list[VmData], passwords: list[VmPasswordSet], stamped: dict,
+                   generation: int) -> dict[str, VmData]:  # fmt: skip
+    """vm_passwords: each VM's password, stamped; a VM without guest data gets an entry."""
+    macs = {e.mac for e in doc.dhcp.entries}
+    problems = [Problem(f"vm_passwords[{n}].mac", f"no VM has MAC {item.mac} (dhcp.entries)")
+                for n, item in enumerate(passwords) if item.mac not in macs]  # fmt: skip
+    seen: dict[str, int] = {}
+    for n, item in enumerate(passwords):
+        if seen.setdefault(item.mac, n) != n:
+            problems.append(Problem(f"vm_passwords[{n}].mac", f"{item.mac} is also vm_passwords[{seen[item.mac]}]"))
+    if problems:
+        raise InvalidPayload(problems)
+    current = {vm.mac: vm for vm in vms}
+    result = {}
+    for item in passwords:
+        vm = stamped.get(item.mac) or current.get(item.mac) or VmData(mac=item.mac)
+        result[item.mac] = vm.model_copy(update={"password": item.password,
+                                                 "password_generation": generation if item.password else None})
+    return result
 
 
 def _one_change_per_item(changes: Any, key: str, where: str) -> None:
@@ -1204,7 +1392,7 @@ def _within_limit(items: list, model: type[BaseModel], name: str, where: str, ta
 
 # Item lists of sections sent whole whose equal items are the stored objects again.
 _REUSED = (("vpn", "site_to_site", "id"), ("load_balancer", "rules", "id"), ("nat", "port_forwarding", "id"),
-           ("firewall", "ingress", "id"), ("dhcp", "entries", "mac"))  # fmt: skip
+           ("firewall", "ingress", "id"), ("dhcp", "entries", "mac"), ("guest_data", "vms", "mac"))  # fmt: skip
 
 
 def _reuse_equal(new: list, old: list, key: str) -> list:
@@ -1252,6 +1440,7 @@ _ITEM_LISTS = {  # item-change kind -> (where its items live in the document, th
     "dhcp_entries": ("dhcp.entries", "mac"),
     "port_forwarding_rules": ("nat.port_forwarding", "id"),
     "ingress_rules": ("firewall.ingress", "id"),
+    "vm_data": ("guest_data.vms", "mac"),
 }
 
 

@@ -1,8 +1,9 @@
 """The services, in the order the pipeline applies them (network first, daemons, then vr's daemon: its
-monitor and its agent)."""
+monitor, its agent and the guest data it serves)."""
 
 from vr.services.agent import AgentService
 from vr.services.dnsmasq import DnsmasqService
+from vr.services.guestdata import GuestDataService
 from vr.services.haproxy import HaproxyService
 from vr.services.monitor import MonitorService
 from vr.services.network import NetworkService
@@ -21,6 +22,7 @@ SERVICES = (
     StrongswanService(),
     MonitorService(),
     AgentService(),
+    GuestDataService(),
 )
 
 

@@ -84,6 +84,7 @@ RELEASE_WAIT = 0.5  # seconds for dnsmasq's answers to the releases (it answers 
 # A dhcp-host field dnsmasq reads as a lease time or a keyword whatever its place: a VM of
 # that name would get a 123 s lease and no name, or no lease at all ("ignore").
 NOT_A_NAME = re.compile(r"ignore|infinite|[0-9]+[smhdw]?")
+DATA_SERVER = "data-server"  # every tier's router address, by this name (CloudStack guests look it up)
 
 
 class DnsmasqService(Service):
@@ -182,6 +183,9 @@ class DnsmasqService(Service):
                                         "(a short name answers for one VM on this router)"))  # fmt: skip
             if hostname == router_name:
                 problems.append(Problem(f"dhcp.entries[{n}].hostname", "is the router's own name"))
+            elif hostname == DATA_SERVER:
+                problems.append(Problem(f"dhcp.entries[{n}].hostname", f"{DATA_SERVER} is the router's name on "
+                                        "every tier (guests find their guest data by it)"))  # fmt: skip
             elif NOT_A_NAME.fullmatch(hostname):
                 problems.append(
                     Problem(
@@ -432,7 +436,7 @@ def _entry_facts(entry: DhcpEntry, setting: tuple) -> tuple:
     address = int(entry.ip)
     hostname = entry.hostname.lower()
     fine = any(low <= address <= high for low, high in spans) and address not in reserved \
-        and hostname != router_name and not NOT_A_NAME.fullmatch(hostname)  # fmt: skip
+        and hostname != router_name and hostname != DATA_SERVER and not NOT_A_NAME.fullmatch(hostname)  # fmt: skip
     if entry.options:
         fine = fine and not _option_problems("", entry.options) and (
             entry.default_gateway or all(_option_code(o) != ROUTER_OPTION for o in entry.options))
@@ -485,9 +489,11 @@ def _name_shards(runtime: Runtime, entries: list[DhcpEntry], domains: dict[str, 
 
 
 def _router_names(runtime: Runtime, iface: Any, setting: tuple) -> bytes:
-    """The router's own name on one guest tier (its IPv6 address too where the tier routes IPv6)."""
+    """The router's own name on one guest tier, and data-server, on each of its addresses there
+    (dnsmasq answers with the one of the asking guest's subnet: localise-queries); its IPv6
+    address too where the tier routes IPv6."""
     name, domains, routed = setting
-    return b"".join(runtime.render("dnsmasq/host-name.j2", ip=own.ip, hostname=name,
+    return b"".join(runtime.render("dnsmasq/host-name.j2", ip=own.ip, hostname=name, aliases=(DATA_SERVER,),
                                    ipv6=iface.ipv6().ip if iface.id in routed and n == 0 else None,
                                    domain=domains[iface.id]) for n, own in enumerate(iface.ipv4s()))  # fmt: skip
 
@@ -665,7 +671,7 @@ def _host_values(entry: DhcpEntry, lease_times: dict[str, int]) -> dict:
 def _name_values(entry: DhcpEntry, domain: str) -> dict:
     # An AAAA name is written whole (name.domain): dnsmasq 2.90 re-reads a hosts file whose
     # IPv6 lines repeat dhcp-host names about 15 times slower (30-70 ms for 4,000 VMs).
-    return {"ip": entry.ip, "hostname": entry.hostname, "ipv6": entry.ipv6, "domain": domain}
+    return {"ip": entry.ip, "hostname": entry.hostname, "aliases": (), "ipv6": entry.ipv6, "domain": domain}
 
 
 def _dhcpv6_values(tier: Ipv6Tier, iface: Interface, domain: str) -> dict:

@@ -36,11 +36,16 @@ from vr.foundation.document import AclRule, EgressRule, IngressRule, LbRule, Por
 from vr.foundation.errors import Problem
 from vr.foundation.files import read_bytes_or_none, write_new
 from vr.services.base import Change, CheckFailed, Service, repeats
+from vr.services.guestdata import DATA_PORT, PASSWORD_PORT
 from vr.services.network import interface_names
 from vr.services.probes import ProbeSpec
 from vr.services.runtime import Runtime
 
 RULESET = "vr.nft"
+# The per-VM sets' elements (anti-spoofing: one element per VM), kept apart from the ruleset:
+# a one-VM change renders and compares this file alone, never the 10,000-rule table.
+VM_ELEMENTS = "vms.nft"
+VM_SETS = ("spoof4", "spoof6", "spoof_macs")
 ELEMENT_BATCH_LIMIT = 500  # elements added + removed, above which the table is replaced whole
 TABLE = "inet vr"
 
@@ -53,8 +58,8 @@ LOCAL_PORTS: dict[str, dict[str, tuple[int, ...]]] = {
     # CloudStack's management SSH; the agent's port (the document's agent.port) joins it when served.
     "control": {"tcp": (3922,), "udp": (), "tcp6": (3922,), "udp6": ()},
 }
-# The guest metadata service (a later issue: 80, 8080) answers on each tier's own address.
-METADATA_PORTS: tuple[int, ...] = ()
+# The guest data service (vr/services/guestdata.py: data, passwords) on each tier's own IPv4 addresses.
+METADATA_PORTS: tuple[int, ...] = (DATA_PORT, PASSWORD_PORT)
 
 
 class NftablesService(Service):
@@ -64,8 +69,10 @@ class NftablesService(Service):
         vpn = self._vpn_facts(doc.vpn)
         ipv6 = (tuple(t.tier for t in doc.ipv6.tiers), doc.ipv6.firewall)
         agent = doc.agent.port if doc.agent.served() else None
+        ranges = tuple((t.tier, t.range) for t in doc.dhcp.tiers)
+        spoofing = (tuple(i.id for i in doc.spoof_checked_tiers()), _dhcpv6_tiers(doc), ranges, doc.dhcp.entries)
         return (doc.router, doc.interfaces, doc.nat, doc.firewall, doc.network_acls, doc.load_balancer, vpn, ipv6,
-                agent, doc.dns.public)  # fmt: skip
+                agent, doc.dns.public, spoofing)  # fmt: skip
 
     def __init__(self) -> None:
         # What the last verify found, per rule list: merge keeps every unchanged rule
@@ -213,6 +220,14 @@ class NftablesService(Service):
                                             if kind == "ip" and way == direction]  # fmt: skip
             sets[f"usage_tier_{direction}"] = [f'"{names[tier]}" : "{name}"' for (kind, tier, way), name in usage.items()
                                               if kind == "tier" and way == direction]  # fmt: skip
+        checked = doc.spoof_checked_tiers()
+        sets["spoof_ifs"] = [f'"{names[i.id]}"' for i in checked if names.get(i.id)]
+        dhcpv6 = set(_dhcpv6_tiers(doc))
+        sets["spoof6_ifs"] = [f'"{names[i.id]}"' for i in checked if names.get(i.id) and i.id in dhcpv6]
+        ranges = {t.tier: t.range for t in doc.dhcp.tiers if t.range is not None}
+        sets["spoof_mac_ifs"] = [f'"{names[i.id]}"' for i in checked if names.get(i.id) and i.id not in ranges]
+        sets["spoof_ranges"] = [f'"{names[i.id]}" . {ranges[i.id].start}-{ranges[i.id].end}' for i in checked
+                                if names.get(i.id) and i.id in ranges]  # fmt: skip
         sets["private_nat_ifs"] = [f'"{names[i.id]}"' for i in doc.private_gateways() if i.source_nat and names.get(i.id)]
         for iface in [*doc.routed_tiers(), *doc.private_gateways()]:
             chain = iface.id.replace("-", "_")
@@ -265,7 +280,11 @@ class NftablesService(Service):
             sets=listed, usage_counters=sorted(usage.values()), several_public=bool(doc.public_marks()),
             shared_tiers=bool(sets["shared_ifs"]),
         )  # fmt: skip
-        return {RULESET: ruleset}
+        setting = (tuple((i.id, names.get(i.id)) for i in checked), tuple(sorted(dhcpv6)))
+        elements = runtime.memo.grouped("nftables.vms", doc.dhcp.entries, _vm_elements, setting, separator=", ")
+        vms = "".join(f"  set {name} {{ vms;{f' elements = {{ {elements[name]} }};' if name in elements else ''} }}\n"
+                      for name in VM_SETS)  # fmt: skip
+        return {RULESET: ruleset, VM_ELEMENTS: vms.encode()}
 
     def check(self, staged_dir: Path, change: Change, runtime: Runtime) -> None:
         """libnftables' dry run of the new table: its chains, rules and sets, the sets
@@ -289,11 +308,12 @@ class NftablesService(Service):
         else:
             # Only elements changed: touch only them. Otherwise, or when the live table is not
             # the one vr left (deleted or edited by hand: the batch is refused whole), replace
-            # the whole table; both are one transaction and end identical.
+            # the whole table, the VMs' elements with it; both are one transaction and end identical.
             delta = _element_delta(change)
-            if delta is not None and _nft(delta)[0] == 0:
+            if delta is not None and (not delta or _nft(delta)[0] == 0):
                 return
             batch = _with_usage(ruleset.decode(), _usage_now(runtime.settings))
+            batch += _vm_element_adds(change.desired(VM_ELEMENTS))
         rc, error = _nft(batch)
         if rc != 0:
             raise RuntimeError(f"nftables refused the ruleset: {error.strip()}")
@@ -327,7 +347,7 @@ def _local_elements(doc: RouterDocument, names: dict[str, str]) -> dict[str, lis
         if iface.role == "guest":
             sets["guest_ifs"].append(f'"{name}"')
             sets["guest_ips"] += [str(a.ip) for a in iface.addresses if a.version == 4]
-            ports = {**ports, "tcp": ports["tcp"] + METADATA_PORTS, "tcp6": ports["tcp6"] + METADATA_PORTS}
+            ports = {**ports, "tcp": ports["tcp"] + METADATA_PORTS}
         for address in iface.addresses:
             family = "6" if address.version == 6 else ""
             for protocol in ("tcp", "udp"):
@@ -361,7 +381,7 @@ _SETS = ("public_ips", "pf_tcp", "pf_udp", "pf_tcp_from", "pf_udp_from", "static
          "local_tcp", "local_udp", "local6_tcp", "local6_udp", "guest_ifs", "role_ifs", "guest_ips",
          "control_ifs", "shared_ifs", "routed_ifs", "private_nat_ifs", "public_ifs", "public_marks", "static_marks",
          "source_nat_marks", "usage_ip_in", "usage_ip_out", "usage_tier_in",
-         "usage_tier_out")  # fmt: skip
+         "usage_tier_out", "spoof_ifs", "spoof_mac_ifs", "spoof6_ifs", "spoof_ranges")  # fmt: skip
 
 
 def _element_delta(change: Change) -> str | None:
@@ -369,10 +389,50 @@ def _element_delta(change: Change) -> str | None:
     elements differ; None means replace it all. Whether the live table is still the one
     vr loaded is not asked (a libnftables call each in check and apply): the kernel
     refuses a batch whose table or elements are not there, and apply replaces it all then."""
-    old, new = change.previous.get(RULESET), change.desired(RULESET)
-    if change.restore or not old or not new or RULESET not in change.written:
+    new = change.desired(RULESET)
+    old = change.previous.get(RULESET) if change.touches(RULESET) else new  # untouched: live as generated
+    if change.restore or not old or not new:
         return None
-    return _delta_between(old, new)
+    deltas = []
+    for relpath in (RULESET, VM_ELEMENTS):
+        if change.touches(relpath):
+            delta = _delta_between(change.previous.get(relpath) or _NO_VMS, change.desired(relpath) or _NO_VMS)
+            if delta is None:
+                return None
+            deltas.append(delta)
+    return "".join(deltas)
+
+
+_NO_VMS = "".join(f"  set {name} {{ vms; }}\n" for name in VM_SETS).encode()
+
+
+def loadable(ruleset: bytes, vm_elements: bytes | None) -> str:
+    """The table and the VMs' elements as one batch (what the monitor loads to repair drift)."""
+    return ruleset.decode() + _vm_element_adds(vm_elements)
+
+
+def _vm_element_adds(listed: bytes | None) -> str:
+    """The VMs' elements, added to the table just loaded (in the same transaction)."""
+    _, elements = _parts(listed or _NO_VMS)
+    return "".join(f"add element {TABLE} {name} {{ {items} }}\n" for name, items in elements.items() if items)
+
+
+def _vm_elements(entry: Any, setting: tuple) -> list[tuple[str, str]]:
+    """A VM of an anti-spoofing tier: its address and MAC, IPv4 and (where the router gives
+    IPv6 addresses) IPv6; its MAC alone for the rest of its IPv6 (link-local, SLAAC)."""
+    checked, dhcpv6 = setting
+    ifname = next((name for tier, name in checked if tier == entry.tier), None)
+    if not ifname:
+        return []
+    found = [("spoof4", f'"{ifname}" . {entry.ip} . {entry.mac}'), ("spoof_macs", f'"{ifname}" . {entry.mac}')]
+    if entry.ipv6 is not None and entry.tier in dhcpv6:
+        found.append(("spoof6", f'"{ifname}" . {entry.ipv6} . {entry.mac}'))
+    return found
+
+
+def _dhcpv6_tiers(doc: RouterDocument) -> tuple[str, ...]:
+    """The tiers whose VMs' IPv6 addresses the router gives (DHCPv6), each VM its entry's."""
+    return tuple(t.tier for t in doc.ipv6.tiers if t.mode == "dhcpv6")
 
 
 @functools.lru_cache(maxsize=3)  # the ruleset being applied is the live one of the next change

@@ -212,6 +212,23 @@ def _nftables_context(_namespace: int) -> Any:
     return nftables.Nftables()
 
 
+def http_answers(addresses: list[str], ports: list[int], timeout: float = 0.5) -> str | None:
+    """Each listener answers an HTTP request (the router's own address is no VM's: a 404 is an
+    answer), as the monitor's "web server" check of CloudStack's router."""
+    for address in addresses:
+        for port in ports:
+            try:
+                with socket.create_connection((address, port), timeout=timeout) as sock:
+                    sock.settimeout(timeout)
+                    sock.sendall(b"GET /latest/meta-data/ HTTP/1.0\r\nHost: data-server\r\n\r\n")
+                    head = sock.recv(16)
+            except OSError as error:
+                return f"guest data does not answer on {address} port {port}: {error.strerror or error}"
+            if not head.startswith(b"HTTP/1."):
+                return f"guest data on {address} port {port} answered something other than HTTP"
+    return None
+
+
 CHECKS = {
     "dns": dns,
     "haproxy": haproxy,
@@ -219,4 +236,5 @@ CHECKS = {
     "vpn": vpn,
     "router_advertisement": router_advertisement,
     "nft_table": nft_table,
+    "http_answers": http_answers,
 }

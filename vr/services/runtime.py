@@ -21,6 +21,9 @@ class Runtime:
     settings: Settings
     memo: Memo = field(default_factory=Memo, repr=False)
     _rendered: dict[str, tuple[dict, bytes]] = field(default_factory=dict, repr=False)
+    # What the resident daemon does itself when an apply runs inside it (by service name):
+    # a service then calls it instead of signalling the daemon from outside.
+    hooks: dict[str, Callable[[], None]] = field(default_factory=dict, repr=False)
 
     @functools.cached_property
     def templates(self) -> jinja2.Environment:

@@ -1,0 +1,275 @@
+"""The daemon's guest data server (aiohttp's low-level server: one handler, no router).
+
+What a VM reads at boot, as CloudStack's router serves it and cloud-init's CloudStack data
+source asks: on port 80 of each guest tier's router address
+
+  /latest/user-data                     the VM's user data (404 when it has none)
+  /latest/meta-data/                    an index, one key per line
+  /latest/meta-data/<key>               one value; public-keys: every SSH key, one per line
+  /latest/<key>                         the same, for older guests
+
+and on port 8080 its one-time password (the header DomU_Request: send_my_password answers
+it once, then "saved_password"; saved_password acknowledges and forgets it; anything else
+"bad_request").
+
+A VM is known by where its request comes from, never by what the request says: the tier of
+the address it asked (the listening socket's) and its source address there (its DHCP
+entry's). On a tier with anti-spoofing the ruleset already drops a source whose MAC is not
+its entry's; on one without, the neighbour table must give the entry's MAC. Anything else is
+404. What was served is kept in the state dir (0600): which VM acknowledged which password.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web, web_server
+
+from vr.foundation.files import read_json, stat_key, write_json_atomic
+from vr.services.guestdata import CONFIG
+
+SERVED = "passwords-served.json"  # in the state dir: MAC -> the password generation it got
+NEIGHBOURS_MAX_AGE_S = 1.0  # the neighbour table is read again after this long (tiers without anti-spoofing)
+IDLE_TIMEOUT_S = 15.0
+PLAIN = "text/plain; charset=utf-8"
+# The meta data keys, in the order CloudStack's router lists them; the VM's own keys follow.
+INDEX_ORDER = ("service-offering", "availability-zone", "local-ipv4", "local-hostname", "public-ipv4",
+               "public-hostname", "instance-id", "vm-id", "public-keys", "cloud-identifier",
+               "hypervisor-host-name")  # fmt: skip
+
+
+class Vm:
+    """One VM as served: its entry's facts and its guest data."""
+
+    __slots__ = ("index", "ip", "mac", "meta", "password", "password_generation", "tier", "user_data")
+
+    def __init__(self, entry: dict, data: dict | None) -> None:
+        import base64
+
+        data = data or {}
+        self.mac, self.tier, self.ip = entry["mac"], entry["tier"], entry["ip"]
+        meta = {"local-hostname": entry["hostname"], "local-ipv4": entry["ip"], "instance-id": entry["hostname"]}
+        meta.update(data.get("meta_data") or {})
+        keys = data.get("public_keys") or []
+        if keys:
+            meta["public-keys"] = "\n".join(keys)
+        self.meta = {k: v.encode() for k, v in meta.items()}
+        ordered = [k for k in INDEX_ORDER if k in meta] + sorted(k for k in meta if k not in INDEX_ORDER)
+        self.index = "\n".join(ordered).encode()
+        self.user_data = base64.b64decode(data["user_data"]) if data.get("user_data") else None
+        self.password = data.get("password")
+        self.password_generation = data.get("password_generation")
+
+
+class GuestDataServer:
+    """Listens where guestdata.json says, on sockets kept in the daemon's listener registry
+    (the keeper holds them across a daemon's restart); serves the VMs of the shard files."""
+
+    def __init__(self, daemon: Any, registry: Any) -> None:
+        self.daemon = daemon
+        self.settings = daemon.settings
+        self.registry = registry  # vr.control.agent.AgentServer: its listeners, held and handed over
+        self.here = self.settings.service_dir("guestdata")
+        self.config: dict = {}
+        self.by_address: dict[str, dict] = {}  # listening address -> its tier's listen item
+        self.shards: dict[str, tuple[tuple, list[dict], list[dict]]] = {}  # file -> (stat key, entries, data)
+        self.vms: dict[tuple[str, str], Vm] = {}  # (tier, source address) -> the VM
+        self.names: set[str] = set()  # the registry's names this server listens on
+        self.sites: dict[str, web.SockSite] = {}  # by the registry's name
+        self.runner: web.ServerRunner | None = None
+        self.served_path = self.settings.state_dir / SERVED
+        self.served: dict[str, int] = self._load_served()
+        self.neighbours: dict[str, str] = {}
+        self.neighbours_at = 0.0
+        self.requests = 0
+
+    # ------------------------------------------------------------ what to serve
+    def load(self) -> None:
+        """The files as the last apply left them: only shards that changed are read again."""
+        config = read_json(self.here / CONFIG) or {}
+        self.config = config
+        self.by_address = {item["address"]: item for item in config.get("listen", [])}
+        vms_dir = self.here / "vms"
+        names = {f"vms/{p.name}" for p in vms_dir.iterdir()} if vms_dir.is_dir() else set()
+        changed = False
+        for gone in set(self.shards) - names:
+            del self.shards[gone]
+            changed = True
+        for name in names:
+            key = stat_key(self.here / name)
+            known = self.shards.get(name)
+            if known is not None and known[0] == key:
+                continue
+            self.shards[name] = (key, *_read_shard(self.here / name))
+            changed = True
+        if changed or not self.vms:
+            self.vms = self._index()
+
+    def _index(self) -> dict[tuple[str, str], Vm]:
+        vms = {}
+        for _, entries, data in self.shards.values():
+            by_mac = {d["mac"]: d for d in data}
+            for entry in entries:
+                vm = Vm(entry, by_mac.get(entry["mac"]))
+                vms[(vm.tier, vm.ip)] = vm
+        macs = {vm.mac for vm in vms.values()}
+        if any(mac not in macs for mac in self.served):  # a VM gone: what it acknowledged is forgotten
+            self.served = {mac: g for mac, g in self.served.items() if mac in macs}
+            self._save_served()
+        return vms
+
+    # ------------------------------------------------------------ listening
+    async def reload(self) -> None:
+        """Serve what the files say now; a listening socket is kept while its address is wanted."""
+        from vr.control import keeper
+        from vr.control.daemon import DRAIN_S
+
+        await asyncio.get_running_loop().run_in_executor(None, self.load)
+        wanted = set()
+        ports = (self.config.get("data_port"), self.config.get("password_port"))
+        for address in self.by_address:
+            wanted |= {keeper.tcp_name(address, port) for port in ports if port}
+        if wanted == self.names:
+            return
+        if self.runner is None:
+            self.runner = web.ServerRunner(web_server.Server(self.handle), access_log=None, handle_signals=False,
+                                           keepalive_timeout=IDLE_TIMEOUT_S, shutdown_timeout=DRAIN_S)  # fmt: skip
+            await self.runner.setup()
+        listeners, held = self.registry.listeners, self.registry.held
+        for name in sorted(wanted - self.names):
+            address, port = name.removeprefix("tcp:").rsplit(":", 1)
+            try:
+                if name not in listeners:
+                    listeners[name] = held.pop(name, None) or keeper.bind_tcp(address, int(port))
+                site = web.SockSite(self.runner, listeners[name][1].dup(), backlog=512)
+                await site.start()
+            except OSError as error:
+                print(f"vr daemon: guest data cannot listen on {address} port {port}: {error.strerror}", file=sys.stderr)
+                continue
+            self.sites[name] = site
+        for name in self.names - wanted:
+            await self.sites.pop(name).stop()
+            if name in listeners:
+                listeners.pop(name)[1].close()
+        self.names = set(self.sites)
+        keeper.hand_over(self.settings, list(listeners.values()))
+
+    async def stop(self) -> None:
+        for site in self.sites.values():
+            await site.stop()
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    # ------------------------------------------------------------ answering
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        self.requests += 1
+        transport = request.transport
+        if transport is None:
+            return _text(404, b"")
+        local = transport.get_extra_info("sockname")
+        peer = transport.get_extra_info("peername")
+        item = self.by_address.get(local[0]) if local else None
+        vm = self.vms.get((item["tier"], peer[0])) if item and peer else None
+        if vm is None or (not item["mac_checked"] and not self._neighbour_is(peer[0], item.get("ifname"), vm.mac)):
+            return _text(404, b"not found")
+        if request.method not in ("GET", "HEAD"):
+            return _text(405, b"method not allowed", {"Allow": "GET, HEAD"})
+        if local[1] == self.config.get("password_port"):
+            return self._password(request, vm)
+        return _data(request.path, vm)
+
+    def _password(self, request: web.BaseRequest, vm: Vm) -> web.Response:
+        asked = request.headers.get("DomU_Request", "")
+        pending = vm.password if vm.password and self.served.get(vm.mac) != vm.password_generation else None
+        if asked == "send_my_password":
+            if pending is None:
+                return _text(200, b"saved_password")
+            self._acknowledge(vm)  # answered once: kept before it is sent, as CloudStack's router does
+            return _text(200, pending.encode())
+        if asked == "saved_password":
+            if pending is not None:
+                self._acknowledge(vm)
+            return _text(200, b"saved_password")
+        return _text(400, b"bad_request")
+
+    def _acknowledge(self, vm: Vm) -> None:
+        self.served[vm.mac] = vm.password_generation
+        self._save_served()
+
+    def _neighbour_is(self, address: str, ifname: str | None, mac: str) -> bool:
+        """A tier without anti-spoofing: the neighbour table says which MAC has the address."""
+        now = time.monotonic()
+        if now - self.neighbours_at > NEIGHBOURS_MAX_AGE_S or address not in self.neighbours:
+            self.neighbours, self.neighbours_at = _arp_table(), now
+        found = self.neighbours.get(address)
+        return found is not None and found[0] == mac and (ifname is None or found[1] == ifname)
+
+    def _load_served(self) -> dict[str, int]:
+        data = read_json(self.served_path)
+        return {k: v for k, v in data.items() if isinstance(v, int)} if isinstance(data, dict) else {}
+
+    def _save_served(self) -> None:
+        try:
+            write_json_atomic(self.served_path, self.served, mode=0o600)
+        except OSError as error:  # a full disk: the password was still answered once in this process
+            print(f"vr daemon: cannot keep which passwords were answered: {error.strerror}", file=sys.stderr)
+
+
+def _data(path: str, vm: Vm) -> web.Response:
+    parts = path.strip("/").split("/")
+    if len(parts) < 2 or parts[0] != "latest":
+        return _text(404, b"not found")
+    rest = parts[1:]
+    if rest[0] == "meta-data":
+        rest = rest[1:]
+        if not rest:
+            return _text(200, vm.index)
+    if len(rest) != 1:
+        return _text(404, b"not found")
+    key = rest[0]
+    if key == "user-data":
+        return _text(404, b"not found") if vm.user_data is None else _text(200, vm.user_data, octets=True)
+    value = vm.meta.get(key)
+    return _text(404, b"not found") if value is None else _text(200, value)
+
+
+def _text(status: int, body: bytes, headers: dict | None = None, octets: bool = False) -> web.Response:
+    return web.Response(status=status, body=body, headers=headers,
+                        content_type="application/octet-stream" if octets else "text/plain", charset=None if octets else "utf-8")  # fmt: skip
+
+
+def _read_shard(path: Path) -> tuple[list[dict], list[dict]]:
+    entries, data = [], []
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError:
+        return [], []
+    for line in lines:
+        try:
+            fact = json.loads(line)
+        except ValueError:
+            continue
+        (entries if "tier" in fact else data).append(fact)
+    return entries, data
+
+
+def _arp_table() -> dict[str, tuple[str, str]]:
+    """IPv4 address -> (MAC, interface) of every complete neighbour entry."""
+    table = {}
+    try:
+        lines = Path("/proc/net/arp").read_text().splitlines()[1:]
+    except OSError:
+        return table
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 6 and fields[2] != "0x0":  # flags 0x0: incomplete
+            table[fields[0]] = (fields[3].lower(), fields[5])
+    return table
+
+
+__all__ = ["GuestDataServer"]

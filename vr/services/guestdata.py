@@ -1,0 +1,122 @@
+"""Guest data: what a VM reads from its router at boot (user data, meta data, SSH keys, its
+one-time password), as cloud-init's CloudStack data source and password-enabled templates
+ask for it. Its part of the document (`guest_data`, `dhcp.entries`, the guest tiers'
+addresses) is rendered into guestdata.json (where to listen) and VM shards (vms/NNN.secrets,
+0600, never shown: user data and passwords). The daemon serves them (vr/control/guestdata.py):
+port 80 for data and 8080 for passwords on each guest tier's router addresses, each VM
+known by its address on its tier. This module lays out what to serve and tells the daemon
+to read it again: directly when the apply runs inside it, else by SIGHUP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import zlib
+from typing import Any
+
+from vr.foundation.document import DhcpEntry, RouterDocument, VmData
+from vr.foundation.errors import Problem
+from vr.services.base import Change, Service, repeats
+from vr.services.runtime import Runtime
+
+CONFIG = "guestdata.json"
+VMS = "vms"  # a directory of shard files, one JSON line per VM fact
+VM_SHARDS = 256  # 4,000 VMs: about 16 a shard; a one-VM change rewrites one
+DATA_PORT, PASSWORD_PORT = 80, 8080  # CloudStack's router's
+DAEMON_PROGRAM = "monitor"  # the daemon runs as supervisord's event listener of this name
+HOOK = "guestdata"  # runtime.hooks: the daemon's own reload, when the apply runs inside it
+
+
+def shard_of(mac: str) -> str:
+    return f"{VMS}/{zlib.crc32(mac.encode()) % VM_SHARDS:03d}.secrets"
+
+
+def listen_addresses(doc: RouterDocument) -> list[dict]:
+    """Every router IPv4 address on a guest tier (one per subnet): a VM asks the one of its own."""
+    checked = {i.id for i in doc.spoof_checked_tiers()}
+    return [{"tier": i.id, "address": str(a.ip), "ifname": i.name, "mac_checked": i.id in checked}
+            for i in doc.guest_interfaces() for a in i.ipv4s()]  # fmt: skip
+
+
+class GuestDataService(Service):
+    name = "guestdata"
+    checker_reads_unchanged = False  # no checker: the shards are JSON this module wrote
+
+    def read(self, doc: RouterDocument) -> Any:
+        return (doc.guest_interfaces(), doc.dhcp.entries, doc.guest_data)
+
+    def configured(self, doc: RouterDocument) -> bool:
+        return bool(listen_addresses(doc))
+
+    def verify(self, doc: RouterDocument) -> list[Problem]:
+        vms = doc.guest_data.vms
+        if not vms:
+            return []
+        problems = [Problem(f"guest_data.vms[{n}].mac", f"{vms[n].mac} is also guest_data.vms[{first}]")
+                    for n, first in repeats(vm.mac for vm in vms)]  # fmt: skip
+        known = {e.mac for e in doc.dhcp.entries}
+        problems += [Problem(f"guest_data.vms[{n}].mac", f"no VM has MAC {vm.mac} (dhcp.entries)")
+                     for n, vm in enumerate(vms) if vm.mac not in known]  # fmt: skip
+        if not listen_addresses(doc):
+            problems.append(Problem("guest_data", "guest data is served on guest tiers: the document has none with "
+                                                  "an IPv4 address"))  # fmt: skip
+        return problems
+
+    def generate(self, doc: RouterDocument, runtime: Runtime) -> dict[str, bytes]:
+        listen = listen_addresses(doc)
+        if not listen:
+            return {}
+        config = {"listen": listen, "data_port": DATA_PORT, "password_port": PASSWORD_PORT, "shards": VM_SHARDS}
+        files = {CONFIG: (json.dumps(config, indent=1, sort_keys=True) + "\n").encode()}
+        entries = runtime.memo.grouped("guestdata/entries", doc.dhcp.entries, _entry_line)
+        data = runtime.memo.grouped("guestdata/vms", doc.guest_data.vms, _vm_line)
+        for shard in entries.keys() | data.keys():
+            files[shard] = (entries.get(shard, "") + data.get(shard, "")).encode()
+        return files
+
+    def apply(self, change: Change, doc: RouterDocument | None, runtime: Runtime) -> None:
+        """The daemon serves what the files say once told: at once when the apply runs inside
+        it, else by SIGHUP. A daemon not running yet reads the files when it starts."""
+        hook = runtime.hooks.get(HOOK)
+        if hook is not None:
+            hook()
+            return
+        pid = runtime.supervisor.pid(DAEMON_PROGRAM) if runtime.supervisor.is_running() else None
+        if pid:
+            try:
+                os.kill(pid, signal.SIGHUP)
+            except ProcessLookupError:
+                pass
+
+    def probe_spec(self, doc: RouterDocument, runtime: Runtime) -> dict | None:
+        listen = listen_addresses(doc) if doc is not None else []
+        if not listen:
+            return None  # no guest tier: nothing to serve, nothing down
+        return {"program": None, "check": "http_answers",
+                "args": {"addresses": [item["address"] for item in listen], "ports": [DATA_PORT, PASSWORD_PORT]}}
+
+    def probe(self, doc: RouterDocument, runtime: Runtime) -> str | None:
+        spec = self.probe_spec(doc, runtime)
+        if spec is None:
+            return None
+        if runtime.hooks.get(HOOK) is None and runtime.supervisor.is_running() \
+                and (reason := runtime.supervisor.not_running(DAEMON_PROGRAM)):  # fmt: skip
+            return f"no daemon serves guest data: {reason}"
+        from vr.services import probes
+
+        return probes.run(spec)
+
+
+def _entry_line(entry: DhcpEntry, _setting: Any) -> list[tuple[str, str]]:
+    """Where a VM is: its tier, addresses and name (what meta data defaults to)."""
+    fact = {"mac": entry.mac, "tier": entry.tier, "ip": str(entry.ip), "hostname": entry.hostname}
+    return [(shard_of(entry.mac), json.dumps(fact, sort_keys=True) + "\n")]
+
+
+def _vm_line(vm: VmData, _setting: Any) -> list[tuple[str, str]]:
+    """What a VM is served beyond its DHCP entry."""
+    fact = {"mac": vm.mac, "user_data": vm.user_data, "meta_data": vm.meta_data, "public_keys": vm.public_keys,
+            "password": vm.password, "password_generation": vm.password_generation}  # fmt: skip
+    return [(shard_of(vm.mac), json.dumps(fact, sort_keys=True) + "\n")]
