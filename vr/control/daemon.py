@@ -278,7 +278,7 @@ class Daemon:
 
         observed = ObservedStates()  # the pipeline's health gate and restarts read supervisord's events
         self.pipeline.runtime.supervisor.observed = observed
-        self.monitor = Monitor(self.settings, observed=observed)
+        self.monitor = Monitor(self.settings, observed=observed, repairs={"guestdata": self._repair_guest_data})
         self.monitor_thread = threading.Thread(target=self._run_monitor, name="vr-monitor", daemon=True)
         self.monitor_thread.start()
 
@@ -341,6 +341,14 @@ class Daemon:
         from what this transaction wrote (and the health gate's probe finds it listening)."""
         if self.guest is not None and self.loop is not None:
             asyncio.run_coroutine_threadsafe(self.guest.reload(), self.loop).result(timeout=30)
+
+    def _repair_guest_data(self) -> str | None:
+        """From the monitor thread: guest data that does not answer is listened for anew."""
+        try:
+            asyncio.run_coroutine_threadsafe(self.guest.rebind(), self.loop).result(timeout=30)
+        except Exception as error:  # noqa: BLE001 - the monitor records it and tries again later
+            return f"{type(error).__name__}: {error}"
+        return None
 
     def _collect(self, firewall: bool, lb: bool, vpn: bool, usage: bool) -> dict:
         from vr.control.status import collect

@@ -159,6 +159,16 @@ class GuestDataServer:
         self.names = set(self.sites)
         keeper.hand_over(self.settings, list(listeners.values()))
 
+    async def rebind(self) -> None:
+        """Every listener anew (the monitor found one not answering)."""
+        for name in list(self.sites):
+            await self.sites.pop(name).stop()
+            listener = self.registry.listeners.pop(name, None)
+            if listener is not None:
+                listener[1].close()
+        self.names = set()
+        await self.reload()
+
     async def stop(self) -> None:
         for site in self.sites.values():
             await site.stop()

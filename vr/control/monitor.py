@@ -48,6 +48,7 @@ import sys
 import threading
 import time
 import xmlrpc.client
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vr.control.alerts import AlertQueue, AlertSender, make_alert
@@ -117,8 +118,12 @@ class Watch:
 
 class Monitor:
     def __init__(self, settings: Settings, stdin_fd: int = 0, stdout_fd: int = 1,
-                 observed: ObservedStates | None = None):  # fmt: skip
+                 observed: ObservedStates | None = None,
+                 repairs: dict[str, Callable[[], str | None]] | None = None):  # fmt: skip
         self.settings = settings
+        # Services with no program of their own (served by the daemon this monitor is a thread
+        # of): how the daemon sets one right again, instead of a restart. None: repaired.
+        self.repairs = repairs or {}
         self.stdin_fd, self.stdout_fd = stdin_fd, stdout_fd
         # The states supervisord's events tell, kept for the other threads' clients (the probe
         # worker's, the daemon's pipeline). Not for this thread's own: it waits on states that
@@ -442,6 +447,9 @@ class Monitor:
         if watch.name == "nftables":
             error = self.drift.repair()
             self._record(watch, "repaired" if error is None else "repair failed", error or "ruleset loaded again")
+        elif watch.name in self.repairs:
+            error = self.repairs[watch.name]()
+            self._record(watch, "repaired" if error is None else "repair failed", error or "served again")
         else:
             self._kill(watch)
             self._start(watch)

@@ -859,7 +859,7 @@ class Vpn(Strict):
         return tuple(sorted(nets))
 
 
-MONITORED = ("dnsmasq", "haproxy", "strongswan", "radvd", "nftables")
+MONITORED = ("dnsmasq", "haproxy", "strongswan", "radvd", "nftables", "guestdata")
 
 
 class ProbeSettings(Strict):

@@ -45,7 +45,8 @@ RULESET = "vr.nft"
 # The per-VM sets' elements (anti-spoofing: one element per VM), kept apart from the ruleset:
 # a one-VM change renders and compares this file alone, never the 10,000-rule table.
 VM_ELEMENTS = "vms.nft"
-VM_SETS = ("spoof4", "spoof6", "spoof_macs")
+VM_SETS = ("spoof4", "spoof6", "spoof_macs", "arp_spoof4", "arp_spoof_macs")
+ARP_TABLE = "arp vr"  # its sets' names start with arp_
 ELEMENT_BATCH_LIMIT = 500  # elements added + removed, above which the table is replaced whole
 TABLE = "inet vr"
 
@@ -304,7 +305,7 @@ class NftablesService(Service):
     def apply(self, change: Change, doc: RouterDocument | None, runtime: Runtime) -> None:
         ruleset = change.desired(RULESET)
         if ruleset is None:
-            batch = f"table {TABLE} {{}}\ndelete table {TABLE}\n"
+            batch = "".join(f"table {table} {{}}\ndelete table {table}\n" for table in (TABLE, ARP_TABLE))
         else:
             # Only elements changed: touch only them. Otherwise, or when the live table is not
             # the one vr left (deleted or edited by hand: the batch is refused whole), replace
@@ -414,7 +415,11 @@ def loadable(ruleset: bytes, vm_elements: bytes | None) -> str:
 def _vm_element_adds(listed: bytes | None) -> str:
     """The VMs' elements, added to the table just loaded (in the same transaction)."""
     _, elements = _parts(listed or _NO_VMS)
-    return "".join(f"add element {TABLE} {name} {{ {items} }}\n" for name, items in elements.items() if items)
+    return "".join(f"add element {_table_of(name)} {name} {{ {items} }}\n" for name, items in elements.items() if items)
+
+
+def _table_of(name: str) -> str:
+    return ARP_TABLE if name.startswith("arp_") else TABLE
 
 
 def _vm_elements(entry: Any, setting: tuple) -> list[tuple[str, str]]:
@@ -424,7 +429,8 @@ def _vm_elements(entry: Any, setting: tuple) -> list[tuple[str, str]]:
     ifname = next((name for tier, name in checked if tier == entry.tier), None)
     if not ifname:
         return []
-    found = [("spoof4", f'"{ifname}" . {entry.ip} . {entry.mac}'), ("spoof_macs", f'"{ifname}" . {entry.mac}')]
+    address, mac = f'"{ifname}" . {entry.ip} . {entry.mac}', f'"{ifname}" . {entry.mac}'
+    found = [("spoof4", address), ("spoof_macs", mac), ("arp_spoof4", address), ("arp_spoof_macs", mac)]
     if entry.ipv6 is not None and entry.tier in dhcpv6:
         found.append(("spoof6", f'"{ifname}" . {entry.ipv6} . {entry.mac}'))
     return found
@@ -454,10 +460,10 @@ def _delta_between(old: bytes, new: bytes) -> str | None:
         gone = sorted(e.split(" : ")[0] for e in before - after)
         moved += len(gone) + len(after - before)
         if gone:
-            commands.append(f"delete element {TABLE} {name} {{ {', '.join(gone)} }}")
+            commands.append(f"delete element {_table_of(name)} {name} {{ {', '.join(gone)} }}")
         added = sorted(after - before)
         if added:
-            commands.append(f"add element {TABLE} {name} {{ {', '.join(added)} }}")
+            commands.append(f"add element {_table_of(name)} {name} {{ {', '.join(added)} }}")
     # Mass changes are cheaper as a fresh table: deleting elements one by one from the
     # concatenated interval sets costs far more than loading them anew.
     return "\n".join(commands) + "\n" if moved <= ELEMENT_BATCH_LIMIT else None
