@@ -3,7 +3,7 @@ VENV := .venv
 APT_PACKAGES := dnsmasq-base dnsmasq-utils nftables haproxy strongswan-swanctl charon-systemd \
 	libcharon-extra-plugins libcharon-extauth-plugins libstrongswan-standard-plugins radvd \
 	isc-dhcp-client ndisc6 iproute2 iputils-ping iperf3 util-linux python3-venv make patch \
-	nmap busybox dhcpcd-base bind9-dnsutils prometheus tcpdump curl cloud-init wget
+	nmap busybox dhcpcd-base bind9-dnsutils prometheus tcpdump curl cloud-init wget wrk
 DEMO_DIR := /tmp/vr-demo-$(shell echo $$PPID)
 
 .PHONY: demo test deps apt venv lint bench clean
@@ -23,6 +23,7 @@ bench: deps
 	$(VENV)/bin/python bench/vpn_scale.py
 	$(VENV)/bin/python bench/recovery.py
 	$(VENV)/bin/python bench/patch_zero_downtime.py
+	$(VENV)/bin/python bench/metadata.py
 
 deps: apt venv
 	@# vr's own bytecode, as an installed package has it: a machine that sets PYTHONDONTWRITEBYTECODE

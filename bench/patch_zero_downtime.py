@@ -20,6 +20,8 @@ command starts 1 s into it):
   dhcp  g2: a real dhclient renewal (DHCPREQUEST of its lease) every 0.5 s     failed, address kept
   agent the manager (mgmt namespace) -> the agent on 169.254.0.10:8443 over HTTPS with a token,
         --agent-rate requests/s: GET /v1/status and one-VM pushes in turn, no retries   failed
+  guest data  g1 -> 10.1.1.1: its meta data (port 80) and the password service (8080,
+        saved_password), 50 requests/s each, a fresh connection each                  failed
 After each command: 10 GETs with the header read: X-Vr-Release 0.1.1 after apply, absent after
 rollback. The command's wall time and the duration_ms it reports are recorded, and how much of
 the window was left after it (under 0.5 s: the window did not cover it; a longer --seconds does).
@@ -30,7 +32,8 @@ task waited for a CPU), dnsmasq's own wait for a CPU (/proc/<pid>/schedstat; a D
 ~N ms with dnsmasq waiting ~N ms is CPU starvation, not the router), and how many network
 namespaces of others exist (other sessions' labs on the same CPUs).
 
-Targets: 0 pings lost, 0 HTTP requests failed, 0 agent requests failed, the TCP connection held, 0 DNS queries failed and
+Targets: 0 pings lost, 0 HTTP requests failed, 0 agent requests failed, 0 guest data requests failed, the TCP
+connection held, 0 DNS queries failed and
 the longest DNS gap < 100 ms, 0 DHCP renewals failed and the address kept, the header right
 (the baseline's are shown, not counted). With --runs N, baseline + apply + rollback N times;
 the worst of the runs is reported (the most lost,
@@ -95,7 +98,7 @@ PHASES = ("apply", "rollback")  # the measured commands
 WINDOWS = ("baseline", *PHASES)  # baseline: the same traffic window without a command
 PER_RUN = ("wall_ms", "duration_ms", "ping_lost", "http_failed", "tcp_held", "dns_failed", "dns_max_gap_ms",
            "dns_late_answers", "dhcp_failed", "dhcp_address_kept", "tail_s", "load_1m", "cpu_pressure_pct",
-           "dnsmasq_cpu_wait_ms", "agent_failed")  # fmt: skip
+           "dnsmasq_cpu_wait_ms", "agent_failed", "guest_data_failed", "password_failed")  # fmt: skip
 CHILDREN: list[subprocess.Popen] = []  # the servers, stopped by PID
 TRAFFIC: list[Traffic] = []  # every traffic window, stopped (again) on the way out
 
@@ -164,7 +167,8 @@ def window(router: BenchRouter, args, command: list[str] | None, state: dict) ->
     lab = router.lab
     manager = start_agent_traffic(router, state["token_file"], args.seconds, args.agent_rate, AGENT_VM)
     traffic = Traffic(lab, seconds=args.seconds, lb_ip=LB_IP, lb_port=LB_PORT, header=HEADER, forward=FORWARD,
-                      dns_name=DNS_NAME, dns_answer=DNS_ANSWER, dns_guest="g2", ping_guest="g1", dhcp_guest="g2")  # fmt: skip
+                      dns_name=DNS_NAME, dns_answer=DNS_ANSWER, dns_guest="g2", ping_guest="g1", dhcp_guest="g2",
+                      guest_data=("g1", "10.1.1.1"))  # fmt: skip
     TRAFFIC.append(traffic)
     load, dnsmasq = os.getloadavg()[0], service_pid(lab, "dnsmasq")
     waited, stalled, began = runqueue_wait_ns(dnsmasq), cpu_stall_us(), time.monotonic()
@@ -244,10 +248,11 @@ def header_after(lab: Lab) -> dict:
 
 def worst(runs: list[dict]) -> dict:
     """The worst of the runs for each figure (see the docstring)."""
-    low = ("ping_sent", "http_sent", "tcp_exchanges", "dns_queries", "dhcp_renewals", "tail_s", "agent_sent")
+    low = ("ping_sent", "http_sent", "tcp_exchanges", "dns_queries", "dhcp_renewals", "tail_s", "agent_sent",
+           "guest_data_sent", "password_sent")  # fmt: skip
     high = ("ping_lost", "http_failed", "dns_failed", "dns_max_gap_ms", "dns_late_answers", "dhcp_failed", "wall_ms",
             "duration_ms", "load_1m", "cpu_pressure_pct", "dnsmasq_cpu_wait_ms", "other_namespaces", "agent_failed",
-            "agent_max_ms", "busy_retries")  # fmt: skip
+            "agent_max_ms", "busy_retries", "guest_data_failed", "password_failed")  # fmt: skip
     out = {}
     for keys, pick in ((low, min), (high, max)):
         for key in keys:
@@ -257,7 +262,8 @@ def worst(runs: list[dict]) -> dict:
     out["dhcp_address_kept"] = all(r["dhcp_address_kept"] for r in runs)
     out["dnsmasq_pid_kept"] = all(r["dnsmasq_pid_kept"] for r in runs)
     out["headers_during"] = runs[-1]["headers"]
-    for key in ("http_errors", "dns_errors", "dns_late", "dhcp_errors", "agent_errors"):
+    for key in ("http_errors", "dns_errors", "dns_late", "dhcp_errors", "agent_errors", "guest_data_errors",
+                "password_errors"):  # fmt: skip
         out[key] = [e for r in runs for e in r[key]][:5]
     out["tcp_error"] = next((r["tcp_error"] for r in runs if r["tcp_error"]), None)
     return out
@@ -272,12 +278,14 @@ def met(phase: dict) -> dict:
         "dns_gap": phase["dns_max_gap_ms"] < TARGET_DNS_GAP_MS,
         "dhcp": phase["dhcp_failed"] == 0 and phase["dhcp_address_kept"],
         "agent": phase["agent_failed"] == 0,
+        "guest_data": phase["guest_data_failed"] == 0 and phase["password_failed"] == 0,
     }
 
 
 def bench(args, router: BenchRouter) -> dict:
     """All the figures; a step that fails is recorded under "error" and ends the run."""
-    targets = {"ping_lost": 0, "http_failed": 0, "tcp_held": True, "dns_failed": 0,
+    targets = {"ping_lost": 0, "http_failed": 0, "tcp_held": True, "dns_failed": 0, "guest_data_failed": 0,
+               "password_failed": 0,
                "dns_max_gap_ms_below": TARGET_DNS_GAP_MS, "dhcp_failed": 0, "dhcp_address_kept": True,
                "header_after_apply": VERSION, "header_after_rollback": None}  # fmt: skip
     figures: dict = {"lab": router.lab.prefix, "patch": VERSION, "seconds": args.seconds, "runs": args.runs,
@@ -373,6 +381,8 @@ def table(f: dict) -> str:
     line("agent requests / failed", lambda p: f"{f[f'{p}_agent_sent']} / {f[f'{p}_agent_failed']}", "0 failed",
          "agent")  # fmt: skip
     line("  agent slowest ms", lambda p: f"{f[f'{p}_agent_max_ms']:.0f}")
+    line("guest data / password failed", lambda p: f"{f[f'{p}_guest_data_sent']}, {f[f'{p}_password_sent']} / "
+         f"{f[f'{p}_guest_data_failed']}, {f[f'{p}_password_failed']}", "0 failed", "guest_data")  # fmt: skip
     line("command refused busy, retried", lambda p: str(f[f"{p}_busy_retries"]))
     line(f"{HEADER} during", lambda p: _headers(f[f"{p}_headers_during"]))
     line(f"{HEADER} after (10)", lambda p: _headers(f[f"{p}_header_after"]), f"{VERSION} / absent", "header")
@@ -381,7 +391,8 @@ def table(f: dict) -> str:
     line("cpu pressure % (PSI)", lambda p: _num(f[f"{p}_cpu_pressure_pct"], ".1f"))
     line("dnsmasq cpu wait ms, sum", lambda p: _num(f[f"{p}_dnsmasq_cpu_wait_ms"], ".1f"))
     for p in present:
-        for key in ("http_errors", "dns_errors", "dns_late", "dhcp_errors", "agent_errors"):
+        for key in ("http_errors", "dns_errors", "dns_late", "dhcp_errors", "agent_errors", "guest_data_errors",
+                "password_errors"):  # fmt: skip
             label = {"dns_late": "dns late"}.get(key, key.replace("_", " ")[:-1])
             rows += [(f"  {p} {label}", e) for e in f[f"{p}_{key}"]]
         if f[f"{p}_tcp_error"]:

@@ -215,6 +215,7 @@ class Daemon:
         from vr.control.guestdata import GuestDataServer
         from vr.control.metrics import RouterMetrics
         from vr.services.guestdata import HOOK as GUEST_DATA_HOOK
+        from vr.services.guestdata import LISTENING_HOOK as GUEST_DATA_LISTENING
 
         self.loop = asyncio.get_running_loop()
         self.stopping = asyncio.Event()
@@ -229,6 +230,7 @@ class Daemon:
         self.agent = AgentServer(self)
         self.guest = GuestDataServer(self, self.agent)
         self.pipeline.runtime.hooks[GUEST_DATA_HOOK] = self.serve_guest_data_now
+        self.pipeline.runtime.hooks[GUEST_DATA_LISTENING] = self.guest.not_listening
         await self.agent.start_local()
         await self._reload_servers()
         self.agent.release_held()
@@ -336,11 +338,11 @@ class Daemon:
         if self.agent is not None and self.loop is not None:
             asyncio.run_coroutine_threadsafe(self.agent.reload(), self.loop).result(timeout=30)
 
-    def serve_guest_data_now(self) -> None:
+    def serve_guest_data_now(self, paths: list[str] | None) -> None:
         """From the worker, in the guest data service's apply: the next request is answered
-        from what this transaction wrote (and the health gate's probe finds it listening)."""
+        from what this transaction wrote (paths: the files it changed; None: read them all)."""
         if self.guest is not None and self.loop is not None:
-            asyncio.run_coroutine_threadsafe(self.guest.reload(), self.loop).result(timeout=30)
+            asyncio.run_coroutine_threadsafe(self.guest.reload(paths), self.loop).result(timeout=30)
 
     def _repair_guest_data(self) -> str | None:
         """From the monitor thread: guest data that does not answer is listened for anew."""

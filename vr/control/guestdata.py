@@ -77,7 +77,7 @@ class GuestDataServer:
         self.here = self.settings.service_dir("guestdata")
         self.config: dict = {}
         self.by_address: dict[str, dict] = {}  # listening address -> its tier's listen item
-        self.shards: dict[str, tuple[tuple, list[dict], list[dict]]] = {}  # file -> (stat key, entries, data)
+        self.shards: dict[str, tuple[tuple, list[Vm]]] = {}  # file -> (its stat key, its VMs)
         self.vms: dict[tuple[str, str], Vm] = {}  # (tier, source address) -> the VM
         self.names: set[str] = set()  # the registry's names this server listens on
         self.sites: dict[str, web.SockSite] = {}  # by the registry's name
@@ -89,47 +89,53 @@ class GuestDataServer:
         self.requests = 0
 
     # ------------------------------------------------------------ what to serve
-    def load(self) -> None:
-        """The files as the last apply left them: only shards that changed are read again."""
-        config = read_json(self.here / CONFIG) or {}
-        self.config = config
-        self.by_address = {item["address"]: item for item in config.get("listen", [])}
+    def load(self, paths: list[str] | None = None) -> None:
+        """The files as the last apply left them: only shards that changed are read again
+        (paths: those an apply changed; None: whichever differs on disk)."""
+        if paths is None or CONFIG in paths:
+            config = read_json(self.here / CONFIG) or {}
+            self.config = config
+            self.by_address = {item["address"]: item for item in config.get("listen", [])}
         vms_dir = self.here / "vms"
-        names = {f"vms/{p.name}" for p in vms_dir.iterdir()} if vms_dir.is_dir() else set()
-        changed = False
-        for gone in set(self.shards) - names:
-            del self.shards[gone]
-            changed = True
-        for name in names:
+        if paths is None:
+            names = {f"vms/{p.name}" for p in vms_dir.iterdir()} if vms_dir.is_dir() else set()
+            checked = names
+        else:
+            checked = {p for p in paths if p.startswith("vms/")}
+            names = (set(self.shards) | checked) - {p for p in checked if not (self.here / p).exists()}
+        vms, gone = dict(self.vms), False  # a new index, swapped in whole: a request sees one or the other
+        for name in set(self.shards) - names:
+            for vm in self.shards.pop(name)[1]:
+                vms.pop((vm.tier, vm.ip), None)
+                gone = True
+        for name in checked & names:
             key = stat_key(self.here / name)
             known = self.shards.get(name)
             if known is not None and known[0] == key:
                 continue
-            self.shards[name] = (key, *_read_shard(self.here / name))
-            changed = True
-        if changed or not self.vms:
-            self.vms = self._index()
-
-    def _index(self) -> dict[tuple[str, str], Vm]:
-        vms = {}
-        for _, entries, data in self.shards.values():
-            by_mac = {d["mac"]: d for d in data}
-            for entry in entries:
-                vm = Vm(entry, by_mac.get(entry["mac"]))
-                vms[(vm.tier, vm.ip)] = vm
-        macs = {vm.mac for vm in vms.values()}
-        if any(mac not in macs for mac in self.served):  # a VM gone: what it acknowledged is forgotten
-            self.served = {mac: g for mac, g in self.served.items() if mac in macs}
-            self._save_served()
-        return vms
+            for vm in known[1] if known else ():
+                vms.pop((vm.tier, vm.ip), None)
+                gone = True
+            shard = _read_shard(self.here / name)
+            self.shards[name] = (key, shard)
+            vms.update(((vm.tier, vm.ip), vm) for vm in shard)
+        self.vms = vms
+        if gone and self.served:  # a VM gone: what it acknowledged is forgotten
+            macs = {vm.mac for vm in vms.values()}
+            if any(mac not in macs for mac in self.served):
+                self.served = {mac: g for mac, g in self.served.items() if mac in macs}
+                self._save_served()
 
     # ------------------------------------------------------------ listening
-    async def reload(self) -> None:
+    async def reload(self, paths: list[str] | None = None) -> None:
         """Serve what the files say now; a listening socket is kept while its address is wanted."""
         from vr.control import keeper
         from vr.control.daemon import DRAIN_S
 
-        await asyncio.get_running_loop().run_in_executor(None, self.load)
+        if paths is None:
+            await asyncio.get_running_loop().run_in_executor(None, self.load)
+        else:
+            self.load(paths)  # a few shards: at once, in the loop (a thread's hand-over costs more)
         wanted = set()
         ports = (self.config.get("data_port"), self.config.get("password_port"))
         for address in self.by_address:
@@ -158,6 +164,12 @@ class GuestDataServer:
                 listeners.pop(name)[1].close()
         self.names = set(self.sites)
         keeper.hand_over(self.settings, list(listeners.values()))
+
+    def not_listening(self) -> str | None:
+        """Why guest data is not served everywhere guestdata.json says (None: it is)."""
+        ports = [p for p in (self.config.get("data_port"), self.config.get("password_port")) if p]
+        missing = [f"{a} port {p}" for a in self.by_address for p in ports if f"tcp:{a}:{p}" not in self.sites]
+        return f"guest data is not listening on {', '.join(missing[:4])}" if missing else None
 
     async def rebind(self) -> None:
         """Every listener anew (the monitor found one not answering)."""
@@ -253,19 +265,23 @@ def _text(status: int, body: bytes, headers: dict | None = None, octets: bool = 
                         content_type="application/octet-stream" if octets else "text/plain", charset=None if octets else "utf-8")  # fmt: skip
 
 
-def _read_shard(path: Path) -> tuple[list[dict], list[dict]]:
-    entries, data = [], []
+def _read_shard(path: Path) -> list[Vm]:
+    """The VMs of one shard file: each DHCP entry with its guest data, if any."""
+    entries, data = [], {}
     try:
         lines = path.read_bytes().splitlines()
     except OSError:
-        return [], []
+        return []
     for line in lines:
         try:
             fact = json.loads(line)
         except ValueError:
             continue
-        (entries if "tier" in fact else data).append(fact)
-    return entries, data
+        if "tier" in fact:
+            entries.append(fact)
+        else:
+            data[fact.get("mac")] = fact
+    return [Vm(entry, data.get(entry["mac"])) for entry in entries]
 
 
 def _arp_table() -> dict[str, tuple[str, str]]:

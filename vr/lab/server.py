@@ -133,9 +133,10 @@ def fetch(args: argparse.Namespace) -> dict:
             if connection is None:
                 connection = connect()
             headers = {"Cookie": "; ".join(f"{k}={v}" for k, v in cookies.items())} if cookies else {}
+            headers |= dict(h.split(": ", 1) for h in args.request_header or ())
             if not args.keepalive:
                 headers["Connection"] = "close"
-            connection.request("GET", "/", headers=headers)
+            connection.request("GET", args.path, headers=headers)
             response = connection.getresponse()
             body = response.read().decode().strip()
             if args.cookies:
@@ -393,6 +394,8 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=5.0)
     p.add_argument("--header", help="also count the values of this response header (JSON: headers)")
     p.add_argument("--deadline", type=float, help="requests not made within this many seconds count as failed")
+    p.add_argument("--path", default="/", help="the path asked")
+    p.add_argument("--request-header", action="append", help='"Name: value" sent with each request (repeatable)')
     p.add_argument("--wait-go", action="store_true", help='print "ready", start at a line on stdin')
     p = sub.add_parser("hold", help="one long-lived TCP connection to a serve; prints one JSON summary")
     p.add_argument("host")

@@ -47,6 +47,11 @@ The streams and their figures (result() keys; a stream turned off gives None):
            dns_errors      the first few failures (a timeout says how long the client really waited)
            dns_late_answers  queries that timed out but were answered within 1 s (dns_late: after how
                            long), to tell a slow answer from a lost one
+  guest_data  guest_data=(guest, its router address): that guest asks its meta data (GET
+         /latest/meta-data/instance-id, port 80) and the password service (DomU_Request:
+         saved_password, port 8080), guest_data_rate (50) requests/s each, a fresh connection each:
+           guest_data_sent, guest_data_failed, guest_data_errors, guest_data_answers (body: count)
+           password_sent, password_failed, password_errors, password_answers
   dhcp   guest dhcp_guest (g2): a real dhclient (-4 -1, the lab's config and script, a copy of
          the guest's lease file) every dhcp_interval (0.5 s): it asks for the lease it holds
          (DHCPREQUEST) and runs the script; killed once bound (labserver renew, 2 s to answer):
@@ -106,6 +111,8 @@ class Traffic:
         dhcp: bool = True,
         dhcp_guest: str = "g2",
         dhcp_interval: float = 0.5,
+        guest_data: tuple[str, str] | None = None,
+        guest_data_rate: float = 50.0,
     ):
         """lb_ip: the HTTP stream (off if None); forward: the TCP stream (off if None), with
         forward_server=guest to start the labserver serve behind it for the window (else the
@@ -123,6 +130,7 @@ class Traffic:
         self.dns_timeout = dns_timeout
         self.ping, self.ping_guest, self.ping_target, self.ping_rate = ping, ping_guest, ping_target, ping_rate
         self.dhcp, self.dhcp_guest, self.dhcp_interval = dhcp, dhcp_guest, dhcp_interval
+        self.guest_data, self.guest_data_rate = guest_data, guest_data_rate
         self.processes: dict[str, subprocess.Popen] = {}  # stream -> its process (stopped by PID)
         self.server: subprocess.Popen | None = None  # the serve behind the forward, if started here
         self.started: float | None = None
@@ -218,6 +226,15 @@ class Traffic:
                 self.dns_guest, "dnsgap", self.dns_name, server, "--expect", self.dns_answer, "--seconds", seconds,
                 "--interval", f"{DNS_INTERVAL_S:g}", "--timeout", f"{self.dns_timeout:g}", "--wait-go",
             )  # fmt: skip
+        if self.guest_data is not None:
+            guest, router = self.guest_data
+            count = str(max(1, round(self.seconds * self.guest_data_rate)))
+            common = ("--count", count, "--seconds", seconds, "--timeout", f"{HTTP_TIMEOUT_S:g}",
+                      "--deadline", f"{self.seconds + 2:g}", "--wait-go")  # fmt: skip
+            clients["guest_data"] = self._labserver(guest, "fetch", router, "80", "--path",
+                                                    "/latest/meta-data/instance-id", *common)  # fmt: skip
+            clients["password"] = self._labserver(guest, "fetch", router, "8080", "--request-header",
+                                                  "DomU_Request: saved_password", *common)  # fmt: skip
         if self.dhcp:
             lab_leases = self.lab.dir / f"{self.dhcp_guest}.leases"
             address = self.lab.guest_lease(self.dhcp_guest)["address"]
@@ -328,6 +345,11 @@ class Traffic:
             "dns_late_answers": dns.get("late_answers"),
             "dns_late": dns.get("late"),
         }
+        for stream in ("guest_data", "password"):
+            fetched = json.loads(outputs[stream]) if stream in outputs else {}
+            result |= {f"{stream}_sent": fetched.get("sent"), f"{stream}_failed": fetched.get("failed"),
+                       f"{stream}_errors": fetched.get("errors", [])[:5] if fetched else None,
+                       f"{stream}_answers": fetched.get("answers")}  # fmt: skip
         dhcp = json.loads(outputs["dhcp"]) if "dhcp" in outputs else {}
         result |= {
             "dhcp_renewals": dhcp.get("renewals"),

@@ -69,7 +69,8 @@ KEEP_RELEASES = 5  # installed releases kept after a patch: the running one, its
 MAX_HOOK_TIMEOUT_S = 600
 FETCH_DEADLINE_S = 120.0  # a whole download, however slowly its bytes come
 PATCH_STATE_FIELDS = {"current": str, "previous": (str, type(None)), "via": str, "last": dict}
-SERVICES = ("network", "nftables", "supervisor", "dnsmasq", "radvd", "haproxy", "strongswan", "monitor", "agent")
+SERVICES = ("network", "nftables", "supervisor", "dnsmasq", "radvd", "haproxy", "strongswan", "monitor", "agent",
+            "guestdata")
 CONTROL_PLANE = ("monitor",)  # vr's own processes under supervisord: restarted on a switch, never the daemons
 SELFTEST_TIMEOUT_S = 120
 RECONCILE_TIMEOUT_S = 180

@@ -26,7 +26,9 @@ VMS = "vms"  # a directory of shard files, one JSON line per VM fact
 VM_SHARDS = 256  # 4,000 VMs: about 16 a shard; a one-VM change rewrites one
 DATA_PORT, PASSWORD_PORT = 80, 8080  # CloudStack's router's
 DAEMON_PROGRAM = "monitor"  # the daemon runs as supervisord's event listener of this name
-HOOK = "guestdata"  # runtime.hooks: the daemon's own reload, when the apply runs inside it
+# runtime.hooks, when the apply runs inside the daemon: its own reload (given the files that
+# changed, None: all), and why it does not listen where it should (None: it does).
+HOOK, LISTENING_HOOK = "guestdata", "guestdata.listening"
 
 
 def shard_of(mac: str) -> str:
@@ -44,6 +46,10 @@ class GuestDataService(Service):
     name = "guestdata"
     checker_reads_unchanged = False  # no checker: the shards are JSON this module wrote
 
+    def __init__(self) -> None:
+        self._known: tuple[list, set[str]] = ([], set())  # the last dhcp.entries seen, and their MACs
+        self._shards: dict[str, tuple[str, str, bytes]] = {}  # shard -> its two texts and their bytes
+
     def read(self, doc: RouterDocument) -> Any:
         return (doc.guest_interfaces(), doc.dhcp.entries, doc.guest_data)
 
@@ -56,7 +62,9 @@ class GuestDataService(Service):
             return []
         problems = [Problem(f"guest_data.vms[{n}].mac", f"{vms[n].mac} is also guest_data.vms[{first}]")
                     for n, first in repeats(vm.mac for vm in vms)]  # fmt: skip
-        known = {e.mac for e in doc.dhcp.entries}
+        if self._known[0] is not doc.dhcp.entries:  # a guest data change keeps the entries' list
+            self._known = (doc.dhcp.entries, {e.mac for e in doc.dhcp.entries})
+        known = self._known[1]
         problems += [Problem(f"guest_data.vms[{n}].mac", f"no VM has MAC {vm.mac} (dhcp.entries)")
                      for n, vm in enumerate(vms) if vm.mac not in known]  # fmt: skip
         if not listen_addresses(doc):
@@ -72,8 +80,15 @@ class GuestDataService(Service):
         files = {CONFIG: (json.dumps(config, indent=1, sort_keys=True) + "\n").encode()}
         entries = runtime.memo.grouped("guestdata/entries", doc.dhcp.entries, _entry_line)
         data = runtime.memo.grouped("guestdata/vms", doc.guest_data.vms, _vm_line)
-        for shard in entries.keys() | data.keys():
-            files[shard] = (entries.get(shard, "") + data.get(shard, "")).encode()
+        shards = {}
+        for shard in entries.keys() | data.keys():  # encoded again only where a text changed (the memo's own)
+            texts = entries.get(shard, ""), data.get(shard, "")
+            kept = self._shards.get(shard)
+            if kept is None or kept[0] is not texts[0] or kept[1] is not texts[1]:
+                kept = (*texts, (texts[0] + texts[1]).encode())
+            shards[shard] = kept
+            files[shard] = kept[2]
+        self._shards = shards
         return files
 
     def apply(self, change: Change, doc: RouterDocument | None, runtime: Runtime) -> None:
@@ -81,7 +96,7 @@ class GuestDataService(Service):
         it, else by SIGHUP. A daemon not running yet reads the files when it starts."""
         hook = runtime.hooks.get(HOOK)
         if hook is not None:
-            hook()
+            hook(None if change.restore else change.paths)
             return
         pid = runtime.supervisor.pid(DAEMON_PROGRAM) if runtime.supervisor.is_running() else None
         if pid:
@@ -101,8 +116,10 @@ class GuestDataService(Service):
         spec = self.probe_spec(doc, runtime)
         if spec is None:
             return None
-        if runtime.hooks.get(HOOK) is None and runtime.supervisor.is_running() \
-                and (reason := runtime.supervisor.not_running(DAEMON_PROGRAM)):  # fmt: skip
+        listening = runtime.hooks.get(LISTENING_HOOK)
+        if listening is not None:  # the daemon itself: it knows what it listens on, without asking itself
+            return listening()
+        if runtime.supervisor.is_running() and (reason := runtime.supervisor.not_running(DAEMON_PROGRAM)):
             return f"no daemon serves guest data: {reason}"
         from vr.services import probes
 

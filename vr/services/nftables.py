@@ -392,7 +392,7 @@ def _element_delta(change: Change) -> str | None:
     refuses a batch whose table or elements are not there, and apply replaces it all then."""
     new = change.desired(RULESET)
     old = change.previous.get(RULESET) if change.touches(RULESET) else new  # untouched: live as generated
-    if change.restore or not old or not new:
+    if change.restore or not old or not new or not change.touches(RULESET, VM_ELEMENTS):  # nothing: a forced load
         return None
     deltas = []
     for relpath in (RULESET, VM_ELEMENTS):
