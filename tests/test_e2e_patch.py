@@ -64,14 +64,16 @@ def leases(lab) -> set[tuple[str, str]]:
 
 def test_apply_and_rollback_under_traffic_lose_nothing(router, workshop):
     """During the patch and its rollback: 1,000 pings/s guest -> public, HTTP through haproxy,
-    a TCP connection through a port forward, DNS queries, DHCP renewals. Nothing may fail."""
+    a TCP connection through a port forward, DNS queries, DHCP renewals, a guest asking its
+    meta data and the password service. Nothing may fail."""
     lab = router
     held = leases(lab)
     assert len(held) == 2
     for action, args, header in (("apply", [str(workshop["bundle"])], "0.1.1"), ("rollback", [], None)):
         # A window long enough for the command on a loaded machine: the header must show up inside it.
         with Traffic(lab, seconds=6.0, lb_ip=LB_IP, forward=PORT_FORWARD, forward_server="g1",
-                     dns_name="web1.cloud.internal", dns_answer="10.1.1.10", dns_timeout=1.0) as traffic:  # fmt: skip
+                     dns_name="web1.cloud.internal", dns_answer="10.1.1.10", dns_timeout=1.0,
+                     guest_data=("g1", "10.1.1.1")) as traffic:  # fmt: skip
             time.sleep(0.5)
             result = lab.vr("patch", action, *args, "--json")
         figures = traffic.result()
@@ -82,6 +84,10 @@ def test_apply_and_rollback_under_traffic_lose_nothing(router, workshop):
         assert figures["dns_queries"] >= 100 and figures["dns_failed"] == 0, (action, figures["dns_errors"])
         assert figures["dhcp_renewals"] >= 3 and figures["dhcp_failed"] == 0, (action, figures["dhcp_errors"])
         assert figures["dhcp_address_kept"]
+        # The guest's meta data and password service, served by the daemon the patch replaces.
+        assert figures["guest_data_sent"] >= 250 and figures["guest_data_failed"] == 0, figures["guest_data_errors"]
+        assert figures["guest_data_answers"] == {"web1": figures["guest_data_sent"]}  # its own (instance-id: hostname)
+        assert figures["password_failed"] == 0 and figures["password_answers"] == {"saved_password": figures["password_sent"]}
         # The answers change release mid-stream: the new header appears (apply) or goes (rollback).
         assert (header in figures["headers"]) if header else figures["headers"].get("0.1.1", 0) < figures["http_sent"]
         assert release_header(lab)["headers"] == ({header: 4} if header else {})

@@ -633,6 +633,7 @@ def show(lab: Lab) -> None:
     reached = "ok" if lab.ping(lab.ns("g1"), "192.0.2.1") else "FAILED"
     print(f"  guest {lab.ns('g1')} pings the public host 192.0.2.1 through the router: {reached}")
     show_nat(lab)
+    show_guest_data(lab)
     show_lb(lab)
     show_ipv6(lab)
     show_vpn(lab)
@@ -658,6 +659,44 @@ def show_nat(lab: Lab) -> None:
         answer = lab.ask(namespace, host, port, udp=udp, timeout=1.0)
         print(f"  {label}: {answer or 'no answer (dropped)'}")
     lab.stop_servers()
+
+
+def show_guest_data(lab: Lab) -> None:
+    """configs/lab/guest-data.json: web1's user data, two SSH keys and a one-time password,
+    read by the guest with curl from its router (data-server), as cloud-init would at boot."""
+    stored = json.loads(lab.vr("status", "--json").stdout)["generation"]
+    payload = json.loads((examples_dir().parent / "lab" / "guest-data.json").read_text())
+    path = lab.dir / "guest-data.json"
+    path.write_text(json.dumps({**payload, "generation": stored + 1}))
+    print(f"router: {lab.vr('apply', str(path)).stdout.strip()}")
+    g1 = lab.ns("g1")
+
+    found = lab.resolve(g1, "data-server", lab.guest_lease("g1")["dns"])  # asked of the router's DNS
+    print(f"  guest {g1} resolves data-server -> {', '.join(found) or 'nothing'}")
+    server = found[0] if found else "10.1.1.1"
+
+    def curl(url: str, *headers: str) -> str:
+        # The name as the router answered it: the lab's guests have no resolver of their own.
+        pinned = [a for port in (80, 8080) for a in ("--resolve", f"data-server:{port}:{server}")]
+        command = ["ip", "netns", "exec", g1, "curl", "-s", "-m", "3", *pinned, *(a for h in headers for a in ("-H", h)),
+                   url]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, timeout=15, check=False)
+        return done.stdout if done.returncode == 0 else f"no answer (curl exit {done.returncode})"
+
+    user_data = curl("http://data-server/latest/user-data").rstrip("\n").splitlines()
+    print(f"  guest {g1}: curl http://data-server/latest/user-data ->")
+    print("\n".join(f"      {line}" for line in user_data))
+    keys = curl("http://data-server/latest/meta-data/public-keys").splitlines()
+    print(f"  guest {g1}: its SSH keys ({len(keys)}): " + "; ".join(f"{k.split()[0]} ...{k.split()[1][-12:]} {k.split()[-1]}"
+                                                                   for k in keys if len(k.split()) >= 3))  # fmt: skip
+    print(f"  guest {g1}: meta-data/ lists {', '.join(curl('http://data-server/latest/meta-data/').splitlines())}")
+    asked = "DomU_Request: send_my_password"
+    print(f"  guest {g1}: its password (port 8080, {asked}): {curl('http://data-server:8080/', asked)!r}, "
+          f"asked again: {curl('http://data-server:8080/', asked)!r}")
+    other = subprocess.run(["ip", "netns", "exec", lab.ns("g2"), "curl", "-s", "-m", "3", "http://10.1.1.1/latest/user-data"],
+                           capture_output=True, text=True, timeout=15, check=False)  # fmt: skip
+    print(f"  guest {lab.ns('g2')} (db1, tier2) asks tier1's address for user data: "
+          f"{'no answer (not its tier)' if other.returncode else repr(other.stdout)}")
 
 
 def show_lb(lab: Lab) -> None:
