@@ -22,6 +22,7 @@ its entry's; on one without, the neighbour table must give the entry's MAC. Anyt
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import sys
 import time
@@ -34,6 +35,7 @@ from vr.foundation.files import read_json, stat_key, write_json_atomic
 from vr.services.guestdata import CONFIG
 
 SERVED = "passwords-served.json"  # in the state dir: MAC -> the password generation it got
+PARSED_KEPT = 512  # VMs kept parsed (those booting now ask a dozen times in a second)
 NEIGHBOURS_MAX_AGE_S = 1.0  # the neighbour table is read again after this long (tiers without anti-spoofing)
 IDLE_TIMEOUT_S = 15.0
 PLAIN = "text/plain; charset=utf-8"
@@ -44,16 +46,26 @@ INDEX_ORDER = ("service-offering", "availability-zone", "local-ipv4", "local-hos
 
 
 class Vm:
-    """One VM as served: its entry's facts and its guest data."""
+    """One VM as the shards hold it: where it is, and its guest data as the JSON line it came
+    in (parsed when asked: 4,000 VMs held parsed cost the daemon three times the memory)."""
 
-    __slots__ = ("index", "ip", "mac", "meta", "password", "password_generation", "tier", "user_data")
+    __slots__ = ("hostname", "ip", "line", "mac", "tier")
 
-    def __init__(self, entry: dict, data: dict | None) -> None:
+    def __init__(self, entry: dict, line: bytes | None) -> None:
+        self.mac, self.tier, self.ip, self.hostname = entry["mac"], entry["tier"], entry["ip"], entry["hostname"]
+        self.line = line
+
+
+class Served:
+    """What one VM is answered: its meta data (index and values), user data and password."""
+
+    __slots__ = ("index", "meta", "password", "password_generation", "user_data")
+
+    def __init__(self, vm: Vm) -> None:
         import base64
 
-        data = data or {}
-        self.mac, self.tier, self.ip = entry["mac"], entry["tier"], entry["ip"]
-        meta = {"local-hostname": entry["hostname"], "local-ipv4": entry["ip"], "instance-id": entry["hostname"]}
+        data = json.loads(vm.line) if vm.line else {}
+        meta = {"local-hostname": vm.hostname, "local-ipv4": vm.ip, "instance-id": vm.hostname}
         meta.update(data.get("meta_data") or {})
         keys = data.get("public_keys") or []
         if keys:
@@ -84,6 +96,7 @@ class GuestDataServer:
         self.runner: web.ServerRunner | None = None
         self.served_path = self.settings.state_dir / SERVED
         self.served: dict[str, int] = self._load_served()
+        self.parsed: collections.OrderedDict[Vm, Served] = collections.OrderedDict()  # the last PARSED_KEPT asked
         self.neighbours: dict[str, str] = {}
         self.neighbours_at = 0.0
         self.requests = 0
@@ -120,6 +133,7 @@ class GuestDataServer:
             self.shards[name] = (key, shard)
             vms.update(((vm.tier, vm.ip), vm) for vm in shard)
         self.vms = vms
+        self.parsed = collections.OrderedDict()  # a VM changed is a new Vm: nothing stale is kept
         if gone and self.served:  # a VM gone: what it acknowledged is forgotten
             macs = {vm.mac for vm in vms.values()}
             if any(mac not in macs for mac in self.served):
@@ -201,26 +215,31 @@ class GuestDataServer:
             return _text(404, b"not found")
         if request.method not in ("GET", "HEAD"):
             return _text(405, b"method not allowed", {"Allow": "GET, HEAD"})
+        served = self.parsed.get(vm)
+        if served is None:
+            served = self.parsed[vm] = Served(vm)
+            if len(self.parsed) > PARSED_KEPT:
+                self.parsed.popitem(last=False)
         if local[1] == self.config.get("password_port"):
-            return self._password(request, vm)
-        return _data(request.path, vm)
+            return self._password(request, vm, served)
+        return _data(request.path, served)
 
-    def _password(self, request: web.BaseRequest, vm: Vm) -> web.Response:
+    def _password(self, request: web.BaseRequest, vm: Vm, served: Served) -> web.Response:
         asked = request.headers.get("DomU_Request", "")
-        pending = vm.password if vm.password and self.served.get(vm.mac) != vm.password_generation else None
+        pending = served.password if served.password and self.served.get(vm.mac) != served.password_generation else None
         if asked == "send_my_password":
             if pending is None:
                 return _text(200, b"saved_password")
-            self._acknowledge(vm)  # answered once: kept before it is sent, as CloudStack's router does
+            self._acknowledge(vm, served)  # answered once: kept before it is sent, as CloudStack's router does
             return _text(200, pending.encode())
         if asked == "saved_password":
             if pending is not None:
-                self._acknowledge(vm)
+                self._acknowledge(vm, served)
             return _text(200, b"saved_password")
         return _text(400, b"bad_request")
 
-    def _acknowledge(self, vm: Vm) -> None:
-        self.served[vm.mac] = vm.password_generation
+    def _acknowledge(self, vm: Vm, served: Served) -> None:
+        self.served[vm.mac] = served.password_generation
         self._save_served()
 
     def _neighbour_is(self, address: str, ifname: str | None, mac: str) -> bool:
@@ -242,7 +261,7 @@ class GuestDataServer:
             print(f"vr daemon: cannot keep which passwords were answered: {error.strerror}", file=sys.stderr)
 
 
-def _data(path: str, vm: Vm) -> web.Response:
+def _data(path: str, vm: Served) -> web.Response:
     parts = path.strip("/").split("/")
     if len(parts) < 2 or parts[0] != "latest":
         return _text(404, b"not found")
@@ -280,7 +299,7 @@ def _read_shard(path: Path) -> list[Vm]:
         if "tier" in fact:
             entries.append(fact)
         else:
-            data[fact.get("mac")] = fact
+            data[fact.get("mac")] = line
     return [Vm(entry, data.get(entry["mac"])) for entry in entries]
 
 

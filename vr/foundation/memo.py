@@ -115,8 +115,8 @@ class Memo:
 
     def grouped(
         self, slot: str, items: Sequence[object], compute: Callable[[Any, Any], Iterable[tuple[Hashable, str]]],
-        setting: Any = None, separator: str = "",
-    ) -> dict[Hashable, str]:  # fmt: skip
+        setting: Any = None, separator: str | bytes = "",
+    ) -> dict[Hashable, str | bytes]:  # fmt: skip
         """compute(item, setting) -> the (group, text) pairs an item gives; each group's texts
         sorted and joined with separator (an item listed twice counts once). A pass joins
         again only the groups an added or removed item is in: a one-VM change rewrites one

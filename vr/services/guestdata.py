@@ -48,7 +48,6 @@ class GuestDataService(Service):
 
     def __init__(self) -> None:
         self._known: tuple[list, set[str]] = ([], set())  # the last dhcp.entries seen, and their MACs
-        self._shards: dict[str, tuple[str, str, bytes]] = {}  # shard -> its two texts and their bytes
 
     def read(self, doc: RouterDocument) -> Any:
         return (doc.guest_interfaces(), doc.dhcp.entries, doc.guest_data)
@@ -78,17 +77,10 @@ class GuestDataService(Service):
             return {}
         config = {"listen": listen, "data_port": DATA_PORT, "password_port": PASSWORD_PORT, "shards": VM_SHARDS}
         files = {CONFIG: (json.dumps(config, indent=1, sort_keys=True) + "\n").encode()}
-        entries = runtime.memo.grouped("guestdata/entries", doc.dhcp.entries, _entry_line)
-        data = runtime.memo.grouped("guestdata/vms", doc.guest_data.vms, _vm_line)
-        shards = {}
-        for shard in entries.keys() | data.keys():  # encoded again only where a text changed (the memo's own)
-            texts = entries.get(shard, ""), data.get(shard, "")
-            kept = self._shards.get(shard)
-            if kept is None or kept[0] is not texts[0] or kept[1] is not texts[1]:
-                kept = (*texts, (texts[0] + texts[1]).encode())
-            shards[shard] = kept
-            files[shard] = kept[2]
-        self._shards = shards
+        # The entries and the guest data in one pass, as bytes: each shard's file is the memo's
+        # own joined text (a one-VM change joins one shard; nothing is copied or encoded again).
+        facts = [*doc.dhcp.entries, *doc.guest_data.vms]
+        files.update(runtime.memo.grouped("guestdata/vms", facts, _vm_facts, separator=b""))
         return files
 
     def apply(self, change: Change, doc: RouterDocument | None, runtime: Runtime) -> None:
@@ -126,14 +118,13 @@ class GuestDataService(Service):
         return probes.run(spec)
 
 
-def _entry_line(entry: DhcpEntry, _setting: Any) -> list[tuple[str, str]]:
-    """Where a VM is: its tier, addresses and name (what meta data defaults to)."""
-    fact = {"mac": entry.mac, "tier": entry.tier, "ip": str(entry.ip), "hostname": entry.hostname}
-    return [(shard_of(entry.mac), json.dumps(fact, sort_keys=True) + "\n")]
-
-
-def _vm_line(vm: VmData, _setting: Any) -> list[tuple[str, str]]:
-    """What a VM is served beyond its DHCP entry."""
-    fact = {"mac": vm.mac, "user_data": vm.user_data, "meta_data": vm.meta_data, "public_keys": vm.public_keys,
-            "password": vm.password, "password_generation": vm.password_generation}  # fmt: skip
-    return [(shard_of(vm.mac), json.dumps(fact, sort_keys=True) + "\n")]
+def _vm_facts(item: DhcpEntry | VmData, _setting: Any) -> list[tuple[str, bytes]]:
+    """One JSON line: where a VM is (its DHCP entry: tier, address, name, what meta data
+    defaults to), or what it is served beyond that (its guest data)."""
+    if isinstance(item, DhcpEntry):
+        fact = {"mac": item.mac, "tier": item.tier, "ip": str(item.ip), "hostname": item.hostname}
+    else:
+        fact = {"mac": item.mac, "user_data": item.user_data, "meta_data": item.meta_data,
+                "public_keys": item.public_keys, "password": item.password,
+                "password_generation": item.password_generation}  # fmt: skip
+    return [(shard_of(item.mac), (json.dumps(fact, sort_keys=True) + "\n").encode())]
