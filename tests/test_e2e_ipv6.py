@@ -82,6 +82,33 @@ def test_guests_reach_the_public_side_by_their_own_address(v6lab):
         lab.stop_servers()
 
 
+def test_an_ipv6_address_that_is_not_the_vms_own_is_dropped_and_counted(v6lab):
+    """Anti-spoofing on a DHCPv6 tier: db1 (g2) sends from its entry's address, not another of the prefix."""
+    lab = v6lab
+    assert lab.dhcp6("g2") == "2001:db8:1:2::10"
+    forged = "2001:db8:1:2::99"
+    subprocess.run(["ip", "-n", lab.ns("g2"), "addr", "add", f"{forged}/64", "dev", "eth0", "nodad"], check=True,
+                   timeout=10)  # fmt: skip
+    lab.serve(lab.ns("pub"), "public host", 7000)
+
+    def dropped() -> int:
+        rules = json.loads(lab.vr("status", "--json", "--firewall", check=False).stdout)["firewall"]
+        return sum(r["packets"] for r in rules if r["rule"] == "anti-spoofing: not a VM's IPv6 address and MAC")
+
+    try:
+        before = dropped()
+        def ask_from(source: str) -> str:
+            return in_ns(lab, "g2", sys.executable, "-m", "vr.lab.server", "ask", PUBLIC6, "7000", "--timeout", "2",
+                         "--source", source).strip()  # fmt: skip
+
+        assert "public host sees" not in ask_from(forged)
+        assert dropped() > before
+        assert ask_from("2001:db8:1:2::10") == "public host sees 2001:db8:1:2::10"  # its own still passes
+    finally:
+        lab.stop_servers()
+        subprocess.run(["ip", "-n", lab.ns("g2"), "addr", "del", f"{forged}/64", "dev", "eth0"], check=False, timeout=10)
+
+
 def test_the_public_side_reaches_a_guest_only_through_an_ingress_rule(v6lab, tmp_path):
     lab = v6lab
     address = slaac_address(lab)

@@ -359,14 +359,17 @@ def _one_dhclient(command: list[str], timeout: float) -> tuple[str | None, str]:
         process.stderr.close()
 
 
-def ask(host: str, port: int, udp: bool, timeout: float) -> str:
+def ask(host: str, port: int, udp: bool, timeout: float, source: str | None = None) -> str:
+    """One line from a serve; source: the guest's address to send from (one of its own)."""
     if udp:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family, socket.SOCK_DGRAM) as sock:
             sock.settimeout(timeout)
+            if source:
+                sock.bind((source, 0))
             sock.sendto(b"hello\n", (host, port))
             return sock.recv(1024).decode().strip()
-    with socket.create_connection((host, port), timeout=timeout) as sock:
+    with socket.create_connection((host, port), timeout=timeout, source_address=(source, 0) if source else None) as sock:
         return sock.recv(1024).decode().strip()
 
 
@@ -427,6 +430,7 @@ def main() -> int:
     p.add_argument("port", type=int)
     p.add_argument("--udp", action="store_true")
     p.add_argument("--timeout", type=float, default=2.0)
+    p.add_argument("--source", help="send from this address of the caller's")
     args = parser.parse_args()
     if args.mode == "serve":
         serve(args.name, args.port, args.seconds)
@@ -447,7 +451,7 @@ def main() -> int:
         print(json.dumps({"hold": hold, "dnsgap": dnsgap, "renew": renew}[args.mode](args)))
         return 0
     try:
-        print(ask(args.host, args.port, args.udp, args.timeout))
+        print(ask(args.host, args.port, args.udp, args.timeout, args.source))
     except OSError as error:
         print(f"no answer: {error}", file=sys.stderr)
         return 1

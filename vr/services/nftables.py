@@ -67,11 +67,16 @@ class NftablesService(Service):
     name = "nftables"
 
     def read(self, doc: RouterDocument) -> Any:
+        return (self._table_facts(doc), doc.dhcp.entries)
+
+    def _table_facts(self, doc: RouterDocument) -> tuple:
+        """What the table (vr.nft) is made from: all of read() but the VMs, whose anti-spoofing
+        elements alone (vms.nft) a one-VM change renders."""
         vpn = self._vpn_facts(doc.vpn)
         ipv6 = (tuple(t.tier for t in doc.ipv6.tiers), doc.ipv6.firewall)
         agent = doc.agent.port if doc.agent.served() else None
         ranges = tuple((t.tier, t.range) for t in doc.dhcp.tiers)
-        spoofing = (tuple(i.id for i in doc.spoof_checked_tiers()), _dhcpv6_tiers(doc), ranges, doc.dhcp.entries)
+        spoofing = (tuple(i.id for i in doc.spoof_checked_tiers()), _dhcpv6_tiers(doc), ranges)
         return (doc.router, doc.interfaces, doc.nat, doc.firewall, doc.network_acls, doc.load_balancer, vpn, ipv6,
                 agent, doc.dns.public, spoofing)  # fmt: skip
 
@@ -81,8 +86,20 @@ class NftablesService(Service):
         self._indexes: dict[str, _RuleIndex] = {}
         self._scope: _Scope | None = None
         self._vpn_seen: list[tuple[Any, tuple]] = []
+        # The last table facts verified (with their problems) and rendered (with the ruleset):
+        # a change of VMs alone keeps them, compared by identity first (merge keeps each object).
+        self._verified: tuple[tuple, list[Problem]] | None = None
+        self._rendered: tuple[tuple, dict[str, str], bytes] | None = None
 
     def verify(self, doc: RouterDocument) -> list[Problem]:
+        facts = self._table_facts(doc)
+        if self._verified is not None and self._verified[0] == facts:
+            return list(self._verified[1])
+        problems = self._verify_table(doc)
+        self._verified = (facts, problems)
+        return list(problems)
+
+    def _verify_table(self, doc: RouterDocument) -> list[Problem]:
         problems: list[Problem] = []
         public_subnets = [a.network for i in doc.public_interfaces() for a in i.ipv4s()]
         tiers = {i.id: i for i in doc.routed_tiers()}  # a shared network's tier is not the router's to NAT or filter
@@ -179,8 +196,22 @@ class NftablesService(Service):
         return index.check(rules, scope)
 
     def generate(self, doc: RouterDocument, runtime: Runtime) -> dict[str, bytes]:
-        public = doc.public_interface()
         names = interface_names(doc)
+        facts = self._table_facts(doc)
+        if self._rendered is not None and self._rendered[0] == facts and self._rendered[1] == names:
+            ruleset = self._rendered[2]
+        else:
+            ruleset = self._ruleset(doc, names, runtime)
+            self._rendered = (facts, names, ruleset)
+        checked = doc.spoof_checked_tiers()
+        setting = (tuple((i.id, names.get(i.id)) for i in checked), _dhcpv6_tiers(doc))
+        elements = runtime.memo.grouped("nftables.vms", doc.dhcp.entries, _vm_elements, setting, separator=", ")
+        vms = "".join(f"  set {name} {{ vms;{f' elements = {{ {elements[name]} }};' if name in elements else ''} }}\n"
+                      for name in VM_SETS)  # fmt: skip
+        return {RULESET: ruleset, VM_ELEMENTS: vms.encode()}
+
+    def _ruleset(self, doc: RouterDocument, names: dict[str, str], runtime: Runtime) -> bytes:
+        public = doc.public_interface()
         nat = doc.nat
         # Elements by set name. Exact keys (no source restriction, one port) go in hash maps
         # and sets, which the kernel loads in linear time; only the rest needs interval sets.
@@ -281,11 +312,7 @@ class NftablesService(Service):
             sets=listed, usage_counters=sorted(usage.values()), several_public=bool(doc.public_marks()),
             shared_tiers=bool(sets["shared_ifs"]),
         )  # fmt: skip
-        setting = (tuple((i.id, names.get(i.id)) for i in checked), tuple(sorted(dhcpv6)))
-        elements = runtime.memo.grouped("nftables.vms", doc.dhcp.entries, _vm_elements, setting, separator=", ")
-        vms = "".join(f"  set {name} {{ vms;{f' elements = {{ {elements[name]} }};' if name in elements else ''} }}\n"
-                      for name in VM_SETS)  # fmt: skip
-        return {RULESET: ruleset, VM_ELEMENTS: vms.encode()}
+        return ruleset
 
     def check(self, staged_dir: Path, change: Change, runtime: Runtime) -> None:
         """libnftables' dry run of the new table: its chains, rules and sets, the sets
@@ -469,8 +496,9 @@ def _delta_between(old: bytes, new: bytes) -> str | None:
     return "\n".join(commands) + "\n" if moved <= ELEMENT_BATCH_LIMIT else None
 
 
-def _elements(listed: str) -> set[str]:
-    return set(listed.split(", ")) if listed else set()
+@functools.lru_cache(maxsize=8)  # the VMs' sets come in twins (inet and arp): the second is split once
+def _elements(listed: str) -> frozenset[str]:
+    return frozenset(listed.split(", ")) if listed else frozenset()
 
 
 _ELEMENTS = re.compile(r" elements = \{ .* \};(?= \}$)", re.MULTILINE)
