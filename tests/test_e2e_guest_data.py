@@ -179,6 +179,24 @@ def test_each_guest_reads_only_its_own_and_a_forger_gets_nothing(guests):
     assert password(lab, "ga") == (200, "Pass-A-1")
 
 
+def test_without_anti_spoofing_the_neighbour_table_still_tells_a_forger_apart(guests, tmp_path):
+    """tier2's anti-spoofing off: the forger's packets reach the router, but the MAC the
+    neighbour table has for the address is not the VM's entry's, so it gets a 404, not vm-a's data."""
+    lab = guests
+    doc = guest_doc(3, {"ga": "Pass-A-1", "gb": "Pass-B-1"})
+    next(i for i in doc["interfaces"] if i["id"] == "tier2")["anti_spoofing"] = False
+    lab.vr("apply", write_payload(tmp_path, doc))
+    listed = subprocess.run(["ip", "netns", "exec", lab.router_ns, "nft", "list", "set", "inet", "vr", "spoof_ifs"],
+                            capture_output=True, text=True, check=True, timeout=10).stdout  # fmt: skip
+    assert '"eth3"' not in listed and '"eth2"' in listed
+    assert curl(lab, "ga", f"http://{TIER2}/latest/meta-data/instance-id") == (200, "i-vm-a")
+    subprocess.run(["ip", "-n", lab.ns("gb"), "addr", "flush", "dev", "eth0"], check=True, timeout=10)
+    subprocess.run(["ip", "-n", lab.ns("gb"), "addr", "add", f"{A['ip']}/24", "dev", "eth0"], check=True, timeout=10)
+    subprocess.run(["ip", "-n", lab.router_ns, "neigh", "flush", "dev", "eth3"], check=True, timeout=10)
+    assert curl(lab, "gb", f"http://{TIER2}/latest/user-data")[0] == 404
+    assert password(lab, "gb")[0] == 404
+
+
 def test_guest_data_paths_as_guests_read_them(guests):
     lab = guests
     status, index = curl(lab, "ga", f"http://{TIER2}/latest/meta-data/")

@@ -24,8 +24,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import socket
 import sys
-import time
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from vr.services.guestdata import CONFIG
 
 SERVED = "passwords-served.json"  # in the state dir: MAC -> the password generation it got
 PARSED_KEPT = 512  # VMs kept parsed (those booting now ask a dozen times in a second)
-NEIGHBOURS_MAX_AGE_S = 1.0  # the neighbour table is read again after this long (tiers without anti-spoofing)
+NUD_REACHABLE, NUD_STALE, NUD_DELAY, NUD_PROBE, NUD_PERMANENT = 0x02, 0x04, 0x08, 0x10, 0x80  # a neighbour's states
 IDLE_TIMEOUT_S = 15.0
 PLAIN = "text/plain; charset=utf-8"
 # The meta data keys, in the order CloudStack's router lists them; the VM's own keys follow.
@@ -97,8 +98,7 @@ class GuestDataServer:
         self.served_path = self.settings.state_dir / SERVED
         self.served: dict[str, int] = self._load_served()
         self.parsed: collections.OrderedDict[Vm, Served] = collections.OrderedDict()  # the last PARSED_KEPT asked
-        self.neighbours: dict[str, str] = {}
-        self.neighbours_at = 0.0
+        self.netlink: Any = None  # the one thread that asks the neighbour table (made when first needed)
         self.requests = 0
 
     # ------------------------------------------------------------ what to serve
@@ -198,21 +198,52 @@ class GuestDataServer:
     async def stop(self) -> None:
         for site in self.sites.values():
             await site.stop()
+        if self.netlink is not None:
+            self.netlink.shutdown(wait=False)
         if self.runner is not None:
             await self.runner.cleanup()
 
     # ------------------------------------------------------------ answering
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        try:
+            vm, item = self._vm_of(request)
+            if vm is not None and not item["mac_checked"]:
+                # A tier without anti-spoofing: the neighbour table says, now (one netlink
+                # question in netlink's own thread, never a remembered answer), whose MAC has it.
+                peer = request.transport.get_extra_info("peername")[0]
+                loop = asyncio.get_running_loop()
+                if not await loop.run_in_executor(self._netlink_thread(), _neighbour_is, peer, item.get("ifname"),
+                                                  vm.mac):  # fmt: skip
+                    vm = None
+            return self._answer(request, vm)
+        except Exception:  # noqa: BLE001 - logged for the operator; the guest gets no trace
+            import traceback
+
+            print(f"vr daemon: guest data {request.method} {request.path[:200]}: {traceback.format_exc()}",
+                  file=sys.stderr)  # fmt: skip
+            return _text(500, b"internal error")
+
+    def _vm_of(self, request: web.BaseRequest) -> tuple[Vm | None, dict | None]:
+        """The VM at the request's source address on the tier of the address it asked."""
         self.requests += 1
         transport = request.transport
         if transport is None:
-            return _text(404, b"")
-        local = transport.get_extra_info("sockname")
-        peer = transport.get_extra_info("peername")
+            return None, None
+        local, peer = transport.get_extra_info("sockname"), transport.get_extra_info("peername")
         item = self.by_address.get(local[0]) if local else None
-        vm = self.vms.get((item["tier"], peer[0])) if item and peer else None
-        if vm is None or (not item["mac_checked"] and not self._neighbour_is(peer[0], item.get("ifname"), vm.mac)):
+        return (self.vms.get((item["tier"], peer[0])) if item and peer else None), item
+
+    def _netlink_thread(self) -> Any:
+        if self.netlink is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.netlink = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vr-neighbours")
+        return self.netlink
+
+    def _answer(self, request: web.BaseRequest, vm: Vm | None) -> web.Response:
+        if vm is None:
             return _text(404, b"not found")
+        local = request.transport.get_extra_info("sockname")
         if request.method not in ("GET", "HEAD"):
             return _text(405, b"method not allowed", {"Allow": "GET, HEAD"})
         served = self.parsed.get(vm)
@@ -241,14 +272,6 @@ class GuestDataServer:
     def _acknowledge(self, vm: Vm, served: Served) -> None:
         self.served[vm.mac] = served.password_generation
         self._save_served()
-
-    def _neighbour_is(self, address: str, ifname: str | None, mac: str) -> bool:
-        """A tier without anti-spoofing: the neighbour table says which MAC has the address."""
-        now = time.monotonic()
-        if now - self.neighbours_at > NEIGHBOURS_MAX_AGE_S or address not in self.neighbours:
-            self.neighbours, self.neighbours_at = _arp_table(), now
-        found = self.neighbours.get(address)
-        return found is not None and found[0] == mac and (ifname is None or found[1] == ifname)
 
     def _load_served(self) -> dict[str, int]:
         data = read_json(self.served_path)
@@ -284,6 +307,25 @@ def _text(status: int, body: bytes, headers: dict | None = None, octets: bool = 
                         content_type="application/octet-stream" if octets else "text/plain", charset=None if octets else "utf-8")  # fmt: skip
 
 
+_netlink = threading.local()  # pyroute2's IPRoute of the neighbour thread (it may not run in the loop's)
+
+
+def _neighbour_is(address: str, ifname: str | None, mac: str) -> bool:
+    """Whether the neighbour table has the address at this MAC (on this interface), usable."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    if getattr(_netlink, "route", None) is None:
+        _netlink.route = IPRoute()
+    try:
+        index = socket.if_nametoindex(ifname) if ifname else 0
+        found = _netlink.route.neigh("get", dst=address, **({"ifindex": index} if index else {}))
+    except (NetlinkError, OSError):
+        return False
+    usable = NUD_REACHABLE | NUD_STALE | NUD_DELAY | NUD_PROBE | NUD_PERMANENT
+    return any(entry.get_attr("NDA_LLADDR") == mac and entry["state"] & usable for entry in found)
+
+
 def _read_shard(path: Path) -> list[Vm]:
     """The VMs of one shard file: each DHCP entry with its guest data, if any."""
     entries, data = [], {}
@@ -301,20 +343,6 @@ def _read_shard(path: Path) -> list[Vm]:
         else:
             data[fact.get("mac")] = line
     return [Vm(entry, data.get(entry["mac"])) for entry in entries]
-
-
-def _arp_table() -> dict[str, tuple[str, str]]:
-    """IPv4 address -> (MAC, interface) of every complete neighbour entry."""
-    table = {}
-    try:
-        lines = Path("/proc/net/arp").read_text().splitlines()[1:]
-    except OSError:
-        return table
-    for line in lines:
-        fields = line.split()
-        if len(fields) >= 6 and fields[2] != "0x0":  # flags 0x0: incomplete
-            table[fields[0]] = (fields[3].lower(), fields[5])
-    return table
 
 
 __all__ = ["GuestDataServer"]
