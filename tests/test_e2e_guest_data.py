@@ -223,7 +223,27 @@ def test_guest_data_paths_as_guests_read_them(guests):
     for guest, url in (("pub", "http://192.0.2.10/latest/user-data"), ("pub", "http://192.0.2.10:8080/"),
                        ("mgmt", "http://169.254.0.10/latest/user-data")):  # fmt: skip
         assert curl(lab, guest, url, timeout=2)[0] is None, url
+    # Hostile bytes: each answered (a 4xx, never a trace) or closed, and the server goes on.
+    answers = subprocess.run(["ip", "netns", "exec", lab.ns("ga"), sys.executable, "-c", RAW, TIER2, repr(HOSTILE)],
+                             capture_output=True, text=True, timeout=30, check=True).stdout.splitlines()  # fmt: skip
+    assert len(answers) == len(HOSTILE) and all(a in ("closed", "400", "405", "404", "413", "431") for a in answers), answers
     assert password(lab, "ga") == (200, "Pass-A-1")  # none of that consumed vm-a's password
+
+
+HOSTILE = [b"GARBAGE\r\n\r\n", b"GET /latest/user-data HTTP/1.1\r\nX: " + b"a" * 100_000 + b"\r\n\r\n",
+           b"POST /latest/user-data HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello", b"\x00\xff" * 500 + b"\r\n\r\n",
+           b"GET /" + b"%" * 9000 + b" HTTP/1.1\r\n\r\n", b"GET /latest/meta-data/\x00 HTTP/1.1\r\nHost: x\r\n\r\n"]
+RAW = r"""
+import ast, socket, sys
+for request in ast.literal_eval(sys.argv[2]):
+    try:
+        with socket.create_connection((sys.argv[1], 80), timeout=3) as sock:
+            sock.sendall(request)
+            head = sock.recv(64)
+        print(head.split()[1].decode() if head.startswith(b"HTTP/1.") else "closed")
+    except OSError:
+        print("closed")
+"""
 
 
 BAD = [
