@@ -7,8 +7,6 @@ re-read it (SIGHUP), so that a port, token or certificate change needs no restar
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 from typing import Any
 
@@ -16,12 +14,11 @@ from vr.foundation.certificates import pem_problems, under
 from vr.foundation.document import RouterDocument
 from vr.foundation.errors import Problem
 from vr.services.base import Change, Service
-from vr.services.runtime import Runtime
+from vr.services.runtime import DAEMON_PROGRAM, Runtime
 
 CONFIG = "agent.json"
 CERTIFICATE = "tls.pem"  # certificate then key: secret (0600, never shown)
 CLIENT_CA = "client-ca.pem"
-DAEMON_PROGRAM = "monitor"  # the daemon runs as supervisord's event listener of this name
 RESERVED_PORTS = (3922,)  # the control interface's SSH
 
 
@@ -75,12 +72,7 @@ class AgentService(Service):
     def apply(self, change: Change, doc: RouterDocument | None, runtime: Runtime) -> None:
         """The daemon serves what agent.json says once told: SIGHUP, to itself when the
         apply runs inside it. A daemon not running yet reads the file when it starts."""
-        pid = runtime.supervisor.pid(DAEMON_PROGRAM) if runtime.supervisor.is_running() else None
-        if pid:
-            try:
-                os.kill(pid, signal.SIGHUP)
-            except ProcessLookupError:
-                pass
+        runtime.signal_daemon()
 
     def probe(self, doc: RouterDocument, runtime: Runtime) -> str | None:
         """Served: its port accepts connections on the first control address (the daemon

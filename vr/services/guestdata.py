@@ -11,21 +11,18 @@ to read it again: directly when the apply runs inside it, else by SIGHUP.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import zlib
 from typing import Any
 
 from vr.foundation.document import DhcpEntry, RouterDocument, VmData
 from vr.foundation.errors import Problem
 from vr.services.base import Change, Service, repeats
-from vr.services.runtime import Runtime
+from vr.services.runtime import DAEMON_PROGRAM, Runtime
 
 CONFIG = "guestdata.json"
 VMS = "vms"  # a directory of shard files, one JSON line per VM fact
 VM_SHARDS = 256  # 4,000 VMs: about 16 a shard; a one-VM change rewrites one
 DATA_PORT, PASSWORD_PORT = 80, 8080  # CloudStack's router's
-DAEMON_PROGRAM = "monitor"  # the daemon runs as supervisord's event listener of this name
 # runtime.hooks, when the apply runs inside the daemon: its own reload (given the files that
 # changed, None: all), and why it does not listen where it should (None: it does).
 HOOK, LISTENING_HOOK = "guestdata", "guestdata.listening"
@@ -90,12 +87,7 @@ class GuestDataService(Service):
         if hook is not None:
             hook(None if change.restore else change.paths)
             return
-        pid = runtime.supervisor.pid(DAEMON_PROGRAM) if runtime.supervisor.is_running() else None
-        if pid:
-            try:
-                os.kill(pid, signal.SIGHUP)
-            except ProcessLookupError:
-                pass
+        runtime.signal_daemon()
 
     def probe_spec(self, doc: RouterDocument, runtime: Runtime) -> dict | None:
         listen = listen_addresses(doc) if doc is not None else []

@@ -16,6 +16,9 @@ if TYPE_CHECKING:
     from vr.services.supervisor_rpc import SupervisorClient
 
 
+DAEMON_PROGRAM = "monitor"  # vr's resident daemon: supervisord's event listener of this name
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -61,6 +64,19 @@ class Runtime:
     ) -> list:
         """Rendering results per unchanged document model (see Memo.map)."""
         return self.memo.map(slot, items, compute, setting)
+
+    def signal_daemon(self) -> None:
+        """SIGHUP to vr's resident daemon (supervisord's program `monitor`): it reads again the
+        files it serves (the agent's, guest data). None running: it reads them when it starts."""
+        import os
+        import signal
+
+        pid = self.supervisor.pid(DAEMON_PROGRAM) if self.supervisor.is_running() else None
+        if pid:
+            try:
+                os.kill(pid, signal.SIGHUP)
+            except ProcessLookupError:
+                pass
 
     @functools.cached_property
     def supervisor(self) -> SupervisorClient:
