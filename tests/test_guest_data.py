@@ -129,3 +129,16 @@ def test_any_text_is_a_key_or_refused_with_a_reason(text):
         assert docmod._ssh_public_key(text) == text
     except ValueError as error:
         assert str(error).startswith(("not an SSH public key", "an SSH public key"))
+
+
+def test_an_anti_spoofing_tier_without_a_known_vm_is_warned_about(example):
+    from vr.transaction.pipeline import Pipeline
+
+    pipeline = Pipeline.__new__(Pipeline)  # validation needs no directories
+    example["dhcp"]["entries"] = [e for e in example["dhcp"]["entries"] if e["tier"] != "tier2"]
+    _, _, warnings = Pipeline._validated(pipeline, example, None)
+    assert [(w.path, "drops everything" in w.reason) for w in warnings] == [("interfaces[3].anti_spoofing", True)]
+    example["interfaces"][3]["anti_spoofing"] = False  # its guests are not the router's to know
+    assert Pipeline._validated(pipeline, {**example, "generation": 2}, None)[2] == []
+    example["interfaces"][1]["anti_spoofing"] = True
+    assert "applies to a guest interface" in problems_of(example)["interfaces[1]"]

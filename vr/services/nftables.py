@@ -90,14 +90,23 @@ class NftablesService(Service):
         # a change of VMs alone keeps them, compared by identity first (merge keeps each object).
         self._verified: tuple[tuple, list[Problem]] | None = None
         self._rendered: tuple[tuple, dict[str, str], bytes] | None = None
+        self._tiers_with_vms: tuple[list, set[str]] = ([], set())  # the last dhcp.entries, and their tiers
 
     def verify(self, doc: RouterDocument) -> list[Problem]:
         facts = self._table_facts(doc)
-        if self._verified is not None and self._verified[0] == facts:
-            return list(self._verified[1])
-        problems = self._verify_table(doc)
-        self._verified = (facts, problems)
-        return list(problems)
+        if self._verified is None or self._verified[0] != facts:
+            self._verified = (facts, self._verify_table(doc))
+        return [*self._verified[1], *self._unknown_tiers(doc)]
+
+    def _unknown_tiers(self, doc: RouterDocument) -> list[Problem]:
+        """A warning: an anti-spoofing tier without a VM the document knows (no DHCP entry, no
+        dynamic range) drops whatever its guests send."""
+        if self._tiers_with_vms[0] is not doc.dhcp.entries:
+            self._tiers_with_vms = (doc.dhcp.entries, {e.tier for e in doc.dhcp.entries})
+        known = self._tiers_with_vms[1] | {t.tier for t in doc.dhcp.tiers if t.range is not None}
+        return [Problem(f"interfaces[{n}].anti_spoofing", f"tier {i.id} has no DHCP entry or range: anti-spoofing "
+                        "drops everything its guests send (false, for guests the router does not know)", warning=True)
+                for n, i in enumerate(doc.interfaces) if i in doc.spoof_checked_tiers() and i.id not in known]  # fmt: skip
 
     def _verify_table(self, doc: RouterDocument) -> list[Problem]:
         problems: list[Problem] = []
