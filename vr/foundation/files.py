@@ -88,6 +88,15 @@ class LiveContent:
             self._known[path] = (key, content)
         return content
 
+    def remember(self, path: str, content: bytes) -> None:
+        """What the caller has just written there: kept as the very object it wrote (the
+        render memo's), not read back as a second copy of every file."""
+        key = stat_key(path)
+        if key is None:
+            self._known.pop(path, None)
+        else:
+            self._known[path] = (key, content)
+
 
 def read_json(path: Path) -> object | None:
     try:

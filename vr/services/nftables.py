@@ -25,6 +25,7 @@ import os
 import re
 import socket
 import struct
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
@@ -46,6 +47,9 @@ RULESET = "vr.nft"
 # a one-VM change renders and compares this file alone, never the 10,000-rule table.
 VM_ELEMENTS = "vms.nft"
 VM_SETS = ("spoof4", "spoof6", "spoof_macs", "arp_spoof4", "arp_spoof_macs")
+# Each set's VMs in lines by a hash of the MAC ("spoof4/17"): a one-VM change compares and
+# splits one line of about 60 elements, not 4,000.
+VM_SHARDS = 64
 ARP_TABLE = "arp vr"  # its sets' names start with arp_
 ELEMENT_BATCH_LIMIT = 500  # elements added + removed, above which the table is replaced whole
 TABLE = "inet vr"
@@ -215,8 +219,7 @@ class NftablesService(Service):
         checked = doc.spoof_checked_tiers()
         setting = (tuple((i.id, names.get(i.id)) for i in checked), _dhcpv6_tiers(doc))
         elements = runtime.memo.grouped("nftables.vms", doc.dhcp.entries, _vm_elements, setting, separator=", ")
-        vms = "".join(f"  set {name} {{ vms;{f' elements = {{ {elements[name]} }};' if name in elements else ''} }}\n"
-                      for name in VM_SETS)  # fmt: skip
+        vms = "".join(f"{shard} {elements[shard]}\n" for shard in sorted(elements))
         return {RULESET: ruleset, VM_ELEMENTS: vms.encode()}
 
     def _ruleset(self, doc: RouterDocument, names: dict[str, str], runtime: Runtime) -> bytes:
@@ -431,16 +434,11 @@ def _element_delta(change: Change) -> str | None:
     if change.restore or not old or not new or not change.touches(RULESET, VM_ELEMENTS):  # nothing: a forced load
         return None
     deltas = []
-    for relpath in (RULESET, VM_ELEMENTS):
-        if change.touches(relpath):
-            delta = _delta_between(change.previous.get(relpath) or _NO_VMS, change.desired(relpath) or _NO_VMS)
-            if delta is None:
-                return None
-            deltas.append(delta)
-    return "".join(deltas)
-
-
-_NO_VMS = "".join(f"  set {name} {{ vms; }}\n" for name in VM_SETS).encode()
+    if change.touches(RULESET):
+        deltas.append(_delta_between(old, new))
+    if change.touches(VM_ELEMENTS):
+        deltas.append(_vm_delta(change.previous.get(VM_ELEMENTS) or b"", change.desired(VM_ELEMENTS) or b""))
+    return None if None in deltas else "".join(deltas)
 
 
 def loadable(ruleset: bytes, vm_elements: bytes | None) -> str:
@@ -448,10 +446,36 @@ def loadable(ruleset: bytes, vm_elements: bytes | None) -> str:
     return ruleset.decode() + _vm_element_adds(vm_elements)
 
 
+def _vm_lines(listed: bytes) -> dict[str, str]:
+    """vms.nft -> {"spoof4/17": "A, B", ...}."""
+    return dict(line.split(" ", 1) for line in listed.decode().splitlines() if " " in line)
+
+
 def _vm_element_adds(listed: bytes | None) -> str:
     """The VMs' elements, added to the table just loaded (in the same transaction)."""
-    _, elements = _parts(listed or _NO_VMS)
-    return "".join(f"add element {_table_of(name)} {name} {{ {items} }}\n" for name, items in elements.items() if items)
+    sets: dict[str, list[str]] = {}
+    for shard, items in _vm_lines(listed or b"").items():
+        sets.setdefault(shard.split("/")[0], []).append(items)
+    return "".join(f"add element {_table_of(name)} {name} {{ {', '.join(parts)} }}\n" for name, parts in sets.items())
+
+
+@functools.lru_cache(maxsize=2)  # check and apply ask for the same pair
+def _vm_delta(old: bytes, new: bytes) -> str | None:
+    """The element batch from one vms.nft to another: only the lines that differ are split."""
+    old_lines, new_lines = set(old.splitlines()), set(new.splitlines())  # bytes compared whole, nothing decoded
+    before, after = _vm_lines(b"\n".join(old_lines - new_lines)), _vm_lines(b"\n".join(new_lines - old_lines))
+    gone: dict[str, list[str]] = {}
+    added: dict[str, list[str]] = {}
+    for shard in before.keys() | after.keys():
+        was, now = _elements(before.get(shard, "")), _elements(after.get(shard, ""))
+        name = shard.split("/")[0]
+        gone.setdefault(name, []).extend(sorted(was - now))
+        added.setdefault(name, []).extend(sorted(now - was))
+    if sum(map(len, gone.values())) + sum(map(len, added.values())) > ELEMENT_BATCH_LIMIT:
+        return None
+    commands = [f"delete element {_table_of(name)} {name} {{ {', '.join(items)} }}" for name, items in gone.items() if items]
+    commands += [f"add element {_table_of(name)} {name} {{ {', '.join(items)} }}" for name, items in added.items() if items]
+    return "\n".join(commands) + "\n" if commands else ""
 
 
 def _table_of(name: str) -> str:
@@ -465,11 +489,12 @@ def _vm_elements(entry: Any, setting: tuple) -> list[tuple[str, str]]:
     ifname = next((name for tier, name in checked if tier == entry.tier), None)
     if not ifname:
         return []
+    shard = zlib.crc32(entry.mac.encode()) % VM_SHARDS
     address, mac = f'"{ifname}" . {entry.ip} . {entry.mac}', f'"{ifname}" . {entry.mac}'
     found = [("spoof4", address), ("spoof_macs", mac), ("arp_spoof4", address), ("arp_spoof_macs", mac)]
     if entry.ipv6 is not None and entry.tier in dhcpv6:
         found.append(("spoof6", f'"{ifname}" . {entry.ipv6} . {entry.mac}'))
-    return found
+    return [(f"{name}/{shard:02d}", element) for name, element in found]
 
 
 def _dhcpv6_tiers(doc: RouterDocument) -> tuple[str, ...]:

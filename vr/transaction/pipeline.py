@@ -519,6 +519,7 @@ class Pipeline:
                     target.parent.mkdir(parents=True, exist_ok=True)
                     directories.add(target.parent)
                 os.replace(staging / change.service / relpath, target)
+                self.live.remember(f"{live_dir}/{relpath}", change.written[relpath])
                 fault_point("switching")
             for relpath in change.removed:
                 (live_dir / relpath).unlink(missing_ok=True)
