@@ -163,7 +163,8 @@ def fetch(args: argparse.Namespace) -> dict:
     latencies.sort()
     p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] if latencies else None
     summary = {"sent": args.count, "answers": answers, "failed": len(errors), "errors": errors[:10],
-               "p50_ms": latencies[len(latencies) // 2] if latencies else None, "p99_ms": p99}  # fmt: skip
+               "p50_ms": latencies[len(latencies) // 2] if latencies else None, "p99_ms": p99,
+               "max_ms": latencies[-1] if latencies else None}  # fmt: skip
     if args.header:
         summary["headers"] = headers_seen  # {value: responses carrying it}; a response without it: not counted
     return summary

@@ -82,6 +82,9 @@ from vr.lab.harness import DHCLIENT_CONF, Lab, dhclient_script, stop_process
 READY_TIMEOUT_S = 20.0  # each client's start (Python, imports) in its namespace
 GRACE_S = 10.0  # the streams' own bounds end them within seconds + a few; then they are stopped
 HTTP_TIMEOUT_S = 1.0
+# What a guest waits for an answer: cloud-init's CloudStack data source gives each request 5 s
+# (and retries), the password client 20 s. A daemon replaced by a patch answers what queued meanwhile.
+GUEST_DATA_TIMEOUT_S = 5.0
 TCP_INTERVAL_S, TCP_TIMEOUT_S = 0.05, 1.0
 DNS_INTERVAL_S, DNS_TIMEOUT_S = 0.01, 0.05
 DHCP_TIMEOUT_S = 2.0
@@ -229,8 +232,8 @@ class Traffic:
         if self.guest_data is not None:
             guest, router = self.guest_data
             count = str(max(1, round(self.seconds * self.guest_data_rate)))
-            common = ("--count", count, "--seconds", seconds, "--timeout", f"{HTTP_TIMEOUT_S:g}",
-                      "--deadline", f"{self.seconds + 2:g}", "--wait-go")  # fmt: skip
+            common = ("--count", count, "--seconds", seconds, "--timeout", f"{GUEST_DATA_TIMEOUT_S:g}",
+                      "--deadline", f"{self.seconds + GUEST_DATA_TIMEOUT_S + 1:g}", "--wait-go")  # fmt: skip
             clients["guest_data"] = self._labserver(guest, "fetch", router, "80", "--path",
                                                     "/latest/meta-data/instance-id", *common)  # fmt: skip
             clients["password"] = self._labserver(guest, "fetch", router, "8080", "--request-header",
@@ -349,7 +352,7 @@ class Traffic:
             fetched = json.loads(outputs[stream]) if stream in outputs else {}
             result |= {f"{stream}_sent": fetched.get("sent"), f"{stream}_failed": fetched.get("failed"),
                        f"{stream}_errors": fetched.get("errors", [])[:5] if fetched else None,
-                       f"{stream}_answers": fetched.get("answers")}  # fmt: skip
+                       f"{stream}_answers": fetched.get("answers"), f"{stream}_max_ms": fetched.get("max_ms")}  # fmt: skip
         dhcp = json.loads(outputs["dhcp"]) if "dhcp" in outputs else {}
         result |= {
             "dhcp_renewals": dhcp.get("renewals"),
