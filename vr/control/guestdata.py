@@ -39,7 +39,6 @@ SERVED = "passwords-served.json"  # in the state dir: MAC -> the password genera
 PARSED_KEPT = 512  # VMs kept parsed (those booting now ask a dozen times in a second)
 NUD_REACHABLE, NUD_STALE, NUD_DELAY, NUD_PROBE, NUD_PERMANENT = 0x02, 0x04, 0x08, 0x10, 0x80  # a neighbour's states
 IDLE_TIMEOUT_S = 15.0
-PLAIN = "text/plain; charset=utf-8"
 # The meta data keys, in the order CloudStack's router lists them; the VM's own keys follow.
 INDEX_ORDER = ("service-offering", "availability-zone", "local-ipv4", "local-hostname", "public-ipv4",
                "public-hostname", "instance-id", "vm-id", "public-keys", "cloud-identifier",
@@ -84,7 +83,6 @@ class GuestDataServer:
     (the keeper holds them across a daemon's restart); serves the VMs of the shard files."""
 
     def __init__(self, daemon: Any, registry: Any) -> None:
-        self.daemon = daemon
         self.settings = daemon.settings
         self.registry = registry  # vr.control.agent.AgentServer: its listeners, held and handed over
         self.here = self.settings.service_dir("guestdata")
@@ -92,14 +90,12 @@ class GuestDataServer:
         self.by_address: dict[str, dict] = {}  # listening address -> its tier's listen item
         self.shards: dict[str, tuple[tuple, list[Vm]]] = {}  # file -> (its stat key, its VMs)
         self.vms: dict[tuple[str, str], Vm] = {}  # (tier, source address) -> the VM
-        self.names: set[str] = set()  # the registry's names this server listens on
-        self.sites: dict[str, web.SockSite] = {}  # by the registry's name
+        self.sites: dict[str, web.SockSite] = {}  # by the registry's name: where this server listens
         self.runner: web.ServerRunner | None = None
         self.served_path = self.settings.state_dir / SERVED
         self.served: dict[str, int] = self._load_served()
         self.parsed: collections.OrderedDict[Vm, Served] = collections.OrderedDict()  # the last PARSED_KEPT asked
         self.netlink: Any = None  # the one thread that asks the neighbour table (made when first needed)
-        self.requests = 0
 
     # ------------------------------------------------------------ what to serve
     def load(self, paths: list[str] | None = None) -> None:
@@ -154,14 +150,14 @@ class GuestDataServer:
         ports = (self.config.get("data_port"), self.config.get("password_port"))
         for address in self.by_address:
             wanted |= {keeper.tcp_name(address, port) for port in ports if port}
-        if wanted == self.names:
+        if wanted == self.sites.keys():
             return
         if self.runner is None:
             self.runner = web.ServerRunner(web_server.Server(self.handle), access_log=None, handle_signals=False,
                                            keepalive_timeout=IDLE_TIMEOUT_S, shutdown_timeout=DRAIN_S)  # fmt: skip
             await self.runner.setup()
         listeners, held = self.registry.listeners, self.registry.held
-        for name in sorted(wanted - self.names):
+        for name in sorted(wanted - self.sites.keys()):
             address, port = name.removeprefix("tcp:").rsplit(":", 1)
             try:
                 if name not in listeners:
@@ -172,17 +168,18 @@ class GuestDataServer:
                 print(f"vr daemon: guest data cannot listen on {address} port {port}: {error.strerror}", file=sys.stderr)
                 continue
             self.sites[name] = site
-        for name in self.names - wanted:
+        for name in self.sites.keys() - wanted:
             await self.sites.pop(name).stop()
             if name in listeners:
                 listeners.pop(name)[1].close()
-        self.names = set(self.sites)
         keeper.hand_over(self.settings, list(listeners.values()))
 
     def not_listening(self) -> str | None:
         """Why guest data is not served everywhere guestdata.json says (None: it is)."""
+        from vr.control.keeper import tcp_name
+
         ports = [p for p in (self.config.get("data_port"), self.config.get("password_port")) if p]
-        missing = [f"{a} port {p}" for a in self.by_address for p in ports if f"tcp:{a}:{p}" not in self.sites]
+        missing = [f"{a} port {p}" for a in self.by_address for p in ports if tcp_name(a, p) not in self.sites]
         return f"guest data is not listening on {', '.join(missing[:4])}" if missing else None
 
     async def rebind(self) -> None:
@@ -192,7 +189,6 @@ class GuestDataServer:
             listener = self.registry.listeners.pop(name, None)
             if listener is not None:
                 listener[1].close()
-        self.names = set()
         await self.reload()
 
     async def stop(self) -> None:
@@ -225,7 +221,6 @@ class GuestDataServer:
 
     def _vm_of(self, request: web.BaseRequest) -> tuple[Vm | None, dict | None]:
         """The VM at the request's source address on the tier of the address it asked."""
-        self.requests += 1
         transport = request.transport
         if transport is None:
             return None, None

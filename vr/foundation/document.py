@@ -1317,8 +1317,8 @@ def _merged_guest_data(stored: RouterDocument | None, doc: RouterDocument, paylo
     if payload.vm_data is not None:
         vms = _apply_item_changes(vms, payload.vm_data, "mac", "vm_data")
         _within_limit(vms, GuestData, "vms", "vm_data", "guest_data.vms")
-    before = {vm.mac: vm for vm in stored.guest_data.vms} if stored is not None and vms else {}
     sent = vms if payload.guest_data is not None else (payload.vm_data.upsert if payload.vm_data else [])
+    before = {vm.mac: vm for vm in stored.guest_data.vms} if stored is not None and sent else {}
     stamped = {}
     for vm in sent:
         old = before.get(vm.mac)

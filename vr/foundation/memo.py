@@ -114,7 +114,7 @@ class Memo:
         return list(results)
 
     def grouped(
-        self, slot: str, items: Sequence[object], compute: Callable[[Any, Any], Iterable[tuple[Hashable, str]]],
+        self, slot: str, items: Sequence[object], compute: Callable[[Any, Any], Iterable[tuple[Hashable, str | bytes]]],
         setting: Any = None, separator: str | bytes = "",
     ) -> dict[Hashable, str | bytes]:  # fmt: skip
         """compute(item, setting) -> the (group, text) pairs an item gives; each group's texts

@@ -46,7 +46,6 @@ RULESET = "vr.nft"
 # The per-VM sets' elements (anti-spoofing: one element per VM), kept apart from the ruleset:
 # a one-VM change renders and compares this file alone, never the 10,000-rule table.
 VM_ELEMENTS = "vms.nft"
-VM_SETS = ("spoof4", "spoof6", "spoof_macs", "arp_spoof4", "arp_spoof_macs")
 # Each set's VMs in lines by a hash of the MAC ("spoof4/17"): a one-VM change compares and
 # splits one line of about 60 elements, not 4,000.
 VM_SHARDS = 64
@@ -108,9 +107,10 @@ class NftablesService(Service):
         if self._tiers_with_vms[0] is not doc.dhcp.entries:
             self._tiers_with_vms = (doc.dhcp.entries, {e.tier for e in doc.dhcp.entries})
         known = self._tiers_with_vms[1] | {t.tier for t in doc.dhcp.tiers if t.range is not None}
+        unknown = {i.id for i in doc.spoof_checked_tiers()} - known
         return [Problem(f"interfaces[{n}].anti_spoofing", f"tier {i.id} has no DHCP entry or range: anti-spoofing "
                         "drops everything its guests send (false, for guests the router does not know)", warning=True)
-                for n, i in enumerate(doc.interfaces) if i in doc.spoof_checked_tiers() and i.id not in known]  # fmt: skip
+                for n, i in enumerate(doc.interfaces) if i.id in unknown]  # fmt: skip
 
     def _verify_table(self, doc: RouterDocument) -> list[Problem]:
         problems: list[Problem] = []
